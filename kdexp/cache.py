@@ -1,0 +1,124 @@
+"""Content-addressed artifacts on disk: keys from their inputs, atomic writes, validated reads.
+
+Every artifact (a fine-tuned teacher, tokenised data, teacher logits, decision counts) is
+stored under a key hashed from everything that determines it. Writes go to a temporary
+path in the same folder and are renamed into place, so a killed run never leaves a file
+or folder that a later run would take as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    # OmegaConf containers and other mappings
+    if hasattr(value, "items"):
+        return _canonical(dict(value.items()))
+    raise TypeError(f"cannot build a cache key from a value of type {type(value).__name__}")
+
+
+def cache_key(**parts: Any) -> str:
+    """A short stable hash of the given inputs (order of keyword arguments does not matter)."""
+    payload = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+
+
+def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically save named tensors together with the metadata that validates them."""
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    try:
+        torch.save({"meta": meta, "tensors": tensors}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tensors(path: str | Path, expected_meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Load tensors saved by `save_tensors`, or None when missing, unreadable or mismatched.
+
+    A corrupt or mismatched entry is reported and removed, so that the caller recomputes it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta, tensors = payload["meta"], payload["tensors"]
+    except Exception as err:  # a truncated or foreign file
+        log.warning("Cache entry %s is unreadable (%s); recomputing it.", path, err)
+        path.unlink(missing_ok=True)
+        return None
+    mismatched = {k: (meta.get(k), v) for k, v in expected_meta.items() if meta.get(k) != v}
+    if mismatched:
+        log.warning("Cache entry %s does not match its key %s; recomputing it.", path, mismatched)
+        path.unlink(missing_ok=True)
+        return None
+    return tensors
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `final` only if the block finishes.
+
+    If another process completed `final` meanwhile, its copy is kept and ours dropped.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            log.info("%s was completed by another process; keeping that copy.", final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

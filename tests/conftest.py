@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny word-level BERT and tiny GLUE folders written by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_GLUE = (REPO.parent / "shared" / "glue_data").resolve()
+
+WORDS = (
+    "the a an good bad movie film is was not very great awful fun dull plot and but it this "
+    "man woman dog cat runs sleeps eats says said question answer yes no one two . , ! ?"
+).split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_tokenizer() -> BertTokenizer:
+    return BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)})
+
+
+def tiny_bert_config(num_layers: int = 4, num_labels: int = 2, **overrides) -> BertConfig:
+    values = dict(
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny 'pre-trained' BERT checkpoint (4 layers) with its tokenizer, saved to disk."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    path = tmp_path / "tiny-bert"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+SENTENCES = [
+    "the movie is good", "the film was bad", "a very great plot", "an awful dull film",
+    "it is fun", "this was not good", "the plot is great", "a bad movie",
+    "good fun", "dull and bad", "great film", "not fun",
+]
+
+
+def write_tsv(path: Path, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_glue_dir(root: Path) -> Path:
+    """Tiny files in the classic layout of every local task (same quirks as the real files)."""
+    s = SENTENCES
+    labels = [str(i % 2) for i in range(len(s))]
+    write_tsv(root / "SST-2/train.tsv", [["sentence", "label"]] + [[x, y] for x, y in zip(s, labels)])
+    write_tsv(root / "SST-2/dev.tsv", [["sentence", "label"]] + [[x, y] for x, y in zip(s[:6], labels)])
+    write_tsv(root / "CoLA/train.tsv", [["gj04", y, "", x] for x, y in zip(s, labels)])
+    write_tsv(root / "CoLA/dev.tsv", [["gj04", y, "*" if y == "0" else "", x] for x, y in zip(s[:6], labels)])
+    mrpc_header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    mrpc = [[y, str(i), str(i + 100), x, s[-i - 1]] for i, (x, y) in enumerate(zip(s, labels))]
+    write_tsv(root / "MRPC/train.tsv", [mrpc_header] + mrpc)
+    (root / "MRPC/train.tsv").write_text("\ufeff" + (root / "MRPC/train.tsv").read_text(encoding="utf-8"), encoding="utf-8")
+    write_tsv(root / "MRPC/dev.tsv", [mrpc_header] + mrpc[:6])
+    rte = [[str(i), x, s[-i - 1], "entailment" if y == "0" else "not_entailment"] for i, (x, y) in enumerate(zip(s, labels))]
+    for task in ("RTE",):
+        write_tsv(root / f"{task}/train.tsv", [["index", "sentence1", "sentence2", "label"]] + rte)
+        write_tsv(root / f"{task}/dev.tsv", [["index", "sentence1", "sentence2", "label"]] + rte[:6])
+    wnli = [[str(i), x, s[-i - 1], y] for i, (x, y) in enumerate(zip(s, labels))]
+    write_tsv(root / "WNLI/train.tsv", [["index", "sentence1", "sentence2", "label"]] + wnli)
+    write_tsv(root / "WNLI/dev.tsv", [["index", "sentence1", "sentence2", "label"]] + wnli[:6])
+    sts_header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
+    sts = [[str(i), "g", "f", "2012", "0", "none", "none", x, s[-i - 1], f"{(i % 6) * 0.8:.3f}"] for i, x in enumerate(s)]
+    write_tsv(root / "STS-B/train.tsv", [sts_header] + sts)
+    write_tsv(root / "STS-B/dev.tsv", [sts_header] + sts[:6])
+    return root
+
+
+@pytest.fixture
+def glue_dir(tmp_path: Path) -> Path:
+    return make_glue_dir(tmp_path / "glue")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    os.environ.pop("GLUE_DIR", None)

@@ -1,0 +1,64 @@
+"""Cache keys, atomic writes, and corrupt or mismatched entries being recomputed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdexp.cache import atomic_directory, atomic_write_json, cache_key, load_tensors, save_tensors
+
+
+def test_cache_key_is_stable_and_order_independent() -> None:
+    a = cache_key(model="m", task="sst2", hp={"lr": 1e-5, "epochs": 3})
+    assert a == cache_key(task="sst2", hp={"epochs": 3, "lr": 1e-5}, model="m")
+    assert len(a) == 20 and int(a, 16) >= 0
+
+
+@pytest.mark.parametrize("change", [dict(model="m2"), dict(task="rte"), dict(hp={"lr": 2e-5, "epochs": 3}), dict(slice=100)])
+def test_any_changed_input_changes_the_key(change: dict) -> None:
+    base = dict(model="m", task="sst2", hp={"lr": 1e-5, "epochs": 3}, slice=None)
+    assert cache_key(**base) != cache_key(**{**base, **change})
+
+
+def test_tensors_round_trip_with_their_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    save_tensors(path, {"logits": torch.arange(6.0).view(3, 2)}, {"key": "k", "rows": 3})
+    got = load_tensors(path, {"key": "k", "rows": 3})
+    assert got is not None and torch.equal(got["logits"], torch.arange(6.0).view(3, 2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left behind
+
+
+def test_mismatched_entry_is_not_trusted_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    save_tensors(path, {"logits": torch.zeros(3, 2)}, {"key": "k", "rows": 3})
+    assert load_tensors(path, {"key": "k", "rows": 4}) is None
+    assert not path.exists()
+
+
+def test_corrupt_entry_is_not_trusted_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    save_tensors(path, {"logits": torch.zeros(300, 2)}, {"key": "k"})
+    path.write_bytes(path.read_bytes()[:100])  # a truncated write from another tool
+    assert load_tensors(path, {"key": "k"}) is None
+    assert not path.exists()
+
+
+def test_atomic_directory_leaves_nothing_when_the_block_fails(tmp_path: Path) -> None:
+    target = tmp_path / "artifact"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "half.bin").write_text("partial")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (target / "done.txt").read_text() == "ok"
+
+
+def test_atomic_json_replaces_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"b": 2})
+    assert path.read_text().strip().replace(" ", "").replace("\n", "") == '{"b":2}'

@@ -1,0 +1,66 @@
+"""Every config group option composes; bad overrides fail with Hydra's message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from kdexp.run import resolve_method
+from kdexp.tasks import TASKS
+from kdexp.train import CONFIG_DIR
+
+GROUPS = ["task", "teacher", "student", "method", "trainer", "logger", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "teacher" and option == "finetuned":
+        overrides.append("teacher.name_or_path=/some/finetuned")
+    if group == "student" and option == "pretrained":
+        overrides.append("student.name_or_path=/some/student")
+    cfg = _compose(overrides)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if group == "method":
+        cls, _ = resolve_method(cfg.method)
+        assert cls.__name__
+
+
+def test_task_options_cover_all_nine_glue_tasks() -> None:
+    assert set(_options("task")) == set(TASKS)
+    for name in TASKS:
+        assert _compose([f"task={name}"]).task.name == name
+
+
+def test_quickstart_sets_the_cpu_sst2_setting() -> None:
+    cfg = _compose(["experiment=quickstart"])
+    assert (cfg.task.name, cfg.method.name, cfg.trainer.accelerator) == ("sst2", "vanilla_kd", "cpu")
+    assert cfg.data.max_train_samples == 2000 and cfg.teacher.max_train_samples == 2000
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("task=sst3", "Could not find 'task/sst3'"),
+        ("method=magic_kd", "Could not find 'method/magic_kd'"),
+        ("data.max_train_sample=10", "max_train_sample"),
+        ("trainer=tpu", "Could not find 'trainer/tpu'"),
+    ],
+)
+def test_unknown_option_or_key_is_refused_by_name(override: str, message: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose([override])
+    assert message in str(err.value) + str(err.value.__cause__)

@@ -1,0 +1,133 @@
+"""Loading each task's classic TSV layout, bad-input errors, the tokenisation cache, batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdexp import data as data_mod
+from kdexp.data import DataError, DataSource, load_split, load_task_data, pad_batch, tokenize_split
+from kdexp.tasks import TASKS, get_task
+from tests.conftest import SENTENCES, tiny_tokenizer, write_tsv
+
+LOCAL_TASKS = ["sst2", "cola", "mrpc", "stsb", "rte", "wnli"]
+
+
+@pytest.mark.parametrize("name", LOCAL_TASKS)
+def test_every_local_task_loads_with_hub_column_names(glue_dir: Path, name: str) -> None:
+    task = get_task(name)
+    train = load_split(task, "train", DataSource(glue_dir))
+    assert train.column_names == list(task.text_fields) + ["label"]
+    assert len(train) == len(SENTENCES)
+    assert train[task.text_fields[0]][0] == SENTENCES[0]  # the MRPC byte-order mark is not part of the text
+    dev = load_split(task, "validation", DataSource(glue_dir))
+    assert len(dev) == 6
+
+
+def test_label_values_are_mapped_to_hub_label_ids(glue_dir: Path) -> None:
+    rte = load_split(get_task("rte"), "train", DataSource(glue_dir))
+    # entailment -> 0, not_entailment -> 1 as in nyu-mll/glue
+    assert rte["label"][:4] == [0, 1, 0, 1]
+    stsb = load_split(get_task("stsb"), "train", DataSource(glue_dir))
+    assert stsb["label"][:3] == pytest.approx([0.0, 0.8, 1.6])
+    cola = load_split(get_task("cola"), "validation", DataSource(glue_dir))
+    assert cola["label"][:2] == [0, 1]
+
+
+def test_every_glue_task_is_registered_with_its_metrics() -> None:
+    assert set(TASKS) == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    assert get_task("mnli").eval_splits == ("validation_matched", "validation_mismatched")
+    assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
+    assert get_task("mrpc").main_metric == "combined_score"
+    assert get_task("cola").main_metric == "matthews_correlation"
+
+
+def test_unknown_task_names_the_key_and_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"Unknown GLUE task 'sst3'.*task.name.*sst2"):
+        get_task("sst3")
+
+
+def test_glue_dir_without_the_task_files_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no RTE/train.tsv for task rte"):
+        load_split(get_task("rte"), "train", DataSource(tmp_path / "empty"))
+
+
+def test_missing_glue_dir_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        DataSource.from_config("auto", str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="GLUE_DIR"):
+        DataSource.from_config("local", None)
+    assert DataSource.from_config("auto", None).glue_dir is None  # the Hub
+
+
+def test_malformed_row_names_file_and_line(tmp_path: Path) -> None:
+    write_tsv(tmp_path / "SST-2/train.tsv", [["sentence", "label"], ["good", "1"], ["no label field"]])
+    with pytest.raises(DataError, match=r"SST-2/train.tsv:3: malformed row"):
+        load_split(get_task("sst2"), "train", DataSource(tmp_path))
+
+
+def test_label_outside_the_label_set_names_file_line_and_set(tmp_path: Path) -> None:
+    write_tsv(tmp_path / "RTE/train.tsv", [["index", "sentence1", "sentence2", "label"], ["0", "a", "b", "entailment"], ["1", "a", "b", "maybe"]])
+    with pytest.raises(DataError, match=r"RTE/train.tsv:3: label 'maybe' is not in the label set of task rte \(entailment, not_entailment\)"):
+        load_split(get_task("rte"), "train", DataSource(tmp_path))
+
+
+def test_unmatched_quotes_are_kept_verbatim(tmp_path: Path) -> None:
+    write_tsv(tmp_path / "SST-2/train.tsv", [["sentence", "label"], ['he said " hello', "1"], ["plain", "0"]])
+    ds = load_split(get_task("sst2"), "train", DataSource(tmp_path))
+    assert ds["sentence"] == ['he said " hello', "plain"]
+
+
+def test_slice_takes_the_first_rows(glue_dir: Path) -> None:
+    ds = load_split(get_task("sst2"), "train", DataSource(glue_dir), max_samples=5)
+    assert ds["sentence"] == SENTENCES[:5]
+
+
+def test_tokenisation_is_cached_and_reused(glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = get_task("mrpc")
+    raw = load_split(task, "train", DataSource(glue_dir))
+    tok = tiny_tokenizer()
+    first, key = tokenize_split(raw, task, tok, 32, tmp_path / "cache")
+    assert (tmp_path / "cache" / "tokenized" / key).is_dir()
+    calls = []
+    monkeypatch.setattr(type(raw), "map", lambda *a, **k: calls.append(1))
+    again, key2 = tokenize_split(raw, task, tok, 32, tmp_path / "cache")
+    assert key2 == key and calls == []
+    assert again["input_ids"] == first["input_ids"]
+    expected = tok(raw["sentence1"][0], raw["sentence2"][0], truncation=True, max_length=32)["input_ids"]
+    assert first["input_ids"][0] == expected
+    assert first["idx"] == list(range(len(raw)))
+    monkeypatch.undo()
+    # a different max length or content gives a different key
+    assert tokenize_split(raw, task, tok, 16, tmp_path / "cache")[1] != key
+
+
+def test_pad_batch_pads_to_the_longest_row() -> None:
+    examples = [
+        {"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1], "token_type_ids": [0, 0, 0], "labels": 1, "idx": 4},
+        {"input_ids": [2, 3], "attention_mask": [1, 1], "token_type_ids": [0, 0], "labels": 0, "idx": 7},
+    ]
+    batch = pad_batch(examples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [1, 0] and batch["idx"].tolist() == [4, 7]
+    assert pad_batch(examples, 0, regression=True)["labels"].dtype.is_floating_point
+
+
+def test_task_data_has_every_eval_split(glue_dir: Path, tmp_path: Path) -> None:
+    data = load_task_data(get_task("sst2"), DataSource(glue_dir), tiny_tokenizer(), 32, tmp_path / "c", 8, 4)
+    assert len(data.train) == 8 and len(data.tokenized["validation"]) == 4
+    assert set(data.keys) == {"train", "validation"}
+
+
+def test_real_glue_dev_sizes_when_shared_data_is_present() -> None:
+    from tests.conftest import SHARED_GLUE
+
+    if not SHARED_GLUE.is_dir():
+        pytest.skip("../shared/glue_data not beside the repository")
+    sizes = {"sst2": 872, "cola": 1043, "mrpc": 408, "stsb": 1500, "rte": 277, "wnli": 71}
+    for name, size in sizes.items():
+        assert len(load_split(get_task(name), "validation", DataSource(SHARED_GLUE))) == size, name
+    assert data_mod.DataSource.from_config("auto", str(SHARED_GLUE)).glue_dir == SHARED_GLUE

@@ -1,0 +1,105 @@
+"""GLUE metrics against scikit-learn / SciPy, and the KD losses against their direct formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from kdexp.losses import soft_label_kd, soft_target_kd, vanilla_kd_loss
+from kdexp.metrics import GlueMetrics
+from kdexp.tasks import get_task
+
+
+def _random_classification(n: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+def _accumulate(task_name: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    metrics = GlueMetrics(get_task(task_name))
+    for start in range(0, len(labels), 7):  # several batches, as in validation
+        metrics.update(logits[start : start + 7], labels[start : start + 7])
+    return metrics.compute()
+
+
+def test_mrpc_accuracy_f1_and_combined_match_sklearn() -> None:
+    logits, labels = _random_classification(53, 2, 0)
+    preds = logits.argmax(-1).numpy()
+    got = _accumulate("mrpc", logits, labels)
+    acc, f1 = accuracy_score(labels, preds), f1_score(labels, preds)
+    assert got["accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert got["f1"] == pytest.approx(f1, abs=1e-6)
+    assert got["combined_score"] == pytest.approx((acc + f1) / 2, abs=1e-6)
+
+
+def test_cola_matthews_matches_sklearn() -> None:
+    logits, labels = _random_classification(61, 2, 1)
+    got = _accumulate("cola", logits, labels)
+    assert got["matthews_correlation"] == pytest.approx(matthews_corrcoef(labels, logits.argmax(-1)), abs=1e-6)
+
+
+def test_mnli_three_class_accuracy_matches_sklearn() -> None:
+    logits, labels = _random_classification(40, 3, 2)
+    got = _accumulate("mnli", logits, labels)
+    assert got == {"accuracy": pytest.approx(accuracy_score(labels, logits.argmax(-1)), abs=1e-6)}
+
+
+def test_stsb_pearson_spearman_match_scipy() -> None:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.rand(45, generator=g) * 5
+    preds = labels + torch.randn(45, generator=g)
+    got = _accumulate("stsb", preds.unsqueeze(-1), labels)
+    p, s = pearsonr(preds, labels)[0], spearmanr(preds, labels)[0]
+    assert got["pearson"] == pytest.approx(p, abs=1e-5)
+    assert got["spearman"] == pytest.approx(s, abs=1e-5)
+    assert got["combined_score"] == pytest.approx((p + s) / 2, abs=1e-5)
+
+
+def _kl_by_hand(teacher: np.ndarray, student: np.ndarray, t: float) -> float:
+    total = 0.0
+    for zt, zs in zip(teacher, student):
+        p = np.exp(zt / t) / np.exp(zt / t).sum()
+        q = np.exp(zs / t) / np.exp(zs / t).sum()
+        total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return total / len(teacher)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_soft_label_kd_is_t_squared_kl(temperature: float) -> None:
+    student, _ = _random_classification(9, 3, 4)
+    teacher, _ = _random_classification(9, 3, 5)
+    expected = temperature**2 * _kl_by_hand(teacher.numpy().astype(float), student.numpy().astype(float), temperature)
+    assert float(soft_label_kd(student, teacher, temperature)) == pytest.approx(expected, rel=1e-5)
+    probs = torch.softmax(teacher / temperature, dim=-1)
+    assert float(soft_target_kd(student, probs, temperature)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_vanilla_kd_mixes_ce_and_kd_with_alpha() -> None:
+    student, labels = _random_classification(8, 2, 6)
+    teacher, _ = _random_classification(8, 2, 7)
+    ce = float(torch.nn.functional.cross_entropy(student, labels))
+    kd = 4.0 * _kl_by_hand(teacher.numpy().astype(float), student.numpy().astype(float), 2.0)
+    loss, parts = vanilla_kd_loss(student, teacher, labels, alpha=0.3, temperature=2.0, regression=False)
+    assert float(loss) == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5)
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6)
+
+
+def test_regression_kd_is_mse_to_the_teacher() -> None:
+    student = torch.tensor([[1.0], [2.0], [3.0]])
+    teacher = torch.tensor([[1.5], [2.0], [2.0]])
+    labels = torch.tensor([1.0, 1.0, 1.0])
+    loss, parts = vanilla_kd_loss(student, teacher, labels, alpha=0.5, temperature=9.0, regression=True)
+    mse_teacher = (0.25 + 0 + 1) / 3
+    mse_gold = (0 + 1 + 4) / 3
+    assert float(parts["kd"]) == pytest.approx(mse_teacher)
+    assert float(loss) == pytest.approx(0.5 * mse_gold + 0.5 * mse_teacher)
+
+
+def test_kd_loss_is_zero_when_student_equals_teacher() -> None:
+    z, _ = _random_classification(5, 4, 8)
+    assert float(soft_label_kd(z, z.clone(), 3.0)) == pytest.approx(0.0, abs=1e-6)
