@@ -8,6 +8,7 @@ or folder that a later run would take as complete.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -122,3 +123,19 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if needed) for the block.
+
+    Lets parallel sweep jobs share a cache: the first builds an artifact, the others wait.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import PreTrainedModel
 
-from kdexp.cache import atomic_write_json, cache_key, load_tensors, save_tensors
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, load_tensors, save_tensors
 from kdexp.data import DataSource, TaskData, load_split, load_task_data, make_loader, tokenize_split, tokenized_key, tokenizer_fingerprint
 from kdexp.methods.base import DistillationModule, OptimConfig, eval_prefix
 from kdexp.methods.finetune import Finetune
@@ -160,10 +160,16 @@ def prepare_teacher(
     key = teacher_key(spec, task, model_fp, tokenized_key(train_raw, task, tokenizer, max_length), max_length)
     store = cache_dir / "teachers" / f"{task.name}-{key}"
     info_file = store / "teacher.json"
-    if not info_file.exists():
-        _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, max_eval_samples, trainer_cfg, cache_dir, store)
-    else:
+    if info_file.exists():
         log.info("Reusing teacher %s", store)
+    else:
+        with exclusive_lock(store.with_name(store.name + ".lock")):  # one process trains, the others wait
+            if info_file.exists():
+                log.info("Reusing teacher %s (trained by another process meanwhile)", store)
+            else:
+                _finetune_teacher(
+                    spec, task, source, path, tokenizer, key, max_length, max_eval_samples, trainer_cfg, cache_dir, store
+                )
     info = json.loads(info_file.read_text())
     return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, device, info, spec.eval_batch_size)
 

@@ -62,3 +62,36 @@ def test_atomic_json_replaces_whole_file(tmp_path: Path) -> None:
     atomic_write_json(path, {"a": 1})
     atomic_write_json(path, {"b": 2})
     assert path.read_text().strip().replace(" ", "").replace("\n", "") == '{"b":2}'
+
+
+def test_exclusive_lock_serialises_processes(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    from kdexp.cache import exclusive_lock
+
+    log = tmp_path / "log.txt"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_under_lock, args=(tmp_path / "x.lock", log, i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    lines = log.read_text().split()
+    # each process writes "start-i end-i" with a sleep between: never interleaved under the lock
+    assert len(lines) == 6
+    assert all(lines[k].split("-")[1] == lines[k + 1].split("-")[1] for k in range(0, 6, 2))
+    with exclusive_lock(tmp_path / "x.lock"):
+        pass
+
+
+def _append_under_lock(lock: Path, log: Path, i: int) -> None:
+    import time
+
+    from kdexp.cache import exclusive_lock
+
+    with exclusive_lock(lock):
+        with open(log, "a") as f:
+            f.write(f"start-{i}\n")
+            f.flush()
+            time.sleep(0.2)
+            f.write(f"end-{i}\n")

@@ -81,7 +81,7 @@ def test_multirun_reuses_one_teacher_and_reports(real_env: dict[str, str], tmp_p
     results = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
     assert sorted(r["method"] for r in results) == ["finetune", "vanilla_kd"]
     assert len({r["teacher_key"] for r in results}) == 1
-    assert len(list((tmp_path / "fresh-cache" / "teachers").iterdir())) == 1
+    assert len([p for p in (tmp_path / "fresh-cache" / "teachers").iterdir() if p.is_dir()]) == 1
 
     report = subprocess.run(["kdexp-report", str(sweep)], capture_output=True, text=True, env=env)
     assert report.returncode == 0, report.stderr

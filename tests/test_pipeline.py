@@ -83,7 +83,7 @@ def test_second_run_reuses_teacher_and_cached_logits(
     second = run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=vanilla_kd", "seed=2"), tmp_path / "b")
     third = run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=finetune", "seed=2"), tmp_path / "c")
     assert first["teacher_key"] == second["teacher_key"] == third["teacher_key"]
-    assert len(list((cache / "teachers").iterdir())) == 1
+    assert len([p for p in (cache / "teachers").iterdir() if p.is_dir()]) == 1
     assert first["teacher_metrics"] == third["teacher_metrics"]
 
     table = report(tmp_path)
@@ -95,7 +95,7 @@ def test_a_changed_teacher_hyperparameter_trains_a_new_teacher(tiny_model_dir: P
     a = run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=finetune", "trainer.max_epochs=1"), tmp_path / "a")
     b = run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=finetune", "trainer.max_epochs=1", "teacher.learning_rate=1e-4"), tmp_path / "b")
     assert a["teacher_key"] != b["teacher_key"]
-    assert len(list((cache / "teachers").iterdir())) == 2
+    assert len([p for p in (cache / "teachers").iterdir() if p.is_dir()]) == 2
 
 
 def test_cached_and_live_teacher_give_the_same_soft_labels(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:

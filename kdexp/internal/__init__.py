@@ -5,7 +5,9 @@ from kdexp.internal.internals import (
     ModelInternals,
     attention_implementation,
     eager_attention,
+    encoder_layers,
     forward_with_internals,
+    truncated_encoder,
 )
 from kdexp.internal.layer_map import LayerPair, parse_layer_map, resolve_layer_map, uniform_layer_map
 from kdexp.internal.losses import (
@@ -34,6 +36,7 @@ __all__ = [
     "build_stages",
     "cls_cosine_loss",
     "eager_attention",
+    "encoder_layers",
     "forward_with_internals",
     "hidden_mse",
     "internal_distillation_loss",
@@ -44,5 +47,6 @@ __all__ = [
     "reconcile_attention_heads",
     "resolve_layer_map",
     "total_epochs_needed",
+    "truncated_encoder",
     "uniform_layer_map",
 ]

@@ -119,6 +119,58 @@ def attention_implementation(model: PreTrainedModel, implementation: str) -> Ite
             config._attn_implementation_internal = previous
 
 
+def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The ``ModuleList`` of transformer blocks of a BERT-style model (``<base>.encoder.layer``)."""
+    encoder = getattr(model.base_model, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no BERT-style encoder.layer ModuleList to truncate")
+    return layers
+
+
+def _install_output_capturing_hooks(model: PreTrainedModel) -> None:
+    """Install transformers' output-recording hooks on every block before a truncated forward.
+
+    transformers 5 collects ``hidden_states``/``attentions`` with forward hooks that the
+    base model's first forward installs (``capture_outputs``) on the blocks present *at
+    that time*, and then marks the model as hooked. A first forward under truncation
+    would hook only the kept blocks, and later full forwards would silently return too
+    few hidden states. So install them here, on the base model as its forward would.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers versions that collect outputs inside the encoder loop
+        return
+    maybe_install_capturing_hooks(model.base_model)
+
+
+@contextmanager
+def truncated_encoder(model: PreTrainedModel, num_layers: int | None) -> Iterator[None]:
+    """Run forwards of ``model`` through its first ``num_layers`` transformer blocks only.
+
+    Inside the block ``hidden_states`` has ``num_layers + 1`` entries and ``attentions``
+    ``num_layers``, identical to the first entries of a full forward (a block only reads
+    the blocks below it); the head then runs on the last computed block, so the logits
+    are meaningless. Used when a stage needs nothing above a given layer: the blocks
+    above are skipped instead of computed and discarded. ``None`` or a count at least
+    the model depth runs the full model. The original ``ModuleList`` (same parameter
+    objects) is restored on exit, also when the block raises.
+    """
+    layers = encoder_layers(model)
+    if num_layers is None or num_layers >= len(layers):
+        yield
+        return
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    _install_output_capturing_hooks(model)
+    encoder = model.base_model.encoder
+    encoder.layer = nn.ModuleList(list(layers)[:num_layers])
+    try:
+        yield
+    finally:
+        encoder.layer = layers
+
+
 def eager_attention(model: PreTrainedModel) -> AbstractContextManager[None]:
     """Context in which ``model`` runs eager attention (:data:`PRE_DROPOUT_EAGER`) and returns probabilities ``A``."""
     return attention_implementation(model, PRE_DROPOUT_EAGER)

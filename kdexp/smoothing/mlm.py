@@ -23,10 +23,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ from transformers.utils.hub import cached_file
 logger = logging.getLogger(__name__)
 
 VocabularySource = PreTrainedTokenizerBase | Mapping[str, int]
+# A training text of the adaptation stage: one sentence, or a sentence pair (tokenised as the
+# task's input is, ``[CLS] a [SEP] b [SEP]`` with segment ids 0 and 1).
+Text = str | tuple[str, str]
 
 IGNORED_LABEL = -100
 METRICS_FILE_NAME = "mlm_adaptation_metrics.json"
@@ -191,7 +195,7 @@ class MLMAdaptation:
 
     model: BertForMaskedLM
     tokenizer: PreTrainedTokenizerBase
-    metrics: dict[str, float | int | str | bool] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write model, tokenizer and metrics so that ``load_mlm_teacher(directory, tokenizer)`` accepts them."""
@@ -204,11 +208,15 @@ class MLMAdaptation:
 
 @dataclass(frozen=True)
 class MaskedBatch:
-    """MLM inputs: ``input_ids`` after masking, and ``labels`` (the original id where masked, else -100)."""
+    """MLM inputs: ``input_ids`` after masking, and ``labels`` (the original id where masked, else -100).
+
+    ``token_type_ids`` (segment ids) is set for sentence pairs; None means all zeros.
+    """
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    token_type_ids: Tensor | None = None
 
 
 def select_mask_positions(maskable: Tensor, mask_prob: float, generator: torch.Generator) -> Tensor:
@@ -255,6 +263,7 @@ def _pad(sequences: Sequence[Sequence[int]], pad_value: int) -> Tensor:
 class _TokenizedTexts:
     input_ids: list[list[int]]
     special_tokens_mask: list[list[int]]
+    token_type_ids: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -265,17 +274,37 @@ class _TokenizedTexts:
         input_ids = _pad([self.input_ids[i] for i in indices], tokenizer.pad_token_id)
         attention_mask = _pad([[1] * len(self.input_ids[i]) for i in indices], 0)
         special_tokens_mask = _pad([self.special_tokens_mask[i] for i in indices], 1)
-        return mask_tokens(
+        masked = mask_tokens(
             input_ids, attention_mask, special_tokens_mask, tokenizer.mask_token_id, len(tokenizer), mask_prob,
             generator,
         )
+        if self.token_type_ids is None:
+            return masked
+        token_type_ids = _pad([self.token_type_ids[i] for i in indices], 0)
+        return MaskedBatch(masked.input_ids, masked.attention_mask, masked.labels, token_type_ids)
 
 
-def _tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> _TokenizedTexts:
-    """Token ids of the texts that have at least one ordinary (maskable) token."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_special_tokens_mask=True)
+def _tokenize(texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, max_length: int) -> _TokenizedTexts:
+    """Token ids of the texts that have at least one ordinary (maskable) token.
+
+    Sentence pairs (tuples) are tokenised together, as a pair task's input is, and keep
+    their segment ids; all texts must then be pairs.
+    """
+    pairs = [isinstance(text, (tuple, list)) for text in texts]
+    if any(pairs) and not all(pairs):
+        raise ValueError("the adaptation texts must be all single sentences or all sentence pairs")
+    if pairs and pairs[0]:
+        encoded = tokenizer(
+            [text[0] for text in texts], [text[1] for text in texts], truncation=True, max_length=max_length,
+            return_special_tokens_mask=True, return_token_type_ids=True,
+        )
+    else:
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_special_tokens_mask=True)
     kept = [i for i, special in enumerate(encoded["special_tokens_mask"]) if not all(special)]
-    return _TokenizedTexts([encoded["input_ids"][i] for i in kept], [encoded["special_tokens_mask"][i] for i in kept])
+    token_type_ids = [encoded["token_type_ids"][i] for i in kept] if pairs and pairs[0] else None
+    return _TokenizedTexts(
+        [encoded["input_ids"][i] for i in kept], [encoded["special_tokens_mask"][i] for i in kept], token_type_ids
+    )
 
 
 def masked_lm_loss_and_predictions(model: BertForMaskedLM, batch: MaskedBatch) -> tuple[Tensor, Tensor]:
@@ -284,7 +313,9 @@ def masked_lm_loss_and_predictions(model: BertForMaskedLM, batch: MaskedBatch) -
     The vocabulary projection runs only on the masked positions (about 15% of the
     tokens): it is the most expensive part of the MLM head.
     """
-    hidden_states = model.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    hidden_states = model.bert(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
+    ).last_hidden_state
     targets = batch.labels != IGNORED_LABEL
     logits = model.cls(hidden_states[targets])
     labels = batch.labels[targets]
@@ -292,7 +323,8 @@ def masked_lm_loss_and_predictions(model: BertForMaskedLM, batch: MaskedBatch) -
 
 
 def _move(batch: MaskedBatch, device: torch.device) -> MaskedBatch:
-    return MaskedBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device))
+    token_type_ids = batch.token_type_ids.to(device) if batch.token_type_ids is not None else None
+    return MaskedBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device), token_type_ids)
 
 
 @torch.no_grad()
@@ -315,7 +347,7 @@ def evaluate_masked_lm(model: BertForMaskedLM, batches: Sequence[MaskedBatch]) -
 
 def adapt_mlm_head(
     encoder_path: str | os.PathLike,
-    texts: Sequence[str],
+    texts: Sequence[Text],
     tokenizer: PreTrainedTokenizerBase,
     *,
     train_encoder: bool = False,
@@ -329,6 +361,7 @@ def adapt_mlm_head(
     seed: int = 0,
     device: str | torch.device = "cpu",
     log_every: int = 50,
+    eval_every: int | None = None,
 ) -> MLMAdaptation:
     """The MLM adaptation stage: give a BERT encoder that has no MLM head a trained one.
 
@@ -340,6 +373,10 @@ def adapt_mlm_head(
     ``encoder_learning_rate``, for ``steps`` batches of ``batch_size`` texts with BERT's
     80/10/10 masking of ``mask_prob`` of the tokens.
 
+    ``texts`` are single sentences, or ``(first, second)`` pairs for pair tasks: a pair is
+    tokenised as the task's input is (with segment ids), so the MLM is trained on the input
+    form it will read when it smooths that input.
+
     A ``heldout_fraction`` of ``texts`` (shuffled with ``seed``) is kept out of training
     and masked once, with a generator seeded by ``seed``, so the accuracy before and
     after training is measured on the same masked tokens.
@@ -347,7 +384,9 @@ def adapt_mlm_head(
     Metrics: ``masked_token_accuracy`` and ``masked_lm_loss`` on the held-out texts
     after training, ``initial_*`` the same before it, ``heldout_examples``,
     ``heldout_masked_tokens``, ``train_examples``, ``final_train_loss`` (mean over the
-    last ``log_every`` steps), ``train_seconds``, and the settings used.
+    last ``log_every`` steps), ``train_seconds``, and the settings used. With ``eval_every``,
+    also ``heldout_curve``: ``[step, accuracy, loss]`` on the held-out texts every
+    ``eval_every`` steps (its evaluation time is not counted in ``train_seconds``).
     """
     _check_adaptation_settings(texts, tokenizer, steps, batch_size, mask_prob, heldout_fraction)
     device = torch.device(device)
@@ -361,18 +400,29 @@ def adapt_mlm_head(
         initial = evaluate_masked_lm(model, heldout_batches)
 
         optimizer = torch.optim.AdamW(_parameter_groups(model, train_encoder, learning_rate, encoder_learning_rate))
+        curve: list[list[float]] = []
+        eval_seconds = [0.0]
+
+        def evaluate_during_training(step: int) -> None:
+            if eval_every and step % eval_every == 0 and step < steps:
+                eval_started = time.perf_counter()
+                values = evaluate_masked_lm(model, heldout_batches)
+                curve.append([step, values["masked_token_accuracy"], values["masked_lm_loss"]])
+                logger.info("MLM adaptation step %d: held-out masked-token accuracy %.4f", step, curve[-1][1])
+                eval_seconds[0] += time.perf_counter() - eval_started
+
         training_started = time.perf_counter()
         train_losses = _train_masked_lm(
             model, train, tokenizer, optimizer, steps, batch_size, mask_prob, train_encoder,
-            torch.Generator().manual_seed(seed + 1), log_every,
+            torch.Generator().manual_seed(seed + 1), log_every, evaluate_during_training,
         )
-        train_seconds = time.perf_counter() - training_started
+        train_seconds = time.perf_counter() - training_started - eval_seconds[0]
         final = evaluate_masked_lm(model, heldout_batches)
 
     model.requires_grad_(True)
     model.eval()
     recent_losses = train_losses[-log_every:]
-    metrics: dict[str, float | int | str | bool] = {
+    metrics: dict[str, Any] = {
         "masked_token_accuracy": final["masked_token_accuracy"],
         "masked_lm_loss": final["masked_lm_loss"],
         "initial_masked_token_accuracy": initial["masked_token_accuracy"],
@@ -394,11 +444,13 @@ def adapt_mlm_head(
         "head_initialisation": head_initialisation,
         "encoder_path": str(encoder_path),
     }
+    if eval_every:
+        metrics["heldout_curve"] = curve
     return MLMAdaptation(model, tokenizer, metrics)
 
 
 def _split_heldout(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int, heldout_fraction: float, seed: int
+    texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, max_length: int, heldout_fraction: float, seed: int
 ) -> tuple[_TokenizedTexts, _TokenizedTexts]:
     """Shuffle with ``seed``, keep ``heldout_fraction`` of the texts out, tokenise both parts."""
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -422,7 +474,7 @@ def _fixed_masked_batches(
 
 
 def _check_adaptation_settings(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, steps: int, batch_size: int, mask_prob: float,
+    texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, steps: int, batch_size: int, mask_prob: float,
     heldout_fraction: float,
 ) -> None:
     if len(texts) < 2:
@@ -484,6 +536,7 @@ def _train_masked_lm(
     train_encoder: bool,
     generator: torch.Generator,
     log_every: int,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Plain loop: sample batches epoch by epoch, mask afresh each time, one AdamW step per batch."""
     device = next(model.parameters()).device
@@ -505,6 +558,8 @@ def _train_masked_lm(
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             logger.info("MLM adaptation step %d/%d: loss %.4f", step + 1, steps, sum(losses[-log_every:]) / log_every)
+        if after_step is not None:
+            after_step(step + 1)
     if not math.isfinite(losses[-1]):
         raise FloatingPointError(f"MLM adaptation diverged (loss {losses[-1]}): lower learning_rate")
     return losses

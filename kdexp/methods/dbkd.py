@@ -1,0 +1,364 @@
+"""Decision-based KD (DBKD; Zhou et al., ACL 2023, arXiv 2306.08909; METHODS.md §1) and the
+decision-only baselines of the paper.
+
+The teacher is a black box that answers with its top-1 decision. Every method here sees it
+only through :class:`kdexp.decision.DecisionTeacher` (``decide(texts) -> LongTensor``), via the
+shared, cached query stage (:func:`kdexp.decision.queries.query_decisions`): ``N`` queries per
+training example (the original and ``N - 1`` EDA copies), giving decisions ``[n, N]`` and counts
+``c`` ``[n, C]``. No method calls ``Teacher.logits`` or holds the teacher's model.
+
+All five methods minimise the same loss and differ only in the target distribution ``q_i``:
+
+    L = ce_weight·CE(z_S, y) + alpha·T²·KL(q_i || softmax(z_S / T))
+
+- ``dbkd``: ``q = softmax(s'·ẑ / T)`` with ``ẑ`` the estimated teacher logits
+  (:func:`kdexp.decision.estimate_logits_from_counts`: solve ``P(ẑ) = p̂`` under Gaussian noise of
+  std ``noise_std`` = ``s``, zero counts by Jeffreys smoothing with ``pseudo_count``; each distinct
+  sorted count vector solved once). With ``ce_weight = 1`` this is the paper's
+  ``L = CE + a·T²·KL(softmax(s'ẑ/T) || softmax(z_S/T))``; defaults ``a = 0.7, T = 1, s' = 1, s = 1``.
+- ``decision_hard``: ``q = onehot(d_0)``, the teacher's top-1 label on the original input. With
+  ``T = 1`` the KD term is the CE with the teacher's label, so the loss is
+  ``CE(y) + a·CE(teacher label)``.
+- ``decision_hard_aug``: as ``decision_hard``, plus the ``N - 1`` augmented copies as extra
+  training examples, each with ``q = onehot(teacher's decision on that copy)``. A copy has no gold
+  label (the augmentation may change it), so it contributes only the KD term; the CE term is summed
+  over the originals of a batch and divided by the batch size (the copies count as examples of the
+  batch). ``copies_per_example`` can limit the extra examples to the first ``k`` copies of each row.
+- ``decision_noise_smooth``: ``q = p̂ = c / N`` (unsmoothed: a zero count gives a zero target).
+- ``decision_label_smooth``: ``q`` puts ``1 - eps`` on the top-1 label of the original input and
+  spreads ``eps`` evenly over the *other* ``C - 1`` classes (``C = 2``, ``eps = 0.1``: 0.9 / 0.1).
+  (``torch``'s ``label_smoothing`` spreads ``eps`` over all ``C`` classes instead: 0.95 / 0.05.)
+
+Reading of the paper's baselines: they are "decision-only" variants of the same distillation
+objective, so they keep the gold-label CE and the weight ``a`` of the KD term, and only the
+target changes; all default to DBKD's recommended ``a = 0.7, T = 1``. ``ce_weight = 0`` gives the
+"teacher labels only" reading. For targets that are probabilities (``hard``, ``noise_smooth``,
+``label_smooth``) the temperature applies to the student only (``T² · KL(q || softmax(z_S/T))``);
+at the default ``T = 1`` it has no effect.
+
+Refused before training: regression tasks (STS-B has no decisions to count), and
+``student.from_finetuned_teacher=true`` (that student would copy the fine-tuned teacher's
+weights, white-box knowledge a decision-based teacher does not reveal).
+
+Each run writes ``decision_stats.json`` in its folder and logs once: the query stage (cached or
+not, its time, queries per example), agreement (fraction of examples whose ``N`` decisions all
+agree, distinct count vectors), the teacher's accuracy on the training originals, and for
+``dbkd`` the estimator's time and the estimated logits' spread.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+from kdexp.cache import cache_key
+from kdexp.data import tokenize_split
+from kdexp.decision.estimator import DEFAULT_PSEUDO_COUNT, estimate_logits_from_counts
+from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
+from kdexp.decision.teacher import DecisionTeacher
+from kdexp.losses import soft_target_kd
+from kdexp.methods.base import DistillationModule
+
+if TYPE_CHECKING:
+    from kdexp.run import RunContext
+    from kdexp.tasks import GlueTask
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "decision_stats.json"
+
+
+def _config_error(message: str) -> Exception:
+    from kdexp.run import ConfigError  # lazy: kdexp.run imports the methods' base
+
+    return ConfigError(message)
+
+
+def hard_targets(decisions: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """One-hot rows of the top-1 labels ``[n]`` -> ``[n, C]`` float."""
+    return F.one_hot(decisions.long(), num_labels).float()
+
+
+def label_smoothed_targets(decisions: torch.Tensor, num_labels: int, smoothing: float) -> torch.Tensor:
+    """``1 - eps`` on the label, ``eps / (C - 1)`` on each other class."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"label smoothing must lie in [0, 1), got {smoothing}")
+    if num_labels < 2:
+        return hard_targets(decisions, num_labels)
+    onehot = hard_targets(decisions, num_labels)
+    return onehot * (1.0 - smoothing) + (1.0 - onehot) * (smoothing / (num_labels - 1))
+
+
+def noise_smoothed_targets(counts: torch.Tensor) -> torch.Tensor:
+    """``p̂ = c / N`` per row."""
+    counts = counts.double()
+    return (counts / counts.sum(dim=1, keepdim=True)).float()
+
+
+class DecisionDistillation(DistillationModule):
+    """``L = ce_weight·CE(y) + alpha·T²·KL(q_i || softmax(z_S/T))``; subclasses define ``q``.
+
+    Args:
+        targets: ``[rows, C]`` probability targets indexed by ``batch["idx"]`` (or None when the
+            subclass computes them, as ``dbkd`` does from the estimated logits).
+        num_original: rows ``< num_original`` are original training examples (gold CE applies);
+            rows at or above it are extra examples without a gold term (``decision_hard_aug``).
+    """
+
+    method_name: ClassVar[str] = "decision"
+
+    def __init__(
+        self,
+        *args: Any,
+        targets: torch.Tensor | None = None,
+        alpha: float = 0.7,
+        temperature: float = 1.0,
+        ce_weight: float = 1.0,
+        num_original: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.ce_weight = float(ce_weight)
+        self.num_original = num_original
+        if targets is not None:
+            self.register_buffer("targets", targets.float(), persistent=False)
+
+    # ------------------------------------------------------------------ refusals
+
+    @classmethod
+    def check_task(cls, task: "GlueTask") -> None:
+        if task.is_regression:
+            raise _config_error(
+                f"method '{cls.method_name}' is not defined for the regression task {task.name}: decision-based "
+                f"distillation counts the teacher's top-1 class decisions, and {task.name} has no classes. "
+                "Use finetune or vanilla_kd for it."
+            )
+
+    @classmethod
+    def check_run(cls, run: "RunContext") -> None:
+        if run.cfg.student.get("from_finetuned_teacher", False):
+            raise _config_error(
+                f"method '{cls.method_name}' treats the teacher as a black box that only returns labels, but "
+                "student.from_finetuned_teacher=true would build the student from the fine-tuned teacher's "
+                "weights (white-box knowledge). Use student.from_finetuned_teacher=false (the pre-trained "
+                "checkpoint's layers)."
+            )
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_run(cls, run: "RunContext", queries: dict[str, Any] | None = None, **options: Any) -> "DecisionDistillation":
+        cls.check_task(run.task)
+        cls.check_run(run)
+        unknown = set(options) - cls.option_names()
+        if unknown:  # before the query stage, which may take long
+            raise _config_error(f"method '{cls.method_name}': unknown option(s) {sorted(unknown)}; valid: "
+                                f"{sorted(cls.option_names() | {'queries'})}. Check the keys under method.")
+        try:
+            config = QueryConfig.from_options(queries)
+        except (TypeError, ValueError) as err:
+            raise _config_error(f"method '{cls.method_name}': {err}") from None
+        teacher = DecisionTeacher.from_teacher(run.teacher, run.data.max_length, config.batch_size)
+        decided = query_decisions(teacher, run.data.raw[run.task.train_split], run.task, config, run.data.cache_dir)
+        gold = torch.as_tensor(run.data.raw[run.task.train_split]["label"])
+        stats = {"method": cls.method_name, **decision_statistics(decided, gold)}
+        module = cls.from_decisions(run, decided, stats, **options)
+        cls._report(run, stats)
+        return module
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """The method's config keys besides ``queries``: its constructor's and ``from_decisions``' keyword options."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            for function in (klass.__dict__.get("__init__"), getattr(klass.__dict__.get("from_decisions"), "__func__", None)):
+                if function is None or klass in (DistillationModule,) or not issubclass(klass, DecisionDistillation):
+                    continue
+                for parameter in inspect.signature(function).parameters.values():
+                    if parameter.kind is parameter.KEYWORD_ONLY or (
+                        parameter.kind is parameter.POSITIONAL_OR_KEYWORD and parameter.default is not parameter.empty
+                    ):
+                        names.add(parameter.name)
+        return names - {"targets", "num_original", "estimated_logits", "stats", "decided", "run"}
+
+    @classmethod
+    def from_decisions(
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], **options: Any
+    ) -> "DecisionDistillation":
+        """Build the module from the decisions (subclasses turn them into targets)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _report(run: "RunContext", stats: dict[str, Any]) -> None:
+        log.info(
+            "Decision queries (%s): %d examples x %d queries; all %d agree on %.1f%% of the examples; %d distinct "
+            "count vectors (%d sorted); teacher accuracy on the training originals %.3f; query stage %.1fs "
+            "(%.1f ms per example)%s",
+            "cached" if stats["from_cache"] else "computed now", stats["examples"], stats["num_queries"],
+            stats["num_queries"], 100 * stats["all_agree_fraction"], stats["distinct_count_vectors"],
+            stats["distinct_sorted_count_vectors"], stats.get("teacher_train_accuracy", float("nan")),
+            stats["augment_seconds"] + stats["query_seconds"], stats["query_ms_per_example"],
+            "" if not stats["from_cache"] else " when it ran",
+        )
+        if "estimator_seconds" in stats:
+            log.info("Estimated logits: %d distinct sorted count vectors solved in %.3fs; |z_hat| max %.3f; "
+                     "all-agree rows: z_hat margin %s", stats["estimator_solved_vectors"], stats["estimator_seconds"],
+                     stats["estimated_logit_abs_max"], stats.get("all_agree_margin"))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ loss
+
+    def targets_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.targets[batch["idx"]]
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self(batch)
+        kd = soft_target_kd(logits, self.targets_for(batch), self.temperature)
+        if self.num_original is None:
+            ce = self.task_loss(logits, batch["labels"])
+        else:
+            is_original = (batch["idx"] < self.num_original).float()
+            per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            ce = (per_example * is_original).sum() / logits.shape[0]
+        loss = self.ce_weight * ce + self.alpha * kd
+        return loss, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+class DBKD(DecisionDistillation):
+    """``dbkd``: soft targets ``softmax(s'·ẑ/T)`` from logits estimated from the decision counts."""
+
+    method_name = "dbkd"
+
+    def __init__(self, *args: Any, estimated_logits: torch.Tensor, logit_scale: float = 1.0, **kwargs: Any):
+        super().__init__(*args, targets=None, **kwargs)
+        self.logit_scale = float(logit_scale)
+        self.register_buffer("estimated_logits", estimated_logits.float(), persistent=False)
+
+    @classmethod
+    def from_decisions(
+        cls,
+        run: "RunContext",
+        decided: DecisionQueries,
+        stats: dict[str, Any],
+        noise_std: float = 1.0,
+        pseudo_count: float = DEFAULT_PSEUDO_COUNT,
+        **options: Any,
+    ) -> "DBKD":
+        counts = decided.counts
+        start = time.perf_counter()
+        estimated = estimate_logits_from_counts(counts, noise_std=noise_std, pseudo_count=pseudo_count)
+        seconds = time.perf_counter() - start
+        stats.update(estimate_statistics(counts, estimated, decided.num_queries))
+        stats.update(estimator_seconds=seconds, noise_std=noise_std, pseudo_count=pseudo_count)
+        return cls(student=run.student, task=run.task, optim=run.optim, estimated_logits=estimated, **options)
+
+    def targets_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.softmax(self.logit_scale * self.estimated_logits[batch["idx"]] / self.temperature, dim=-1)
+
+
+def estimate_statistics(counts: torch.Tensor, estimated: torch.Tensor, num_queries: int) -> dict[str, Any]:
+    """Spread of the estimated logits; the margin the zero-count rule gives an all-agree row."""
+    sorted_counts = torch.sort(counts, dim=1, descending=True).values
+    stats: dict[str, Any] = {
+        "estimator_solved_vectors": int(torch.unique(sorted_counts, dim=0).shape[0]),
+        "estimated_logit_abs_max": float(estimated.abs().max()) if estimated.numel() else 0.0,
+        "estimated_top_margin_mean": float(
+            (torch.sort(estimated, dim=1, descending=True).values[:, 0]
+             - torch.sort(estimated, dim=1, descending=True).values[:, 1]).mean()
+        ) if estimated.numel() and estimated.shape[1] > 1 else 0.0,
+    }
+    agree = counts.max(dim=1).values == num_queries
+    if bool(agree.any()) and estimated.shape[1] > 1:
+        row = estimated[agree.nonzero()[0, 0]].sort(descending=True).values
+        stats["all_agree_margin"] = float(row[0] - row[1])
+    return stats
+
+
+class DecisionHard(DecisionDistillation):
+    """``decision_hard``: the teacher's top-1 label on the original input as the target."""
+
+    method_name = "decision_hard"
+
+    @classmethod
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], **options: Any):
+        targets = hard_targets(decided.original_decisions, decided.num_labels)
+        return cls(student=run.student, task=run.task, optim=run.optim, targets=targets, **options)
+
+
+class DecisionLabelSmooth(DecisionDistillation):
+    """``decision_label_smooth``: the top-1 label smoothed (``1 - eps`` / ``eps`` over the other classes)."""
+
+    method_name = "decision_label_smooth"
+
+    @classmethod
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
+                       smoothing: float = 0.1, **options: Any):
+        targets = label_smoothed_targets(decided.original_decisions, decided.num_labels, smoothing)
+        stats["smoothing"] = smoothing
+        return cls(student=run.student, task=run.task, optim=run.optim, targets=targets, **options)
+
+
+class DecisionNoiseSmooth(DecisionDistillation):
+    """``decision_noise_smooth``: the decision frequencies ``p̂ = c / N`` as the target."""
+
+    method_name = "decision_noise_smooth"
+
+    @classmethod
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], **options: Any):
+        targets = noise_smoothed_targets(decided.counts)
+        return cls(student=run.student, task=run.task, optim=run.optim, targets=targets, **options)
+
+
+class DecisionHardAug(DecisionDistillation):
+    """``decision_hard_aug``: hard labels on the originals and on the augmented copies (extra examples).
+
+    The training set of the run becomes the original rows (``idx`` ``0..n-1``) followed by the
+    copies (``idx`` ``n..``), tokenised with the run's tokenizer and cached by
+    :func:`kdexp.data.tokenize_split`. The run's ``TaskData`` is replaced (not mutated) in the
+    run context, which is what the run's data module reads.
+    """
+
+    method_name = "decision_hard_aug"
+
+    @classmethod
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
+                       copies_per_example: int | None = None, **options: Any):
+        n, num_copies = decided.num_examples, decided.num_queries - 1
+        use = num_copies if copies_per_example is None else min(int(copies_per_example), num_copies)
+        if use < 0:
+            raise _config_error(f"method '{cls.method_name}': copies_per_example must be >= 0, got {copies_per_example}")
+        task, data = run.task, run.data
+        original = data.train
+        targets = [hard_targets(decided.original_decisions, decided.num_labels)]
+        if use > 0 and n > 0:
+            copies = decided.copies()
+            if use < num_copies:
+                copies = copies.filter(lambda batch: [c <= use for c in batch["copy"]], batched=True)
+            labels = decided.decisions[copies["row"], copies["copy"]]
+            raw = copies.remove_columns(["row", "copy"]).add_column("label", labels.tolist())
+            tokenized, copies_key = tokenize_split(raw, task, data.tokenizer, data.max_length, data.cache_dir)
+            tokenized = tokenized.remove_columns("idx").add_column("idx", list(range(n, n + len(tokenized))))
+            if tokenized.features != original.features:
+                tokenized = tokenized.cast(original.features)
+            train = datasets.concatenate_datasets([original, tokenized])
+            targets.append(hard_targets(labels, decided.num_labels))
+            keys = dict(data.keys, **{task.train_split: cache_key(kind="hard_aug_train",
+                                                                   original=data.keys[task.train_split],
+                                                                   copies=copies_key)})
+            run.data = replace(data, tokenized=dict(data.tokenized, **{task.train_split: train}), keys=keys)
+        stats.update(extra_examples=len(run.data.train) - n, copies_per_example=use)
+        return cls(student=run.student, task=run.task, optim=run.optim, targets=torch.cat(targets),
+                   num_original=n, **options)
