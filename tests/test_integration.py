@@ -83,7 +83,7 @@ def test_multirun_reuses_one_teacher_and_reports(real_env: dict[str, str], tmp_p
     assert len({r["teacher_key"] for r in results}) == 1
     assert len([p for p in (tmp_path / "fresh-cache" / "teachers").iterdir() if p.is_dir()]) == 1
 
-    report = subprocess.run(["kdexp-report", str(sweep)], capture_output=True, text=True, env=env)
+    report = subprocess.run([sys.executable, "-m", "kdexp.report", str(sweep)], capture_output=True, text=True, env=env)
     assert report.returncode == 0, report.stderr
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.stdout.splitlines()
             if line.startswith("| ") and "method" not in line}
