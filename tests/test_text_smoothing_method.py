@@ -333,7 +333,8 @@ def test_text_smoothing_run_writes_results(tiny_model_dir: Path, tiny_mlm_dir: P
     assert results["metrics"]["val/accuracy"] >= 0
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[1] for row in rows[1:]] == ["6", "12"]  # 3 batches x 2 optimiser steps per epoch
-    assert json.loads((tmp_path / "run" / ts.RUN_MLM_FILE).read_text())["distributions"] == "cached"
+    record = json.loads((tmp_path / "run" / ts.RUN_MLM_FILE).read_text())
+    assert record["distributions"] == "cached" and results["method_info"] == record
 
 
 def test_stsb_regression_with_smoothing_and_kd(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:

@@ -52,6 +52,11 @@ class DistillationModule(pl.LightningModule):
         """Refuse, before any training, a task the method cannot do (override to restrict)."""
 
     @classmethod
+    def check_config(cls, cfg: Any, task: GlueTask) -> None:
+        """Refuse, before the teacher stage, a run config the method cannot do (override to add checks)."""
+        cls.check_task(task)
+
+    @classmethod
     def from_run(cls, run: "RunContext", **options: Any) -> "DistillationModule":
         """Build the module for one run; methods that need teacher signals override this."""
         return cls(student=run.student, task=run.task, optim=run.optim, **options)

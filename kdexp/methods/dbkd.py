@@ -40,7 +40,8 @@ Refused before training: regression tasks (STS-B has no decisions to count), and
 ``student.from_finetuned_teacher=true`` (that student would copy the fine-tuned teacher's
 weights, white-box knowledge a decision-based teacher does not reveal).
 
-Each run writes ``decision_stats.json`` in its folder and logs once: the query stage (cached or
+Each run writes ``decision_stats.json`` in its folder (and the same under ``method_info`` in
+``results.json``) and logs once: the query stage (cached or
 not, its time, queries per example), agreement (fraction of examples whose ``N`` decisions all
 agree, distinct count vectors), the teacher's accuracy on the training originals, and for
 ``dbkd`` the estimator's time and the estimated logits' spread.
@@ -147,8 +148,9 @@ class DecisionDistillation(DistillationModule):
             )
 
     @classmethod
-    def check_run(cls, run: "RunContext") -> None:
-        if run.cfg.student.get("from_finetuned_teacher", False):
+    def check_config(cls, cfg: Any, task: "GlueTask") -> None:
+        super().check_config(cfg, task)
+        if cfg.student.get("from_finetuned_teacher", False):
             raise _config_error(
                 f"method '{cls.method_name}' treats the teacher as a black box that only returns labels, but "
                 "student.from_finetuned_teacher=true would build the student from the fine-tuned teacher's "
@@ -160,8 +162,7 @@ class DecisionDistillation(DistillationModule):
 
     @classmethod
     def from_run(cls, run: "RunContext", queries: dict[str, Any] | None = None, **options: Any) -> "DecisionDistillation":
-        cls.check_task(run.task)
-        cls.check_run(run)
+        cls.check_config(run.cfg, run.task)
         unknown = set(options) - cls.option_names()
         if unknown:  # before the query stage, which may take long
             raise _config_error(f"method '{cls.method_name}': unknown option(s) {sorted(unknown)}; valid: "
@@ -216,6 +217,7 @@ class DecisionDistillation(DistillationModule):
             log.info("Estimated logits: %d distinct sorted count vectors solved in %.3fs; |z_hat| max %.3f; "
                      "all-agree rows: z_hat margin %s", stats["estimator_solved_vectors"], stats["estimator_seconds"],
                      stats["estimated_logit_abs_max"], stats.get("all_agree_margin"))
+        run.method_info.update(stats)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
 

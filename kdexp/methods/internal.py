@@ -45,36 +45,37 @@ Choices where the paper leaves room (all configurable; see ``conf/method/interna
   same (the upper blocks get none either way); it saves forward/backward work in
   ``pid``/``sid``'s lower stages.
 
-Teacher signals: cached or live, and why. Measured on the shared 2-core CPU (so absolute
-times are inflated by other jobs; compare within a row), MiniLM-L6 teacher, 3-layer
-student, SST-2 batches of 32, uniform map (teacher layers 1, 3, 5):
+Teacher signals: cached or live, and why. Measured on the shared 2-core CPU with one torch
+thread (``OMP_NUM_THREADS=1``), MiniLM-L6 teacher, 3-layer student, SST-2 batches of 32
+(max length 128), uniform map (teacher layers 1, 3, 5):
 
-- Per step (``python -m kdexp.internal.bare_loop --components``, median s/batch): teacher
-  forward SDPA logits only 3.51, SDPA + hidden states 3.62, eager with attentions 4.59;
-  student forward+backward SDPA 7.80, eager with attentions 8.11; a cached [CLS] lookup
-  0.02.
+- Per step (``python -m kdexp.internal.bare_loop --components --batches 8``, median
+  s/batch): teacher forward SDPA logits only 0.88, SDPA + hidden states 0.87, eager with
+  attentions 0.88; student forward+backward SDPA 1.44, eager with attentions 1.46; a
+  cached [CLS] lookup 0.00014. The teacher forward is ~37% of an internal step.
 - Sizes (fp32, full train splits, 3 matched layers, unpadded lengths): [CLS] vectors
   4.6 KB/example (CoLA 39 MB, SST-2 310 MB, MRPC 17 MB, RTE 11.5 MB); attention maps
   (layers × 12 heads × L²) 30 KB (CoLA), 38 KB (SST-2), 436 KB (MRPC), 794 KB (RTE) per
-  example, 0.25 / 2.6 / 1.6 / 2.0 GB, i.e. 26-69× the [CLS] cache, growing with L²; twice
-  that for the paper's BERT-base teacher with 6 matched layers (MNLI would need ~10² GB).
+  example, 0.25 / 2.6 / 1.6 / 2.0 GB, i.e. 6-170× the [CLS] cache, growing with L²; twice
+  that for the paper's BERT-base teacher with 6 matched layers (MNLI: ~10² GB).
 
 Decision, implemented:
 
 - Logits: cached (the framework's teacher-logit cache). The final KD stage, and the KD
   term of internal stages, never run the teacher.
 - [CLS] vectors: cached (``teacher_cls_cache: auto``) when they are all a stage needs
-  (``attention_weight = hidden_mse_weight = 0``): the teacher forward is then skipped,
-  ~30% of a step; end to end the [CLS]-only stage ran 1.31-1.36× faster cached than
-  live (``bare_loop`` runs, medians of 3). When attentions are needed, the live eager
-  forward yields hidden states at +3% over logits alone, so a [CLS] cache would save
-  nothing and is not used. Stored under a key of (teacher, tokenised split, layers).
+  (``attention_weight = hidden_mse_weight = 0``): the teacher forward is then skipped. End
+  to end such a stage trains 1.49× faster cached than live (``bare_loop --only
+  internal_all_cls_cached,internal_all_cls_live``, 19.1 vs 12.8 examples/s, median of 5).
+  When attentions are needed, the live forward yields the hidden states at no extra cost
+  (0.87 vs 0.88 s), so a [CLS] cache would save nothing and is not used. Stored under a
+  key of (teacher, tokenised split, layers), like the logits.
 - Attention maps (and full hidden states for the MSE option): live, eager (pre-dropout)
   teacher forward under ``no_grad``, only on internal stages that weight them, and only
-  up to the deepest matched teacher layer. A cache would save the ~4.6 s teacher
-  forward of a ~12.7 s step, but its size grows with N·L² (GBs for the full local tasks,
-  ~10² GB for MNLI) and it would have to be re-padded per batch; not worth it beyond
-  toy slices.
+  up to the deepest matched teacher layer. A cache would save the teacher forward (~37%
+  of a step) but its size grows with N·L² (GBs for the full local tasks, ~10² GB for
+  MNLI with BERT-base), it would have to be re-padded per batch, and reading it back at
+  these sizes is not free either; only toy slices would fit, so it is not implemented.
 """
 
 from __future__ import annotations

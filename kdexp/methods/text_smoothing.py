@@ -538,6 +538,7 @@ def _write_run_record(run: "RunContext", mlm: MLMTeacher, source: str, why: str,
         "top_k": top_k,
         "train_tokens": tokens,
     }
+    run.method_info.update(record)
     run_dir = Path(run.run_dir)
     if run_dir.resolve() == Path.cwd().resolve():
         return  # kdexp.benchmark builds its contexts with run_dir="." (no run folder): write nothing there
