@@ -1,9 +1,11 @@
 """`kdexp-report <sweep folder>`: the paper-style table of a sweep.
 
-Reads every `results.json` under the folder and writes `report.md` and `report.csv` there:
-tasks as columns (each task's main GLUE metric, ×100), methods as rows, mean ± std over
-seeds, the teacher's row first. Runs that differ in other overrides (e.g. `method.alpha`)
-get rows of their own.
+Reads every `results.json` under the folder(s) and writes `report.md` and `report.csv` (in the
+first folder, or `--out`): tasks as columns (each task's main GLUE metric, ×100), methods as
+rows, mean ± std over seeds, the teacher's row first. Runs that differ in other overrides
+(e.g. `method.alpha`) get rows of their own; overrides that cannot change a score (progress
+bar, logging, workers) do not split rows. Several folders make one table, e.g. a method's
+sweep next to the baselines' sweep run with the same settings.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from typing import Any
 
 from kdexp.tasks import TASKS
 
-GROUPING_KEYS_IGNORED = ("task", "seed", "method", "hydra.", "data.glue_dir", "cache_dir", "logger")
+GROUPING_KEYS_IGNORED = (
+    "task", "seed", "method", "hydra.", "data.glue_dir", "cache_dir", "logger", "logger.", "resume", "keep_checkpoints",
+    # display, logging and loading only: they cannot change a score
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "data.num_workers", "data.eval_batch_size",
+)
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,9 @@ class Cell:
         return f"{self.mean:.1f} ± {self.std:.1f}"
 
 
-def load_results(folder: Path) -> list[dict[str, Any]]:
+def load_results(*folders: Path) -> list[dict[str, Any]]:
     results = []
-    for path in sorted(folder.rglob("results.json")):
+    for path in sorted({p.resolve() for folder in folders for p in folder.rglob("results.json")}):
         try:
             results.append(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
@@ -45,9 +52,14 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
     return results
 
 
+def _ignored(key: str) -> bool:
+    """`method` and `method.name` are the row itself, but `method.alpha` separates rows."""
+    return any(key == k or key.startswith(k if k.endswith(".") else k + ".name") for k in GROUPING_KEYS_IGNORED)
+
+
 def _override_dict(result: dict[str, Any]) -> dict[str, str]:
-    pairs = (o.split("=", 1) for o in result.get("overrides", []) if "=" in o)
-    return {k.lstrip("+~"): v for k, v in pairs if not k.lstrip("+~").startswith(GROUPING_KEYS_IGNORED)}
+    pairs = ((k.lstrip("+~"), v) for k, v in (o.split("=", 1) for o in result.get("overrides", []) if "=" in o))
+    return {k: v for k, v in pairs if not _ignored(k)}
 
 
 def varying_overrides(results: list[dict[str, Any]]) -> set[str]:
@@ -102,7 +114,7 @@ def to_markdown(tasks: list[str], rows: dict[str, dict[str, Cell]], runs: int) -
     for label, cells in rows.items():
         values = [cells[t].format() if t in cells else "–" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
-    seeds = sorted({c.n for cells in rows.values() for c in cells.values()})
+    seeds = sorted({c.n for label, cells in rows.items() if label != "teacher" for c in cells.values()})
     lines.append("")
     lines.append(f"Dev-set scores ×100, mean ± std over seeds (n = {', '.join(map(str, seeds))}); {runs} runs. "
                  "The teacher row is the fine-tuned teacher on the same dev data.")
@@ -121,24 +133,30 @@ def write_csv(path: Path, tasks: list[str], rows: dict[str, dict[str, Cell]]) ->
             writer.writerow(row)
 
 
-def report(folder: Path) -> str:
-    results = load_results(folder)
+def report(*folders: Path, out: Path | None = None) -> str:
+    results = load_results(*folders)
     if not results:
-        raise SystemExit(f"No results.json under {folder}: point kdexp-report at a run or sweep folder.")
+        raise SystemExit(f"No results.json under {', '.join(map(str, folders))}: point kdexp-report at a run or "
+                         "sweep folder.")
     tasks, rows = build_table(results)
     markdown = to_markdown(tasks, rows, len(results))
-    (folder / "report.md").write_text(markdown)
-    write_csv(folder / "report.csv", tasks, rows)
+    out = out or folders[0]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown)
+    write_csv(out / "report.csv", tasks, rows)
     return markdown
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kdexp-report", description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="a sweep folder (outputs/multirun/<date>/<time>) or any folder of runs")
+    parser.add_argument("folders", type=Path, nargs="+", metavar="folder",
+                        help="a sweep folder (outputs/multirun/<date>/<time>) or any folder of runs; several make one table")
+    parser.add_argument("--out", type=Path, default=None, help="where report.md and report.csv go (default: the first folder)")
     args = parser.parse_args(argv)
-    if not args.folder.is_dir():
-        raise SystemExit(f"kdexp-report: '{args.folder}' is not a folder.")
-    sys.stdout.write(report(args.folder))
+    for folder in args.folders:
+        if not folder.is_dir():
+            raise SystemExit(f"kdexp-report: '{folder}' is not a folder.")
+    sys.stdout.write(report(*args.folders, out=args.out))
 
 
 if __name__ == "__main__":
