@@ -17,11 +17,13 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _canonical(value: Any) -> Any:
@@ -139,3 +141,20 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_or_compute(path: str | Path, load: Callable[[], T | None], compute: Callable[[], T]) -> T:
+    """`load()` if it finds a valid entry, else `compute()` (which stores it) once across processes.
+
+    The miss path holds an exclusive lock on `<path>.lock` and looks again inside it, so parallel
+    sweep jobs that need the same artifact compute it once and the others wait and read it.
+    """
+    value = load()
+    if value is not None:
+        return value
+    with exclusive_lock(str(path) + ".lock"):
+        value = load()
+        if value is not None:
+            log.info("%s was computed by another process meanwhile; reusing it.", path)
+            return value
+        return compute()

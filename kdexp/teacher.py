@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import PreTrainedModel
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, load_tensors, save_tensors
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, load_or_compute, load_tensors, save_tensors
 from kdexp.data import DataSource, TaskData, load_split, load_task_data, make_loader, tokenize_split, tokenized_key, tokenizer_fingerprint
 from kdexp.methods.base import DistillationModule, OptimConfig, eval_prefix
 from kdexp.methods.finetune import Finetune
@@ -80,15 +80,23 @@ class Teacher:
         key = cache_key(kind="teacher_logits", teacher=self.key, data=data_key)
         path = self.cache_dir / "signals" / "teacher_logits" / f"{key}.pt"
         expected = {"key": key, "rows": len(tokenized), "num_labels": self.task.num_labels}
-        cached = load_tensors(path, expected)
-        if cached is not None:
+
+        def load() -> torch.Tensor | None:
+            cached = load_tensors(path, expected)
+            if cached is None:
+                return None
             logits = cached["logits"]
             if logits.shape == (len(tokenized), self.task.num_labels) and torch.isfinite(logits).all():
                 return logits
             log.warning("Cached teacher logits %s have the wrong shape or values; recomputing.", path)
-        logits = self._compute_logits(tokenized, data)
-        save_tensors(path, {"logits": logits}, expected)
-        return logits
+            return None
+
+        def compute() -> torch.Tensor:
+            logits = self._compute_logits(tokenized, data)
+            save_tensors(path, {"logits": logits}, expected)
+            return logits
+
+        return load_or_compute(path, load, compute)
 
     @torch.no_grad()
     def _compute_logits(self, tokenized: Any, data: TaskData) -> torch.Tensor:

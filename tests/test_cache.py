@@ -95,3 +95,34 @@ def _append_under_lock(lock: Path, log: Path, i: int) -> None:
             f.flush()
             time.sleep(0.2)
             f.write(f"end-{i}\n")
+
+
+def test_load_or_compute_computes_once_across_parallel_jobs(tmp_path: Path) -> None:
+    """Four jobs that need the same artifact at once: one computes it, the other three wait and read it."""
+    import threading
+    import time
+
+    from kdexp.cache import load_or_compute
+
+    path = tmp_path / "artifact.pt"
+    computed: list[int] = []
+    results: list[torch.Tensor] = []
+
+    def load() -> torch.Tensor | None:
+        cached = load_tensors(path, {"key": "k"})
+        return None if cached is None else cached["value"]
+
+    def compute() -> torch.Tensor:
+        computed.append(1)
+        time.sleep(0.3)  # long enough that every other job arrives while this one holds the lock
+        value = torch.arange(3.0)
+        save_tensors(path, {"value": value}, {"key": "k"})
+        return value
+
+    jobs = [threading.Thread(target=lambda: results.append(load_or_compute(path, load, compute))) for _ in range(4)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert len(computed) == 1
+    assert len(results) == 4 and all(torch.equal(r, torch.arange(3.0)) for r in results)

@@ -285,7 +285,7 @@ def test_mlm_adaptation_stage_runs_once_per_key_and_is_reused(
 
     first = TextSmoothing.from_run(context, **options)
     assert adapt.calls == 1
-    stores = list((context.data.cache_dir / "mlm").iterdir())
+    stores = [p for p in (context.data.cache_dir / "mlm").iterdir() if p.is_dir()]  # not the lock file
     assert len(stores) == 1 and stores[0].name.startswith("sst2-")
     info = json.loads((stores[0] / ts.MLM_INFO_FILE).read_text())
     assert 0.0 <= info["metrics"]["masked_token_accuracy"] <= 1.0 and info["hyperparameters"]["steps"] == 3
@@ -299,7 +299,7 @@ def test_mlm_adaptation_stage_runs_once_per_key_and_is_reused(
     torch.testing.assert_close(first.mlm_distributions(batch).probs, second.mlm_distributions(batch).probs)
 
     TextSmoothing.from_run(context, top_k=4, distributions="live", mlm={"adapt": {"steps": 4, "batch_size": 4}})
-    assert adapt.calls == 2 and len(list((context.data.cache_dir / "mlm").iterdir())) == 2
+    assert adapt.calls == 2 and len([p for p in (context.data.cache_dir / "mlm").iterdir() if p.is_dir()]) == 2
 
 
 def test_checkpoint_without_mlm_head_and_adaptation_disabled_is_refused_before_training(

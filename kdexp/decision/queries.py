@@ -35,7 +35,7 @@ from typing import Any
 import datasets
 import torch
 
-from kdexp.cache import atomic_directory, cache_key, load_tensors, save_tensors
+from kdexp.cache import atomic_directory, cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.data import content_fingerprint
 from kdexp.decision.eda import EDAConfig, augment, augment_pair, example_random
 from kdexp.decision.teacher import DecisionTeacher, Query
@@ -243,8 +243,11 @@ def query_decisions(
     key = decisions_key(teacher, aug_key)
     path = Path(cache_dir) / "signals" / "decisions" / f"{key}.pt"
     expected = {"key": key, "rows": len(ds), "num_queries": config.num_queries, "num_labels": teacher.num_labels}
-    cached = load_tensors(path, expected)
-    if cached is not None:
+
+    def load() -> DecisionQueries | None:
+        cached = load_tensors(path, expected)
+        if cached is None:
+            return None
         decisions = cached.get("decisions")
         if decisions is not None and decisions.shape == (len(ds), config.num_queries) and decisions.dtype == torch.long:
             meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
@@ -253,7 +256,18 @@ def query_decisions(
             return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, True,
                                    float(meta.get("augment_seconds", 0.0)), float(meta.get("query_seconds", 0.0)))
         log.warning("Cached decisions %s have the wrong shape; querying again.", path)
+        return None
 
+    def query() -> DecisionQueries:
+        return _query_and_store(teacher, ds, task, config, path, expected, copies, copies_path, key, aug_key,
+                                augment_seconds)
+
+    return load_or_compute(path, load, query)
+
+
+def _query_and_store(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueTask, config: QueryConfig, path: Path,
+                     expected: dict[str, Any], copies: Any, copies_path: Path, key: str, aug_key: str,
+                     augment_seconds: float) -> DecisionQueries:
     if copies is None:
         copies = _copies_from_dataset(copies_path, task, len(ds), config.num_copies)
     originals = examples_of(ds, task)

@@ -88,7 +88,7 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from kdexp.cache import cache_key, load_tensors, save_tensors
+from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.internal.internals import ModelInternals, forward_with_internals, truncated_encoder
 from kdexp.internal.layer_map import LayerPair, resolve_layer_map
 from kdexp.internal.losses import HEAD_MISMATCH_RULES, InternalProjections, internal_distillation_loss
@@ -497,20 +497,27 @@ def teacher_cls_vectors(
     key = cache_key(kind="teacher_cls", teacher=teacher.key, data=data_key, layers=layers)
     path = teacher.cache_dir / "signals" / "teacher_cls" / f"{key}.pt"
     expected = {"key": key, "rows": len(tokenized), "layers": layers}
-    cached = load_tensors(path, expected)
     width = teacher_model.config.hidden_size
-    if cached is not None and cached["cls"].shape == (len(tokenized), len(layers), width):
-        return cached["cls"]
-    device = teacher.device
-    model = teacher_model.to(device).eval()
-    out = torch.empty(len(tokenized), len(layers), width)
-    loader = make_loader(tokenized, data, teacher.eval_batch_size, shuffle=False)
-    with truncated_encoder(model, max(layers) + 1):
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = forward_with_internals(model, batch, need_attentions=False).hidden_states
-            assert hidden is not None
-            out[batch["idx"].cpu()] = torch.stack([hidden[layer + 1][:, 0] for layer in layers], dim=1).float().cpu()
-    save_tensors(path, {"cls": out}, expected)
-    log.info("Cached teacher [CLS] vectors of layers %s for %d rows (%s)", layers, len(tokenized), path)
-    return out
+
+    def load() -> torch.Tensor | None:
+        cached = load_tensors(path, expected)
+        if cached is not None and cached["cls"].shape == (len(tokenized), len(layers), width):
+            return cached["cls"]
+        return None
+
+    def compute() -> torch.Tensor:
+        device = teacher.device
+        model = teacher_model.to(device).eval()
+        out = torch.empty(len(tokenized), len(layers), width)
+        loader = make_loader(tokenized, data, teacher.eval_batch_size, shuffle=False)
+        with truncated_encoder(model, max(layers) + 1):
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden = forward_with_internals(model, batch, need_attentions=False).hidden_states
+                assert hidden is not None
+                out[batch["idx"].cpu()] = torch.stack([hidden[layer + 1][:, 0] for layer in layers], dim=1).float().cpu()
+        save_tensors(path, {"cls": out}, expected)
+        log.info("Cached teacher [CLS] vectors of layers %s for %d rows (%s)", layers, len(tokenized), path)
+        return out
+
+    return load_or_compute(path, load, compute)

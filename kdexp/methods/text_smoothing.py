@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import OmegaConf
 
-from kdexp.cache import atomic_directory, atomic_write_json, cache_key, load_tensors, save_tensors
+from kdexp.cache import atomic_directory, atomic_write_json, cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.data import DataSource, content_fingerprint, load_split, make_loader, tokenizer_fingerprint
 from kdexp.losses import vanilla_kd_loss
 from kdexp.methods.base import DistillationModule
@@ -248,14 +248,21 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
     texts, texts_fingerprint = _adaptation_texts(run, adapt)
     key = adaptation_key(encoder_path, task.name, texts_fingerprint, run.data.tokenizer, adapt, max_length)
     store = adaptation_store(run.data.cache_dir, task.name, key)
-    if not (store / MLM_INFO_FILE).exists():
+
+    def load() -> dict[str, Any] | None:
+        if not (store / MLM_INFO_FILE).exists():
+            return None
+        log.info("Reusing the adapted MLM %s", store)
+        return json.loads((store / MLM_INFO_FILE).read_text())
+
+    def adapt_and_store() -> dict[str, Any]:
         run_adaptation(
             store, key, task.name, encoder_path, texts, texts_fingerprint, run.data.tokenizer, adapt, max_length,
             run.teacher.device,
         )
-    else:
-        log.info("Reusing the adapted MLM %s", store)
-    info = json.loads((store / MLM_INFO_FILE).read_text())
+        return json.loads((store / MLM_INFO_FILE).read_text())
+
+    info = load_or_compute(store, load, adapt_and_store)
     metrics = info["metrics"]
     log.info(
         "Adapted MLM %s: held-out masked-token accuracy %.4f (%.4f before adaptation) on %d tokens",
@@ -284,22 +291,29 @@ def cached_topk_store(
     path = topk_store_path(run.data.cache_dir, key)
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     expected = {"key": key, "rows": len(lengths), "tokens": sum(lengths), "top_k": int(top_k)}
-    cached = load_tensors(path, expected)
-    if cached is not None:
+
+    def load() -> TopKTokenStore | None:
+        cached = load_tensors(path, expected)
+        if cached is None:
+            return None
         log.info("Reusing the MLM top-%d distributions %s", top_k, path)
         return TopKTokenStore.from_tensors(cached, int(mlm.model.config.vocab_size))
-    started = time.perf_counter()
-    device = run.teacher.device
-    model = mlm.model.to(device)
-    loader = make_loader(tokenized, run.data, eval_batch_size, shuffle=False)
-    store = build_topk_store(model, loader, lengths, top_k, temperature, device)
-    mlm.model.to("cpu")
-    save_tensors(path, store.tensors(), dict(expected, vocab_size=store.vocab_size))
-    log.info(
-        "MLM top-%d distributions of %d rows (%d tokens, %.1f MB) computed in %.1fs and stored in %s",
-        top_k, len(lengths), sum(lengths), store.nbytes / 1e6, time.perf_counter() - started, path,
-    )
-    return store
+
+    def compute() -> TopKTokenStore:
+        started = time.perf_counter()
+        device = run.teacher.device
+        model = mlm.model.to(device)
+        loader = make_loader(tokenized, run.data, eval_batch_size, shuffle=False)
+        store = build_topk_store(model, loader, lengths, top_k, temperature, device)
+        mlm.model.to("cpu")
+        save_tensors(path, store.tensors(), dict(expected, vocab_size=store.vocab_size))
+        log.info(
+            "MLM top-%d distributions of %d rows (%d tokens, %.1f MB) computed in %.1fs and stored in %s",
+            top_k, len(lengths), sum(lengths), store.nbytes / 1e6, time.perf_counter() - started, path,
+        )
+        return store
+
+    return load_or_compute(path, load, compute)
 
 
 def choose_distribution_source(
