@@ -7,6 +7,9 @@ epoch, validation off); `bare_loop` is a plain PyTorch loop doing the work of `f
 (same student, batches, AdamW + linear schedule, gradient clipping). Variants run
 interleaved, `--repeats` times; the median examples/s is reported with these ratios:
 KD with cached teacher logits vs fine-tuning, live teacher vs cached, kdexp vs bare loop.
+Each measurement also records the peak memory it added: on GPU the allocator's peak, on CPU
+the peak resident set (VmHWM, reset before each variant through /proc/self/clear_refs) above
+the resident set at its start.
 """
 
 from __future__ import annotations
@@ -47,6 +50,43 @@ DEFAULT_RATIOS = [
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+class PeakMemory:
+    """Peak memory (MB) added while the block runs: CUDA allocator peak, or the process's peak RSS on Linux."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.megabytes = float("nan")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.megabytes = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+        elif self._start is not None:
+            self.megabytes = (_status_kb("VmHWM") - self._start) / 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset VmHWM to the current RSS (Linux); returns that RSS in kB, or None where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS")
+    except (OSError, KeyError):
+        return None
 
 
 def lightning_examples_per_second(context: RunContext, method_cls: type, options: dict[str, Any]) -> float:
@@ -106,12 +146,16 @@ def benchmark(common: list[str], variants: dict[str, list[str]], repeats: int, b
         context, _, _ = build_context(compose_config(common + ["method=finetune"]), Path("."))
         runners["bare_loop"] = lambda c=context: bare_loop_examples_per_second(c)
     samples: dict[str, list[float]] = {name: [] for name in runners}
+    peaks: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, measure in runners.items():  # interleaved, so drift in machine load hits all alike
-            samples[name].append(measure())
+            with PeakMemory() as peak:
+                samples[name].append(measure())
+            peaks[name].append(peak.megabytes)
     medians = {name: statistics.median(values) for name, values in samples.items()}
     return {"common_overrides": common, "variants": variants, "repeats": repeats,
-            "examples_per_second": medians, "samples": samples, "device": _device_name()}
+            "examples_per_second": medians, "samples": samples,
+            "peak_memory_mb": {name: max(values) for name, values in peaks.items()}, "device": _device_name()}
 
 
 def _device_name() -> str:
@@ -140,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     result["ratios"] = {label: speeds[a] / speeds[b] for label, a, b in ratios if a in speeds and b in speeds}
     print(f"device: {result['device']}; overrides: {' '.join(args.overrides)}; median of {args.repeats}")
     for name, value in speeds.items():
-        print(f"  {name:32s} {value:8.1f} examples/s")
+        print(f"  {name:32s} {value:8.1f} examples/s   peak memory +{result['peak_memory_mb'][name]:.0f} MB")
     for label, value in result["ratios"].items():
         print(f"  {label:40s} {value:.3f}")
     if args.out:

@@ -1,0 +1,38 @@
+"""The throughput benchmark on a tiny BERT: every variant measured, ratios are ratios of its medians."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdexp.benchmark import PeakMemory, main
+
+
+def test_benchmark_measures_every_variant_and_reports_ratios_of_medians(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "bench.json"
+    main([f"teacher.name_or_path={tiny_model_dir}", "teacher.epochs=1", f"data.glue_dir={glue_dir}",
+          "data.batch_size=4", "data.max_length=32", f"cache_dir={tmp_path / 'cache'}",
+          "trainer.enable_progress_bar=false", "--repeats", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    speeds = result["examples_per_second"]
+    assert set(speeds) == {"finetune", "vanilla_kd", "vanilla_kd_live_teacher", "bare_loop"}
+    for name, samples in result["samples"].items():
+        assert len(samples) == 2 and all(s > 0 for s in samples)
+        assert speeds[name] == pytest.approx(sorted(samples)[0] / 2 + sorted(samples)[1] / 2)  # median of two
+    assert result["ratios"]["vanilla_kd / finetune"] == pytest.approx(speeds["vanilla_kd"] / speeds["finetune"])
+    assert result["ratios"]["kdexp finetune / bare PyTorch loop"] == pytest.approx(speeds["finetune"] / speeds["bare_loop"])
+    assert set(result["peak_memory_mb"]) == set(speeds)
+    assert "vanilla_kd / finetune" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not Path("/proc/self/clear_refs").exists(), reason="Linux CPU RSS")
+def test_peak_memory_sees_a_large_temporary_allocation() -> None:
+    with PeakMemory() as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        del block
+    assert 60 <= peak.megabytes <= 200
