@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from kdexp.smoothing import (
     topk_embedding_error_bound,
     topk_retained_mass,
 )
+from tests.conftest import tiny_tokenizer
 
 VOCAB_SIZE = 40
 PAD_ID, CLS_ID, SEP_ID = 0, 2, 3
@@ -291,3 +293,21 @@ def test_top_k_error_is_smaller_for_peaked_than_for_flat_distributions() -> None
         assert [error.top_k for error in errors] == top_ks
         assert errors[-1].relative_l2_difference < 1e-6 and errors[-1].max_abs_difference < 1e-6
         assert errors[-1].mean_retained_mass == pytest.approx(1.0)
+
+
+def test_topk_report_on_a_tiny_run_keeps_more_mass_and_error_shrinks_with_k(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from kdexp.smoothing.topk_report import topk_report
+
+    overrides = [f"teacher.name_or_path={tiny_model_dir}", "teacher.epochs=1", f"data.glue_dir={glue_dir}",
+                 "data.max_length=32", f"cache_dir={tmp_path / 'cache'}", "method.mlm.adapt.steps=3",
+                 "method.mlm.adapt.batch_size=4"]
+    vocab = len(tiny_tokenizer().get_vocab())
+    result = topk_report(overrides, [2, 8, vocab], rows=6)
+    masses = [e["mean_retained_mass"] for e in result["errors"]]
+    rel = [e["relative_l2_difference"] for e in result["errors"]]
+    assert masses[0] < masses[1] < masses[2] == pytest.approx(1.0, abs=1e-5)
+    assert rel[0] > rel[1] > rel[2] and rel[2] < 1e-5  # k = |V| is the exact form
+    assert all(e["max_l2_difference"] <= e["max_l2_bound"] + 1e-5 for e in result["errors"])
+    assert result["adaptation_metrics"]["masked_lm_loss"] > 0 and result["vocab_size"] == vocab
