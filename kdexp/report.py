@@ -2,7 +2,7 @@
 
 Reads every `results.json` under the folder(s) and writes `report.md` and `report.csv` (in the
 first folder, or `--out`): tasks as columns (each task's main GLUE metric, ×100), methods as
-rows, mean ± std over seeds, the teacher's row first. Runs that differ in other overrides
+rows, mean ± std over seeds, one row per teacher first. Runs that differ in other overrides
 (e.g. `method.alpha`) get rows of their own; overrides that cannot change a score (progress
 bar, logging, workers) do not split rows. Several folders make one table, e.g. a method's
 sweep next to the baselines' sweep run with the same settings.
@@ -78,6 +78,31 @@ def row_label(result: dict[str, Any], shown: set[str]) -> str:
     return result["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def teacher_label(result: dict[str, Any], shown: set[str]) -> str:
+    """The label "teacher", plus the `teacher.*` overrides that vary across the sweep."""
+    extra = [f"{k}={v}" for k, v in sorted(_override_dict(result).items()) if k in shown and k.startswith("teacher.")]
+    return "teacher" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def teacher_rows(results: list[dict[str, Any]], shown: set[str], tasks: list[str]) -> dict[str, dict[str, Cell]]:
+    """One row per teacher: never a mean over different teachers (a teacher's score has no seed spread).
+
+    Teachers are told apart by their `teacher.*` overrides; teachers that differ in nothing shown
+    (e.g. a `data.*` override reaching the teacher by interpolation) get their cache key as label.
+    """
+    by_label: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in results:
+        if r.get("teacher_metrics"):
+            by_label[teacher_label(r, shown)][r["task"]][r["teacher_key"]] = r["teacher_metrics"][f"val/{r['main_metric']}"]
+    rows: dict[str, dict[str, Cell]] = defaultdict(dict)
+    for label in sorted(by_label):
+        for task in tasks:
+            scores = by_label[label].get(task, {})
+            for key, score in sorted(scores.items()):
+                rows[label if len(scores) == 1 else f"{label} [{key}]"][task] = _cell([score])
+    return dict(rows)
+
+
 def _cell(values: list[float]) -> Cell:
     values = [100.0 * v for v in values]
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -88,16 +113,10 @@ def build_table(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, dic
     """Columns (tasks in GLUE order) and rows: row label -> task -> cell."""
     tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    teachers: dict[str, dict[str, float]] = defaultdict(dict)
     shown = varying_overrides(results)
     for r in results:
-        metric = f"val/{r['main_metric']}"
-        scores[row_label(r, shown)][r["task"]].append(r["metrics"][metric])
-        if r.get("teacher_metrics"):
-            teachers[r["task"]][r["teacher_key"]] = r["teacher_metrics"][metric]
-    rows: dict[str, dict[str, Cell]] = {}
-    if teachers:
-        rows["teacher"] = {t: _cell(list(teachers[t].values())) for t in tasks if teachers[t]}
+        scores[row_label(r, shown)][r["task"]].append(r["metrics"][f"val/{r['main_metric']}"])
+    rows = teacher_rows(results, shown, tasks)
     for label in sorted(scores):
         rows[label] = {t: _cell(v) for t, v in scores[label].items()}
     return tasks, rows
@@ -114,10 +133,10 @@ def to_markdown(tasks: list[str], rows: dict[str, dict[str, Cell]], runs: int) -
     for label, cells in rows.items():
         values = [cells[t].format() if t in cells else "–" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
-    seeds = sorted({c.n for label, cells in rows.items() if label != "teacher" for c in cells.values()})
+    seeds = sorted({c.n for label, cells in rows.items() if not label.startswith("teacher") for c in cells.values()})
     lines.append("")
     lines.append(f"Dev-set scores ×100, mean ± std over seeds (n = {', '.join(map(str, seeds))}); {runs} runs. "
-                 "The teacher row is the fine-tuned teacher on the same dev data.")
+                 "The teacher rows are the fine-tuned teachers on the same dev data.")
     return "\n".join(lines) + "\n"
 
 

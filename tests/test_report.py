@@ -11,14 +11,14 @@ from kdexp.report import main, report
 
 
 def write_result(folder: Path, task: str, method: str, seed: int, score: float, teacher: float,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), teacher_key: str | None = None) -> None:
     metric = {"sst2": "accuracy", "cola": "matthews_correlation"}[task]
     run = folder / "_".join([task, method, str(seed), *extra])
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps({
         "task": task, "method": method, "seed": seed, "main_metric": metric,
         "metrics": {f"val/{metric}": score}, "teacher_metrics": {f"val/{metric}": teacher},
-        "teacher_key": f"{task}-teacher", "overrides": [f"task={task}", f"method={method}", f"seed={seed}", *extra],
+        "teacher_key": teacher_key or f"{task}-teacher", "overrides": [f"task={task}", f"method={method}", f"seed={seed}", *extra],
     }))
 
 
@@ -66,3 +66,20 @@ def test_several_sweeps_make_one_table_written_to_out(tmp_path: Path, capsys) ->
     rows = table_rows(capsys.readouterr().out)
     assert rows == {"teacher": ["90.0"], "finetune": ["80.0"], "text_smoothing": ["82.0"]}
     assert (tmp_path / "combined" / "report.md").is_file() and not (tmp_path / "baselines" / "report.md").exists()
+
+
+def test_different_teachers_get_their_own_rows_never_a_mean(tmp_path: Path) -> None:
+    for samples, teacher, key in (("2000", 0.061, "cola-small"), ("null", 0.280, "cola-full")):
+        for seed in (1, 2):
+            write_result(tmp_path / samples, "cola", "vanilla_kd", seed, 0.03 + seed / 100, teacher,
+                         (f"teacher.max_train_samples={samples}",), teacher_key=key)
+    rows = table_rows(report(tmp_path))
+    assert rows["teacher (teacher.max_train_samples=2000)"] == ["6.1"]
+    assert rows["teacher (teacher.max_train_samples=null)"] == ["28.0"]
+    assert "teacher" not in rows
+
+    # teachers that no shown override tells apart are labelled by their cache key
+    write_result(tmp_path / "other", "sst2", "finetune", 1, 0.8, 0.9, teacher_key="sst2-a")
+    write_result(tmp_path / "other", "sst2", "finetune", 2, 0.8, 0.7, teacher_key="sst2-b")
+    rows = table_rows(report(tmp_path / "other"))
+    assert rows["teacher [sst2-a]"] == ["90.0"] and rows["teacher [sst2-b]"] == ["70.0"]
