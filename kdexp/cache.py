@@ -21,9 +21,27 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
+from kdexp.seeding import preserved_rng
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: Path) -> None:
+    """Give a file or folder the mode a plain create would have (`mkstemp` and `mkdtemp` use 0600/0700),
+    so that a cache shared by a group stays readable by the group."""
+    mode = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, mode & ~_umask())
+    if path.is_dir():
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~_umask())
 
 
 def _canonical(value: Any) -> Any:
@@ -62,6 +80,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        shareable(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -77,6 +96,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     tmp = _tmp_sibling(path)
     try:
         torch.save({"meta": meta, "tensors": tensors}, tmp)
+        shareable(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -116,6 +136,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        shareable(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -148,6 +169,8 @@ def load_or_compute(path: str | Path, load: Callable[[], T | None], compute: Cal
 
     The miss path holds an exclusive lock on `<path>.lock` and looks again inside it, so parallel
     sweep jobs that need the same artifact compute it once and the others wait and read it.
+    `compute()` runs with the global RNG states preserved: whether it ran (cold cache) or not
+    (warm cache) does not change the random numbers drawn after it.
     """
     value = load()
     if value is not None:
@@ -157,4 +180,5 @@ def load_or_compute(path: str | Path, load: Callable[[], T | None], compute: Cal
         if value is not None:
             log.info("%s was computed by another process meanwhile; reusing it.", path)
             return value
-        return compute()
+        with preserved_rng():
+            return compute()

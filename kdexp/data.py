@@ -7,9 +7,12 @@ task, split, content), then padded per batch by `pad_batch`.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import logging
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kdexp.cache import atomic_directory, cache_key
+from kdexp.errors import DataError
 from kdexp.tasks import GlueTask, TsvLayout
 
 log = logging.getLogger(__name__)
@@ -30,10 +34,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 # The classic GLUE files contain unmatched quote marks: read them with quoting off.
 csv.field_size_limit(1 << 24)
-
-
-class DataError(ValueError):
-    """Bad input data: names the file (and line) and what would work."""
 
 
 @dataclass(frozen=True)
@@ -94,46 +94,80 @@ def _column_index(header: list[str] | None, column: str | int, path: Path) -> in
     return header.index(column)
 
 
+def read_utf8_text(path: Path) -> str:
+    """The file's text (without a byte-order mark); a `DataError` names the line of the first bad byte."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise DataError(
+            f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {column} of the line, "
+            f"perhaps Latin-1 or Windows-1252); save the file as UTF-8."
+        ) from None
+
+
+def _layout_description(layout: TsvLayout, task: GlueTask) -> str:
+    """What the file should hold, e.g. `a header line with the columns sentence, label and tab-separated rows`."""
+    columns = list(zip(task.text_fields, layout.text_columns))
+    if layout.label_column is not None:
+        columns.append(("label", layout.label_column))
+    if layout.has_header:
+        return f"a header line with the columns {', '.join(str(c) for _, c in columns)} and tab-separated rows"
+    placed = ", ".join(f"{field} in column {c + 1}" for field, c in columns)
+    return f"tab-separated rows without a header ({placed})"
+
+
 def read_glue_tsv(path: Path, layout: TsvLayout, task: GlueTask) -> dict[str, list[Any]]:
     """Read one classic GLUE TSV file into columns named like the Hub dataset.
 
-    Raises `DataError` naming the file and line for short rows or labels outside the task's set.
+    Raises `DataError` naming the file (and line) for text that is not UTF-8, an empty file,
+    a header without rows, short rows or labels outside the task's set.
     """
+    text = read_utf8_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: is empty; expected {_layout_description(layout, task)}.")
     columns: dict[str, list[Any]] = {name: [] for name in task.text_fields}
     has_labels = layout.label_column is not None
     if has_labels:
         columns["label"] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None) if layout.has_header else None
-        if layout.has_header and header is None:
-            raise DataError(f"{path}: the file is empty; expected a header line.")
-        text_idx = [_column_index(header, c, path) for c in layout.text_columns]
-        label_idx = _column_index(header, layout.label_column, path) if has_labels else None
-        needed = max(text_idx + ([label_idx] if label_idx is not None else [])) + 1
-        first_line = 2 if layout.has_header else 1
-        for line_no, row in enumerate(reader, start=first_line):
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if len(row) < needed:
-                raise DataError(
-                    f"{path}:{line_no}: malformed row with {len(row)} tab-separated fields, "
-                    f"expected at least {needed} ({', '.join(map(str, layout.text_columns))}"
-                    f"{', label' if has_labels else ''})."
-                )
-            for name, i in zip(task.text_fields, text_idx):
-                columns[name].append(row[i])
-            if label_idx is not None:
-                columns["label"].append(_label_to_id(task, row[label_idx], path, line_no))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader) if layout.has_header else None
+    text_idx = [_column_index(header, c, path) for c in layout.text_columns]
+    label_idx = _column_index(header, layout.label_column, path) if has_labels else None
+    needed = max(text_idx + ([label_idx] if label_idx is not None else [])) + 1
+    first_line = 2 if layout.has_header else 1
+    for line_no, row in enumerate(reader, start=first_line):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) < needed:
+            raise DataError(
+                f"{path}:{line_no}: malformed row with {len(row)} tab-separated fields, "
+                f"expected at least {needed} ({', '.join(map(str, layout.text_columns))}"
+                f"{', label' if has_labels else ''})."
+            )
+        for name, i in zip(task.text_fields, text_idx):
+            columns[name].append(row[i])
+        if label_idx is not None:
+            columns["label"].append(_label_to_id(task, row[label_idx], path, line_no))
+    if header is not None and not columns[task.text_fields[0]]:
+        raise DataError(f"{path}: has a header but no rows; expected {_layout_description(layout, task)}.")
     return columns
 
 
-def _local_split(task: GlueTask, split: str, glue_dir: Path) -> datasets.Dataset:
-    task_dir = glue_dir / task.local_dir
+def _local_layout(task: GlueTask, split: str) -> TsvLayout:
     layout = task.local_layouts.get(split)
     if layout is None:
         raise DataError(f"Task {task.name} has no '{split}' split in the local GLUE layout.")
-    path = task_dir / layout.file
+    return layout
+
+
+def _local_split(task: GlueTask, split: str, glue_dir: Path) -> datasets.Dataset:
+    layout = _local_layout(task, split)
+    path = glue_dir / task.local_dir / layout.file
     if not path.is_file():
         raise DataError(
             f"GLUE folder '{glue_dir}' has no {task.local_dir}/{layout.file} for task {task.name}. "
@@ -144,15 +178,64 @@ def _local_split(task: GlueTask, split: str, glue_dir: Path) -> datasets.Dataset
     return datasets.Dataset.from_dict(columns)
 
 
+def _hub_unreachable_errors() -> tuple[type[BaseException], ...]:
+    # datasets wraps most network failures (and offline mode) in ConnectionError; these are the rest.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, LocalEntryNotFoundError)
+    try:
+        import httpx
+    except ImportError:
+        return errors
+    return errors + (httpx.TransportError,)
+
+
 def _hub_split(task: GlueTask, split: str) -> datasets.Dataset:
-    ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=split)
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=split)
+    except _hub_unreachable_errors() as err:
+        cause = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DataError(
+            f"The Hugging Face Hub could not be reached for {HUB_DATASET}/{task.hub_config} ({cause}); "
+            f"to read local files instead set GLUE_DIR=<folder> or data.glue_dir=<folder> with the classic "
+            f"GLUE layout (e.g. ../shared/glue_data), and data.source auto or local."
+        ) from err
     keep = list(task.text_fields) + ["label"]
     return ds.remove_columns([c for c in ds.column_names if c not in keep])
 
 
-def load_split(task: GlueTask, split: str, source: DataSource, max_samples: int | None = None) -> datasets.Dataset:
-    """Load one split with columns `task.text_fields` and `label`, sliced to its first `max_samples` rows."""
+def _split_location(task: GlueTask, split: str, source: DataSource) -> str:
+    if source.glue_dir is None:
+        return f"{source.description}/{task.hub_config} split '{split}'"
+    return str(source.glue_dir / task.local_dir / _local_layout(task, split).file)
+
+
+def check_max_samples(max_samples: int | None, key: str) -> None:
+    """`max_samples` is None (every row) or a positive row count; `key` is the config key it came from."""
+    if max_samples is None:
+        return
+    if isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1:
+        raise DataError(f"{key}={max_samples!r}: must be a positive number of rows or null (every row).")
+
+
+def _max_samples_key(task: GlueTask, split: str) -> str:
+    return "data.max_train_samples" if split == task.train_split else "data.max_eval_samples"
+
+
+def load_split(
+    task: GlueTask, split: str, source: DataSource, max_samples: int | None = None, samples_key: str | None = None
+) -> datasets.Dataset:
+    """Load one split with columns `task.text_fields` and `label`, sliced to its first `max_samples` rows.
+
+    `samples_key` names the config key of `max_samples` in errors (default: the `data.` key for the split).
+    """
+    check_max_samples(max_samples, samples_key or _max_samples_key(task, split))
     ds = _local_split(task, split, source.glue_dir) if source.glue_dir else _hub_split(task, split)
+    if len(ds) == 0:
+        raise DataError(
+            f"{_split_location(task, split, source)}: no rows for task {task.name}; use data with rows "
+            f"in its {split} split (data.glue_dir / GLUE_DIR, or data.source=hub)."
+        )
     if "label" in ds.column_names and not task.is_regression:
         bad = [i for i, y in enumerate(ds["label"]) if not 0 <= int(y) < task.num_labels]
         if bad:  # Hub test splits carry -1: never used for metrics
@@ -291,6 +374,8 @@ def load_task_data(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
 ) -> TaskData:
+    check_max_samples(max_train_samples, "data.max_train_samples")
+    check_max_samples(max_eval_samples, "data.max_eval_samples")
     raw = {task.train_split: load_split(task, task.train_split, source, max_train_samples)}
     for split in task.eval_splits:
         raw[split] = load_split(task, split, source, max_eval_samples)

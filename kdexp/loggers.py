@@ -34,12 +34,60 @@ def build_loggers(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, 
     if kind == "none":
         return []
     if kind == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+        return [_resumable_csv_logger(run_dir)]
     if kind == "wandb":
         return [_wandb_logger(logger_cfg, run_dir, run_name, job_type, group, config)]
     raise ValueError(f"logger.type='{kind}' is unknown: use csv, wandb or none.")
+
+
+def _resumable_csv_logger(run_dir: Path) -> Any:
+    """Lightning's CSV step log (`<run>/csv/metrics.csv`), kept whole across a resume.
+
+    Lightning's writer deletes an existing file when it starts; this one keeps it, and
+    `truncate_to_epoch(k)` (called by the trainer's `ResumePoint` when training starts from
+    the checkpoint of epoch k) drops only the rows of epochs that will run again.
+    """
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+    from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+    class KeepingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            pass
+
+        def truncate_to_epoch(self, epoch: int) -> None:
+            path = Path(self.metrics_file_path)
+            if not path.exists():
+                return
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                fields = list(reader.fieldnames or [])
+                rows = [row for row in reader if row.get("epoch") not in (None, "") and int(float(row["epoch"])) < epoch]
+            if not rows:
+                path.unlink()
+                self.metrics_keys = []
+                return
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            self.metrics_keys = sorted(fields)
+
+    class ResumableCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Any:
+            if self._experiment is None:
+                os.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = KeepingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+        def truncate_to_epoch(self, epoch: int) -> None:
+            self.experiment.truncate_to_epoch(epoch)
+
+    return ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="")
 
 
 def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, group: str | None,

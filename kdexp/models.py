@@ -17,13 +17,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from kdexp.errors import ModelError
 from kdexp.tasks import GlueTask
 
 MINILM_ALIAS = "minilm-l6"
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or built: names the key and what would work."""
 
 
 def _minilm_path() -> str:
@@ -41,8 +38,29 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
 
+def _looks_like_missing_folder(name: str) -> bool:
+    """A relative name no Hub id can be: `a/b/c`, `name/`, or `outputs/x` where `outputs` is a local folder."""
+    parts = name.split("/")
+    return len(parts) > 2 or name.endswith("/") or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A local model folder's config.json, refused unless it is a JSON object with `model_type`."""
+    file = folder / "config.json"
+    remedy = f"the folder {folder} needs the config.json that save_pretrained writes"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{file}:{err.lineno}: not valid JSON ({err.msg}); {remedy}.") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{file}: not valid UTF-8; {remedy}.") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelError(f"{file}: has no 'model_type' (e.g. \"model_type\": \"bert\"); {remedy}.")
+    return config
+
+
 def resolve_model_path(name_or_path: str, key: str = "name_or_path") -> str:
-    """Map the alias to its folder and check that a local path exists; Hub ids pass through."""
+    """Map the alias to its folder and check that a local path holds a model; Hub ids pass through."""
     if name_or_path == MINILM_ALIAS:
         return _minilm_path()
     if _looks_like_path(name_or_path):
@@ -52,8 +70,62 @@ def resolve_model_path(name_or_path: str, key: str = "name_or_path") -> str:
                 f"{key}='{name_or_path}': no model there (expected a folder with config.json). "
                 f"Use a Hub id such as bert-base-uncased, '{MINILM_ALIAS}', or a saved checkpoint folder."
             )
+        read_model_config(path)
         return str(path.resolve())
+    if _looks_like_missing_folder(name_or_path):
+        raise ModelError(
+            f"{key}='{name_or_path}': no such folder (relative to {Path.cwd()}); give the path of a saved "
+            f"checkpoint folder with config.json, a Hub id such as bert-base-uncased, or '{MINILM_ALIAS}'."
+        )
     return name_or_path
+
+
+# RoBERTa-style position ids start after the padding index, so pad_token_id + 1 positions go unused.
+_PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text")
+
+
+def _cached_hub_config(model_id: str) -> dict[str, Any] | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        file = try_to_load_from_cache(model_id, "config.json")
+    except ValueError:  # not a valid Hub id
+        return None
+    if not isinstance(file, str):
+        return None
+    try:
+        config = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def local_model_config(name_or_path: str) -> dict[str, Any] | None:
+    """config.json of a local folder, the alias, or a Hub id in the local cache; None otherwise (no network)."""
+    folder = Path(_minilm_path() if name_or_path == MINILM_ALIAS else name_or_path).expanduser()
+    return read_model_config(folder) if folder.is_dir() else _cached_hub_config(name_or_path)
+
+
+def model_depth(name_or_path: str) -> int | None:
+    """The number of encoder layers, from config.json alone (None when not known without the network)."""
+    depth = (local_model_config(name_or_path) or {}).get("num_hidden_layers")
+    return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
+
+
+def model_max_positions(name_or_path: str) -> int | None:
+    """The longest input (in tokens) the model's position embeddings allow, from config.json alone.
+
+    None when it is not known without the network (a Hub id not in the local cache) or the config
+    has no `max_position_embeddings`.
+    """
+    config = local_model_config(name_or_path) or {}
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, bool) or not isinstance(positions, int):
+        return None
+    pad_token_id = config.get("pad_token_id")
+    if config.get("model_type") in _PADDING_OFFSET_POSITIONS and isinstance(pad_token_id, int):
+        positions -= pad_token_id + 1
+    return positions
 
 
 @lru_cache(maxsize=32)
@@ -63,6 +135,12 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()[:20]
+
+
+def file_digest(path: str | Path) -> str:
+    """A digest of a file's bytes (cached per process by size and modification time)."""
+    stat = Path(path).stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def model_fingerprint(name_or_path: str) -> str:
@@ -78,8 +156,19 @@ def model_fingerprint(name_or_path: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    return AutoTokenizer.from_pretrained(name_or_path)
+def load_tokenizer(name_or_path: str, key: str = "name_or_path") -> Any:
+    """The model's tokenizer; a Hub id that cannot be fetched is one ModelError naming the key."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        if Path(name_or_path).is_dir():
+            raise
+        reason = str(err).strip().splitlines()[0]
+        raise ModelError(
+            f"{key}='{name_or_path}' is not a local folder and could not be loaded from the Hugging Face Hub "
+            f"({reason}); give a checkpoint folder with config.json, '{MINILM_ALIAS}' (offline), or a Hub id "
+            "when the Hub is reachable."
+        ) from None
 
 
 def _label_config(task: GlueTask) -> dict[str, Any]:

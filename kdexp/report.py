@@ -4,8 +4,12 @@ Reads every `results.json` under the folder(s) and writes `report.md` and `repor
 first folder, or `--out`): tasks as columns (each task's main GLUE metric, ×100), methods as
 rows, mean ± std over seeds, one row per teacher first. Runs that differ in other overrides
 (e.g. `method.alpha`) get rows of their own; overrides that cannot change a score (progress
-bar, logging, workers) do not split rows. Several folders make one table, e.g. a method's
+bar, logging, workers: `kdexp.config.NON_RESULT_KEYS`) do not split rows. Several folders make one table, e.g. a method's
 sweep next to the baselines' sweep run with the same settings.
+
+Nothing is hidden: run folders without `results.json` (failed or unfinished) are listed under
+the table and make the exit status 2 unless `--allow-missing` is given, and two results of the
+same experiment (same task, row, teacher and seed) are refused rather than averaged as seeds.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -20,14 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdexp.config import is_result_key
 from kdexp.tasks import TASKS
 
-GROUPING_KEYS_IGNORED = (
-    "task", "seed", "method", "hydra.", "data.glue_dir", "cache_dir", "logger", "logger.", "resume", "keep_checkpoints",
-    # display, logging and loading only: they cannot change a score
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-    "data.num_workers", "data.eval_batch_size",
-)
+RESULTS_FILE = "results.json"
+# The column, the row's method and the seed themselves: never part of a row label.
+TABLE_KEYS = ("task", "task.name", "seed", "method", "method.name")
 
 
 @dataclass(frozen=True)
@@ -42,24 +45,69 @@ class Cell:
         return f"{self.mean:.1f} ± {self.std:.1f}"
 
 
-def load_results(*folders: Path) -> list[dict[str, Any]]:
-    results = []
-    for path in sorted({p.resolve() for folder in folders for p in folder.rglob("results.json")}):
+@dataclass(frozen=True)
+class Runs:
+    results: list[Path]  # every results.json found
+    unfinished: list[Path]  # run folders without one: failed or unfinished
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    unfinished: list[str]  # as listed under the table
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder `kdexp-train` ran in (a run or one job of a sweep), finished or not."""
+    return (path / ".hydra").is_dir() or (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The results.json files under `folder`, and the run folders there that have none."""
+    results, unfinished = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        if RESULTS_FILE in filenames:
+            results.append(here / RESULTS_FILE)
+        if is_run_folder(here):
+            # A run's subfolders hold no runs, and a results.json kept there (a copy) is not its result.
+            dirnames.clear()
+            if RESULTS_FILE not in filenames:
+                unfinished.append(here)
+    return results, unfinished
+
+
+def find_runs(*folders: Path) -> Runs:
+    """Every results.json and every unfinished run under the folders (each once if folders overlap)."""
+    results: dict[Path, Path] = {}
+    unfinished: dict[Path, Path] = {}
+    for folder in folders:
+        found, missing = _scan(folder)
+        for path in found:
+            results.setdefault(path.resolve(), path)
+        for path in missing:
+            unfinished.setdefault(path.resolve(), path)
+    return Runs(sorted(results.values()), sorted(unfinished.values()))
+
+
+def load_results(paths: list[Path]) -> dict[Path, dict[str, Any]]:
+    results = {}
+    for path in paths:
         try:
-            results.append(json.loads(path.read_text()))
+            results[path] = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise SystemExit(f"{path}: not valid JSON ({err}); remove or re-run that run.") from None
     return results
 
 
-def _ignored(key: str) -> bool:
-    """`method` and `method.name` are the row itself, but `method.alpha` separates rows."""
-    return any(key == k or key.startswith(k if k.endswith(".") else k + ".name") for k in GROUPING_KEYS_IGNORED)
+def _splits_rows(key: str) -> bool:
+    """`method.alpha` separates rows; the table's own keys and keys that cannot change a score do not."""
+    return key not in TABLE_KEYS and is_result_key(key)
 
 
 def _override_dict(result: dict[str, Any]) -> dict[str, str]:
     pairs = ((k.lstrip("+~"), v) for k, v in (o.split("=", 1) for o in result.get("overrides", []) if "=" in o))
-    return {k: v for k, v in pairs if not _ignored(k)}
+    return {k: v for k, v in pairs if _splits_rows(k)}
 
 
 def varying_overrides(results: list[dict[str, Any]]) -> set[str]:
@@ -101,6 +149,19 @@ def teacher_rows(results: list[dict[str, Any]], shown: set[str], tasks: list[str
             for key, score in sorted(scores.items()):
                 rows[label if len(scores) == 1 else f"{label} [{key}]"][task] = _cell([score])
     return dict(rows)
+
+
+def refuse_duplicates(results: dict[Path, dict[str, Any]]) -> None:
+    """Two results of one (task, row, teacher, seed) are one experiment run twice, not two seeds."""
+    shown = varying_overrides(list(results.values()))
+    seen: dict[tuple[Any, ...], Path] = {}
+    for path, r in results.items():
+        key = (r["task"], row_label(r, shown), r.get("teacher_key"), r["seed"])
+        if key in seen:
+            raise SystemExit(f"{seen[key]} and {path} are the same experiment ({key[0]}, {key[1]}, teacher "
+                             f"{key[2]}, seed {key[3]}) run twice, not two seeds: pass only one of the folders, "
+                             "or remove one of the runs.")
+        seen[key] = path
 
 
 def _cell(values: list[float]) -> Cell:
@@ -152,18 +213,40 @@ def write_csv(path: Path, tasks: list[str], rows: dict[str, dict[str, Cell]]) ->
             writer.writerow(row)
 
 
-def report(*folders: Path, out: Path | None = None) -> str:
-    results = load_results(*folders)
+def shown_path(run: Path, folders: tuple[Path, ...]) -> str:
+    """Relative to the folder given, when one was given (with several, the path as found)."""
+    if len(folders) == 1 and run != folders[0]:
+        return str(run.relative_to(folders[0]))
+    return str(run)
+
+
+def unfinished_section(paths: list[str]) -> str:
+    if not paths:
+        return ""
+    return "\nRuns without results.json (failed or unfinished):\n" + "".join(f"- {p}\n" for p in paths)
+
+
+def write_report(*folders: Path, out: Path | None = None) -> Report:
+    """Write report.md and report.csv (in `out`, default the first folder); refuse duplicates first."""
+    runs = find_runs(*folders)
+    results = load_results(runs.results)
     if not results:
-        raise SystemExit(f"No results.json under {', '.join(map(str, folders))}: point kdexp-report at a run or "
-                         "sweep folder.")
-    tasks, rows = build_table(results)
-    markdown = to_markdown(tasks, rows, len(results))
+        raise SystemExit(f"No results.json under {', '.join(map(str, folders))} ({len(runs.unfinished)} failed or "
+                         "unfinished runs): point kdexp-report at a run or sweep folder.")
+    refuse_duplicates(results)
+    tasks, rows = build_table(list(results.values()))
+    unfinished = [shown_path(run, folders) for run in runs.unfinished]
+    markdown = to_markdown(tasks, rows, len(results)) + unfinished_section(unfinished)
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     write_csv(out / "report.csv", tasks, rows)
-    return markdown
+    return Report(markdown, unfinished)
+
+
+def report(*folders: Path, out: Path | None = None) -> str:
+    """The markdown of `write_report`."""
+    return write_report(*folders, out=out).markdown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,11 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folders", type=Path, nargs="+", metavar="folder",
                         help="a sweep folder (outputs/multirun/<date>/<time>) or any folder of runs; several make one table")
     parser.add_argument("--out", type=Path, default=None, help="where report.md and report.csv go (default: the first folder)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="exit with status 0 even if some runs have no results.json (they are still listed)")
     args = parser.parse_args(argv)
     for folder in args.folders:
         if not folder.is_dir():
             raise SystemExit(f"kdexp-report: '{folder}' is not a folder.")
-    sys.stdout.write(report(*args.folders, out=args.out))
+    written = write_report(*args.folders, out=args.out)
+    sys.stdout.write(written.markdown)
+    if written.unfinished and not args.allow_missing:
+        sys.stderr.write(f"kdexp-report: {len(written.unfinished)} run(s) without results.json (failed or unfinished), "
+                         "listed under the table; pass --allow-missing to accept a table without them.\n")
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """The teacher stage: fine-tune a pre-trained checkpoint once per key, and cache its logits.
 
-A teacher is stored under `<cache_dir>/teachers/<task>-<key>`, the key hashing the model's
-weights, the task, the fine-tuning hyper-parameters, the training data and the seed; every
-later run with the same key loads it. Its logits on each split are cached under a key of
-(teacher key, tokenised split key).
+A teacher is stored under `<cache_dir>/teachers/<task>-<key>`, the key hashing everything that
+decides its weights: the model's weights, the task, its `teacher.*` hyper-parameters, its
+training and dev rows (the dev rows choose its best epoch), the maximum length, the numeric
+precision and the seed. The stage takes no other setting of the run (`trainer.limit_*`,
+`accumulate_grad_batches`, ... never reach it), so one key is one teacher. It trains in
+`<store>.partial`, resumes there exactly like a run, and is published by an atomic rename;
+`teacher.json` records a digest of the weights, checked on every load.
+
+Its logits on each split are cached under a key of (teacher key, tokenised split key).
 """
 
 from __future__ import annotations
@@ -13,39 +18,24 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from transformers import PreTrainedModel
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, load_or_compute, load_tensors, save_tensors
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, load_or_compute, load_tensors, save_tensors, shareable
+from kdexp.config import TeacherSchema as TeacherSpec
 from kdexp.data import DataSource, TaskData, load_split, load_task_data, make_loader, tokenize_split, tokenized_key, tokenizer_fingerprint
 from kdexp.methods.base import DistillationModule, OptimConfig, eval_prefix
 from kdexp.methods.finetune import Finetune
 from kdexp.metrics import GlueMetrics
-from kdexp.models import count_parameters, load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from kdexp.models import count_parameters, file_digest, load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from kdexp.seeding import seed_all
 from kdexp.tasks import GlueTask
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TeacherSpec:
-    """The `teacher` config group."""
-
-    name_or_path: str
-    finetuned: bool = False  # true: the checkpoint is already fine-tuned on the task
-    learning_rate: float = 5e-5
-    epochs: int = 3
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_train_samples: int | None = None
-    seed: int = 42
-    eval_batch_size: int = 128
 
 
 @dataclass
@@ -128,7 +118,8 @@ class Teacher:
         return int(self.info["num_parameters"])
 
 
-def teacher_key(spec: TeacherSpec, task: GlueTask, model_fp: str, train_data_key: str, max_length: int) -> str:
+def teacher_key(spec: TeacherSpec, task: GlueTask, model_fp: str, data_keys: dict[str, str], max_length: int,
+                precision: str) -> str:
     if spec.finetuned:
         return cache_key(kind="teacher", model=model_fp, task=task.name, finetuned=True)
     return cache_key(
@@ -140,10 +131,25 @@ def teacher_key(spec: TeacherSpec, task: GlueTask, model_fp: str, train_data_key
         batch_size=spec.batch_size,
         weight_decay=spec.weight_decay,
         warmup_ratio=spec.warmup_ratio,
-        train_data=train_data_key,
+        gradient_clip_val=spec.gradient_clip_val,
+        data=data_keys,
         max_length=max_length,
+        precision=precision,
         seed=spec.seed,
     )
+
+
+def teacher_trainer_options(spec: TeacherSpec, run_trainer: dict[str, Any]) -> dict[str, Any]:
+    """The teacher stage's Lightning options: the run's device and precision, everything else its own."""
+    options = {key: run_trainer[key] for key in ("accelerator", "precision") if key in run_trainer}
+    options.update(
+        devices=1,
+        max_epochs=spec.epochs,
+        gradient_clip_val=spec.gradient_clip_val,
+        enable_progress_bar=run_trainer.get("enable_progress_bar", True),
+        log_every_n_steps=run_trainer.get("log_every_n_steps", 50),
+    )
+    return options
 
 
 def prepare_teacher(
@@ -151,35 +157,75 @@ def prepare_teacher(
     task: GlueTask,
     source: DataSource,
     max_length: int,
-    max_eval_samples: int | None,
     trainer_cfg: dict[str, Any],
     cache_dir: Path,
 ) -> Teacher:
     """Return the fine-tuned teacher for `task`, fine-tuning it first if no stored copy has its key."""
     path = resolve_model_path(spec.name_or_path, "teacher.name_or_path")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, "teacher.name_or_path")
     device = _inference_device(trainer_cfg)
     model_fp = model_fingerprint(path)
+    precision = str(trainer_cfg.get("precision", "32-true"))
     if spec.finetuned:
-        key = teacher_key(spec, task, model_fp, "", max_length)
+        key = teacher_key(spec, task, model_fp, {}, max_length, precision)
         return Teacher(path, key, task, tokenizer, cache_dir, device, {"finetuned_by": "user"}, spec.eval_batch_size)
 
-    train_raw = load_split(task, task.train_split, source, spec.max_train_samples)
-    key = teacher_key(spec, task, model_fp, tokenized_key(train_raw, task, tokenizer, max_length), max_length)
+    train_raw = load_split(task, task.train_split, source, spec.max_train_samples, "teacher.max_train_samples")
+    data_keys = {task.train_split: tokenized_key(train_raw, task, tokenizer, max_length)}
+    for split in task.eval_splits:
+        dev_raw = load_split(task, split, source, spec.max_eval_samples, "teacher.max_eval_samples")
+        data_keys[split] = tokenized_key(dev_raw, task, tokenizer, max_length)
+    key = teacher_key(spec, task, model_fp, data_keys, max_length, precision)
     store = cache_dir / "teachers" / f"{task.name}-{key}"
-    info_file = store / "teacher.json"
-    if info_file.exists():
+    info = stored_teacher_info(store)
+    if info is not None:
         log.info("Reusing teacher %s", store)
     else:
         with exclusive_lock(store.with_name(store.name + ".lock")):  # one process trains, the others wait
-            if info_file.exists():
+            info = stored_teacher_info(store)
+            if info is not None:
                 log.info("Reusing teacher %s (trained by another process meanwhile)", store)
             else:
-                _finetune_teacher(
-                    spec, task, source, path, tokenizer, key, max_length, max_eval_samples, trainer_cfg, cache_dir, store
-                )
-    info = json.loads(info_file.read_text())
+                options = teacher_trainer_options(spec, trainer_cfg)
+                _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store)
+                info = stored_teacher_info(store)
+                assert info is not None, f"the teacher stage did not publish {store}"
     return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, device, info, spec.eval_batch_size)
+
+
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _weights_file(model_dir: Path) -> Path | None:
+    return next((model_dir / name for name in WEIGHTS_FILES if (model_dir / name).is_file()), None)
+
+
+def stored_teacher_info(store: Path) -> dict[str, Any] | None:
+    """`teacher.json` of a stored teacher whose files are whole; None if there is none.
+
+    A store whose record is unreadable or whose weights do not match the recorded digest
+    (a truncated copy, a disk error, a hand edit) is set aside as `<store>.corrupt-<n>` and
+    reported, so that the caller trains the teacher again.
+    """
+    info_file = store / "teacher.json"
+    if not info_file.exists():
+        return None
+    problem = None
+    try:
+        info = json.loads(info_file.read_text())
+        weights = _weights_file(store / "model")
+        if weights is None:
+            problem = "its weights file is missing"
+        elif info.get("weights_sha256") and file_digest(weights) != info["weights_sha256"]:
+            problem = f"{weights.name} does not match the digest in teacher.json"
+    except (OSError, json.JSONDecodeError) as err:
+        problem = f"teacher.json is unreadable ({err})"
+    if problem is None:
+        return info
+    aside = store.with_name(f"{store.name}.corrupt-{int(time.time())}")
+    log.warning("Stored teacher %s is damaged: %s. Moved to %s; training it again.", store, problem, aside)
+    os.rename(store, aside)
+    return None
 
 
 def _finetune_teacher(
@@ -190,8 +236,7 @@ def _finetune_teacher(
     tokenizer: Any,
     key: str,
     max_length: int,
-    max_eval_samples: int | None,
-    trainer_cfg: dict[str, Any],
+    trainer_options: dict[str, Any],
     cache_dir: Path,
     store: Path,
 ) -> None:
@@ -201,35 +246,41 @@ def _finetune_teacher(
     partial = store.with_name(store.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     log.info("Fine-tuning teacher %s on %s (key %s) in %s", path, task.name, key, partial)
-    data = load_task_data(task, source, tokenizer, max_length, cache_dir, spec.max_train_samples, max_eval_samples)
-    pl.seed_everything(spec.seed, workers=True)
+    data = load_task_data(task, source, tokenizer, max_length, cache_dir, spec.max_train_samples, spec.max_eval_samples)
+    seed_all(spec.seed)
     model = load_classifier(path, task)
     optim = OptimConfig(spec.learning_rate, spec.weight_decay, spec.warmup_ratio)
     module = Finetune(model, task, optim)
     datamodule = GlueDataModule(data, spec.batch_size, spec.eval_batch_size, spec.seed)
-    options = dict(trainer_cfg, max_epochs=spec.epochs)
-    result = fit(module, datamodule, options, partial, metrics_csv=partial / "metrics.csv", resume=True)
+    result = fit(module, datamodule, trainer_options, partial, seed=spec.seed, identity=key,
+                 metrics_csv=partial / "metrics.csv", fault_prefix="teacher_")
     module.student.save_pretrained(partial / "model")
     tokenizer.save_pretrained(partial / "model")
     shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+    weights = _weights_file(partial / "model")
+    assert weights is not None
     atomic_write_json(
         partial / "teacher.json",
         {
             "key": key,
             "task": task.name,
             "source_model": path,
-            "hyperparameters": {k: v for k, v in vars(spec).items()},
+            "hyperparameters": asdict(spec),
+            "trainer": trainer_options,
             "train_examples": len(data.train),
             "best_epoch": result.best_epoch,
             "dev_metrics_at_training": result.best_metrics,
             "train_seconds": result.train_seconds,
             "num_parameters": count_parameters(module.student),
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "weights_sha256": file_digest(weights),
         },
     )
+    shareable(partial)
     try:
         os.rename(partial, store)
     except OSError:
-        if not (store / "teacher.json").exists():
+        if stored_teacher_info(store) is None:
             raise
         shutil.rmtree(partial, ignore_errors=True)
 

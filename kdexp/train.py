@@ -1,9 +1,15 @@
-"""`kdexp-train`: the Hydra app. One run, or a sweep with `-m` (e.g. `method=finetune,vanilla_kd seed=1,2,3`)."""
+"""`kdexp-train`: the Hydra app. One run, or a sweep with `-m` (e.g. `method=finetune,vanilla_kd seed=1,2,3`).
+
+Only Hydra is imported at start-up, so `--help`, `--cfg job` and shell completion answer fast;
+torch, Lightning and transformers load when a run starts. A config, data or model error
+(`kdexp.errors.KdexpError`) prints one line and exits with status 2 (`HYDRA_FULL_ERROR=1`
+shows the traceback).
+"""
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,20 +17,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kdexp.run import run
-
-log = logging.getLogger(__name__)
+from kdexp.errors import KdexpError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 
 # The config groups live in the repository's top-level conf/ folder (an absolute path, so that
 # the console script finds them wherever it is launched from).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def run_job(cfg: DictConfig) -> float:
+    from kdexp.run import run
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     group = None
@@ -32,6 +36,17 @@ def main(cfg: DictConfig) -> float:
         group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
     results = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task), sweep_group=group)
     return float(results["metrics"][f"val/{results['main_metric']}"])
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run_job(cfg)
+    except KdexpError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"kdexp-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

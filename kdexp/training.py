@@ -1,31 +1,58 @@
-"""The Lightning trainer a run uses: best-dev checkpointing, resume, per-epoch CSV, throughput."""
+"""The Lightning trainer a run uses: best-dev checkpointing, exact resume, per-epoch CSV, throughput."""
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from kdexp.data import TaskData, make_loader
+from kdexp.cache import atomic_write_text
+from kdexp.data import TaskData, make_loader, pad_batch
+from kdexp.faults import maybe_fail
 from kdexp.methods.base import DistillationModule, eval_prefix
+from kdexp.seeding import derive_seed, seed_all
 
 log = logging.getLogger(__name__)
 
+LAST_CHECKPOINT = "last.ckpt"
+
 
 class EpochMetricsCSV(pl.Callback):
-    """Appends one row per epoch (train loss, every dev metric) to `metrics.csv`; survives resume."""
+    """`metrics.csv`: one row per finished epoch (train loss, every dev metric).
+
+    The rows are part of the checkpoint and the file is rewritten whole at each epoch end,
+    so a resumed run has exactly one row per epoch, the same as an uninterrupted run.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
         self._loss_sum = 0.0
         self._loss_count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(row) for row in state_dict["rows"]]
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        if self.rows:
+            self._write()  # drops rows of epochs that ran after the checkpoint we resumed from
+        else:
+            self.path.unlink(missing_ok=True)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._loss_sum, self._loss_count = 0.0, 0
@@ -37,20 +64,22 @@ class EpochMetricsCSV(pl.Callback):
             self._loss_count += 1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.global_rank != 0:
-            return
         row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row["train_loss"] = self._loss_sum / max(self._loss_count, 1)
         for name, value in sorted(trainer.callback_metrics.items()):
             if name.startswith("val"):
                 row[name] = float(value)
-        new_file = not self.path.exists()
-        fields = list(row) if new_file else next(csv.reader(open(self.path)))
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        if trainer.global_rank == 0:
+            self._write()
+
+    def _write(self) -> None:
+        fields = list(dict.fromkeys(key for row in self.rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
 
 
 class ThroughputMeter(pl.Callback):
@@ -60,6 +89,12 @@ class ThroughputMeter(pl.Callback):
         self.examples = 0
         self.seconds = 0.0
         self._start: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.examples, self.seconds = int(state_dict["examples"]), float(state_dict["seconds"])
 
     def _pause(self) -> None:
         if self._start is not None:
@@ -87,6 +122,102 @@ class ThroughputMeter(pl.Callback):
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
 
+class EpochSeed(pl.Callback):
+    """Seeds the global generators from `(seed, epoch)` as each epoch starts.
+
+    Dropout and any other draw in epoch k then depend on the seed and k alone, not on what
+    ran before (cache stages, earlier epochs in this process or in a killed one).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        seed_all(derive_seed(self.seed, "epoch", trainer.current_epoch))
+
+
+class ResumePoint(pl.Callback):
+    """`last.ckpt` at the start of every epoch after the first, and once more when training ends.
+
+    A checkpoint taken as epoch k starts holds everything epochs 0..k-1 did (their validation,
+    best-checkpoint bookkeeping, `metrics.csv` rows, stage switches), so resuming from it runs
+    epoch k from its first batch and never redoes a finished epoch. `identity` (the run's
+    config hash) is stored with it: a checkpoint of another config is never resumed.
+    """
+
+    def __init__(self, path: Path, identity: str):
+        self.path = Path(path)
+        self.identity = identity
+        self.resumed_epoch: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"identity": self.identity}
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if hasattr(logger, "truncate_to_epoch"):
+                logger.truncate_to_epoch(self.resumed_epoch or 0)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.resumed_epoch:
+            # Lightning restores the loops as "restarting" and would take the previous epoch's finished
+            # batch counters for this one's; the checkpoint is an epoch boundary, so start it afresh.
+            trainer.fit_loop.restarting = False
+        elif trainer.current_epoch > 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        for logger in trainer.loggers:
+            logger.save()  # the step log as far as this checkpoint (see ResumableCSVLogger)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+
+
+class FaultPoints(pl.Callback):
+    """Test hook: `KDEXP_FAULT_AT=train_batch:epoch=2:batch=1` kills the process there (kdexp.faults).
+
+    The teacher stage's points carry the prefix `teacher_` (`teacher_train_batch:epoch=1:batch=0`).
+    """
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[override]
+        maybe_fail(self.prefix + "train_batch", epoch=trainer.current_epoch, batch=batch_idx)
+
+    def on_train_end(self, trainer, module) -> None:  # type: ignore[override]
+        maybe_fail(self.prefix + "train_end")
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """A random order of the rows drawn from `(seed, epoch)`: the same in a fresh and a resumed run.
+
+    Lightning calls `set_epoch` before each epoch (as for a DistributedSampler), but its first
+    iterator (and its prefetched batch) exists before that call, so the sampler starts at the
+    trainer's epoch when the loader is built (epoch k when a run resumes there).
+    """
+
+    def __init__(self, num_rows: int, seed: int, epoch: int = 0):
+        self.num_rows = num_rows
+        self.seed = seed
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "data order", self.epoch))
+        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+
 class GlueDataModule(pl.LightningDataModule):
     def __init__(self, data: TaskData, batch_size: int, eval_batch_size: int, seed: int, num_workers: int = 0):
         super().__init__()
@@ -97,7 +228,18 @@ class GlueDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return make_loader(self.data.train, self.data, self.batch_size, True, self.seed, self.num_workers)
+        train = self.data.train
+        return torch.utils.data.DataLoader(
+            train,
+            batch_size=self.batch_size,
+            sampler=EpochSeededSampler(len(train), self.seed, self.trainer.current_epoch if self.trainer else 0),
+            # its own generator: creating an iterator draws a worker seed, which must not consume the
+            # global generator (a resumed run creates its first iterator before the epoch is seeded)
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
+            num_workers=self.num_workers,
+            collate_fn=partial(pad_batch, pad_token_id=self.data.pad_token_id, regression=self.data.task.is_regression),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
         return [
@@ -114,6 +256,7 @@ class FitResult:
     epochs_trained: int
     train_seconds: float
     train_examples_per_second: float
+    resumed_from_epoch: int | None = None
 
 
 def build_trainer(
@@ -129,28 +272,52 @@ def build_trainer(
         monitor=monitor,
         mode="max",
         save_top_k=1,
-        save_last=True,
+        save_weights_only=True,
         auto_insert_metric_name=False,
+        enable_version_counter=False,
     )
     options = dict(trainer_cfg)
     options.setdefault("num_sanity_val_steps", 0)
     options.setdefault("enable_model_summary", False)
-    trainer = pl.Trainer(callbacks=[best, *callbacks], logger=loggers, **options)
+    options.setdefault("enable_checkpointing", True)
+    trainer = pl.Trainer(callbacks=[*callbacks, best], logger=loggers, **options)
     return trainer, best
 
 
-def resumable_checkpoint(checkpoint_dir: Path) -> str | None:
-    """`last.ckpt` if it loads; a checkpoint cut short by a kill is set aside, not trusted."""
-    last = checkpoint_dir / "last.ckpt"
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's contents (tensors and plain values only: `weights_only`), or None if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        log.warning("%s is unreadable (%s); not resuming from it.", path, err)
+        return None
+
+
+def checkpoint_identity(checkpoint: dict[str, Any]) -> str | None:
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key == "ResumePoint" or key.startswith("ResumePoint{"):
+            return state.get("identity")
+    return None
+
+
+def resumable_checkpoint(checkpoint_dir: Path, identity: str) -> tuple[str, int] | None:
+    """`last.ckpt` and its epoch, if it loads and was written for `identity`; else set aside.
+
+    A checkpoint cut short by a kill, or one written under another config, is renamed
+    (`last.ckpt.corrupt` / `last.ckpt.other`) and never trusted.
+    """
+    last = checkpoint_dir / LAST_CHECKPOINT
     if not last.exists():
         return None
-    try:
-        torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        log.warning("%s is unreadable (%s); starting this run from scratch.", last, err)
+    checkpoint = read_checkpoint(last)
+    if checkpoint is None:
         last.rename(last.with_suffix(".ckpt.corrupt"))
         return None
-    return str(last)
+    if checkpoint_identity(checkpoint) != identity:
+        log.warning("%s was written for another config; starting this run from scratch.", last)
+        last.rename(last.with_suffix(".ckpt.other"))
+        return None
+    return str(last), int(checkpoint["epoch"])
 
 
 def fit(
@@ -158,25 +325,37 @@ def fit(
     datamodule: GlueDataModule,
     trainer_cfg: dict[str, Any],
     work_dir: Path,
+    seed: int,
+    identity: str,
     loggers: list[Any] | bool = False,
     metrics_csv: Path | None = None,
     resume: bool = True,
+    fault_prefix: str = "",
 ) -> FitResult:
-    """Train with best-dev checkpointing under `work_dir/checkpoints`; resume from `last.ckpt` if there."""
+    """Train with best-dev checkpointing under `work_dir/checkpoints`; resume from `last.ckpt` if there.
+
+    Every epoch is seeded from `(seed, epoch)` (data order and global generators), so a run
+    resumed from the checkpoint taken at the start of epoch k ends with the same weights and
+    metrics as one that ran straight through.
+    """
     checkpoint_dir = work_dir / "checkpoints"
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     monitor = f"val/{module.task.main_metric}"
     meter = ThroughputMeter()
-    callbacks: list[pl.Callback] = [meter]
+    resume_point = ResumePoint(checkpoint_dir / LAST_CHECKPOINT, identity)
+    callbacks: list[pl.Callback] = [resume_point, EpochSeed(seed), meter, FaultPoints(fault_prefix)]
     if metrics_csv is not None:
         callbacks.append(EpochMetricsCSV(metrics_csv))
     trainer, best = build_trainer(trainer_cfg, checkpoint_dir, monitor, callbacks, loggers)
-    ckpt_path = resumable_checkpoint(checkpoint_dir) if resume else None
-    if ckpt_path:
-        log.info("Resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    found = resumable_checkpoint(checkpoint_dir, identity) if resume else None
+    ckpt_path = None
+    if found:
+        ckpt_path, resume_point.resumed_epoch = found
+        log.info("Resuming from %s at the start of epoch %d", ckpt_path, resume_point.resumed_epoch)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if not best.best_model_path:
         raise RuntimeError(f"training produced no checkpoint in {checkpoint_dir} (no validation ran?)")
-    best_state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+    best_state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
     best_epoch = int(best_state["epoch"])
     module.load_state_dict(best_state["state_dict"], strict=False)
     best_metrics = evaluate(module, datamodule)
@@ -187,6 +366,7 @@ def fit(
         epochs_trained=trainer.current_epoch,
         train_seconds=meter.seconds,
         train_examples_per_second=meter.examples_per_second,
+        resumed_from_epoch=resume_point.resumed_epoch,
     )
 
 

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from kdexp.config import validate_config
 from kdexp.run import resolve_method
 from kdexp.tasks import TASKS
 from kdexp.train import CONFIG_DIR
@@ -34,6 +35,7 @@ def test_every_group_option_composes(group: str, option: str) -> None:
         overrides.append("student.name_or_path=/some/student")
     cfg = _compose(overrides)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    validate_config(cfg)  # every YAML option matches the schemas
     if group == "method":
         cls, _ = resolve_method(cfg.method)
         assert cls.__name__

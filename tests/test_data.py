@@ -131,3 +131,89 @@ def test_real_glue_dev_sizes_when_shared_data_is_present() -> None:
     for name, size in sizes.items():
         assert len(load_split(get_task(name), "validation", DataSource(SHARED_GLUE))) == size, name
     assert data_mod.DataSource.from_config("auto", str(SHARED_GLUE)).glue_dir == SHARED_GLUE
+
+
+# --------------------------------------------------------------------------- bad input, refused with one line
+
+
+def test_byte_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "SST-2/train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 food\t0\n")
+    with pytest.raises(DataError, match=r"SST-2/train.tsv:3: not valid UTF-8 \(byte 0xe9 at byte 4 .*\); save the file as UTF-8\.$"):
+        load_split(get_task("sst2"), "train", DataSource(tmp_path))
+    path.write_bytes(b"\xef\xbb\xbfsentence\tlabel\n\xff\t1\n")  # a byte-order mark does not shift the count
+    with pytest.raises(DataError, match=r"SST-2/train.tsv:2: not valid UTF-8 \(byte 0xff at byte 1 "):
+        load_split(get_task("sst2"), "train", DataSource(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "file", "expected"),
+    [
+        ("sst2", "SST-2/train.tsv", "a header line with the columns sentence, label and tab-separated rows"),
+        ("cola", "CoLA/train.tsv", r"tab-separated rows without a header \(sentence in column 4, label in column 2\)"),
+    ],
+)
+def test_empty_file_is_refused_with_what_it_should_hold(tmp_path: Path, name: str, file: str, expected: str) -> None:
+    (tmp_path / file).parent.mkdir(parents=True)
+    (tmp_path / file).write_text("")
+    with pytest.raises(DataError, match=rf"{file}: is empty; expected {expected}\.$"):
+        load_split(get_task(name), "train", DataSource(tmp_path))
+
+
+def test_header_without_rows_is_refused(tmp_path: Path) -> None:
+    write_tsv(tmp_path / "SST-2/train.tsv", [["sentence", "label"]])
+    with pytest.raises(DataError, match=r"SST-2/train.tsv: has a header but no rows; expected a header line with the columns sentence, label and tab-separated rows"):
+        load_split(get_task("sst2"), "train", DataSource(tmp_path))
+
+
+def test_split_of_blank_rows_is_refused_before_tokenising(tmp_path: Path) -> None:
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2/train.tsv").write_text("sentence\tlabel\n\n  \n\n")
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA/train.tsv").write_text("\n\t\n\n")
+    for name, file in (("sst2", "SST-2/train.tsv"), ("cola", "CoLA/train.tsv")):
+        with pytest.raises(DataError, match=rf"{file}: (has a header but no rows|is empty)"):
+            load_task_data(get_task(name), DataSource(tmp_path), tiny_tokenizer(), 32, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_empty_hub_split_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(data_mod, "_hub_split", lambda task, split: datasets.Dataset.from_dict({"sentence": [], "label": []}))
+    with pytest.raises(DataError, match=r"hub:nyu-mll/glue/sst2 split 'train': no rows for task sst2; use data with rows"):
+        load_split(get_task("sst2"), "train", DataSource(None))
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_max_samples_below_one_names_the_key(glue_dir: Path, tmp_path: Path, bad: int) -> None:
+    sst2, source = get_task("sst2"), DataSource(glue_dir)
+    with pytest.raises(DataError, match=rf"^data.max_train_samples={bad}: must be a positive number of rows or null"):
+        load_split(sst2, "train", source, max_samples=bad)
+    with pytest.raises(DataError, match=rf"^data.max_eval_samples={bad}: must be a positive number of rows or null"):
+        load_split(sst2, "validation", source, max_samples=bad)
+    with pytest.raises(DataError, match=rf"^teacher.max_train_samples={bad}: "):
+        load_split(sst2, "train", source, max_samples=bad, samples_key="teacher.max_train_samples")
+    with pytest.raises(DataError, match=rf"^data.max_eval_samples={bad}: "):
+        load_task_data(sst2, source, tiny_tokenizer(), 32, tmp_path / "cache", 8, bad)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline mode with empty caches: what a machine without network access sees (and fast)."""
+    import datasets
+    import huggingface_hub.constants
+
+    for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+        monkeypatch.setattr(module, name, True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+def test_unreachable_hub_without_glue_dir_says_how_to_use_local_files(unreachable_hub: None) -> None:
+    source = DataSource.from_config("auto", None)
+    with pytest.raises(DataError, match=r"Hub could not be reached for nyu-mll/glue/rte .*GLUE_DIR=<folder> or data.glue_dir=<folder> with the classic GLUE layout"):
+        load_split(get_task("rte"), "train", source)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdexp.models import ModelError, build_student, resolve_model_path, uniform_layer_indices
+from kdexp.models import ModelError, build_student, model_max_positions, resolve_model_path, uniform_layer_indices
 from kdexp.tasks import get_task
 from transformers import AutoModelForSequenceClassification
 
@@ -75,3 +78,48 @@ def test_model_path_that_does_not_exist_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no model there"):
         resolve_model_path(str(tmp_path))  # a folder without config.json
     assert resolve_model_path("bert-base-uncased") == "bert-base-uncased"  # Hub ids pass through
+
+
+def test_relative_name_that_can_only_be_a_folder_is_refused_before_the_hub(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    where = re.escape(f"(relative to {tmp_path})")
+    with pytest.raises(ModelError, match=rf"^teacher.name_or_path='outputs/my_teacher': no such folder {where}; give the path of a saved"):
+        resolve_model_path("outputs/my_teacher", "teacher.name_or_path")
+    with pytest.raises(ModelError, match=r"^student.name_or_path='runs/a/teacher': no such folder"):
+        resolve_model_path("runs/a/teacher", "student.name_or_path")
+    shutil.copytree(tiny_model_dir, tmp_path / "outputs" / "my_teacher")
+    assert resolve_model_path("outputs/my_teacher") == str(tmp_path / "outputs" / "my_teacher")
+    assert resolve_model_path("google/bert_uncased_L-2_H-128_A-2") == "google/bert_uncased_L-2_H-128_A-2"  # an org, not a folder
+
+
+@pytest.mark.parametrize(
+    ("config_text", "expected"),
+    [("{not json", r"config.json:1: not valid JSON \(.*\); the folder .* needs the config.json"),
+     ('{"hidden_size": 32}', r"config.json: has no 'model_type' .*; the folder .* needs the config.json")],
+)
+def test_model_folder_with_a_broken_config_names_the_file(tiny_model_dir: Path, config_text: str, expected: str) -> None:
+    (tiny_model_dir / "config.json").write_text(config_text)
+    with pytest.raises(ModelError, match=re.escape(str(tiny_model_dir)) + "/" + expected):
+        resolve_model_path(str(tiny_model_dir), "teacher.name_or_path")
+    with pytest.raises(ModelError, match=expected):
+        model_max_positions(str(tiny_model_dir))
+
+
+def test_model_max_positions_from_config_json_without_the_network(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    assert model_max_positions(str(tiny_model_dir)) == 64
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_max_positions("bert-base-uncased") is None  # not cached: unknown, and no download
+    snapshot = tmp_path / "hub" / "models--org--tiny-roberta" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    config = {"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}
+    (snapshot / "config.json").write_text(json.dumps(config))
+    assert model_max_positions("org/tiny-roberta") == 512  # positions 0..pad_token_id are never used

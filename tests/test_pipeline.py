@@ -141,6 +141,6 @@ def test_stsb_regression_run(tiny_model_dir: Path, glue_dir: Path, tmp_path: Pat
 
 def test_unknown_method_option_is_refused_before_training(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=vanilla_kd", "+method.temprature=3")
-    with pytest.raises(ConfigError, match=r"method 'vanilla_kd'.*temprature"):
+    with pytest.raises(ConfigError, match=r"method.temprature is not a config key of method 'vanilla_kd'"):
         run(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / "results.json").exists()

@@ -4,27 +4,45 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
+
+import pytest
 
 from kdexp.report import main, report
 
 
+def start_run(run: Path) -> Path:
+    """A run folder as kdexp-train leaves it before results.json is written."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    return run
+
+
 def write_result(folder: Path, task: str, method: str, seed: int, score: float, teacher: float,
-                 extra: tuple[str, ...] = (), teacher_key: str | None = None) -> None:
+                 extra: tuple[str, ...] = (), teacher_key: str | None = None, name: str | None = None) -> Path:
     metric = {"sst2": "accuracy", "cola": "matthews_correlation"}[task]
-    run = folder / "_".join([task, method, str(seed), *extra])
-    run.mkdir(parents=True)
+    run = start_run(folder / (name or "_".join([task, method, str(seed), *extra])))
     (run / "results.json").write_text(json.dumps({
         "task": task, "method": method, "seed": seed, "main_metric": metric,
         "metrics": {f"val/{metric}": score}, "teacher_metrics": {f"val/{metric}": teacher},
         "teacher_key": teacher_key or f"{task}-teacher", "overrides": [f"task={task}", f"method={method}", f"seed={seed}", *extra],
     }))
+    return run
 
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
     rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def listed_unfinished(markdown: str) -> list[str]:
+    lines = markdown.splitlines()
+    if "Runs without results.json (failed or unfinished):" not in lines:
+        return []
+    start = lines.index("Runs without results.json (failed or unfinished):") + 1
+    return [line.removeprefix("- ") for line in lines[start:] if line.startswith("- ")]
 
 
 def test_mean_and_std_over_seeds_per_task_and_method(tmp_path: Path) -> None:
@@ -83,3 +101,68 @@ def test_different_teachers_get_their_own_rows_never_a_mean(tmp_path: Path) -> N
     write_result(tmp_path / "other", "sst2", "finetune", 2, 0.8, 0.7, teacher_key="sst2-b")
     rows = table_rows(report(tmp_path / "other"))
     assert rows["teacher [sst2-a]"] == ["90.0"] and rows["teacher [sst2-b]"] == ["70.0"]
+
+
+def test_runs_without_results_are_listed_and_fail_the_exit_status(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    write_result(sweep, "sst2", "finetune", 1, 0.80, 0.9, name="0_sst2_finetune_seed1")
+    write_result(sweep, "sst2", "finetune", 2, 0.84, 0.9, name="1_sst2_finetune_seed2")
+    failed = start_run(sweep / "2_sst2_finetune_seed3")
+    (failed / "checkpoints").mkdir()
+    unfinished = start_run(sweep / "3_sst2_finetune_seed4")
+    # neither a renamed results.json nor one kept in a subfolder is this run's result
+    (failed / "results.json.bak").write_text(json.dumps({"task": "sst2"}))
+    (unfinished / "replaced").mkdir()
+    shutil.copy(sweep / "0_sst2_finetune_seed1" / "results.json", unfinished / "replaced" / "results.json")
+
+    markdown = report(sweep)
+    assert listed_unfinished(markdown) == ["2_sst2_finetune_seed3", "3_sst2_finetune_seed4"]
+    assert table_rows(markdown)["finetune"] == [f"82.0 ± {100 * statistics.stdev([0.80, 0.84]):.1f}"]
+    assert "2 runs." in markdown
+
+    (sweep / "report.md").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep)])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert listed_unfinished(out) == ["2_sst2_finetune_seed3", "3_sst2_finetune_seed4"]
+    assert "2 run(s) without results.json" in err and "--allow-missing" in err
+    assert (sweep / "report.md").read_text() == out
+
+    (sweep / "report.md").unlink()
+    main([str(sweep), "--allow-missing"])
+    assert listed_unfinished((sweep / "report.md").read_text()) == ["2_sst2_finetune_seed3", "3_sst2_finetune_seed4"]
+
+
+def test_runs_are_found_in_sweeps_inside_a_folder_of_sweeps(tmp_path: Path, capsys) -> None:
+    write_result(tmp_path / "day1" / "sweep_a", "sst2", "finetune", 1, 0.80, 0.9)
+    write_result(tmp_path / "day1" / "sweep_b", "sst2", "vanilla_kd", 1, 0.85, 0.9)
+    start_run(tmp_path / "day2" / "sweep_c" / "0_sst2_vanilla_kd_seed2")
+    markdown = report(tmp_path)
+    assert table_rows(markdown) == {"teacher": ["90.0"], "finetune": ["80.0"], "vanilla_kd": ["85.0"]}
+    assert listed_unfinished(markdown) == ["day2/sweep_c/0_sst2_vanilla_kd_seed2"]
+    main([str(tmp_path / "day1")])  # no run there is missing: exit status 0
+    assert listed_unfinished(capsys.readouterr().out) == []
+
+
+def test_a_run_reported_twice_is_refused_naming_both_results(tmp_path: Path) -> None:
+    run = write_result(tmp_path / "sweep", "sst2", "finetune", 1, 0.80, 0.9, name="0_sst2_finetune_seed1")
+    shutil.copytree(run, tmp_path / "sweep" / "copy_of_0")
+    with pytest.raises(SystemExit) as exit_info:
+        report(tmp_path)
+    message = str(exit_info.value)
+    assert str(run / "results.json") in message and str(tmp_path / "sweep" / "copy_of_0" / "results.json") in message
+    assert "pass only one of the folders" in message
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_runs_differing_only_in_a_result_option_are_not_duplicates(tmp_path: Path) -> None:
+    write_result(tmp_path / "a", "sst2", "vanilla_kd", 1, 0.80, 0.9, ("method.alpha=0.5",))
+    write_result(tmp_path / "b", "sst2", "vanilla_kd", 1, 0.84, 0.9, ("method.alpha=0.9",))
+    rows = table_rows(report(tmp_path))
+    assert rows["vanilla_kd (method.alpha=0.5)"] == ["80.0"] and rows["vanilla_kd (method.alpha=0.9)"] == ["84.0"]
+
+    # a progress bar cannot change a score: the same run twice
+    write_result(tmp_path / "c", "sst2", "vanilla_kd", 1, 0.81, 0.9, ("method.alpha=0.5", "trainer.enable_progress_bar=False"))
+    with pytest.raises(SystemExit, match="run twice, not two seeds"):
+        report(tmp_path)

@@ -7,7 +7,7 @@ teacher signals (`from_run` receives the run's context and fetches what the meth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -39,6 +39,10 @@ def eval_prefix(task: GlueTask, split: str) -> str:
 
 class DistillationModule(pl.LightningModule):
     """Trains `student` on a GLUE task; subclasses define `training_loss`."""
+
+    # The schema of the method's options (the keys of conf/method/<name>.yaml besides name and
+    # _target_): a dataclass with a `check()` method; None for a method without options.
+    Options: ClassVar[type | None] = None
 
     def __init__(self, student: PreTrainedModel, task: GlueTask, optim: OptimConfig | None = None):
         super().__init__()

@@ -49,23 +49,25 @@ agree, distinct count vectors), the teacher's accuracy on the training originals
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import datasets
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 
 from kdexp.cache import cache_key
+from kdexp.config import require
 from kdexp.data import tokenize_split
 from kdexp.decision.estimator import DEFAULT_PSEUDO_COUNT, estimate_logits_from_counts
 from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.losses import soft_target_kd
+from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
 
 if TYPE_CHECKING:
@@ -77,10 +79,79 @@ log = logging.getLogger(__name__)
 STATS_FILE = "decision_stats.json"
 
 
-def _config_error(message: str) -> Exception:
-    from kdexp.run import ConfigError  # lazy: kdexp.run imports the methods' base
+@dataclass
+class EDAOptions:
+    synonym_replacement: bool = MISSING
+    random_insertion: bool = MISSING
+    random_swap: bool = MISSING
+    random_deletion: bool = MISSING
+    rate_scale: float = MISSING
+    max_rate: float = MISSING
 
-    return ConfigError(message)
+
+@dataclass
+class QueriesOptions:
+    """`method.queries`: the query stage shared by every decision method."""
+
+    num_queries: int = MISSING
+    seed: int = MISSING
+    batch_size: Optional[int] = MISSING
+    eda: EDAOptions = field(default_factory=EDAOptions)
+
+    def check(self) -> None:
+        require(self.num_queries >= 1, "method.queries.num_queries", self.num_queries, "1 or more (the original input)")
+        require(self.batch_size is None or self.batch_size >= 1, "method.queries.batch_size", self.batch_size,
+                "null or a positive batch size")
+        eda = self.eda
+        require(any((eda.synonym_replacement, eda.random_insertion, eda.random_swap, eda.random_deletion)),
+                "method.queries.eda", "all operations off", "at least one EDA operation on")
+        require(eda.rate_scale >= 0, "method.queries.eda.rate_scale", eda.rate_scale, "0 or more")
+        require(0 <= eda.max_rate <= 1, "method.queries.eda.max_rate", eda.max_rate, "a rate in [0, 1]")
+
+
+@dataclass
+class DecisionOptions:
+    alpha: float = MISSING
+    temperature: float = MISSING
+    ce_weight: float = MISSING
+    queries: QueriesOptions = field(default_factory=QueriesOptions)
+
+    def check(self) -> None:
+        require(self.alpha >= 0, "method.alpha", self.alpha, "a non-negative weight")
+        require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature")
+        require(self.ce_weight >= 0, "method.ce_weight", self.ce_weight, "a non-negative weight")
+        self.queries.check()
+
+
+@dataclass
+class DBKDOptions(DecisionOptions):
+    logit_scale: float = MISSING
+    noise_std: float = MISSING
+    pseudo_count: float = MISSING
+
+    def check(self) -> None:
+        super().check()
+        require(self.noise_std > 0, "method.noise_std", self.noise_std, "a positive standard deviation")
+        require(self.pseudo_count > 0, "method.pseudo_count", self.pseudo_count, "a positive pseudo-count (e.g. 0.5)")
+
+
+@dataclass
+class LabelSmoothOptions(DecisionOptions):
+    smoothing: float = MISSING
+
+    def check(self) -> None:
+        super().check()
+        require(0 <= self.smoothing < 1, "method.smoothing", self.smoothing, "a value in [0, 1)")
+
+
+@dataclass
+class HardAugOptions(DecisionOptions):
+    copies_per_example: Optional[int] = MISSING
+
+    def check(self) -> None:
+        super().check()
+        require(self.copies_per_example is None or self.copies_per_example >= 0, "method.copies_per_example",
+                self.copies_per_example, "null (all N-1 copies) or 0 or more")
 
 
 def hard_targets(decisions: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -115,6 +186,7 @@ class DecisionDistillation(DistillationModule):
     """
 
     method_name: ClassVar[str] = "decision"
+    Options = DecisionOptions
 
     def __init__(
         self,
@@ -141,7 +213,7 @@ class DecisionDistillation(DistillationModule):
     @classmethod
     def check_task(cls, task: "GlueTask") -> None:
         if task.is_regression:
-            raise _config_error(
+            raise ConfigError(
                 f"method '{cls.method_name}' is not defined for the regression task {task.name}: decision-based "
                 f"distillation counts the teacher's top-1 class decisions, and {task.name} has no classes. "
                 "Use finetune or vanilla_kd for it."
@@ -151,7 +223,7 @@ class DecisionDistillation(DistillationModule):
     def check_config(cls, cfg: Any, task: "GlueTask") -> None:
         super().check_config(cfg, task)
         if cfg.student.get("from_finetuned_teacher", False):
-            raise _config_error(
+            raise ConfigError(
                 f"method '{cls.method_name}' treats the teacher as a black box that only returns labels, but "
                 "student.from_finetuned_teacher=true would build the student from the fine-tuned teacher's "
                 "weights (white-box knowledge). Use student.from_finetuned_teacher=false (the pre-trained "
@@ -163,14 +235,10 @@ class DecisionDistillation(DistillationModule):
     @classmethod
     def from_run(cls, run: "RunContext", queries: dict[str, Any] | None = None, **options: Any) -> "DecisionDistillation":
         cls.check_config(run.cfg, run.task)
-        unknown = set(options) - cls.option_names()
-        if unknown:  # before the query stage, which may take long
-            raise _config_error(f"method '{cls.method_name}': unknown option(s) {sorted(unknown)}; valid: "
-                                f"{sorted(cls.option_names() | {'queries'})}. Check the keys under method.")
         try:
             config = QueryConfig.from_options(queries)
         except (TypeError, ValueError) as err:
-            raise _config_error(f"method '{cls.method_name}': {err}") from None
+            raise ConfigError(f"method '{cls.method_name}': {err}") from None
         teacher = DecisionTeacher.from_teacher(run.teacher, run.data.max_length, config.batch_size)
         decided = query_decisions(teacher, run.data.raw[run.task.train_split], run.task, config, run.data.cache_dir)
         gold = torch.as_tensor(run.data.raw[run.task.train_split]["label"])
@@ -178,21 +246,6 @@ class DecisionDistillation(DistillationModule):
         module = cls.from_decisions(run, decided, stats, **options)
         cls._report(run, stats)
         return module
-
-    @classmethod
-    def option_names(cls) -> set[str]:
-        """The method's config keys besides ``queries``: its constructor's and ``from_decisions``' keyword options."""
-        names: set[str] = set()
-        for klass in cls.__mro__:
-            for function in (klass.__dict__.get("__init__"), getattr(klass.__dict__.get("from_decisions"), "__func__", None)):
-                if function is None or klass in (DistillationModule,) or not issubclass(klass, DecisionDistillation):
-                    continue
-                for parameter in inspect.signature(function).parameters.values():
-                    if parameter.kind is parameter.KEYWORD_ONLY or (
-                        parameter.kind is parameter.POSITIONAL_OR_KEYWORD and parameter.default is not parameter.empty
-                    ):
-                        names.add(parameter.name)
-        return names - {"targets", "num_original", "estimated_logits", "stats", "decided", "run"}
 
     @classmethod
     def from_decisions(
@@ -243,6 +296,7 @@ class DBKD(DecisionDistillation):
     """``dbkd``: soft targets ``softmax(s'·ẑ/T)`` from logits estimated from the decision counts."""
 
     method_name = "dbkd"
+    Options = DBKDOptions
 
     def __init__(self, *args: Any, estimated_logits: torch.Tensor, logit_scale: float = 1.0, **kwargs: Any):
         super().__init__(*args, targets=None, **kwargs)
@@ -304,6 +358,7 @@ class DecisionLabelSmooth(DecisionDistillation):
     """``decision_label_smooth``: the top-1 label smoothed (``1 - eps`` / ``eps`` over the other classes)."""
 
     method_name = "decision_label_smooth"
+    Options = LabelSmoothOptions
 
     @classmethod
     def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
@@ -334,6 +389,7 @@ class DecisionHardAug(DecisionDistillation):
     """
 
     method_name = "decision_hard_aug"
+    Options = HardAugOptions
 
     @classmethod
     def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
@@ -341,7 +397,7 @@ class DecisionHardAug(DecisionDistillation):
         n, num_copies = decided.num_examples, decided.num_queries - 1
         use = num_copies if copies_per_example is None else min(int(copies_per_example), num_copies)
         if use < 0:
-            raise _config_error(f"method '{cls.method_name}': copies_per_example must be >= 0, got {copies_per_example}")
+            raise ConfigError(f"method '{cls.method_name}': copies_per_example must be >= 0, got {copies_per_example}")
         task, data = run.task, run.data
         original = data.train
         targets = [hard_targets(decided.original_decisions, decided.num_labels)]

@@ -84,10 +84,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
+from omegaconf import MISSING
 from torch.optim.lr_scheduler import LambdaLR
 
 from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
@@ -96,8 +98,9 @@ from kdexp.internal.layer_map import LayerPair, resolve_layer_map
 from kdexp.internal.losses import HEAD_MISMATCH_RULES, InternalProjections, internal_distillation_loss
 from kdexp.internal.stages import ALGORITHMS, StageSchedule, num_internal_stages, total_epochs_needed
 from kdexp.losses import vanilla_kd_loss
+from kdexp.config import require
+from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
-from kdexp.run import ConfigError
 
 if TYPE_CHECKING:
     from kdexp.data import TaskData
@@ -117,8 +120,67 @@ class InternalConfigError(ConfigError):
     """A method option that cannot work; names the key (``method.<key>``) and what would."""
 
 
+@dataclass
+class InternalOptions:
+    algorithm: str = MISSING
+    layer_map: Any = MISSING  # "uniform" or explicit [[student, teacher], ...] pairs
+    attention_weight: float = MISSING
+    cls_weight: float = MISSING
+    hidden_mse_weight: float = MISSING
+    head_mismatch: str = MISSING
+    epochs_per_stage: int = MISSING
+    patience: Optional[int] = MISSING
+    min_delta: float = MISSING
+    kd_epochs: int = MISSING
+    temperature: float = MISSING
+    alpha: float = MISSING
+    kd_in_internal_stages: bool = MISSING
+    lr_schedule: str = MISSING
+    truncate_forward: bool = MISSING
+    teacher_cls_cache: str = MISSING
+
+    def check(self) -> None:
+        require(self.algorithm in ALGORITHMS, "method.algorithm", self.algorithm, "one of " + ", ".join(ALGORITHMS))
+        require(self.head_mismatch in HEAD_MISMATCH_RULES, "method.head_mismatch", self.head_mismatch,
+                "one of " + ", ".join(HEAD_MISMATCH_RULES))
+        require(self.lr_schedule in LR_SCHEDULES, "method.lr_schedule", self.lr_schedule, "per_stage or global")
+        require(self.teacher_cls_cache in CLS_CACHE_MODES, "method.teacher_cls_cache", self.teacher_cls_cache,
+                "auto, always or never")
+        require(self.epochs_per_stage >= 1, "method.epochs_per_stage", self.epochs_per_stage, "1 or more")
+        require(self.kd_epochs >= 1, "method.kd_epochs", self.kd_epochs, "1 or more (the final soft-label KD stage)")
+        require(self.patience is None or self.patience >= 1, "method.patience", self.patience, "null or 1 or more")
+        require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature")
+        require(0 <= self.alpha <= 1, "method.alpha", self.alpha, "a weight in [0, 1]")
+        require(self.layer_map == "uniform" or isinstance(self.layer_map, list), "method.layer_map", self.layer_map,
+                "uniform, or a list of [student, teacher] layer pairs")
+
+
 class InternalDistillation(DistillationModule):
     """``all`` / ``pid`` / ``sid`` internal-representation distillation, ending with soft-label KD."""
+
+    Options = InternalOptions
+
+    @classmethod
+    def check_config(cls, cfg: Any, task: Any) -> None:
+        """Refuse a `trainer.max_epochs` too small for the stages, before the teacher stage."""
+        super().check_config(cfg, task)
+        method = cfg.method
+        if method.layer_map == "uniform":
+            student = cfg.student
+            layers = student.get("num_layers") if student.init != "random" else student.get("num_hidden_layers")
+        else:
+            layers = len(method.layer_map)
+        if layers is None:
+            return  # a pre-trained student: its depth is known once loaded (checked then)
+        needed = total_epochs_needed(method.algorithm, int(layers), int(method.epochs_per_stage), int(method.kd_epochs))
+        if int(cfg.trainer.max_epochs) < needed:
+            stages = num_internal_stages(method.algorithm, int(layers))
+            raise InternalConfigError(
+                f"trainer.max_epochs={cfg.trainer.max_epochs} is too small for internal_{method.algorithm}: {stages} "
+                f"internal stage(s) × method.epochs_per_stage={method.epochs_per_stage} + method.kd_epochs="
+                f"{method.kd_epochs} = {needed} epochs. Set trainer.max_epochs={needed} (or more), or lower "
+                "method.epochs_per_stage / method.kd_epochs"
+            )
 
     def __init__(
         self,

@@ -54,12 +54,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from kdexp.cache import atomic_directory, atomic_write_json, cache_key, load_or_compute, load_tensors, save_tensors
+from kdexp.config import require
 from kdexp.data import DataSource, content_fingerprint, load_split, make_loader, tokenizer_fingerprint
 from kdexp.losses import vanilla_kd_loss
 from kdexp.methods.base import DistillationModule
@@ -100,10 +101,10 @@ class MLMAdaptSettings:
     batch_size: int = 32
     learning_rate: float = 1e-3  # the head
     encoder_learning_rate: float = 1e-4
-    max_length: int | None = None  # null: data.max_length
+    max_length: Optional[int] = None  # null: data.max_length
     mask_prob: float = 0.15
     heldout_fraction: float = 0.1
-    max_texts: int | None = None  # null: the run's training rows; N: the first N rows of the task's training split
+    max_texts: Optional[int] = None  # null: the run's training rows; N: the first N rows of the task's training split
     seed: int = 0
 
     def key_parts(self, max_length: int) -> dict[str, Any]:
@@ -116,7 +117,7 @@ class MLMAdaptSettings:
 class MLMSettings:
     """``method.mlm``."""
 
-    name_or_path: str | None = None  # null: the teacher's pre-trained checkpoint (teacher.name_or_path)
+    name_or_path: Optional[str] = None  # null: the teacher's pre-trained checkpoint (teacher.name_or_path)
     adapt: MLMAdaptSettings = field(default_factory=MLMAdaptSettings)
     eval_batch_size: int = 64  # batch size when computing the distribution store
 
@@ -343,8 +344,38 @@ def choose_distribution_source(
 # --------------------------------------------------------------------------- the method
 
 
+@dataclass
+class TextSmoothingOptions:
+    smooth_rate: float = MISSING
+    temperature: float = MISSING
+    top_k: Optional[int] = MISSING
+    schedule: str = MISSING
+    kd_alpha: float = MISSING
+    kd_temperature: float = MISSING
+    distributions: str = MISSING
+    cache_max_bytes: float = MISSING
+    mlm: MLMSettings = field(default_factory=MLMSettings)
+
+    def check(self) -> None:
+        require(0 <= self.smooth_rate <= 1, "method.smooth_rate", self.smooth_rate, "lambda in [0, 1]")
+        require(self.temperature > 0, "method.temperature", self.temperature, "a positive tau")
+        require(self.top_k is None or self.top_k >= 1, "method.top_k", self.top_k, "null (exact) or a positive k")
+        require(self.schedule in SCHEDULES, "method.schedule", self.schedule, " or ".join(SCHEDULES))
+        require(0 <= self.kd_alpha <= 1, "method.kd_alpha", self.kd_alpha, "a weight in [0, 1]")
+        require(self.kd_temperature > 0, "method.kd_temperature", self.kd_temperature, "a positive temperature")
+        require(self.distributions in DISTRIBUTION_SOURCES, "method.distributions", self.distributions,
+                ", ".join(DISTRIBUTION_SOURCES))
+        adapt = self.mlm.adapt
+        require(adapt.steps >= 1, "method.mlm.adapt.steps", adapt.steps, "1 or more")
+        require(0 < adapt.mask_prob < 1, "method.mlm.adapt.mask_prob", adapt.mask_prob, "a probability in (0, 1)")
+        require(0 < adapt.heldout_fraction < 1, "method.mlm.adapt.heldout_fraction", adapt.heldout_fraction,
+                "a fraction in (0, 1)")
+
+
 class TextSmoothing(DistillationModule):
     """Text smoothing; ``kd_alpha > 0`` adds soft-label KD from the fine-tuned teacher (`text_smoothing_kd`)."""
+
+    Options = TextSmoothingOptions
 
     def __init__(
         self,

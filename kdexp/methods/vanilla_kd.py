@@ -7,10 +7,13 @@ and data), or from a live teacher forward when `live_teacher` is set (for compar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import MISSING
 
+from kdexp.config import require
 from kdexp.losses import vanilla_kd_loss
 from kdexp.methods.base import DistillationModule
 
@@ -18,7 +21,20 @@ if TYPE_CHECKING:
     from kdexp.run import RunContext
 
 
+@dataclass
+class VanillaKDOptions:
+    temperature: float = MISSING
+    alpha: float = MISSING
+    live_teacher: bool = MISSING
+
+    def check(self) -> None:
+        require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature (e.g. 2)")
+        require(0 <= self.alpha <= 1, "method.alpha", self.alpha, "a weight in [0, 1]")
+
+
 class VanillaKD(DistillationModule):
+    Options = VanillaKDOptions
+
     def __init__(
         self,
         *args: Any,
