@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional, TypeVar, get_type_hints
 
@@ -20,6 +21,19 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from kdexp.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def config_dir() -> str:
+    """The folder of the config groups: the installed `kdexp.conf` package (the repository's conf/)."""
+    from importlib.resources import files
+
+    try:
+        return str(files("kdexp.conf"))
+    except ModuleNotFoundError:  # running from a source tree that was never installed
+        return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONFIG_DIR = config_dir()
 
 # Keys (exact, or a prefix ending in ".") that cannot change a run's numbers.
 NON_RESULT_KEYS: tuple[str, ...] = (

@@ -55,3 +55,10 @@ class GlueMetrics(torch.nn.Module):
 
 def main_metric(task: GlueTask, metrics: dict[str, float]) -> float:
     return metrics[task.main_metric]
+
+
+def eval_prefix(task: GlueTask, split: str) -> str:
+    """`val` for the main dev split; `val_mismatched` for MNLI's second one."""
+    if split == task.eval_splits[0]:
+        return "val"
+    return "val_" + split.removeprefix("validation_")

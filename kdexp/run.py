@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from hydra.utils import get_class, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from kdexp.cache import atomic_write_json
-from kdexp.config import config_hash, merged_onto, validate_config
+from kdexp.config import CONFIG_DIR, config_hash, merged_onto, validate_config
 from kdexp.data import DataSource, TaskData, load_task_data
 from kdexp.errors import ConfigError, ModelError
 from kdexp.loggers import build_loggers, finish_loggers
@@ -22,30 +21,18 @@ from kdexp.models import build_student, count_parameters, load_tokenizer, model_
 from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable
 from kdexp.seeding import derive_seed, seed_all
 from kdexp.tasks import GlueTask, get_task
-from kdexp.teacher import Teacher, TeacherSpec, prepare_teacher
+from kdexp.context import RunContext
+from kdexp.teacher import Teacher
+from kdexp.teacher_stage import TeacherSpec, prepare_teacher
 from kdexp.training import GlueDataModule, fit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESULTS_FILE", "ConfigError", "RunContext", "build_context", "run"]
+__all__ = ["RESULTS_FILE", "ConfigError", "RunContext", "build_context", "resolve_method", "run", "student_source"]
 
 
-@dataclass
-class RunContext:
-    """What a method may use to build itself (`DistillationModule.from_run`)."""
-
-    cfg: DictConfig
-    task: GlueTask
-    data: TaskData
-    student: Any
-    teacher: Teacher
-    optim: OptimConfig
-    run_dir: Path
-    method_info: dict[str, Any] = field(default_factory=dict)  # what the method's stages did; goes into results.json
-
-
-def resolve_method(method_cfg: DictConfig) -> tuple[type[DistillationModule], dict[str, Any]]:
-    """The method's class and its options, checked against the method's schema (`Options`)."""
+def resolve_method(method_cfg: DictConfig) -> tuple[type[DistillationModule], Any]:
+    """The method's class and its options (an instance of its `Options` schema, or None), checked."""
     options = OmegaConf.to_container(method_cfg, resolve=True)
     assert isinstance(options, dict)
     name = options.pop("name", None)
@@ -61,10 +48,33 @@ def resolve_method(method_cfg: DictConfig) -> tuple[type[DistillationModule], di
     if cls.Options is None:
         if options:
             raise ConfigError(f"method '{name}' takes no options; got {', '.join(f'method.{k}' for k in options)}.")
-        return cls, {}
+        return cls, None
     validated = merged_onto(cls.Options, options, prefix="method.", what=f"of method '{name}'")
     validated.check()
-    return cls, asdict(validated)
+    return cls, validated
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The run config that `kdexp-train <overrides>` would compose (for tools and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def method_options(method: str, **overrides: Any) -> Any:
+    """The checked options of `method` as its YAML gives them, with `key=value` overrides
+    (`method_options("internal_pid", epochs_per_stage=2)`): the YAML stays the one source of defaults."""
+    cfg = compose_config([f"method={method}", *(f"method.{k}={_override_value(v)}" for k, v in overrides.items())])
+    return resolve_method(cfg.method)[1]
+
+
+def _override_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def teacher_spec(cfg: DictConfig) -> TeacherSpec:
@@ -88,13 +98,13 @@ def check_against_models(cfg: DictConfig) -> None:
                           f"layers; use student.num_layers between 1 and {depth}.")
 
 
-def _student_source(cfg: DictConfig, teacher: Teacher) -> str:
+def student_source(cfg: DictConfig, teacher: Teacher) -> str:
     if cfg.student.get("from_finetuned_teacher", False):
         return teacher.path
     return resolve_model_path(cfg.teacher.name_or_path, "teacher.name_or_path")
 
 
-def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], dict[str, Any]]:
+def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]:
     """Every check that needs no data and no model weights: before any work."""
     validate_config(cfg)
     task = get_task(cfg.task.name)
@@ -104,7 +114,7 @@ def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], dict
     return task, method_cls, method_options
 
 
-def build_context(cfg: DictConfig, run_dir: Path) -> tuple[RunContext, type[DistillationModule], dict[str, Any]]:
+def build_context(cfg: DictConfig, run_dir: Path) -> tuple[RunContext, type[DistillationModule], Any]:
     """Everything before training: checks, teacher stage, data, student; fails before any training."""
     task, method_cls, method_options = check_run(cfg)
     source = DataSource.from_config(cfg.data.source, cfg.data.glue_dir)
@@ -117,19 +127,16 @@ def build_context(cfg: DictConfig, run_dir: Path) -> tuple[RunContext, type[Dist
         task, source, tokenizer, cfg.data.max_length, cache_dir, cfg.data.max_train_samples, cfg.data.max_eval_samples
     )
     seed_all(derive_seed(cfg.seed, "student"))
-    student = build_student(cfg.student, _student_source(cfg, teacher), task)
+    student = build_student(cfg.student, student_source(cfg, teacher), task)
     optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
     return RunContext(cfg, task, data, student, teacher, optim, run_dir), method_cls, method_options
 
 
-def build_module(context: RunContext, method_cls: type[DistillationModule], options: dict[str, Any]) -> DistillationModule:
+def build_module(context: RunContext, method_cls: type[DistillationModule], options: Any) -> DistillationModule:
     # The method's own modules (projections, agents) draw from the seed alone: its cache stages run
     # with the RNG preserved (kdexp.cache.load_or_compute), so a cold and a warm cache agree.
     seed_all(derive_seed(context.cfg.seed, "method"))
-    try:
-        return method_cls.from_run(context, **options)
-    except TypeError as err:
-        raise ConfigError(f"method '{context.cfg.method.name}': {err}. Check the keys under method.") from None
+    return method_cls.from_run(context, options)
 
 
 def trainer_options(cfg: DictConfig) -> dict[str, Any]:

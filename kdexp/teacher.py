@@ -1,38 +1,31 @@
-"""The teacher stage: fine-tune a pre-trained checkpoint once per key, and cache its logits.
+"""The fine-tuned teacher as methods see it: on disk, its cached signals, and the frozen component.
 
-A teacher is stored under `<cache_dir>/teachers/<task>-<key>`, the key hashing everything that
-decides its weights: the model's weights, the task, its `teacher.*` hyper-parameters, its
-training and dev rows (the dev rows choose its best epoch), the maximum length, the numeric
-precision and the seed. The stage takes no other setting of the run (`trainer.limit_*`,
-`accumulate_grad_batches`, ... never reach it), so one key is one teacher. It trains in
-`<store>.partial`, resumes there exactly like a run, and is published by an atomic rename;
-`teacher.json` records a digest of the weights, checked on every load.
-
-Its logits on each split are cached under a key of (teacher key, tokenised split key).
+`Teacher` is a teacher stored by the teacher stage (`kdexp.teacher_stage`) or given already
+fine-tuned: its logits and [CLS] vectors on a split are computed once and cached under a key
+of (teacher key, tokenised split key[, layers]). `TeacherSignals` is what a method holds while
+training: the frozen model (when a signal must be live) and the cached tensors, indexed by the
+rows of a batch. It moves with the method's module to its device, is never optimised and
+never written into checkpoints.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, load_or_compute, load_tensors, save_tensors, shareable
-from kdexp.config import TeacherSchema as TeacherSpec
-from kdexp.data import DataSource, TaskData, load_split, load_task_data, make_loader, tokenize_split, tokenized_key, tokenizer_fingerprint
-from kdexp.methods.base import DistillationModule, OptimConfig, eval_prefix
-from kdexp.methods.finetune import Finetune
-from kdexp.metrics import GlueMetrics
-from kdexp.models import count_parameters, file_digest, load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
-from kdexp.seeding import seed_all
+from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
+from kdexp.data import TaskData, make_loader, tokenize_split, tokenizer_fingerprint
+from kdexp.metrics import GlueMetrics, eval_prefix
+from kdexp.model_internals import ModelInternals, forward_with_internals, model_inputs, truncated_encoder
+from kdexp.models import count_parameters, load_classifier
 from kdexp.tasks import GlueTask
 
 log = logging.getLogger(__name__)
@@ -95,7 +88,7 @@ class Teacher:
         loader = make_loader(tokenized, data, self.eval_batch_size, shuffle=False)
         out = torch.empty(len(tokenized), self.task.num_labels)
         for batch in loader:
-            inputs = {k: v.to(self.device) for k, v in DistillationModule.model_inputs(batch).items()}
+            inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
             out[batch["idx"]] = model(**inputs).logits.float().cpu()
         log.info("Teacher logits for %d rows in %.1fs", len(tokenized), time.perf_counter() - start)
         return out
@@ -117,175 +110,113 @@ class Teacher:
             self.info["num_parameters"] = count_parameters(self.load_model())
         return int(self.info["num_parameters"])
 
+    @torch.no_grad()
+    def cls_vectors(self, data: TaskData, split: str, layers: Sequence[int]) -> torch.Tensor:
+        """``h_T[m][CLS]`` for every row of ``split`` and teacher layer ``m`` in ``layers``: ``[N, len(layers), D_T]``.
 
-def teacher_key(spec: TeacherSpec, task: GlueTask, model_fp: str, data_keys: dict[str, str], max_length: int,
-                precision: str) -> str:
-    if spec.finetuned:
-        return cache_key(kind="teacher", model=model_fp, task=task.name, finetuned=True)
-    return cache_key(
-        kind="teacher",
-        model=model_fp,
-        task=task.name,
-        learning_rate=spec.learning_rate,
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        weight_decay=spec.weight_decay,
-        warmup_ratio=spec.warmup_ratio,
-        gradient_clip_val=spec.gradient_clip_val,
-        data=data_keys,
-        max_length=max_length,
-        precision=precision,
-        seed=spec.seed,
-    )
+        Computed once (eval mode, SDPA attention, only up to the deepest layer needed) and
+        cached under a key of (teacher key, tokenised split key, layers), like the logits.
+        """
+        layers = [int(layer) for layer in layers]
+        tokenized, data_key = data.tokenized[split], data.keys[split]
+        key = cache_key(kind="teacher_cls", teacher=self.key, data=data_key, layers=layers)
+        path = self.cache_dir / "signals" / "teacher_cls" / f"{key}.pt"
+        expected = {"key": key, "rows": len(tokenized), "layers": layers}
 
+        def load() -> torch.Tensor | None:
+            cached = load_tensors(path, expected)
+            if cached is not None and cached["cls"].shape[:2] == (len(tokenized), len(layers)):
+                return cached["cls"]
+            return None
 
-def teacher_trainer_options(spec: TeacherSpec, run_trainer: dict[str, Any]) -> dict[str, Any]:
-    """The teacher stage's Lightning options: the run's device and precision, everything else its own."""
-    options = {key: run_trainer[key] for key in ("accelerator", "precision") if key in run_trainer}
-    options.update(
-        devices=1,
-        max_epochs=spec.epochs,
-        gradient_clip_val=spec.gradient_clip_val,
-        enable_progress_bar=run_trainer.get("enable_progress_bar", True),
-        log_every_n_steps=run_trainer.get("log_every_n_steps", 50),
-    )
-    return options
+        def compute() -> torch.Tensor:
+            model = self.load_model().to(self.device)
+            out = torch.empty(len(tokenized), len(layers), model.config.hidden_size)
+            loader = make_loader(tokenized, data, self.eval_batch_size, shuffle=False)
+            with truncated_encoder(model, max(layers) + 1):
+                for batch in loader:
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    hidden = forward_with_internals(model, batch, need_attentions=False).hidden_states
+                    assert hidden is not None
+                    out[batch["idx"].cpu()] = torch.stack([hidden[m + 1][:, 0] for m in layers], dim=1).float().cpu()
+            save_tensors(path, {"cls": out}, expected)
+            log.info("Cached teacher [CLS] vectors of layers %s for %d rows (%s)", layers, len(tokenized), path)
+            return out
 
-
-def prepare_teacher(
-    spec: TeacherSpec,
-    task: GlueTask,
-    source: DataSource,
-    max_length: int,
-    trainer_cfg: dict[str, Any],
-    cache_dir: Path,
-) -> Teacher:
-    """Return the fine-tuned teacher for `task`, fine-tuning it first if no stored copy has its key."""
-    path = resolve_model_path(spec.name_or_path, "teacher.name_or_path")
-    tokenizer = load_tokenizer(path, "teacher.name_or_path")
-    device = _inference_device(trainer_cfg)
-    model_fp = model_fingerprint(path)
-    precision = str(trainer_cfg.get("precision", "32-true"))
-    if spec.finetuned:
-        key = teacher_key(spec, task, model_fp, {}, max_length, precision)
-        return Teacher(path, key, task, tokenizer, cache_dir, device, {"finetuned_by": "user"}, spec.eval_batch_size)
-
-    train_raw = load_split(task, task.train_split, source, spec.max_train_samples, "teacher.max_train_samples")
-    data_keys = {task.train_split: tokenized_key(train_raw, task, tokenizer, max_length)}
-    for split in task.eval_splits:
-        dev_raw = load_split(task, split, source, spec.max_eval_samples, "teacher.max_eval_samples")
-        data_keys[split] = tokenized_key(dev_raw, task, tokenizer, max_length)
-    key = teacher_key(spec, task, model_fp, data_keys, max_length, precision)
-    store = cache_dir / "teachers" / f"{task.name}-{key}"
-    info = stored_teacher_info(store)
-    if info is not None:
-        log.info("Reusing teacher %s", store)
-    else:
-        with exclusive_lock(store.with_name(store.name + ".lock")):  # one process trains, the others wait
-            info = stored_teacher_info(store)
-            if info is not None:
-                log.info("Reusing teacher %s (trained by another process meanwhile)", store)
-            else:
-                options = teacher_trainer_options(spec, trainer_cfg)
-                _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store)
-                info = stored_teacher_info(store)
-                assert info is not None, f"the teacher stage did not publish {store}"
-    return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, device, info, spec.eval_batch_size)
+        return load_or_compute(path, load, compute)
 
 
-WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+class TeacherSignals(nn.Module):
+    """The frozen teacher inside a method: logits cached or live, internals live, [CLS] cached or live.
 
-
-def _weights_file(model_dir: Path) -> Path | None:
-    return next((model_dir / name for name in WEIGHTS_FILES if (model_dir / name).is_file()), None)
-
-
-def stored_teacher_info(store: Path) -> dict[str, Any] | None:
-    """`teacher.json` of a stored teacher whose files are whole; None if there is none.
-
-    A store whose record is unreadable or whose weights do not match the recorded digest
-    (a truncated copy, a disk error, a hand edit) is set aside as `<store>.corrupt-<n>` and
-    reported, so that the caller trains the teacher again.
+    Args:
+        logits: ``[N, C]`` cached logits of the training rows (indexed by ``batch["idx"]``).
+        model: the frozen teacher, for live signals (not a submodule: never optimised or saved).
+        cls: ``[N, len(cls_layers), D_T]`` cached [CLS] vectors of ``cls_layers``.
     """
-    info_file = store / "teacher.json"
-    if not info_file.exists():
-        return None
-    problem = None
-    try:
-        info = json.loads(info_file.read_text())
-        weights = _weights_file(store / "model")
-        if weights is None:
-            problem = "its weights file is missing"
-        elif info.get("weights_sha256") and file_digest(weights) != info["weights_sha256"]:
-            problem = f"{weights.name} does not match the digest in teacher.json"
-    except (OSError, json.JSONDecodeError) as err:
-        problem = f"teacher.json is unreadable ({err})"
-    if problem is None:
-        return info
-    aside = store.with_name(f"{store.name}.corrupt-{int(time.time())}")
-    log.warning("Stored teacher %s is damaged: %s. Moved to %s; training it again.", store, problem, aside)
-    os.rename(store, aside)
-    return None
 
+    def __init__(self, logits: torch.Tensor | None = None, model: PreTrainedModel | None = None,
+                 cls: torch.Tensor | None = None, cls_layers: Sequence[int] = ()) -> None:
+        super().__init__()
+        if logits is None and model is None and cls is None:
+            raise ValueError("TeacherSignals needs cached logits, cached [CLS] vectors or a teacher model")
+        self._model = [model.eval().requires_grad_(False)] if model is not None else []
+        self.register_buffer("cached_logits", None if logits is None else logits.float(), persistent=False)
+        self.register_buffer("cached_cls", None if cls is None else cls.float(), persistent=False)
+        self.cls_layers = tuple(int(layer) for layer in cls_layers)
 
-def _finetune_teacher(
-    spec: TeacherSpec,
-    task: GlueTask,
-    source: DataSource,
-    path: str,
-    tokenizer: Any,
-    key: str,
-    max_length: int,
-    trainer_options: dict[str, Any],
-    cache_dir: Path,
-    store: Path,
-) -> None:
-    """Fine-tune in `<store>.partial` (resumable), then rename it into place when complete."""
-    from kdexp.training import GlueDataModule, fit
+    @classmethod
+    def from_teacher(cls, teacher: Teacher, data: TaskData, live_logits: bool = False, live_model: bool = False,
+                     cls_layers: Sequence[int] = ()) -> "TeacherSignals":
+        """Cached training-split logits (or a live model with `live_logits`), the model when
+        `live_model`, and cached [CLS] vectors of `cls_layers`."""
+        split = teacher.task.train_split
+        return cls(
+            logits=None if live_logits else teacher.logits(data, split),
+            model=teacher.load_model() if live_logits or live_model else None,
+            cls=teacher.cls_vectors(data, split, cls_layers) if cls_layers else None,
+            cls_layers=cls_layers,
+        )
 
-    partial = store.with_name(store.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    log.info("Fine-tuning teacher %s on %s (key %s) in %s", path, task.name, key, partial)
-    data = load_task_data(task, source, tokenizer, max_length, cache_dir, spec.max_train_samples, spec.max_eval_samples)
-    seed_all(spec.seed)
-    model = load_classifier(path, task)
-    optim = OptimConfig(spec.learning_rate, spec.weight_decay, spec.warmup_ratio)
-    module = Finetune(model, task, optim)
-    datamodule = GlueDataModule(data, spec.batch_size, spec.eval_batch_size, spec.seed)
-    result = fit(module, datamodule, trainer_options, partial, seed=spec.seed, identity=key,
-                 metrics_csv=partial / "metrics.csv", fault_prefix="teacher_")
-    module.student.save_pretrained(partial / "model")
-    tokenizer.save_pretrained(partial / "model")
-    shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-    weights = _weights_file(partial / "model")
-    assert weights is not None
-    atomic_write_json(
-        partial / "teacher.json",
-        {
-            "key": key,
-            "task": task.name,
-            "source_model": path,
-            "hyperparameters": asdict(spec),
-            "trainer": trainer_options,
-            "train_examples": len(data.train),
-            "best_epoch": result.best_epoch,
-            "dev_metrics_at_training": result.best_metrics,
-            "train_seconds": result.train_seconds,
-            "num_parameters": count_parameters(module.student),
-            "resumed_from_epoch": result.resumed_from_epoch,
-            "weights_sha256": file_digest(weights),
-        },
-    )
-    shareable(partial)
-    try:
-        os.rename(partial, store)
-    except OSError:
-        if stored_teacher_info(store) is None:
-            raise
-        shutil.rmtree(partial, ignore_errors=True)
+    def _apply(self, fn: Any, recurse: bool = True) -> "TeacherSignals":
+        super()._apply(fn, recurse)
+        for model in self._model:
+            model._apply(fn)  # the frozen teacher follows the module to its device and dtype
+        return self
 
+    def train(self, mode: bool = True) -> "TeacherSignals":
+        return super().train(mode)  # the frozen model is not a child: it stays in eval mode
 
-def _inference_device(trainer_cfg: dict[str, Any]) -> torch.device:
-    if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    @property
+    def model(self) -> PreTrainedModel | None:
+        return self._model[0] if self._model else None
+
+    @property
+    def has_cached_logits(self) -> bool:
+        return self.cached_logits is not None
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's logits for the rows of `batch`: from the cache, or a live forward."""
+        if self.cached_logits is not None:
+            return self.cached_logits[batch["idx"]]
+        return self.internals(batch, need_attentions=False, output_hidden_states=False).logits
+
+    @torch.no_grad()
+    def internals(self, batch: dict[str, torch.Tensor], need_attentions: bool = False, depth: int | None = None,
+                  output_hidden_states: bool = True) -> ModelInternals:
+        """A live, gradient-free forward: logits, hidden states, and attentions when asked
+        (eager pre-dropout probabilities; SDPA otherwise), through the first `depth` blocks."""
+        if self.model is None:
+            raise RuntimeError("this signal needs a live teacher forward, but the method was built without the model")
+        if not output_hidden_states:
+            return ModelInternals(logits=self.model(**model_inputs(batch)).logits, hidden_states=None, attentions=None)
+        with truncated_encoder(self.model, depth):
+            return forward_with_internals(self.model, batch, need_attentions=need_attentions)
+
+    def has_cls(self, layers: Sequence[int]) -> bool:
+        return self.cached_cls is not None and all(layer in self.cls_layers for layer in layers)
+
+    def cls(self, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+        """``h_T[layer][CLS]`` for the rows of `batch` ``[B, D_T]``, from the cache (see `has_cls`)."""
+        assert self.cached_cls is not None
+        return self.cached_cls[batch["idx"], self.cls_layers.index(layer)]

@@ -17,13 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kdexp.config import CONFIG_DIR
 from kdexp.errors import KdexpError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# The config groups live in the repository's top-level conf/ folder (an absolute path, so that
-# the console script finds them wherever it is launched from).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def run_job(cfg: DictConfig) -> float:

@@ -19,7 +19,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from kdexp.cache import atomic_write_text
 from kdexp.data import TaskData, make_loader, pad_batch
 from kdexp.faults import maybe_fail
-from kdexp.methods.base import DistillationModule, eval_prefix
+from kdexp.methods.base import DistillationModule
+from kdexp.metrics import eval_prefix
 from kdexp.seeding import derive_seed, seed_all
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class ResumePoint(pl.Callback):
         for logger in trainer.loggers:
             logger.save()  # the step log as far as this checkpoint (see ResumableCSVLogger)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 

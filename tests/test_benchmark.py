@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdexp.benchmark import PeakMemory, main
+from kdexp.tools.benchmark import PeakMemory, main
 
 
 def test_benchmark_measures_every_variant_and_reports_ratios_of_medians(

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 from transformers import BertForSequenceClassification
 
@@ -38,7 +39,7 @@ from kdexp.methods.dbkd import (
     DecisionNoiseSmooth,
 )
 from kdexp.data import DataSource, load_split
-from kdexp.run import ConfigError, run
+from kdexp.run import ConfigError, compose_config, method_options, resolve_method, run
 from kdexp.tasks import get_task
 from kdexp.teacher import Teacher
 from kdexp.train import CONFIG_DIR
@@ -230,7 +231,8 @@ def a_batch(rows: list[int], num_labels: int = 2) -> dict[str, torch.Tensor]:
 def test_dbkd_loss_is_the_paper_formula() -> None:
     decisions = [[0] * 10, [0] * 7 + [1] * 3, [1] * 5 + [0] * 5, [1] * 9 + [0]]
     queries = fake_queries(decisions, 2)
-    module = DBKD.from_decisions(fake_run(), queries, {}, alpha=0.5, temperature=2.0, logit_scale=2.0, noise_std=1.5)
+    options = method_options("dbkd", alpha=0.5, temperature=2.0, logit_scale=2.0, noise_std=1.5)
+    module = DBKD.from_decisions(fake_run(), queries, {}, options)
     z_hat = estimate_logits_from_counts(queries.counts, noise_std=1.5)
     assert torch.allclose(module.estimated_logits, z_hat.float())
 
@@ -259,7 +261,7 @@ def test_dbkd_estimates_each_distinct_count_vector_once_and_logs_statistics(monk
     monkeypatch.setattr(estimator, "solve_logits", spy)
     decisions = [[0] * 10, [1] * 10, [0] * 7 + [1] * 3, [1] * 7 + [0] * 3, [0] * 7 + [1] * 3]
     stats: dict = {}
-    module = DBKD.from_decisions(fake_run(), fake_queries(decisions, 2), stats)
+    module = DBKD.from_decisions(fake_run(), fake_queries(decisions, 2), stats, method_options("dbkd"))
     assert solved == [2]  # (10, 0) and (7, 3)
     assert stats["estimator_solved_vectors"] == 2 and stats["all_agree_margin"] > 0
     assert torch.allclose(module.estimated_logits[0], module.estimated_logits[1].flip(0))
@@ -269,13 +271,14 @@ def test_dbkd_estimates_each_distinct_count_vector_once_and_logs_statistics(monk
 def test_baseline_targets() -> None:
     decisions = [[1, 1, 0, 1], [0, 0, 0, 0], [0, 1, 1, 1]]
     queries = fake_queries(decisions, 2)
-    hard = DecisionHard.from_decisions(fake_run(), queries, {})
+    hard = DecisionHard.from_decisions(fake_run(), queries, {}, method_options("decision_hard"))
     assert hard.targets.tolist() == [[0, 1], [1, 0], [1, 0]]  # top-1 on the original input (column 0)
-    noise = DecisionNoiseSmooth.from_decisions(fake_run(), queries, {})
+    noise = DecisionNoiseSmooth.from_decisions(fake_run(), queries, {}, method_options("decision_noise_smooth"))
     assert torch.allclose(noise.targets, torch.tensor([[0.25, 0.75], [1.0, 0.0], [0.25, 0.75]]))
-    smooth = DecisionLabelSmooth.from_decisions(fake_run(), queries, {})
+    smooth = DecisionLabelSmooth.from_decisions(fake_run(), queries, {}, method_options("decision_label_smooth"))
     assert torch.allclose(smooth.targets, torch.tensor([[0.1, 0.9], [0.9, 0.1], [0.9, 0.1]]))
-    three = DecisionLabelSmooth.from_decisions(fake_run(3), fake_queries([[2, 0], [0, 0]], 3), {}, smoothing=0.2)
+    three = DecisionLabelSmooth.from_decisions(fake_run(3), fake_queries([[2, 0], [0, 0]], 3), {},
+                                               method_options("decision_label_smooth", smoothing=0.2))
     assert torch.allclose(three.targets, torch.tensor([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]]))
 
     # Each baseline's loss is DBKD's with its own target: CE + a·T²·KL(q || student).
@@ -295,8 +298,8 @@ def test_baseline_targets() -> None:
 
 
 def test_hard_aug_loss_has_no_gold_term_for_copies() -> None:
-    module = DecisionHardAug(student=fake_run().student, task=get_task("sst2"),
-                             targets=torch.eye(2)[[1, 0, 0, 1]], num_original=2, alpha=0.7)
+    module = DecisionHardAug(fake_run().student, get_task("sst2"), options=method_options("decision_hard_aug", alpha=0.7),
+                             targets=torch.eye(2)[[1, 0, 0, 1]], num_original=2)
     batch = a_batch([0, 3, 2, 1])
     loss, parts = module.training_loss(batch)
     logits = module(batch).float()
@@ -343,18 +346,18 @@ def test_unknown_option_is_refused_before_the_teacher_stage(tiny_model_dir: Path
 def test_decision_method_configs_share_one_query_block_and_name_their_class() -> None:
     blocks = {}
     for method in DECISION_METHODS:
-        cfg = yaml.safe_load((Path(CONFIG_DIR) / "method" / f"{method}.yaml").read_text())
-        blocks[method] = cfg["queries"]
-        assert cfg["name"] == method
-        module_name, class_name = cfg["_target_"].rsplit(".", 1)
-        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+        yaml_file = yaml.safe_load((Path(CONFIG_DIR) / "method" / f"{method}.yaml").read_text())
+        assert "/method_parts/decision_queries@queries" in str(yaml_file["defaults"])  # included, not pasted
+        cfg = compose_config([f"method={method}"]).method
+        blocks[method] = OmegaConf.to_container(cfg.queries)
+        assert cfg.name == method
+        cls, options = resolve_method(cfg)
         assert issubclass(cls, DecisionDistillation) and cls.method_name == method
-        options = set(cfg) - {"name", "_target_", "queries"}
-        assert options == {f.name for f in dataclasses.fields(cls.Options)} - {"queries"}, method
-        assert cfg["alpha"] == 0.7 and cfg["temperature"] == 1.0
+        assert set(cfg) - {"name", "_target_"} == {f.name for f in dataclasses.fields(cls.Options)}, method
+        assert options.alpha == 0.7 and options.temperature == 1.0
     assert all(block == blocks["dbkd"] for block in blocks.values())
     assert blocks["dbkd"]["num_queries"] == 10 and blocks["dbkd"]["eda"]["synonym_replacement"] is False
-    assert QueryConfig.from_options(blocks["dbkd"]) == QueryConfig()  # the yaml and the dataclass agree
+    assert QueryConfig.from_options(blocks["dbkd"]) == QueryConfig()  # the yaml and the query stage's defaults agree
 
 
 def test_experiment_configs() -> None:
@@ -393,10 +396,10 @@ def test_full_tiny_dbkd_run_sees_no_logits_and_hard_aug_reuses_its_queries(
     captured = {}
     original_from_run = DBKD.from_run.__func__
 
-    def spy_from_run(cls, context, **options):
+    def spy_from_run(cls, context, options):
         in_method[0] = True
         try:
-            module = original_from_run(cls, context, **options)
+            module = original_from_run(cls, context, options)
         finally:
             in_method[0] = False
         captured.update(context=context, module=module)
@@ -425,7 +428,8 @@ def test_full_tiny_dbkd_run_sees_no_logits_and_hard_aug_reuses_its_queries(
     context = captured["context"]
     monkeypatch.setattr(DecisionTeacher, "decide", lambda self, q: (_ for _ in ()).throw(AssertionError("queried")))
     original_train = context.data.train
-    module = DecisionHardAug.from_run(context, queries={"num_queries": 3, "eda": {"random_insertion": False}})
+    options = method_options("decision_hard_aug", **{"queries.num_queries": 3, "queries.eda.random_insertion": False})
+    module = DecisionHardAug.from_run(context, options)
     train = context.data.train
     n = len(original_train)
     assert len(train) == 3 * n and list(train["idx"]) == list(range(3 * n)) and module.num_original == n

@@ -10,7 +10,7 @@ import torch
 from transformers import AttentionInterface, BertConfig, BertForSequenceClassification
 from transformers.models.bert import modeling_bert
 
-from kdexp.internal.internals import (
+from kdexp.model_internals import (
     PRE_DROPOUT_EAGER,
     attention_implementation,
     eager_attention,

@@ -9,16 +9,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdexp.internal.internals import forward_with_internals
+from kdexp.model_internals import forward_with_internals
 from kdexp.internal.layer_map import LayerPair, uniform_layer_map
-from kdexp.internal.losses import (
-    InternalProjections,
-    attention_kl,
-    cls_cosine_loss,
-    hidden_mse,
-    internal_distillation_loss,
-    layer_output,
-)
+from kdexp.internal.losses import InternalProjections, internal_terms, internal_weights
+from kdexp.losses import attention_kl, cls_cosine_loss, hidden_mse, layer_output, weighted_sum
 
 VOCAB_SIZE = 60
 
@@ -160,7 +154,7 @@ def test_projections_are_identity_for_equal_widths_and_linear_otherwise() -> Non
     assert torch.equal(same_width(pairs[0], hidden), hidden)
     wider = InternalProjections(pairs, student_width=8, teacher_width=12)
     assert wider(pairs[1], hidden).shape == (2, 3, 12)
-    assert wider.by_pair[str(pairs[0])] is not wider.by_pair[str(pairs[1])]
+    assert wider.by_name[str(pairs[0])] is not wider.by_name[str(pairs[1])]
     with pytest.raises(KeyError, match="s2_t5"):
         wider(LayerPair(2, 5), hidden)
 
@@ -173,7 +167,7 @@ def test_losses_are_zero_when_student_is_a_copy_of_the_teacher() -> None:
     with torch.no_grad():
         teacher_out = forward_with_internals(teacher, batch, need_attentions=True)
         student_out = forward_with_internals(student, batch, need_attentions=True)
-        loss = internal_distillation_loss(
+        terms = internal_terms(
             pairs,
             student_out.hidden_states,
             teacher_out.hidden_states,
@@ -181,14 +175,12 @@ def test_losses_are_zero_when_student_is_a_copy_of_the_teacher() -> None:
             InternalProjections(pairs, 16, 16),
             student_out.attentions,
             teacher_out.attentions,
-            attention_weight=1.0,
-            cls_weight=1.0,
-            hidden_mse_weight=1.0,
+            kinds=("attention_kl", "cls_cosine", "hidden_mse"),
         )
-    assert set(loss.components) >= {"attention_kl", "cls_cosine", "hidden_mse", "total", "attention_kl/s2_t2"}
-    for name, value in loss.components.items():
+    assert set(terms) == {f"{kind}/{pair}" for pair in pairs for kind in ("attention_kl", "cls_cosine", "hidden_mse")}
+    for name, value in terms.items():
         assert value.abs().item() < 1e-6, name
-    assert loss.total.abs().item() < 1e-6
+    assert weighted_sum(terms, internal_weights(pairs, 1.0, 1.0, 1.0)).abs().item() < 1e-6
 
 
 def test_internal_loss_uses_layer_j_as_hidden_states_j_plus_1() -> None:
@@ -201,7 +193,7 @@ def test_internal_loss_uses_layer_j_as_hidden_states_j_plus_1() -> None:
     with torch.no_grad():
         teacher_out = forward_with_internals(teacher, batch, need_attentions=True)
         student_out = forward_with_internals(student, batch, need_attentions=True)
-        loss = internal_distillation_loss(
+        terms = internal_terms(
             pairs,
             student_out.hidden_states,
             teacher_out.hidden_states,
@@ -209,9 +201,8 @@ def test_internal_loss_uses_layer_j_as_hidden_states_j_plus_1() -> None:
             projections,
             student_out.attentions,
             teacher_out.attentions,
-            attention_weight=0.5,
-            cls_weight=2.0,
         )
+        total = weighted_sum(terms, internal_weights(pairs, attention_weight=0.5, cls_weight=2.0, hidden_mse_weight=0.0))
     mask = batch["attention_mask"]
     expected_total = 0.0
     for pair in pairs:
@@ -219,11 +210,11 @@ def test_internal_loss_uses_layer_j_as_hidden_states_j_plus_1() -> None:
         cosine = cls_cosine_loss(
             student_out.hidden_states[pair.student + 1][:, 0], teacher_out.hidden_states[pair.teacher + 1][:, 0]
         )
-        assert torch.equal(loss.components[f"attention_kl/{pair}"], kl)
-        assert torch.equal(loss.components[f"cls_cosine/{pair}"], cosine)
+        assert torch.equal(terms[f"attention_kl/{pair}"], kl)
+        assert torch.equal(terms[f"cls_cosine/{pair}"], cosine)
         expected_total += 0.5 * kl.item() + 2.0 * cosine.item()
-    assert "hidden_mse" not in loss.components
-    assert loss.total.item() == pytest.approx(expected_total, rel=1e-6)
+    assert not any(name.startswith("hidden_mse") for name in terms)
+    assert total.item() == pytest.approx(expected_total, rel=1e-6)
     assert torch.equal(layer_output(student_out.hidden_states, 1), student_out.hidden_states[-1])
 
 
@@ -232,10 +223,10 @@ def test_attentions_are_optional_when_attention_weight_is_zero() -> None:
     hidden = (torch.randn(2, 3, 4), torch.randn(2, 3, 4))
     mask = torch.ones(2, 3)
     projections = InternalProjections(pairs, 4, 4)
-    loss = internal_distillation_loss(pairs, hidden, hidden, mask, projections, attention_weight=0.0)
-    assert "attention_kl" not in loss.components
+    terms = internal_terms(pairs, hidden, hidden, mask, projections, kinds=("cls_cosine",))
+    assert list(terms) == ["cls_cosine/s0_t0"]
     with pytest.raises(ValueError, match="attentions are missing"):
-        internal_distillation_loss(pairs, hidden, hidden, mask, projections)
+        internal_terms(pairs, hidden, hidden, mask, projections)
 
 
 def test_gradients_reach_student_and_projections_but_never_the_teacher() -> None:
@@ -249,7 +240,7 @@ def test_gradients_reach_student_and_projections_but_never_the_teacher() -> None
         teacher_out = forward_with_internals(teacher, batch, need_attentions=True)
     assert not any(t.requires_grad for t in (*teacher_out.hidden_states, *teacher_out.attentions))
     student_out = forward_with_internals(student, batch, need_attentions=True)
-    loss = internal_distillation_loss(
+    terms = internal_terms(
         pairs,
         student_out.hidden_states,
         teacher_out.hidden_states,
@@ -257,10 +248,10 @@ def test_gradients_reach_student_and_projections_but_never_the_teacher() -> None
         projections,
         student_out.attentions,
         teacher_out.attentions,
-        hidden_mse_weight=1.0,
+        kinds=("attention_kl", "cls_cosine", "hidden_mse"),
         head_mismatch="average",
     )
-    loss.total.backward()
+    weighted_sum(terms, internal_weights(pairs, 1.0, 1.0, 1.0)).backward()
 
     assert all(p.grad is None for p in teacher.parameters())
     for name, parameter in projections.named_parameters():

@@ -8,6 +8,7 @@ cached [CLS] vectors, truncated forwards, config refusals, and a full run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections import defaultdict
@@ -16,15 +17,18 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from transformers import BertForSequenceClassification
 
 import kdexp.methods.internal as internal_mod
-from kdexp.internal import LayerPair, forward_with_internals, truncated_encoder
+import kdexp.teacher as teacher_mod
+from kdexp.internal import LayerPair
 from kdexp.methods.base import OptimConfig
 from kdexp.methods.internal import InternalConfigError, InternalDistillation
-from kdexp.run import ConfigError, build_context, run
+from kdexp.model_internals import forward_with_internals, truncated_encoder
+from kdexp.run import ConfigError, build_context, compose_config, method_options, run
 from kdexp.tasks import get_task
+from kdexp.teacher import TeacherSignals
+from kdexp.training import EpochSeed, ResumePoint
 from tests.conftest import make_glue_dir, tiny_bert_config, tiny_tokenizer
 from tests.test_pipeline import tiny_cfg
 
@@ -70,13 +74,18 @@ def loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]
             torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False))
 
 
-def make_module(algorithm: str = "pid", **options) -> InternalDistillation:
-    teacher, student = tiny_models()
+def teacher_signals(teacher: BertForSequenceClassification) -> TeacherSignals:
+    return TeacherSignals(logits=torch.randn(N_EXAMPLES, 2, generator=torch.Generator().manual_seed(1)), model=teacher)
+
+
+def make_module(algorithm: str = "pid", student_heads: int = 2, **options) -> InternalDistillation:
+    """The module with `conf/method/internal_<algorithm>.yaml`'s options, and `options` over them."""
+    teacher, _ = tiny_models()
+    _, student = tiny_models(student_heads=student_heads)
     options.setdefault("epochs_per_stage", 2)
     return InternalDistillation(
         student, TASK, OptimConfig(learning_rate=1e-3, warmup_ratio=0.0),
-        teacher_model=teacher, teacher_logits=torch.randn(N_EXAMPLES, 2, generator=torch.Generator().manual_seed(1)),
-        algorithm=algorithm, **options,
+        options=method_options(f"internal_{algorithm}", **options), teacher=teacher_signals(teacher),
     )
 
 
@@ -91,14 +100,14 @@ class Spy:
         self.pairs: dict[int, set[tuple[LayerPair, ...]]] = defaultdict(set)
         self.teacher_depth: dict[int, set[int]] = defaultdict(set)
         self.epoch = -1
-        original = internal_mod.internal_distillation_loss
+        original = internal_mod.internal_terms
 
         def spy(active_pairs, student_hidden, teacher_hidden, *args, **kwargs):
             self.pairs[self.epoch].add(tuple(active_pairs))
             self.teacher_depth[self.epoch].add(len(teacher_hidden) - 1)
             return original(active_pairs, student_hidden, teacher_hidden, *args, **kwargs)
 
-        monkeypatch.setattr(internal_mod, "internal_distillation_loss", spy)
+        monkeypatch.setattr(internal_mod, "internal_terms", spy)
         spy_self = self
 
         class EpochAndLR(pl.Callback):
@@ -116,19 +125,14 @@ class Spy:
         self.callback = EpochAndLR()
 
 
-def fit(module: InternalDistillation, max_epochs: int, callbacks=(), ckpt_dir: Path | None = None, ckpt_path=None,
-        save_on_train_epoch_end: bool | None = None) -> pl.Trainer:
-    # No monitor: a checkpoint (and last.ckpt) every epoch. With a monitor, Lightning 2.6 refreshes
-    # last.ckpt only on epochs whose metric improves, which would make the resume point random here.
-    checkpoint = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True,
-                                  save_on_train_epoch_end=save_on_train_epoch_end)] if ckpt_dir else []
+def fit(module: InternalDistillation, max_epochs: int, callbacks=(), ckpt_path=None) -> pl.Trainer:
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(ckpt_dir), num_sanity_val_steps=0,
-                         callbacks=[*checkpoint, *callbacks])
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                         callbacks=list(callbacks))
     train, val = loaders()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path, weights_only=True)
     return trainer
 
 
@@ -138,8 +142,8 @@ def fit(module: InternalDistillation, max_epochs: int, callbacks=(), ckpt_dir: P
 @pytest.mark.parametrize("algorithm", ["all", "pid"])
 def test_gradients_reach_student_and_projections_never_the_teacher(algorithm: str) -> None:
     module = make_module(algorithm, kd_in_internal_stages=algorithm == "all")
-    teacher = module.teacher_model
-    assert not any(name.startswith("_teacher") or "teacher" in name for name, _ in module.named_parameters())
+    teacher = module.teacher.model
+    assert not any("teacher" in name for name, _ in module.named_parameters())
     assert all(not p.requires_grad for p in teacher.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log without a trainer
@@ -148,7 +152,7 @@ def test_gradients_reach_student_and_projections_never_the_teacher(algorithm: st
     assert all(p.grad is None for p in teacher.parameters())
     active = module.schedule.active_pairs()
     for pair in active:
-        weight = module.projections.by_pair[str(pair)].weight  # widths 16 -> 32: a learned Linear
+        weight = module.projections.by_name[str(pair)].weight  # widths 16 -> 32: a learned Linear
         assert weight.grad is not None and weight.grad.abs().sum() > 0
     layers = module.student.bert.encoder.layer
     deepest = max(p.student for p in active)
@@ -165,8 +169,8 @@ def test_gradients_reach_student_and_projections_never_the_teacher(algorithm: st
 def test_projections_are_checkpointed_and_the_teacher_is_not() -> None:
     module = make_module("sid")
     keys = module.state_dict().keys()
-    assert {f"projections.by_pair.{p}.weight" for p in STUDENT_PAIRS} <= set(keys)
-    assert not any(k.startswith("teacher") or "_teacher" in k for k in keys)
+    assert {f"projections.by_name.{p}.weight" for p in STUDENT_PAIRS} <= set(keys)
+    assert not any("teacher" in k for k in keys)
     optimised = {id(p) for p in module.parameters() if p.requires_grad}
     assert all(id(p) in optimised for p in module.projections.parameters())
 
@@ -184,7 +188,7 @@ EXPECTED = {
 @pytest.mark.parametrize("algorithm", ["pid", "sid", "all"])
 def test_stages_switch_at_the_right_epochs_with_the_right_layers(algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
-    module = make_module(algorithm, max_epochs=6)
+    module = make_module(algorithm)
     fit(module, 6, [spy.callback])
     assert [spy.pairs.get(epoch, set()) for epoch in range(6)] == EXPECTED[algorithm]
     stages = [spy.callback.stage[e] for e in range(6)]
@@ -207,7 +211,7 @@ def test_patience_ends_a_stage_early_inside_a_fit(monkeypatch: pytest.MonkeyPatc
     spy = Spy(monkeypatch)
     # min_delta so large that no epoch counts as an improvement: each stage lasts patience=1 epoch.
     # The first epoch of a stage always improves on "no loss yet", so each stage lasts 2 of its 3 epochs.
-    module = make_module("pid", epochs_per_stage=3, patience=1, min_delta=1e9, max_epochs=7)
+    module = make_module("pid", epochs_per_stage=3, patience=1, min_delta=1e9)
     fit(module, 5, [spy.callback])
     assert [spy.pairs.get(e, set()) for e in range(5)] == [
         {(STUDENT_PAIRS[0],)}, {(STUDENT_PAIRS[0],)}, {(STUDENT_PAIRS[1],)}, {(STUDENT_PAIRS[1],)}, set()]
@@ -217,14 +221,12 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_at, save_on_train_epoch_end", [(2, None), (2, False), (3, False)])
-def test_resume_continues_in_the_right_stage(stop_at: int, save_on_train_epoch_end: bool | None, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stopped at a stage boundary (2) or inside a stage (3) of pid with 2 epochs per stage.
+@pytest.mark.parametrize("stop_at", [2, 3])
+def test_resume_continues_in_the_right_stage(stop_at: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed as epoch 2 (a stage boundary) or 3 (inside a stage) of pid starts, with 2 epochs per stage.
 
-    By default Lightning writes last.ckpt after the module's on_train_epoch_end (the stage
-    switch is in it); with ``save_on_train_epoch_end=False`` it writes it at validation end,
-    before the switch, which the module must then apply on resume.
+    The framework's checkpoint is taken as each epoch starts (`ResumePoint`), after the previous
+    epoch's stage switch: a resumed run continues in that stage, at that stage's learning rate.
     """
 
     class StopAt(pl.Callback):
@@ -232,26 +234,26 @@ def test_resume_continues_in_the_right_stage(stop_at: int, save_on_train_epoch_e
             if trainer.current_epoch == stop_at:
                 raise Interrupt
 
-    with pytest.raises(Interrupt):
-        fit(make_module("pid", max_epochs=6), 6, [StopAt()], ckpt_dir=tmp_path, save_on_train_epoch_end=save_on_train_epoch_end)
     last = tmp_path / "last.ckpt"
-    saved = torch.load(last, weights_only=False)["internal_distillation"]
-    if save_on_train_epoch_end is False:  # written before the epoch was recorded: its loss travels along
-        assert saved["epoch"] == stop_at - 1 and saved["loss_count"] == N_EXAMPLES // BATCH
-        assert saved["schedule"]["last_epoch"] == stop_at - 2
-    else:
-        assert saved["epoch"] is None and saved["schedule"]["last_epoch"] == stop_at - 1
+    with pytest.raises(Interrupt):
+        fit(make_module("pid"), 6, [ResumePoint(last, "run"), EpochSeed(0), StopAt()])
+    saved = torch.load(last, weights_only=True)["phases"]
+    assert saved["last_epoch"] == stop_at - 1 and saved["index"] == stop_at // 2
 
     spy = Spy(monkeypatch)
-    fit(make_module("pid", max_epochs=6), 6, [spy.callback], ckpt_dir=tmp_path, ckpt_path=str(last))
+    resume_point = ResumePoint(last, "run")
+    resume_point.resumed_epoch = stop_at
+    fit(make_module("pid"), 6, [resume_point, EpochSeed(0), spy.callback], ckpt_path=str(last))
     assert sorted(spy.callback.stage) == list(range(stop_at, 6))  # no epoch redone
     assert [spy.pairs.get(e, set()) for e in range(stop_at, 6)] == EXPECTED["pid"][stop_at:]
     if stop_at == 2:  # first epoch of a new stage: the learning rate restarted
         assert spy.callback.first_lr[2] == pytest.approx(1e-3)
+    else:
+        assert spy.callback.first_lr[3] < 1e-3
 
 
 def test_a_checkpoint_of_another_method_is_refused() -> None:
-    with pytest.raises(ValueError, match="no internal-distillation stage state"):
+    with pytest.raises(ValueError, match="no phase state"):
         make_module().on_load_checkpoint({"state_dict": {}})
 
 
@@ -259,19 +261,21 @@ def test_a_checkpoint_of_another_method_is_refused() -> None:
 
 
 def test_too_few_max_epochs_is_refused_naming_the_key_and_the_number() -> None:
+    def check(method: str, epochs: int) -> None:
+        cfg = compose_config([f"method={method}", "method.epochs_per_stage=2", "method.kd_epochs=1",
+                              "student.num_layers=2", f"trainer.max_epochs={epochs}"])
+        InternalDistillation.check_config(cfg, TASK)
+
     with pytest.raises(ConfigError, match=r"trainer\.max_epochs=4 is too small.*= 5 epochs.*trainer\.max_epochs=5"):
-        make_module("pid", epochs_per_stage=2, kd_epochs=1, max_epochs=4)
-    make_module("pid", epochs_per_stage=2, kd_epochs=1, max_epochs=5)
-    make_module("all", epochs_per_stage=2, kd_epochs=1, max_epochs=3)
+        check("internal_pid", 4)
+    check("internal_pid", 5)
+    check("internal_all", 3)
 
 
 def test_head_mismatch_is_refused_unless_a_rule_is_given() -> None:
-    teacher, _ = tiny_models()
-    _, student = tiny_models(student_heads=4)
-    common = dict(teacher_model=teacher, teacher_logits=torch.zeros(N_EXAMPLES, 2))
     with pytest.raises(InternalConfigError, match="method.head_mismatch=average"):
-        InternalDistillation(student, TASK, **common)
-    module = InternalDistillation(student, TASK, head_mismatch="average", **common)
+        make_module("all", student_heads=4)
+    module = make_module("all", student_heads=4, head_mismatch="average")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.isfinite(module.training_step(one_batch(), 0))
@@ -333,12 +337,11 @@ def test_cached_cls_vectors_replace_the_teacher_forward(tiny_setup: tuple[Path, 
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_cfg(*tiny_setup, "method=internal_all", "method.attention_weight=0")
     context, cls, options = build_context(cfg, tmp_path / "run")
-    cached = cls.from_run(context, **options)  # teacher_cls_cache: auto -> cached (only [CLS] is needed)
-    assert cached.teacher_cls is not None
+    cached = cls.from_run(context, options)  # teacher_cls_cache: auto -> cached (only [CLS] is needed)
+    assert cached.teacher.cached_cls is not None
     assert list((tiny_setup[2] / "signals/teacher_cls").glob("*.pt"))
-    options["teacher_cls_cache"] = "never"
-    live = cls.from_run(context, **options)
-    assert live.teacher_cls is None
+    live = cls.from_run(context, dataclasses.replace(options, teacher_cls_cache="never"))
+    assert live.teacher.cached_cls is None
     live.load_state_dict(cached.state_dict())  # same projections
 
     from kdexp.data import make_loader
@@ -347,7 +350,7 @@ def test_cached_cls_vectors_replace_the_teacher_forward(tiny_setup: tuple[Path, 
     pairs = cached.layer_pairs
     live_out = live.teacher_internals(batch, pairs)
     calls = []
-    monkeypatch.setattr(internal_mod, "forward_with_internals", lambda model, *a, **k: calls.append(model))
+    monkeypatch.setattr(teacher_mod, "forward_with_internals", lambda model, *a, **k: calls.append(model))
     cached_out = cached.teacher_internals(batch, pairs)
     assert calls == []  # no teacher forward
     for pair in pairs:

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from kdexp.losses import soft_label_kd, soft_target_kd, vanilla_kd_loss
+from kdexp.losses import hinton_weights, kd_terms, soft_label_kd, soft_target_kd, weighted_sum
 from kdexp.metrics import GlueMetrics
 from kdexp.tasks import get_task
 
@@ -84,7 +84,8 @@ def test_vanilla_kd_mixes_ce_and_kd_with_alpha() -> None:
     teacher, _ = _random_classification(8, 2, 7)
     ce = float(torch.nn.functional.cross_entropy(student, labels))
     kd = 4.0 * _kl_by_hand(teacher.numpy().astype(float), student.numpy().astype(float), 2.0)
-    loss, parts = vanilla_kd_loss(student, teacher, labels, alpha=0.3, temperature=2.0, regression=False)
+    parts = kd_terms(student, teacher, labels, temperature=2.0, regression=False)
+    loss = weighted_sum(parts, hinton_weights(0.3))
     assert float(loss) == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5)
     assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6)
 
@@ -93,7 +94,8 @@ def test_regression_kd_is_mse_to_the_teacher() -> None:
     student = torch.tensor([[1.0], [2.0], [3.0]])
     teacher = torch.tensor([[1.5], [2.0], [2.0]])
     labels = torch.tensor([1.0, 1.0, 1.0])
-    loss, parts = vanilla_kd_loss(student, teacher, labels, alpha=0.5, temperature=9.0, regression=True)
+    parts = kd_terms(student, teacher, labels, temperature=9.0, regression=True)
+    loss = weighted_sum(parts, hinton_weights(0.5))
     mse_teacher = (0.25 + 0 + 1) / 3
     mse_gold = (0 + 1 + 4) / 3
     assert float(parts["kd"]) == pytest.approx(mse_teacher)
@@ -103,3 +105,14 @@ def test_regression_kd_is_mse_to_the_teacher() -> None:
 def test_kd_loss_is_zero_when_student_equals_teacher() -> None:
     z, _ = _random_classification(5, 4, 8)
     assert float(soft_label_kd(z, z.clone(), 3.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_weighted_sum_takes_tensor_weights_and_refuses_unknown_terms() -> None:
+    terms = {"a": torch.tensor(2.0, requires_grad=True), "b": torch.tensor(3.0, requires_grad=True), "c": torch.tensor(5.0)}
+    weights = {"a": torch.tensor(0.25), "b": 2.0}  # "c" is only logged
+    total = weighted_sum(terms, weights)
+    assert float(total) == 0.25 * 2 + 2.0 * 3
+    total.backward()
+    assert float(terms["a"].grad) == 0.25 and float(terms["b"].grad) == 2.0
+    with pytest.raises(KeyError, match="unknown loss terms"):
+        weighted_sum(terms, {"d": 1.0})

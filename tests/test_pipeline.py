@@ -11,10 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForSequenceClassification
 
-from kdexp import teacher as teacher_mod
+from kdexp import teacher as teacher_access
+from kdexp import teacher_stage as teacher_mod
 from kdexp.data import DataSource, load_split
 from kdexp.report import report
-from kdexp.run import ConfigError, run
+from kdexp.run import ConfigError, method_options, run
 from kdexp.tasks import get_task
 from kdexp.train import CONFIG_DIR
 from tests.conftest import tiny_tokenizer
@@ -107,9 +108,9 @@ def test_cached_and_live_teacher_give_the_same_soft_labels(tiny_model_dir: Path,
     captured = {}
     original = VanillaKD.from_run
 
-    def spy(cls, context: RunContext, **options):
+    def spy(cls, context: RunContext, options):
         captured["context"] = context
-        return original.__func__(cls, context, **options)
+        return original.__func__(cls, context, options)
 
     import pytest as _pytest
 
@@ -117,8 +118,8 @@ def test_cached_and_live_teacher_give_the_same_soft_labels(tiny_model_dir: Path,
         mp.setattr(VanillaKD, "from_run", classmethod(spy))
         run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=vanilla_kd", "method.live_teacher=true", "trainer.max_epochs=1"), tmp_path / "b")
     context = captured["context"]
-    cached = VanillaKD.from_run(context, live_teacher=False)
-    live = VanillaKD.from_run(context, live_teacher=True)
+    cached = VanillaKD.from_run(context, method_options("vanilla_kd", live_teacher=False))
+    live = VanillaKD.from_run(context, method_options("vanilla_kd", live_teacher=True))
     from kdexp.data import make_loader
 
     batch = next(iter(make_loader(context.data.train, context.data, 5, shuffle=True, seed=3)))

@@ -176,7 +176,7 @@ def test_every_teacher_setting_is_in_its_key(tiny_model_dir: Path, glue_dir: Pat
     from kdexp.models import model_fingerprint
     from kdexp.run import teacher_spec
     from kdexp.tasks import get_task
-    from kdexp.teacher import teacher_key
+    from kdexp.teacher_stage import teacher_key
 
     def key(*overrides: str) -> str:
         cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", *overrides)

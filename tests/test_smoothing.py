@@ -298,7 +298,7 @@ def test_top_k_error_is_smaller_for_peaked_than_for_flat_distributions() -> None
 def test_topk_report_on_a_tiny_run_keeps_more_mass_and_error_shrinks_with_k(
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
-    from kdexp.smoothing.topk_report import topk_report
+    from kdexp.tools.topk_report import topk_report
 
     overrides = [f"teacher.name_or_path={tiny_model_dir}", "teacher.epochs=1", f"data.glue_dir={glue_dir}",
                  "data.max_length=32", f"cache_dir={tmp_path / 'cache'}", "method.mlm.adapt.steps=3",

@@ -20,9 +20,10 @@ from transformers import BertForMaskedLM, BertForSequenceClassification
 from transformers.models.bert import modeling_bert
 
 import kdexp.methods.text_smoothing as ts
+import kdexp.smoothing.mlm_teacher as mlm_teacher
 from kdexp.methods.finetune import Finetune
 from kdexp.methods.text_smoothing import TextSmoothing
-from kdexp.run import RunContext, build_context, run
+from kdexp.run import RunContext, build_context, method_options, run
 from kdexp.smoothing import MissingMLMHeadError
 from kdexp.smoothing import mlm_token_distributions
 from kdexp.smoothing.store import TopKTokenStore, topk_distributions_at
@@ -100,8 +101,8 @@ def test_smooth_rate_zero_gives_exactly_the_finetuning_loss_and_gradients(top_k:
     student = no_dropout_student()
     finetune = Finetune(copy.deepcopy(student), task)
     smoothing = TextSmoothing(
-        copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(), smooth_rate=0.0,
-        top_k=top_k, schedule="sum",
+        copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
+        options=method_options("text_smoothing", smooth_rate=0.0, top_k=top_k, schedule="sum"),
     )
     expected = finetune.training_step(batch, 0)
     expected.backward()
@@ -114,7 +115,7 @@ def test_smooth_rate_zero_gives_exactly_the_finetuning_loss_and_gradients(top_k:
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-7, msg=name)
 
     # The smoothed input really differs from the one-hot one at lam > 0 (the test is not vacuous).
-    smoothing.smooth_rate = 0.5
+    smoothing.options.smooth_rate = 0.5
     one_hot = smoothing.student.get_input_embeddings()(batch["input_ids"])
     assert not torch.allclose(smoothing.smoothed_embeddings(batch), one_hot)
 
@@ -149,8 +150,8 @@ def fit_on_batches(module: TextSmoothing, batches: list[dict], clip: float | Non
 @pytest.mark.parametrize(("schedule", "steps_per_batch"), [("two_steps", 2), ("sum", 1)])
 def test_schedules_take_their_number_of_optimiser_steps_and_clip_each(schedule: str, steps_per_batch: int) -> None:
     module = TextSmoothing(
-        no_dropout_student(), get_task("sst2"), special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(), top_k=4,
-        schedule=schedule,
+        no_dropout_student(), get_task("sst2"), special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
+        options=method_options("text_smoothing", top_k=4, schedule=schedule),
     )
     module.optim.learning_rate = 1e-2
     batches = [random_batch(seed) for seed in range(3)]
@@ -169,19 +170,20 @@ def test_two_steps_first_step_is_the_smoothed_loss_and_the_second_the_original()
     batch = random_batch()
     student = no_dropout_student()
     smoothing = TextSmoothing(
-        copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(), smooth_rate=0.0,
-        top_k=3, schedule="two_steps",
+        copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
+        options=method_options("text_smoothing", smooth_rate=0.0, top_k=3, schedule="two_steps"),
     )
     seen: list[tuple[str, float, dict]] = []
     for name in ("smoothed", "original"):
-        original = getattr(smoothing, f"{name}_loss")
+        original = getattr(smoothing, f"{name}_terms")
 
         def spy(batch, name=name, original=original):
-            loss, parts = original(batch)
-            seen.append((name, float(loss.detach()), {k: v.detach().clone() for k, v in smoothing.student.state_dict().items()}))
-            return loss, parts
+            terms = original(batch)
+            seen.append((name, float(terms[f"ce_{name}"].detach()),
+                         {k: v.detach().clone() for k, v in smoothing.student.state_dict().items()}))
+            return terms
 
-        setattr(smoothing, f"{name}_loss", spy)
+        setattr(smoothing, f"{name}_terms", spy)
     fit_on_batches(smoothing, [batch])
     assert [name for name, _, _ in seen] == ["smoothed", "original"]
     finetune = Finetune(copy.deepcopy(student), task)
@@ -213,11 +215,12 @@ def test_mlm_distribution_store_is_computed_once_and_matches_live(
     tiny_model_dir: Path, tiny_mlm_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     context = context_for(tiny_model_dir, glue_dir, tmp_path)
-    options = dict(top_k=6, mlm={"name_or_path": str(tiny_mlm_dir), "adapt": {"enabled": False}})
+    common = {"top_k": 6, "mlm.name_or_path": str(tiny_mlm_dir), "mlm.adapt.enabled": False}
+    options = method_options("text_smoothing", **common)
     head_forward = Counter(modeling_bert.BertOnlyMLMHead.forward)
     monkeypatch.setattr(modeling_bert.BertOnlyMLMHead, "forward", lambda self, *a, **k: head_forward(self, *a, **k))
 
-    first = TextSmoothing.from_run(context, **options)
+    first = TextSmoothing.from_run(context, options)
     assert head_forward.calls > 0 and first.topk_store is not None and not first._mlm
     stored = list((context.data.cache_dir / "signals" / "mlm_topk").glob("*.pt"))
     assert len(stored) == 1
@@ -225,16 +228,16 @@ def test_mlm_distribution_store_is_computed_once_and_matches_live(
     assert record["distributions"] == "cached" and record["adapted"] is False
 
     head_forward.calls = 0
-    second = TextSmoothing.from_run(context, **options)
+    second = TextSmoothing.from_run(context, options)
     assert head_forward.calls == 0  # read from the store: no MLM forward
     for name, tensor in first.topk_store.tensors().items():
         assert torch.equal(second.topk_store.tensors()[name], tensor)
     # A different temperature is another store.
-    TextSmoothing.from_run(context, temperature=2.0, **options)
+    TextSmoothing.from_run(context, method_options("text_smoothing", temperature=2.0, **common))
     assert head_forward.calls > 0 and len(list(stored[0].parent.glob("*.pt"))) == 2
 
     # The stored (float16) distributions are the live ones, to float16 precision.
-    live = TextSmoothing.from_run(context, distributions="live", **options)
+    live = TextSmoothing.from_run(context, method_options("text_smoothing", distributions="live", **common))
     assert live.topk_store is None and live._mlm
     from kdexp.data import make_loader
 
@@ -279,11 +282,12 @@ def test_mlm_adaptation_stage_runs_once_per_key_and_is_reused(
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     context = context_for(tiny_model_dir, glue_dir, tmp_path)  # tiny_model_dir has no MLM head
-    adapt = Counter(ts.adapt_mlm_head)
-    monkeypatch.setattr(ts, "adapt_mlm_head", adapt)
-    options = dict(top_k=4, distributions="live", mlm={"adapt": {"steps": 3, "batch_size": 4}})
+    adapt = Counter(mlm_teacher.adapt_mlm_head)
+    monkeypatch.setattr(mlm_teacher, "adapt_mlm_head", adapt)
+    options = method_options("text_smoothing", top_k=4, distributions="live",
+                             **{"mlm.adapt.steps": 3, "mlm.adapt.batch_size": 4})
 
-    first = TextSmoothing.from_run(context, **options)
+    first = TextSmoothing.from_run(context, options)
     assert adapt.calls == 1
     stores = [p for p in (context.data.cache_dir / "mlm").iterdir() if p.is_dir()]  # not the lock file
     assert len(stores) == 1 and stores[0].name.startswith("sst2-")
@@ -293,12 +297,13 @@ def test_mlm_adaptation_stage_runs_once_per_key_and_is_reused(
     assert record["adapted"] and record["mlm_key"] == info["key"]
     assert record["adaptation_metrics"]["masked_token_accuracy"] == info["metrics"]["masked_token_accuracy"]
 
-    second = TextSmoothing.from_run(context, **options)
+    second = TextSmoothing.from_run(context, options)
     assert adapt.calls == 1  # reused
     batch = next(iter(torch.utils.data.DataLoader([random_batch()], batch_size=None)))
     torch.testing.assert_close(first.mlm_distributions(batch).probs, second.mlm_distributions(batch).probs)
 
-    TextSmoothing.from_run(context, top_k=4, distributions="live", mlm={"adapt": {"steps": 4, "batch_size": 4}})
+    TextSmoothing.from_run(context, method_options("text_smoothing", top_k=4, distributions="live",
+                                                   **{"mlm.adapt.steps": 4, "mlm.adapt.batch_size": 4}))
     assert adapt.calls == 2 and len([p for p in (context.data.cache_dir / "mlm").iterdir() if p.is_dir()]) == 2
 
 

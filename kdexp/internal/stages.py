@@ -12,12 +12,12 @@ when ``patience`` is set and its loss has not improved by ``min_delta`` for
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from kdexp.internal.layer_map import LayerPair
+from kdexp.phases import PhaseSchedule
 
 Algorithm = Literal["all", "pid", "sid"]
 ALGORITHMS: tuple[str, ...] = ("all", "pid", "sid")
@@ -65,13 +65,12 @@ def total_epochs_needed(algorithm: Algorithm, num_pairs: int, epochs_per_stage: 
     return num_internal_stages(algorithm, num_pairs) * epochs_per_stage + kd_epochs
 
 
-class StageSchedule:
-    """Tracks the current stage of an ``all``/``pid``/``sid`` run and when to advance.
+class StageSchedule(PhaseSchedule):
+    """The stages of an ``all``/``pid``/``sid`` run as epoch phases: each internal stage lasts
+    ``epochs_per_stage`` epochs (or fewer with ``patience``), the final KD stage the rest of training.
 
-    Call :meth:`end_epoch` once at the end of every epoch with the epoch's stage loss
-    (the internal loss being minimised in that stage; only needed when ``patience`` is
-    set). It returns True when that epoch ended the stage, so the caller can rebuild
-    optimisers or log the switch.
+    Call :meth:`end_epoch` once at the end of every epoch with the epoch's stage loss (needed
+    only when ``patience`` is set); it returns True when that epoch ended the stage.
     """
 
     def __init__(
@@ -84,25 +83,16 @@ class StageSchedule:
     ) -> None:
         if epochs_per_stage < 1:
             raise ValueError(f"epochs_per_stage must be at least 1, got {epochs_per_stage}")
-        if patience is not None and patience < 1:
-            raise ValueError(f"patience must be None (fixed epochs) or at least 1, got {patience}")
-        if min_delta < 0:
-            raise ValueError(f"min_delta must be non-negative, got {min_delta}")
         self.algorithm = algorithm
         self.layer_pairs = tuple(layer_pairs)
         self.stages = build_stages(algorithm, self.layer_pairs)
         self.epochs_per_stage = epochs_per_stage
-        self.patience = patience
-        self.min_delta = min_delta
-        self._stage_index = 0
-        self._epochs_in_stage = 0
-        self._best_stage_loss = math.inf
-        self._epochs_without_improvement = 0
-        self._last_epoch: int | None = None
+        super().__init__("epoch", [epochs_per_stage] * (len(self.stages) - 1) + [None], patience=patience,
+                         min_delta=min_delta)
 
     @property
     def current_stage(self) -> Stage:
-        return self.stages[self._stage_index]
+        return self.stages[self.index]
 
     @property
     def is_final_kd_stage(self) -> bool:
@@ -112,67 +102,21 @@ class StageSchedule:
         """Layer pairs distilled in the current stage; empty in the final KD stage."""
         return self.current_stage.pairs
 
-    def end_epoch(self, epoch: int, stage_loss: float | None = None) -> bool:
-        """Record the end of ``epoch``; return True if the schedule advanced to the next stage.
-
-        Args:
-            epoch: index of the epoch that just ended; must increase from call to call,
-                which catches an epoch recorded twice (for example around a resume).
-            stage_loss: the epoch's loss for the current stage. Required when
-                ``patience`` is set; a NaN loss counts as no improvement.
-        """
-        if self._last_epoch is not None and epoch <= self._last_epoch:
-            raise ValueError(f"end_epoch called for epoch {epoch} after epoch {self._last_epoch}")
-        self._last_epoch = epoch
-        if self.is_final_kd_stage:
-            return False
-        self._epochs_in_stage += 1
-        if self.patience is not None:
-            if stage_loss is None:
-                raise ValueError("stage_loss is required when patience is set")
-            self._record_stage_loss(float(stage_loss))
-        if self._stage_is_over():
-            self._advance()
-            return True
-        return False
-
-    def _record_stage_loss(self, stage_loss: float) -> None:
-        if stage_loss < self._best_stage_loss - self.min_delta:
-            self._best_stage_loss = stage_loss
-            self._epochs_without_improvement = 0
-        else:
-            self._epochs_without_improvement += 1
-
-    def _stage_is_over(self) -> bool:
-        if self._epochs_in_stage >= self.epochs_per_stage:
-            return True
-        return self.patience is not None and self._epochs_without_improvement >= self.patience
-
-    def _advance(self) -> None:
-        self._stage_index += 1
-        self._epochs_in_stage = 0
-        self._best_stage_loss = math.inf
-        self._epochs_without_improvement = 0
+    def end_epoch(self, epoch: int, stage_loss: float | None = None, global_step: int = 0) -> bool:
+        try:
+            return super().end_epoch(epoch, stage_loss, global_step)
+        except ValueError as err:
+            raise ValueError(str(err).replace("phase_loss", "stage_loss")) from None
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume in the same stage (plain Python values)."""
         return {
+            **super().state_dict(),
             "algorithm": self.algorithm,
             "layer_pairs": [[pair.student, pair.teacher] for pair in self.layer_pairs],
-            "stage_index": self._stage_index,
-            "epochs_in_stage": self._epochs_in_stage,
-            "best_stage_loss": self._best_stage_loss,
-            "epochs_without_improvement": self._epochs_without_improvement,
-            "last_epoch": self._last_epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore progress saved by :meth:`state_dict` into a schedule with the same setup.
-
-        Raises:
-            ValueError: if the saved algorithm or layer pairs differ from this schedule's,
-                since the saved stage index would then mean a different stage.
-        """
+        """Restore progress saved by :meth:`state_dict` into a schedule with the same setup (else ValueError)."""
         saved_pairs = [tuple(pair) for pair in state["layer_pairs"]]
         own_pairs = [(pair.student, pair.teacher) for pair in self.layer_pairs]
         if state["algorithm"] != self.algorithm or saved_pairs != own_pairs:
@@ -180,18 +124,9 @@ class StageSchedule:
                 f"saved schedule ({state['algorithm']}, pairs {saved_pairs}) does not match this schedule "
                 f"({self.algorithm}, pairs {own_pairs})"
             )
-        if not 0 <= state["stage_index"] < len(self.stages):
-            raise ValueError(f"saved stage_index {state['stage_index']} out of range for {len(self.stages)} stages")
-        self._stage_index = int(state["stage_index"])
-        self._epochs_in_stage = int(state["epochs_in_stage"])
-        self._best_stage_loss = float(state["best_stage_loss"])
-        self._epochs_without_improvement = int(state["epochs_without_improvement"])
-        self._last_epoch = None if state["last_epoch"] is None else int(state["last_epoch"])
+        super().load_state_dict(state)
 
     def __repr__(self) -> str:
         stage = self.current_stage
         pairs = "KD" if stage.is_final_kd else ", ".join(str(pair) for pair in stage.pairs)
-        return (
-            f"StageSchedule({self.algorithm}, stage {stage.index + 1}/{len(self.stages)} [{pairs}], "
-            f"epoch {self._epochs_in_stage}/{self.epochs_per_stage} in stage)"
-        )
+        return f"StageSchedule({self.algorithm}, stage {stage.index + 1}/{len(self.stages)} [{pairs}])"

@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import datasets
@@ -63,7 +63,7 @@ from omegaconf import MISSING
 from kdexp.cache import cache_key
 from kdexp.config import require
 from kdexp.data import tokenize_split
-from kdexp.decision.estimator import DEFAULT_PSEUDO_COUNT, estimate_logits_from_counts
+from kdexp.decision.estimator import estimate_logits_from_counts
 from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.losses import soft_target_kd
@@ -71,7 +71,7 @@ from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
 
 if TYPE_CHECKING:
-    from kdexp.run import RunContext
+    from kdexp.context import RunContext
     from kdexp.tasks import GlueTask
 
 log = logging.getLogger(__name__)
@@ -191,19 +191,13 @@ class DecisionDistillation(DistillationModule):
     def __init__(
         self,
         *args: Any,
+        options: DecisionOptions,
         targets: torch.Tensor | None = None,
-        alpha: float = 0.7,
-        temperature: float = 1.0,
-        ce_weight: float = 1.0,
         num_original: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.alpha = float(alpha)
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
+        self.options = options
         self.num_original = num_original
         if targets is not None:
             self.register_buffer("targets", targets.float(), persistent=False)
@@ -233,23 +227,20 @@ class DecisionDistillation(DistillationModule):
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_run(cls, run: "RunContext", queries: dict[str, Any] | None = None, **options: Any) -> "DecisionDistillation":
+    def from_run(cls, run: "RunContext", options: DecisionOptions) -> "DecisionDistillation":
         cls.check_config(run.cfg, run.task)
-        try:
-            config = QueryConfig.from_options(queries)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"method '{cls.method_name}': {err}") from None
+        config = QueryConfig.from_options(asdict(options.queries))
         teacher = DecisionTeacher.from_teacher(run.teacher, run.data.max_length, config.batch_size)
         decided = query_decisions(teacher, run.data.raw[run.task.train_split], run.task, config, run.data.cache_dir)
         gold = torch.as_tensor(run.data.raw[run.task.train_split]["label"])
         stats = {"method": cls.method_name, **decision_statistics(decided, gold)}
-        module = cls.from_decisions(run, decided, stats, **options)
+        module = cls.from_decisions(run, decided, stats, options)
         cls._report(run, stats)
         return module
 
     @classmethod
     def from_decisions(
-        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], **options: Any
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], options: Any
     ) -> "DecisionDistillation":
         """Build the module from the decisions (subclasses turn them into targets)."""
         raise NotImplementedError
@@ -279,17 +270,19 @@ class DecisionDistillation(DistillationModule):
     def targets_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.targets[batch["idx"]]
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self(batch)
-        kd = soft_target_kd(logits, self.targets_for(batch), self.temperature)
+        kd = soft_target_kd(logits, self.targets_for(batch), self.options.temperature)
         if self.num_original is None:
             ce = self.task_loss(logits, batch["labels"])
         else:
             is_original = (batch["idx"] < self.num_original).float()
             per_example = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
             ce = (per_example * is_original).sum() / logits.shape[0]
-        loss = self.ce_weight * ce + self.alpha * kd
-        return loss, {"ce": ce.detach(), "kd": kd.detach()}
+        return {"ce": ce, "kd": kd}
+
+    def loss_weights(self) -> dict[str, float | torch.Tensor]:
+        return {"ce": self.options.ce_weight, "kd": self.options.alpha}
 
 
 class DBKD(DecisionDistillation):
@@ -298,31 +291,24 @@ class DBKD(DecisionDistillation):
     method_name = "dbkd"
     Options = DBKDOptions
 
-    def __init__(self, *args: Any, estimated_logits: torch.Tensor, logit_scale: float = 1.0, **kwargs: Any):
+    def __init__(self, *args: Any, estimated_logits: torch.Tensor, **kwargs: Any):
         super().__init__(*args, targets=None, **kwargs)
-        self.logit_scale = float(logit_scale)
         self.register_buffer("estimated_logits", estimated_logits.float(), persistent=False)
 
     @classmethod
-    def from_decisions(
-        cls,
-        run: "RunContext",
-        decided: DecisionQueries,
-        stats: dict[str, Any],
-        noise_std: float = 1.0,
-        pseudo_count: float = DEFAULT_PSEUDO_COUNT,
-        **options: Any,
-    ) -> "DBKD":
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
+                       options: DBKDOptions) -> "DBKD":
         counts = decided.counts
         start = time.perf_counter()
-        estimated = estimate_logits_from_counts(counts, noise_std=noise_std, pseudo_count=pseudo_count)
+        estimated = estimate_logits_from_counts(counts, noise_std=options.noise_std, pseudo_count=options.pseudo_count)
         seconds = time.perf_counter() - start
         stats.update(estimate_statistics(counts, estimated, decided.num_queries))
-        stats.update(estimator_seconds=seconds, noise_std=noise_std, pseudo_count=pseudo_count)
-        return cls(student=run.student, task=run.task, optim=run.optim, estimated_logits=estimated, **options)
+        stats.update(estimator_seconds=seconds, noise_std=options.noise_std, pseudo_count=options.pseudo_count)
+        return cls(run.student, run.task, run.optim, options=options, estimated_logits=estimated)
 
     def targets_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.softmax(self.logit_scale * self.estimated_logits[batch["idx"]] / self.temperature, dim=-1)
+        scaled = self.options.logit_scale * self.estimated_logits[batch["idx"]]  # type: ignore[attr-defined]
+        return torch.softmax(scaled / self.options.temperature, dim=-1)
 
 
 def estimate_statistics(counts: torch.Tensor, estimated: torch.Tensor, num_queries: int) -> dict[str, Any]:
@@ -349,9 +335,10 @@ class DecisionHard(DecisionDistillation):
     method_name = "decision_hard"
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], **options: Any):
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
+                       options: DecisionOptions) -> "DecisionHard":
         targets = hard_targets(decided.original_decisions, decided.num_labels)
-        return cls(student=run.student, task=run.task, optim=run.optim, targets=targets, **options)
+        return cls(run.student, run.task, run.optim, options=options, targets=targets)
 
 
 class DecisionLabelSmooth(DecisionDistillation):
@@ -362,10 +349,10 @@ class DecisionLabelSmooth(DecisionDistillation):
 
     @classmethod
     def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       smoothing: float = 0.1, **options: Any):
-        targets = label_smoothed_targets(decided.original_decisions, decided.num_labels, smoothing)
-        stats["smoothing"] = smoothing
-        return cls(student=run.student, task=run.task, optim=run.optim, targets=targets, **options)
+                       options: LabelSmoothOptions) -> "DecisionLabelSmooth":
+        targets = label_smoothed_targets(decided.original_decisions, decided.num_labels, options.smoothing)
+        stats["smoothing"] = options.smoothing
+        return cls(run.student, run.task, run.optim, options=options, targets=targets)
 
 
 class DecisionNoiseSmooth(DecisionDistillation):
@@ -374,9 +361,10 @@ class DecisionNoiseSmooth(DecisionDistillation):
     method_name = "decision_noise_smooth"
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], **options: Any):
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
+                       options: DecisionOptions) -> "DecisionNoiseSmooth":
         targets = noise_smoothed_targets(decided.counts)
-        return cls(student=run.student, task=run.task, optim=run.optim, targets=targets, **options)
+        return cls(run.student, run.task, run.optim, options=options, targets=targets)
 
 
 class DecisionHardAug(DecisionDistillation):
@@ -393,11 +381,10 @@ class DecisionHardAug(DecisionDistillation):
 
     @classmethod
     def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       copies_per_example: int | None = None, **options: Any):
+                       options: HardAugOptions) -> "DecisionHardAug":
         n, num_copies = decided.num_examples, decided.num_queries - 1
+        copies_per_example = options.copies_per_example
         use = num_copies if copies_per_example is None else min(int(copies_per_example), num_copies)
-        if use < 0:
-            raise ConfigError(f"method '{cls.method_name}': copies_per_example must be >= 0, got {copies_per_example}")
         task, data = run.task, run.data
         original = data.train
         targets = [hard_targets(decided.original_decisions, decided.num_labels)]
@@ -418,5 +405,4 @@ class DecisionHardAug(DecisionDistillation):
                                                                    copies=copies_key)})
             run.data = replace(data, tokenized=dict(data.tokenized, **{task.train_split: train}), keys=keys)
         stats.update(extra_examples=len(run.data.train) - n, copies_per_example=use)
-        return cls(student=run.student, task=run.task, optim=run.optim, targets=torch.cat(targets),
-                   num_original=n, **options)
+        return cls(run.student, run.task, run.optim, options=options, targets=torch.cat(targets), num_original=n)

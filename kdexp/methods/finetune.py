@@ -8,5 +8,5 @@ from kdexp.methods.base import DistillationModule
 
 
 class Finetune(DistillationModule):
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.task_loss(self(batch), batch["labels"]), {}
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"ce": self.task_loss(self(batch), batch["labels"])}

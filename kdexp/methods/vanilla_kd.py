@@ -14,11 +14,12 @@ import torch
 from omegaconf import MISSING
 
 from kdexp.config import require
-from kdexp.losses import vanilla_kd_loss
+from kdexp.losses import hinton_weights, kd_terms
 from kdexp.methods.base import DistillationModule
+from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
-    from kdexp.run import RunContext
+    from kdexp.context import RunContext
 
 
 @dataclass
@@ -35,49 +36,24 @@ class VanillaKDOptions:
 class VanillaKD(DistillationModule):
     Options = VanillaKDOptions
 
-    def __init__(
-        self,
-        *args: Any,
-        teacher_logits: torch.Tensor | None = None,
-        teacher_model: torch.nn.Module | None = None,
-        temperature: float = 2.0,
-        alpha: float = 0.5,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, options: VanillaKDOptions, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if (teacher_logits is None) == (teacher_model is None):
-            raise ValueError("VanillaKD needs exactly one of teacher_logits (cached) or teacher_model (live).")
-        self.temperature = temperature
-        self.alpha = alpha
-        # Not a submodule and not in checkpoints: the teacher is frozen and stored elsewhere.
-        self._live_teacher = [teacher_model.eval().requires_grad_(False)] if teacher_model is not None else []
-        if teacher_logits is not None:
-            self.register_buffer("teacher_logits", teacher_logits.float(), persistent=False)
+        if self.teacher is None:
+            raise ValueError("VanillaKD needs the teacher's signals (cached logits or the live model)")
+        self.options = options
 
     @classmethod
-    def from_run(cls, run: "RunContext", live_teacher: bool = False, **options: Any) -> "VanillaKD":
-        if live_teacher:
-            signals: dict[str, Any] = {"teacher_model": run.teacher.load_model()}
-        else:
-            signals = {"teacher_logits": run.teacher.logits(run.data, run.task.train_split)}
-        return cls(student=run.student, task=run.task, optim=run.optim, **signals, **options)
-
-    def on_fit_start(self) -> None:
-        for teacher in self._live_teacher:
-            teacher.to(self.device)
+    def from_run(cls, run: "RunContext", options: VanillaKDOptions) -> "VanillaKD":
+        teacher = TeacherSignals.from_teacher(run.teacher, run.data, live_logits=options.live_teacher)
+        return cls(run.student, run.task, run.optim, teacher=teacher, options=options)
 
     def teacher_logits_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self._live_teacher:
-            with torch.no_grad():
-                return self._live_teacher[0](**self.model_inputs(batch)).logits
-        return self.teacher_logits[batch["idx"]]
+        assert self.teacher is not None
+        return self.teacher.logits(batch)
 
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return vanilla_kd_loss(
-            self(batch),
-            self.teacher_logits_for(batch),
-            batch["labels"],
-            alpha=self.alpha,
-            temperature=self.temperature,
-            regression=self.task.is_regression,
-        )
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return kd_terms(self(batch), self.teacher_logits_for(batch), batch["labels"], self.options.temperature,
+                        self.task.is_regression)
+
+    def loss_weights(self) -> dict[str, float | torch.Tensor]:
+        return hinton_weights(self.options.alpha)

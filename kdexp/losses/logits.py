@@ -1,4 +1,8 @@
-"""Losses shared by the methods: the task loss and soft-label knowledge distillation."""
+"""Losses on the output logits: the task loss and soft-label knowledge distillation.
+
+Each returns one unweighted scalar; methods name them (`ce`, `kd`) and combine them with
+`kdexp.losses.weighted_sum`.
+"""
 
 from __future__ import annotations
 
@@ -35,17 +39,24 @@ def regression_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return F.mse_loss(student_logits.reshape(-1).float(), teacher_logits.reshape(-1).float())
 
 
-def vanilla_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    temperature: float,
+def output_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+    """Soft-label KD for a classification task, MSE to the teacher's prediction for regression."""
+    if regression:
+        return regression_kd(student_logits, teacher_logits)
+    return soft_label_kd(student_logits, teacher_logits, temperature)
+
+
+def kd_terms(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
     regression: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L = (1 - a)·CE + a·T²·KL(softmax(z_T/T) ‖ softmax(z_S/T)); MSE to the teacher for regression."""
-    ce = task_loss(student_logits, labels, regression)
-    kd = regression_kd(student_logits, teacher_logits) if regression else soft_label_kd(
-        student_logits, teacher_logits, temperature
-    )
-    return (1.0 - alpha) * ce + alpha * kd, {"ce": ce.detach(), "kd": kd.detach()}
+) -> dict[str, torch.Tensor]:
+    """The two terms of Hinton's KD, unweighted: `ce` with the gold label and `kd` to the teacher."""
+    return {
+        "ce": task_loss(student_logits, labels, regression),
+        "kd": output_kd(student_logits, teacher_logits, temperature, regression),
+    }
+
+
+def hinton_weights(alpha: float) -> dict[str, float]:
+    """`L = (1 - alpha)·CE + alpha·T²·KL` (Hinton et al. 2015; `vanilla_kd`)."""
+    return {"ce": 1.0 - alpha, "kd": alpha}

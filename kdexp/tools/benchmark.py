@@ -1,6 +1,6 @@
 """Training throughput, as ratios measured in one process on one machine.
 
-    python -m kdexp.benchmark task=sst2 data.max_train_samples=512 data.max_length=64
+    python -m kdexp.tools.benchmark task=sst2 data.max_train_samples=512 data.max_length=64
 
 Each variant is a set of config overrides run through the framework's own trainer (one
 epoch, validation off); `bare_loop` is a plain PyTorch loop doing the work of `finetune`
@@ -24,15 +24,14 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from kdexp.data import make_loader
 from kdexp.losses import task_loss
 from kdexp.methods.base import DistillationModule
 from kdexp.models import build_student
-from kdexp.run import RunContext, _student_source, build_context, build_module, trainer_options
-from kdexp.train import CONFIG_DIR
+from kdexp.context import RunContext
+from kdexp.run import build_context, build_module, compose_config, student_source, trainer_options
 from kdexp.training import ThroughputMeter
 
 DEFAULT_VARIANTS = {
@@ -45,11 +44,6 @@ DEFAULT_RATIOS = [
     ("vanilla_kd live teacher / cached", "vanilla_kd_live_teacher", "vanilla_kd"),
     ("kdexp finetune / bare PyTorch loop", "finetune", "bare_loop"),
 ]
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 class PeakMemory:
@@ -108,7 +102,7 @@ def bare_loop_examples_per_second(context: RunContext) -> float:
     cfg = context.cfg
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, _student_source(cfg, context.teacher), context.task).to(device).train()
+    student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
     no_decay = ("bias", "LayerNorm.weight")
     params = list(student.named_parameters())
     optimizer = torch.optim.AdamW(

@@ -1,6 +1,6 @@
 """How much top-k truncation of ``q_t`` moves the smoothed embeddings, on a run's real MLM and dev text.
 
-    python -m kdexp.smoothing.topk_report task=sst2 data.max_train_samples=1000 --top-k 16,64,256,1024
+    python -m kdexp.tools.topk_report task=sst2 data.max_train_samples=1000 --top-k 16,64,256,1024
 
 Builds the run's context for ``method=text_smoothing`` with the given overrides, takes its MLM
 (the adaptation stage runs once per key, or is reused from the cache), runs it on the first
@@ -20,18 +20,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kdexp.benchmark import compose_config
 from kdexp.data import MODEL_INPUTS, make_loader
-from kdexp.methods.text_smoothing import MLMSettings, prepare_mlm_teacher
-from kdexp.run import build_context
+from kdexp.run import build_context, compose_config, resolve_method
+from kdexp.smoothing.mlm_teacher import prepare_mlm_teacher
 from kdexp.smoothing.smoothing import measure_topk_embedding_error
 
 
 def topk_report(overrides: list[str], top_ks: list[int], rows: int) -> dict:
     cfg = compose_config(["logger=none", "method=text_smoothing", *overrides])
     context, _, _ = build_context(cfg, Path("."))
-    settings = MLMSettings.from_options(OmegaConf.to_container(cfg.method.mlm, resolve=True))  # type: ignore[arg-type]
-    mlm = prepare_mlm_teacher(context, settings)
+    mlm = prepare_mlm_teacher(context, resolve_method(cfg.method)[1].mlm)
     dev_split = context.data.tokenized[context.task.eval_splits[0]]
     dev = dev_split.select(range(min(rows, len(dev_split))))
     batch = next(iter(make_loader(dev, context.data, len(dev), shuffle=False)))

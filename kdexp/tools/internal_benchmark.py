@@ -1,14 +1,14 @@
 """Throughput of internal distillation against a bare PyTorch loop, and what each teacher signal costs.
 
-    python -m kdexp.internal.bare_loop task=sst2 data.max_train_samples=256 student.num_layers=3 --repeats 2
-    python -m kdexp.internal.bare_loop --components task=sst2 data.max_train_samples=256 student.num_layers=3
+    python -m kdexp.tools.internal_benchmark task=sst2 data.max_train_samples=256 student.num_layers=3 --repeats 2
+    python -m kdexp.tools.internal_benchmark --components task=sst2 data.max_train_samples=256 student.num_layers=3
 
 The first form runs, interleaved and ``--repeats`` times, one training epoch of: the
 framework's ``finetune``, ``vanilla_kd`` and ``internal_all`` (its first epoch is the
 attention stage: eager teacher forward with attentions + eager student forward/backward +
 attention KL + [CLS] cosine + soft-label KD), ``internal_all`` with ``attention_weight=0``
 with the teacher's [CLS] vectors cached and live, and two bare PyTorch loops: the
-foundation's finetune loop (``kdexp.benchmark``) and :func:`bare_internal_loop_examples_per_second`,
+foundation's finetune loop (``kdexp.tools.benchmark``) and :func:`bare_internal_loop_examples_per_second`,
 which does the work of the ``internal_all`` attention stage without Lightning. It prints
 the median examples/s and the ratios.
 
@@ -30,14 +30,16 @@ from typing import Any, Callable
 import torch
 from omegaconf import OmegaConf
 
-from kdexp.benchmark import bare_loop_examples_per_second, compose_config, lightning_examples_per_second
+from kdexp.run import compose_config
+from kdexp.tools.benchmark import bare_loop_examples_per_second, lightning_examples_per_second
 from kdexp.data import make_loader
-from kdexp.internal.internals import forward_with_internals, truncated_encoder
+from kdexp.model_internals import forward_with_internals, truncated_encoder
 from kdexp.internal.layer_map import resolve_layer_map
-from kdexp.internal.losses import InternalProjections, internal_distillation_loss
-from kdexp.losses import vanilla_kd_loss
+from kdexp.internal.losses import InternalProjections, internal_terms, internal_weights
+from kdexp.losses import hinton_weights, kd_terms, weighted_sum
+from kdexp.methods.internal import InternalOptions
 from kdexp.models import build_student
-from kdexp.run import RunContext, _student_source, build_context
+from kdexp.run import RunContext, build_context, resolve_method, student_source
 
 VARIANTS = {
     "finetune": ["method=finetune"],
@@ -60,9 +62,9 @@ def _device(context: RunContext) -> torch.device:
     return torch.device("cuda" if context.cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu")
 
 
-def _method_options(context: RunContext) -> dict[str, Any]:
-    options = OmegaConf.to_container(context.cfg.method, resolve=True)
-    assert isinstance(options, dict)
+def _method_options(context: RunContext) -> InternalOptions:
+    _, options = resolve_method(context.cfg.method)
+    assert isinstance(options, InternalOptions), "the internal benchmark needs method=internal_*"
     return options
 
 
@@ -80,16 +82,17 @@ def bare_internal_loop_examples_per_second(context: RunContext) -> float:
     cfg, options = context.cfg, _method_options(context)
     device = _device(context)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, _student_source(cfg, context.teacher), context.task).to(device).train()
+    student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
     teacher = context.teacher.load_model().to(device)
     teacher_logits = context.teacher.logits(context.data, context.task.train_split).to(device)
-    pairs = resolve_layer_map(options.get("layer_map", "uniform"), student.config.num_hidden_layers,
-                              teacher.config.num_hidden_layers)
+    pairs = resolve_layer_map(options.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     projections = InternalProjections(pairs, student.config.hidden_size, teacher.config.hidden_size).to(device)
-    weights = {k: float(options.get(k, d)) for k, d in
-               (("attention_weight", 1.0), ("cls_weight", 1.0), ("hidden_mse_weight", 0.0))}
-    with_kd = bool(options.get("kd_in_internal_stages", True))
-    need_attentions = weights["attention_weight"] != 0
+    weights = internal_weights(pairs, options.attention_weight, options.cls_weight, options.hidden_mse_weight)
+    kinds = sorted({name.split("/")[0] for name in weights}, key=("attention_kl", "cls_cosine", "hidden_mse").index)
+    with_kd = options.kd_in_internal_stages
+    if with_kd:
+        weights.update(hinton_weights(options.alpha))
+    need_attentions = options.attention_weight != 0
     teacher_depth = max(p.teacher for p in pairs) + 1
 
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
@@ -109,16 +112,14 @@ def bare_internal_loop_examples_per_second(context: RunContext) -> float:
         with torch.no_grad(), truncated_encoder(teacher, teacher_depth):
             teacher_out = forward_with_internals(teacher, batch, need_attentions=need_attentions)
         student_out = forward_with_internals(student, batch, need_attentions=need_attentions)
-        loss = internal_distillation_loss(
+        terms = internal_terms(
             pairs, student_out.hidden_states, teacher_out.hidden_states, batch["attention_mask"], projections,  # type: ignore[arg-type]
-            student_out.attentions, teacher_out.attentions, head_mismatch=options.get("head_mismatch", "error"),
-            **weights,
-        ).total
+            student_out.attentions, teacher_out.attentions, kinds, options.head_mismatch,  # type: ignore[arg-type]
+        )
         if with_kd:
-            loss = loss + vanilla_kd_loss(student_out.logits, teacher_logits[batch["idx"]], batch["labels"],
-                                          alpha=float(options.get("alpha", 0.5)),
-                                          temperature=float(options.get("temperature", 2.0)),
-                                          regression=context.task.is_regression)[0]
+            terms.update(kd_terms(student_out.logits, teacher_logits[batch["idx"]], batch["labels"],
+                                  options.temperature, context.task.is_regression))
+        loss = weighted_sum(terms, weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
@@ -148,10 +149,9 @@ def components(context: RunContext, num_batches: int = 6) -> dict[str, Any]:
     cfg, options = context.cfg, _method_options(context)
     device = _device(context)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, _student_source(cfg, context.teacher), context.task).to(device).train()
+    student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
     teacher = context.teacher.load_model().to(device)
-    pairs = resolve_layer_map(options.get("layer_map", "uniform"), student.config.num_hidden_layers,
-                              teacher.config.num_hidden_layers)
+    pairs = resolve_layer_map(options.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     teacher_layers = sorted({p.teacher for p in pairs})
     loader = make_loader(context.data.train, context.data, cfg.data.batch_size, True, cfg.seed)
     fake_cache = torch.randn(len(context.data.train), len(teacher_layers), teacher.config.hidden_size)
