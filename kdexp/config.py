@@ -23,17 +23,8 @@ from kdexp.errors import ConfigError
 T = TypeVar("T")
 
 
-def config_dir() -> str:
-    """The folder of the config groups: the installed `kdexp.conf` package (the repository's conf/)."""
-    from importlib.resources import files
-
-    try:
-        return str(files("kdexp.conf"))
-    except ModuleNotFoundError:  # running from a source tree that was never installed
-        return str(Path(__file__).resolve().parent.parent / "conf")
-
-
-CONFIG_DIR = config_dir()
+# The config groups: kdexp/conf, shipped inside the package (the repository's conf/ links to it).
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 # Keys (exact, or a prefix ending in ".") that cannot change a run's numbers.
 NON_RESULT_KEYS: tuple[str, ...] = (
