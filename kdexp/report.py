@@ -120,10 +120,20 @@ def varying_overrides(results: list[dict[str, Any]]) -> set[str]:
     return {k for k, values in seen.items() if len(values) > 1}
 
 
+DEV_REWARD_MARK = " [reward on dev]"
+
+
 def row_label(result: dict[str, Any], shown: set[str]) -> str:
-    """The method name plus the overrides that vary across the sweep (not task, seed, method)."""
+    """The method name plus the overrides that vary across the sweep (not task, seed, method).
+
+    A run whose method was steered by the dev set (knowledge selection with `reward.split=dev`)
+    is marked: its dev score is not a held-out score.
+    """
     extra = [f"{k}={v}" for k, v in sorted(_override_dict(result).items()) if k in shown]
-    return result["method"] + (f" ({', '.join(extra)})" if extra else "")
+    label = result["method"] + (f" ({', '.join(extra)})" if extra else "")
+    if (result.get("method_info") or {}).get("reward_split") == "dev":
+        label += DEV_REWARD_MARK
+    return label
 
 
 def teacher_label(result: dict[str, Any], shown: set[str]) -> str:

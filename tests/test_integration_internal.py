@@ -53,7 +53,7 @@ def test_pid_and_all_on_minilm_run_their_stages_and_report(real_env: dict[str, s
         rows = [r for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/stage")]
         stages = [int(float(r["train/stage"])) for r in rows]
         assert stages == ([0, 1, 2, 3] if method == "internal_pid" else [0, 1, 1, 1])
-        assert any(r.get("train/internal/attention_kl/s0_t1") for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+        assert any(r.get("train/loss/attention_kl/s0_t1") for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
 
     report = subprocess.run([sys.executable, "-m", "kdexp.report", str(sweep)], capture_output=True, text=True, env=real_env)
     assert report.returncode == 0, report.stderr

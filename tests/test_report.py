@@ -166,3 +166,13 @@ def test_runs_differing_only_in_a_result_option_are_not_duplicates(tmp_path: Pat
     write_result(tmp_path / "c", "sst2", "vanilla_kd", 1, 0.81, 0.9, ("method.alpha=0.5", "trainer.enable_progress_bar=False"))
     with pytest.raises(SystemExit, match="run twice, not two seeds"):
         report(tmp_path)
+
+
+def test_runs_rewarded_on_the_dev_set_are_marked(tmp_path: Path) -> None:
+    for seed, score in ((1, 0.8), (2, 0.9)):
+        run = write_result(tmp_path, "sst2", "knowledge_selection", seed, score, 0.9, ("method.reward.split=dev",))
+        result = json.loads((run / "results.json").read_text())
+        result["method_info"] = {"reward_split": "dev"}
+        (run / "results.json").write_text(json.dumps(result))
+    rows = table_rows(report(tmp_path))
+    assert rows["knowledge_selection [reward on dev]"] == ["85.0 ± 7.1"]

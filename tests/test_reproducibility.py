@@ -79,6 +79,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     ("dbkd", ["method.queries.num_queries=3"]),
     ("internal_all", ["trainer.max_epochs=2"]),
     ("text_smoothing_kd", ["method.mlm.adapt.steps=4", "method.mlm.adapt.batch_size=4", "method.top_k=8"]),
+    ("knowledge_selection", ["method.agent.episodes=2", "method.agent.episode_phases=2", "method.phase_steps=2",
+                             "method.reward.rows=4", "method.agent.batch_size=2"]),
 ])
 def test_cold_and_warm_cache_give_bit_identical_runs(
     method: str, extra: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
