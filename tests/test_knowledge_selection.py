@@ -217,3 +217,22 @@ def test_a_killed_agent_stage_resumes_to_the_same_agent(tiny_model_dir: Path, gl
     results = [json.loads((tmp_path / r / "results.json").read_text()) for r in ("r1", "r2")]
     assert results[0]["method_info"]["agent_stage"]["history"] == results[1]["method_info"]["agent_stage"]["history"]
     assert results[0]["metrics"] == results[1]["metrics"]
+
+
+def test_the_actions_plot_draws_one_line_per_kind_through_the_weights(tmp_path: Path) -> None:
+    import re
+
+    from kdexp.tools import plot_actions
+
+    weights = [{"fink": 1.0, "resk": 0.5, "feak": 0.0, "relk": 0.25}, {"fink": 0.0, "resk": 1.0, "feak": 1.0, "relk": 0.0}]
+    results = {"task": "sst2", "method": "knowledge_selection", "seed": 1,
+               "method_info": {"phase_actions": [{"phase": i, "step": 2 * i, "weights": w} for i, w in enumerate(weights)]}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    plot_actions.main([str(tmp_path), "--out", str(tmp_path / "a.svg")])
+    svg = (tmp_path / "a.svg").read_text()
+    lines = dict(re.findall(r'data-kind="(\w+)" points="([^"]+)"', svg))
+    assert set(lines) == {"fink", "resk", "feak", "relk"}
+    bottom, top = plot_actions.HEIGHT - plot_actions.MARGIN, plot_actions.MARGIN
+    for kind, points in lines.items():
+        ys = [float(point.split(",")[1]) for point in points.split()]
+        assert ys == pytest.approx([bottom - (bottom - top) * w[kind] for w in weights])

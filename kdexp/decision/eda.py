@@ -15,7 +15,7 @@ implementation (``eda.py`` of EDA, used unchanged by DBKD) unless stated:
   synonym becomes several words.
 * Change rate per copy (DBKD): ``|g|`` with ``g ~ Normal(0, (rate_scale sqrt(pi/2))^2)``,
   capped at ``max_rate`` (defaults 0.1 and 0.5, so the mean rate is 0.1). It is drawn
-  afresh for every copy, as METHODS.md specifies (DBKD's code draws one rate per
+  afresh for every copy, as docs/methods/dbkd.md says (DBKD's code draws one rate per
   sentence and operation).
 * Operations per copy: each copy applies one enabled operation. As in the reference
   ``eda()``, each enabled operation is scheduled ``num_copies // k + 1`` times

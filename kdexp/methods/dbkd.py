@@ -1,4 +1,4 @@
-"""Decision-based KD (DBKD; Zhou et al., ACL 2023, arXiv 2306.08909; METHODS.md §1) and the
+"""Decision-based KD (DBKD; Zhou et al., ACL 2023, arXiv 2306.08909; docs/methods/dbkd.md) and the
 decision-only baselines of the paper.
 
 The teacher is a black box that answers with its top-1 decision. Every method here sees it

@@ -1,50 +1,21 @@
-"""`text_smoothing` (Wu et al. 2020, arXiv 2005.03848; docs/METHODS.md §2), and `text_smoothing_kd`.
+"""`text_smoothing` (Wu et al. 2020, arXiv 2005.03848) and `text_smoothing_kd`; docs/methods/text_smoothing.md.
 
 The student reads, besides the original input, a *smoothed* input whose token at position
-``t`` is the distribution ``p_t = lam·q_t + (1 - lam)·onehot(x_t)``, with
-``q_t = softmax(MLM(x)_t / tau)`` from a frozen masked language model (MLM) sharing the
-student's vocabulary; the student's word embeddings are ``p_t · W`` (``inputs_embeds``),
-position and segment embeddings as usual. Special tokens and padding stay one-hot. At
-inference the student reads ordinary one-hot input. The maths is in ``kdexp.smoothing``.
+``t`` is ``p_t = lam·q_t + (1 - lam)·onehot(x_t)``, ``q_t = softmax(MLM(x)_t / tau)`` from a
+frozen MLM sharing the student's vocabulary, embedded as ``p_t · W``. Special tokens and
+padding stay one-hot; at inference the student reads one-hot input. The maths is in
+:mod:`kdexp.smoothing`, the MLM and its cached top-k distributions in
+:mod:`kdexp.smoothing.mlm_teacher`.
 
-Choices (each a key of ``conf/method/text_smoothing.yaml``):
-
-- ``schedule``: ``two_steps`` (default; the authors' follow-up code): per batch, one
-  optimiser step on the loss of the smoothed input, then one on the loss of the original
-  input. Manual optimisation: the run's AdamW and linear schedule (the scheduler steps
-  once per batch, after both steps, so warm-up and decay span the run as for the other
-  methods; ``trainer.global_step`` counts 2 per batch); the trainer's gradient clipping is
+- ``schedule: two_steps`` (default; the authors' code): per batch, one optimiser step on the
+  smoothed input's loss, then one on the original's, by manual optimisation: the run's AdamW and
+  linear schedule (stepped once per batch, so warm-up and decay span the run as for the other
+  methods; ``trainer.global_step`` counts 2 per batch), and the trainer's gradient clipping
   applied by hand to each step (Lightning refuses ``gradient_clip_val`` with manual
-  optimisation, so the module takes the value over from the trainer, see
-  `configure_callbacks`). ``sum``: one step on ``(L_smoothed + L_original) / 2`` with
-  automatic optimisation; halved so that the loss has one fine-tuning loss's scale (same
-  clipping threshold) and equals it exactly at ``smooth_rate = 0``.
-- Per input, ``L = CE`` (MSE for STS-B: smoothing applies to regression unchanged);
-  with ``kd_alpha > 0`` (``text_smoothing_kd``), ``L = (1 - a)·CE + a·T²·KL`` from the
-  fine-tuned classification teacher's cached logits on the *original* input, for both
-  inputs (the paper's "smoothed texts + smoothed labels"); MSE to the teacher's
-  prediction for STS-B, as in `vanilla_kd`.
-- ``top_k``: truncate ``q_t`` to its ``k`` most probable tokens, renormalised (sparse
-  ``embedding_bag`` form); ``null`` is the exact dense ``|V|``-wide form.
-- ``distributions``: where ``q_t`` comes from. ``cached``: the top-k ``q_t`` of the whole
-  training split, computed once per (MLM key, tokenised split key, ``tau``, ``k``) and
-  stored with `kdexp.cache.save_tensors` (float16 probabilities + int32 ids, ragged by
-  example: 6·k bytes per real token; see `kdexp.smoothing.store`). ``live``: an MLM forward
-  in every training step. ``auto`` (default): cached unless the store would exceed
-  ``cache_max_bytes`` (2 GB). Numbers with MiniLM's tokenizer, max length 128: top-64 is
-  384 bytes per token, i.e. 5.1 kB per SST-2 row (13.3 tokens; 344 MB for all 67k rows),
-  20 kB per MRPC row, 26 kB per RTE row (64 MB for RTE); the full MNLI or QQP training sets
-  (~4-6 GB) go live unless ``k`` or the threshold changes. The dense form (``top_k=null``)
-  would take 61 kB per token even in float16 (0.81 MB per SST-2 row, 55 GB for SST-2;
-  4.1 MB per RTE row): it is always computed live.
-- The MLM (``mlm.name_or_path``, default the teacher's *pre-trained* checkpoint, i.e.
-  ``teacher.name_or_path``): loaded with its MLM head by `load_mlm_teacher`, which refuses
-  a foreign vocabulary. A checkpoint without MLM head weights is refused
-  (`MissingMLMHeadError`) unless ``mlm.adapt.enabled``: then the MLM adaptation stage
-  (`adapt_mlm_head`, optionally training the encoder too) runs once per key (encoder
-  fingerprint, task, training texts, adaptation hyper-parameters, seed) and is stored under
-  ``<cache_dir>/mlm/<task>-<key>`` with its held-out masked-token accuracy, for every
-  later run to reuse.
+  optimisation, so the module takes it over, see `configure_callbacks`). ``sum``: one step on
+  ``(L_smoothed + L_original) / 2``, which equals fine-tuning's loss at ``smooth_rate = 0``.
+- Per input the terms are ``ce_<input>`` and, with ``kd_alpha > 0``, ``kd_<input>`` to the
+  fine-tuned teacher's cached logits on the original input, weighted ``(1 - a, a)``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Text smoothing (Wu et al. 2020, arXiv 2005.03848), independent of any training framework.
 
-Symbols follow the paper and ``docs/METHODS.md`` section 2:
+Symbols follow the paper and ``docs/methods/text_smoothing.md``:
 
 - ``x_t``: the token id at position ``t``;
 - ``q_t = softmax(MLM(x)_t / tau)``: the masked language model's distribution over the
