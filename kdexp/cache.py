@@ -148,6 +148,18 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def publish_folder(partial: Path, final: Path, is_complete: Callable[[Path], bool]) -> None:
+    """Rename a finished `partial` folder to `final` (group-readable); if another process published
+    a complete `final` meanwhile, keep that one and drop ours."""
+    shareable(partial)
+    try:
+        os.rename(partial, final)
+    except OSError:
+        if not is_complete(final):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 @contextmanager
 def exclusive_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on `path` (created if needed) for the block.

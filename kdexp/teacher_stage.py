@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, shareable
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder
 from kdexp.config import TeacherSchema as TeacherSpec
 from kdexp.data import DataSource, load_split, load_task_data, tokenized_key
 from kdexp.methods.base import OptimConfig
@@ -194,13 +194,7 @@ def _finetune_teacher(
             "weights_sha256": file_digest(weights),
         },
     )
-    shareable(partial)
-    try:
-        os.rename(partial, store)
-    except OSError:
-        if stored_teacher_info(store) is None:
-            raise
-        shutil.rmtree(partial, ignore_errors=True)
+    publish_folder(partial, store, lambda folder: stored_teacher_info(folder) is not None)
 
 
 def _inference_device(trainer_cfg: dict[str, Any]) -> torch.device:

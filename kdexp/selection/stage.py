@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, shareable
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder
 from kdexp.data import TaskData, pad_batch
 from kdexp.faults import maybe_fail
 from kdexp.losses import task_loss, weighted_sum
@@ -313,13 +312,7 @@ def _train_and_store(stage: AgentStage, store: Path, key: str) -> None:
         "train_rows": len(stage.train_rows),
     })
     progress_file.unlink()
-    shareable(partial_dir)
-    try:
-        os.rename(partial_dir, store)
-    except OSError:
-        if _stored_info(store) is None:
-            raise
-        shutil.rmtree(partial_dir, ignore_errors=True)
+    publish_folder(partial_dir, store, lambda folder: _stored_info(folder) is not None)
 
 
 def episode_summary(history: list[list[dict[str, Any]]]) -> list[dict[str, float]]:
