@@ -192,6 +192,7 @@ class LoggerSchema:
     tags: Optional[list[str]] = None
     mode: str = "auto"
     init_timeout: float = 60.0
+    log_model: bool = False
 
     def check(self) -> None:
         require(self.type in ("csv", "wandb", "none"), "logger.type", self.type, "csv, wandb or none")
@@ -289,6 +290,9 @@ def check_trainer(trainer: dict[str, Any]) -> None:
             raise ConfigError(f"trainer.{key} is not an argument of pytorch_lightning.Trainer; valid keys include "
                               "accelerator, devices, precision, max_epochs, gradient_clip_val, accumulate_grad_batches, "
                               "limit_train_batches, limit_val_batches.")
+    if trainer.get("fast_dev_run"):
+        raise ConfigError("trainer.fast_dev_run skips the checkpoints and files a run leaves; use debug=fast (a few "
+                          "batches, one epoch, its own cache) or debug=overfit instead.")
     epochs = trainer.get("max_epochs")
     require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1, "trainer.max_epochs", epochs,
             "a whole number of epochs, at least 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,32 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+WANDB_ID_FILE = "wandb_id"
+
+
 def build_loggers(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, group: str | None,
-                  config: dict[str, Any]) -> list[Any]:
+                  config: dict[str, Any], tags: list[str] | None = None) -> list[Any]:
+    """The run's loggers. `group`: the experiment or the sweep (`logger.group` overrides it);
+    `tags`: what the run is (task, method, experiment), added to `logger.tags`."""
     kind = logger_cfg.type
     if kind == "none":
         return []
     if kind == "csv":
         return [_resumable_csv_logger(run_dir)]
     if kind == "wandb":
-        return [_wandb_logger(logger_cfg, run_dir, run_name, job_type, group, config)]
+        return [_wandb_logger(logger_cfg, run_dir, run_name, job_type, group, config, tags or [])]
     raise ValueError(f"logger.type='{kind}' is unknown: use csv, wandb or none.")
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """The run folder's wandb id, made once and kept in `<run>/wandb_id`: a resumed run continues it."""
+    path = run_dir / WANDB_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # os.urandom: draws nothing from the seeded generators
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def _resumable_csv_logger(run_dir: Path) -> Any:
@@ -91,9 +108,11 @@ def _resumable_csv_logger(run_dir: Path) -> Any:
 
 
 def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, group: str | None,
-                  config: dict[str, Any]) -> Any:
+                  config: dict[str, Any], tags: list[str]) -> Any:
     import wandb
     from pytorch_lightning.loggers import WandbLogger
+
+    run_id = _wandb_run_id(run_dir)
 
     def make(mode: str) -> WandbLogger:
         logger = WandbLogger(
@@ -101,8 +120,10 @@ def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, 
             entity=logger_cfg.get("entity"),
             group=logger_cfg.get("group") or group,
             job_type=job_type,
-            tags=list(logger_cfg.get("tags") or []),
+            tags=list(dict.fromkeys([*(logger_cfg.get("tags") or []), *tags])),
             name=run_name,
+            id=run_id,
+            resume="allow",
             save_dir=str(run_dir),
             mode=mode,
             config=config,
@@ -122,13 +143,30 @@ def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, 
         return make("offline")
 
 
-def finish_loggers(loggers: list[Any], summary: dict[str, Any], failed: bool = False) -> None:
-    """Write the final metrics to each logger and close wandb runs (one run per multirun job)."""
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
+SUMMARY_FIELDS = ("task", "method", "seed", "main_metric", "metrics", "teacher_metrics", "teacher_key", "student_params",
+                  "teacher_params", "best_epoch", "epochs_trained", "resumed_from_epoch", "train_examples",
+                  "train_seconds", "train_examples_per_second", "wall_seconds", "config_hash")
 
-            logger.experiment.summary.update(summary)
-            wandb.finish(exit_code=1 if failed else 0)
-        else:
+
+def finish_loggers(loggers: list[Any], results: dict[str, Any] | None = None, failed: bool = False,
+                   log_model: bool = False) -> None:
+    """Close each logger; a wandb run gets the results.json fields in its summary (`best/...` for the
+    best epoch's metrics, `teacher/...` for the teacher's), and the student as a model artifact when
+    `log_model`. One wandb run per multirun job."""
+    for logger in loggers:
+        if type(logger).__name__ != "WandbLogger":
             logger.finalize("failed" if failed else "success")
+            continue
+        import wandb
+
+        if results is not None:
+            summary = {key: results[key] for key in SUMMARY_FIELDS if key in results and key not in ("metrics", "teacher_metrics")}
+            summary.update({f"best/{k}": v for k, v in results.get("metrics", {}).items()})
+            summary.update({f"teacher/{k}": v for k, v in (results.get("teacher_metrics") or {}).items()})
+            logger.experiment.summary.update(summary)
+            if log_model and results.get("student_dir"):
+                artifact = wandb.Artifact(f"student-{logger.experiment.id}", type="model",
+                                          metadata={k: summary[k] for k in ("task", "method", "seed") if k in summary})
+                artifact.add_dir(results["student_dir"])
+                logger.experiment.log_artifact(artifact)
+        wandb.finish(exit_code=1 if failed else 0)

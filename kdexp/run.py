@@ -154,8 +154,12 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return resolved
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sweep_group: str | None = None) -> dict[str, Any]:
-    """Train one student and write config.yaml, metrics.csv, student/ and results.json in `run_dir`."""
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sweep_group: str | None = None,
+        experiment: str | None = None) -> dict[str, Any]:
+    """Train one student and write config.yaml, metrics.csv, student/ and results.json in `run_dir`.
+
+    `sweep_group` and `experiment` name the wandb group (the experiment when one is used).
+    """
     folder = RunFolder(Path(run_dir))
     run_dir = folder.path
     resolved = resolved_config(cfg)
@@ -181,14 +185,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
         folder.keep_hydra_files()
     OmegaConf.save(cfg, folder.config_file, resolve=True)
     run_name = f"{task.name}-{cfg.method.name}-seed{cfg.seed}"
-    loggers = build_loggers(cfg.logger, run_dir, run_name, cfg.method.name, sweep_group, resolved)  # type: ignore[arg-type]
+    tags = [f"task:{task.name}", f"method:{cfg.method.name}"] + ([f"experiment:{experiment}"] if experiment else [])
+    loggers = build_loggers(cfg.logger, run_dir, run_name, cfg.method.name, experiment or sweep_group, resolved,  # type: ignore[arg-type]
+                            tags)
     datamodule = GlueDataModule(data, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers)
     started = time.perf_counter()
     try:
         result = fit(module, datamodule, trainer_options(cfg), run_dir, seed=cfg.seed, identity=identity,
                      loggers=loggers or False, metrics_csv=run_dir / "metrics.csv", resume=cfg.resume)
     except BaseException:
-        finish_loggers(loggers, {}, failed=True)
+        finish_loggers(loggers, failed=True)
         raise
 
     student_dir = run_dir / "student"
@@ -218,7 +224,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
         "config_hash": identity,
         "config": resolved,
     }
-    finish_loggers(loggers, {f"best/{k}": v for k, v in result.best_metrics.items()})
+    finish_loggers(loggers, results, log_model=bool(cfg.logger.get("log_model", False)))
     atomic_write_json(folder.results_file, results)
     if not cfg.get("keep_checkpoints", False):
         shutil.rmtree(folder.checkpoints, ignore_errors=True)

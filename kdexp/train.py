@@ -31,7 +31,9 @@ def run_job(cfg: DictConfig) -> float:
     group = None
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
-    results = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task), sweep_group=group)
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    results = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task), sweep_group=group,
+                  experiment=None if experiment in (None, "null") else experiment)
     return float(results["metrics"][f"val/{results['main_metric']}"])
 
 

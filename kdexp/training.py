@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from kdexp.cache import atomic_write_text
 from kdexp.data import TaskData, make_loader, pad_batch
@@ -117,6 +117,9 @@ class ThroughputMeter(pl.Callback):
 
     def on_train_epoch_end(self, trainer, module) -> None:  # type: ignore[override]
         self._pause()
+        for logger in trainer.loggers:  # wandb only: a timing in the step log would make it differ run to run
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_metrics({"train/examples_per_second": self.examples_per_second}, step=trainer.global_step)
 
     @property
     def examples_per_second(self) -> float:
@@ -345,6 +348,8 @@ def fit(
     meter = ThroughputMeter()
     resume_point = ResumePoint(checkpoint_dir / LAST_CHECKPOINT, identity)
     callbacks: list[pl.Callback] = [resume_point, EpochSeed(seed), meter, FaultPoints(fault_prefix)]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if metrics_csv is not None:
         callbacks.append(EpochMetricsCSV(metrics_csv))
     trainer, best = build_trainer(trainer_cfg, checkpoint_dir, monitor, callbacks, loggers)
@@ -356,10 +361,8 @@ def fit(
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if not best.best_model_path:
         raise RuntimeError(f"training produced no checkpoint in {checkpoint_dir} (no validation ran?)")
-    best_state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
-    best_epoch = int(best_state["epoch"])
-    module.load_state_dict(best_state["state_dict"], strict=False)
-    best_metrics = evaluate(module, datamodule)
+    best_epoch = int(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["epoch"])
+    best_metrics = score_checkpoint(trainer, module, datamodule, best.best_model_path)
     return FitResult(
         best_checkpoint=best.best_model_path,
         best_epoch=best_epoch,
@@ -371,19 +374,9 @@ def fit(
     )
 
 
-@torch.no_grad()
-def evaluate(module: DistillationModule, datamodule: GlueDataModule) -> dict[str, float]:
-    """GLUE metrics of `module` on every dev split, named like the logged ones (`val/accuracy`)."""
-    was_training = module.training
-    module.eval()
-    results: dict[str, float] = {}
-    for split, loader, metrics in zip(module.task.eval_splits, datamodule.val_dataloader(), module.eval_metrics):
-        metrics.reset()
-        for batch in loader:
-            batch = {k: v.to(module.device) for k, v in batch.items()}
-            metrics.update(module(batch).float(), batch["labels"])
-        prefix = eval_prefix(module.task, split)
-        results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
-        metrics.reset()
-    module.train(was_training)
-    return results
+def score_checkpoint(trainer: pl.Trainer, module: DistillationModule, datamodule: GlueDataModule,
+                     checkpoint: str) -> dict[str, float]:
+    """Load `checkpoint` into `module` and score it on every dev split with Lightning's validation
+    (on the trainer's device), named like the logged metrics (`val/accuracy`, `val_mismatched/...`)."""
+    trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)
+    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val")}
