@@ -11,16 +11,18 @@ from kdexp.tasks import GlueTask
 
 
 def _base_metric(name: str, num_labels: int) -> Metric:
+    # sync_on_compute=False: under DDP every rank scores the whole dev split (kdexp.training), so
+    # summing states across ranks would count each row once per rank.
     if name == "accuracy":
-        return MulticlassAccuracy(num_classes=max(num_labels, 2), average="micro")
+        return MulticlassAccuracy(num_classes=max(num_labels, 2), average="micro", sync_on_compute=False)
     if name == "f1":
-        return BinaryF1Score()
+        return BinaryF1Score(sync_on_compute=False)
     if name == "matthews_correlation":
-        return MulticlassMatthewsCorrCoef(num_classes=max(num_labels, 2))
+        return MulticlassMatthewsCorrCoef(num_classes=max(num_labels, 2), sync_on_compute=False)
     if name == "pearson":
-        return PearsonCorrCoef()
+        return PearsonCorrCoef(sync_on_compute=False)
     if name == "spearman":
-        return SpearmanCorrCoef()
+        return SpearmanCorrCoef(sync_on_compute=False)
     raise ValueError(f"unknown GLUE metric '{name}'")
 
 

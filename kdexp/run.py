@@ -197,6 +197,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
         finish_loggers(loggers, failed=True)
         raise
 
+    if result.global_rank != 0:  # a DDP process besides the first: the first writes the run's files
+        return {"metrics": result.best_metrics, "main_metric": task.main_metric}
     student_dir = run_dir / "student"
     module.student.save_pretrained(student_dir)
     data.tokenizer.save_pretrained(student_dir)

@@ -18,15 +18,40 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdexp.config import CONFIG_DIR
-from kdexp.errors import KdexpError
+from kdexp.errors import ConfigError, KdexpError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def refuse_ddp_in_a_sweep(cfg: DictConfig, mode: RunMode) -> None:
+    """Lightning's DDP re-launches the script once per extra process: under -m it would re-run the sweep."""
+    devices = cfg.trainer.get("devices", 1)
+    several = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1) or isinstance(devices, (list, str))
+    if mode == RunMode.MULTIRUN and "ddp" in str(cfg.trainer.get("strategy", "")) and several:
+        raise ConfigError("trainer=ddp with several devices re-launches the script per device, which under -m would "
+                          "re-run the whole sweep: launch DDP runs one at a time (without -m), or sweep with one "
+                          "device per job (trainer=gpu) through hydra/launcher=joblib or slurm.")
+
+
+def share_cores_with_parallel_jobs(launcher: DictConfig) -> None:
+    """Under the joblib launcher, give each of its n_jobs processes its share of the cores
+    (torch would otherwise start one thread per core in every job)."""
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return
+    import torch
+
+    cores = os.cpu_count() or 1
+    jobs = launcher.get("n_jobs", -1)
+    jobs = cores if jobs in (None, -1) else max(1, int(jobs))
+    torch.set_num_threads(max(1, cores // jobs))
 
 
 def run_job(cfg: DictConfig) -> float:
     from kdexp.run import run
 
     hydra_cfg = HydraConfig.get()
+    refuse_ddp_in_a_sweep(cfg, hydra_cfg.mode)
+    share_cores_with_parallel_jobs(hydra_cfg.launcher)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     group = None
     if hydra_cfg.mode == RunMode.MULTIRUN:

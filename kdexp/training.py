@@ -204,22 +204,49 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     Lightning calls `set_epoch` before each epoch (as for a DistributedSampler), but its first
     iterator (and its prefetched batch) exists before that call, so the sampler starts at the
     trainer's epoch when the loader is built (epoch k when a run resumes there).
+
+    Under DDP (`world_size > 1`) every rank draws the same order, cuts it into the global batches
+    of `batch_size` rows, and takes its own `batch_size / world_size` slice of each: a step then
+    averages the gradients of exactly the rows one process would have batched together. A last
+    global batch too small to give every rank a row is dropped.
     """
 
-    def __init__(self, num_rows: int, seed: int, epoch: int = 0):
+    def __init__(self, num_rows: int, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                 batch_size: int | None = None):
+        if world_size > 1 and (batch_size is None or batch_size % world_size):
+            raise ValueError(f"data.batch_size={batch_size} must be a multiple of the {world_size} DDP processes")
         self.num_rows = num_rows
         self.seed = seed
         self.epoch = epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size or num_rows
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "data order", self.epoch))
-        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+        return torch.randperm(self.num_rows, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        if self.world_size == 1:
+            return iter(order)
+        return iter(self._shard(order))
+
+    def _shard(self, order: list[int]) -> list[int]:
+        mine: list[int] = []
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if len(batch) < self.world_size:
+                break
+            cut = [len(batch) * r // self.world_size for r in range(self.world_size + 1)]
+            mine += batch[cut[self.rank]:cut[self.rank + 1]]
+        return mine
 
     def __len__(self) -> int:
-        return self.num_rows
+        return self.num_rows if self.world_size == 1 else len(self._shard(list(range(self.num_rows))))
 
 
 class GlueDataModule(pl.LightningDataModule):
@@ -233,10 +260,14 @@ class GlueDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         train = self.data.train
+        trainer = self.trainer
+        world_size = trainer.world_size if trainer else 1
+        sampler = EpochSeededSampler(len(train), self.seed, trainer.current_epoch if trainer else 0,
+                                     trainer.global_rank if trainer else 0, world_size, self.batch_size)
         return torch.utils.data.DataLoader(
             train,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(train), self.seed, self.trainer.current_epoch if self.trainer else 0),
+            batch_size=self.batch_size // world_size,
+            sampler=sampler,
             # its own generator: creating an iterator draws a worker seed, which must not consume the
             # global generator (a resumed run creates its first iterator before the epoch is seeded)
             generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
@@ -261,6 +292,7 @@ class FitResult:
     train_seconds: float
     train_examples_per_second: float
     resumed_from_epoch: int | None = None
+    global_rank: int = 0
 
 
 def build_trainer(
@@ -284,6 +316,7 @@ def build_trainer(
     options.setdefault("num_sanity_val_steps", 0)
     options.setdefault("enable_model_summary", False)
     options.setdefault("enable_checkpointing", True)
+    options.setdefault("use_distributed_sampler", False)  # GlueDataModule shards the data itself
     trainer = pl.Trainer(callbacks=[*callbacks, best], logger=loggers, **options)
     return trainer, best
 
@@ -371,6 +404,7 @@ def fit(
         train_seconds=meter.seconds,
         train_examples_per_second=meter.examples_per_second,
         resumed_from_epoch=resume_point.resumed_epoch,
+        global_rank=trainer.global_rank,
     )
 
 
