@@ -202,7 +202,33 @@ class LoggerSchema:
 
 @dataclass
 class TaskSchema:
+    """A GLUE task by name, or the user's own files (`task=custom`: `train_file` set)."""
+
     name: str = MISSING
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    label_column: str = "label"
+    labels: Optional[list[str]] = None  # null: the labels found in the training file
+    regression: bool = False
+    metric: Optional[str] = None  # null: accuracy (classification) or combined_score (regression)
+
+    @property
+    def is_custom(self) -> bool:
+        return self.train_file is not None
+
+    def check(self) -> None:
+        from kdexp.tasks import CUSTOM_METRICS, TASKS
+
+        if not self.is_custom:
+            require(self.name in TASKS, "task.name", self.name, "one of " + " ".join(TASKS) + ", or task=custom")
+            return
+        require(bool(self.dev_file), "task.dev_file", self.dev_file, "a labelled CSV/TSV/JSONL file for model selection")
+        require(1 <= len(self.text_columns) <= 2, "task.text_columns", list(self.text_columns),
+                "one column (text) or two (a sentence pair)")
+        require(self.metric is None or self.metric in CUSTOM_METRICS[self.regression], "task.metric", self.metric,
+                "null or one of " + ", ".join(CUSTOM_METRICS[self.regression]))
+        require(self.labels is None or len(self.labels) >= 2, "task.labels", self.labels, "null or two or more labels")
 
 
 @dataclass
@@ -223,10 +249,7 @@ class RunSchema:
     keep_checkpoints: bool = False
 
     def check(self) -> None:
-        from kdexp.tasks import TASKS
-
-        require(self.task.name in TASKS, "task.name", self.task.name, "one of " + " ".join(TASKS))
-        for part in (self.data, self.optim, self.teacher, self.student, self.logger):
+        for part in (self.task, self.data, self.optim, self.teacher, self.student, self.logger):
             part.check()
 
 

@@ -11,6 +11,7 @@ import codecs
 import csv
 import hashlib
 import io
+import json
 import logging
 import numbers
 import os
@@ -178,6 +179,74 @@ def _local_split(task: GlueTask, split: str, glue_dir: Path) -> datasets.Dataset
     return datasets.Dataset.from_dict(columns)
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def read_table(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (header, standard quoting), TSV (header, no quoting, as GLUE) or JSONL file.
+
+    Raises `DataError` naming the file (and line) for an unknown suffix, bad UTF-8, bad JSON or
+    a row whose number of fields differs from the header's.
+    """
+    path = Path(path)
+    if path.suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unknown table format; use a .csv, .tsv or .jsonl file with a header / one JSON object per line.")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8; save the file as UTF-8.") from None
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: not a JSON object ({err.msg}).") from None
+        return rows
+    delimiter, quoting = ("\t", csv.QUOTE_NONE) if path.suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{path}: is empty; expected a header line naming the columns.")
+    rows = []
+    for number, values in enumerate(reader, start=2):
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{path}:{number}: {len(values)} fields, the header has {len(header)}.")
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def file_split(task: GlueTask, split: str) -> datasets.Dataset:
+    """A split of the user's own files (task=custom): the text columns and the label as an id (or a float)."""
+    path = Path(task.files[split])
+    rows = read_table(path)
+    if not rows:
+        raise DataError(f"{path}: has no rows.")
+    needed = [*task.text_fields, task.label_column]
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: no column {missing} (columns: {list(rows[0])}); set task.text_columns / "
+                        f"task.label_column to the file's names.")
+    columns: dict[str, list[Any]] = {name: [str(row[name]) for row in rows] for name in task.text_fields}
+    columns["label"] = [_label_to_id(task, str(row[task.label_column]), path, i + 2) for i, row in enumerate(rows)]
+    return datasets.Dataset.from_dict(columns)
+
+
+def labels_in(path: str | Path, column: str) -> tuple[str, ...]:
+    """The distinct values of a label column, sorted (numbers numerically): a custom task's classes."""
+    values = {str(row[column]) for row in read_table(path) if column in row}
+    if not values:
+        raise DataError(f"{path}: no values in the label column '{column}'; set task.label_column or task.labels.")
+    numeric = all(v.lstrip("-").isdigit() for v in values)
+    return tuple(sorted(values, key=int if numeric else str))
+
+
 def _hub_unreachable_errors() -> tuple[type[BaseException], ...]:
     # datasets wraps most network failures (and offline mode) in ConnectionError; these are the rest.
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -205,6 +274,8 @@ def _hub_split(task: GlueTask, split: str) -> datasets.Dataset:
 
 
 def _split_location(task: GlueTask, split: str, source: DataSource) -> str:
+    if task.files:
+        return task.files[split]
     if source.glue_dir is None:
         return f"{source.description}/{task.hub_config} split '{split}'"
     return str(source.glue_dir / task.local_dir / _local_layout(task, split).file)
@@ -230,7 +301,10 @@ def load_split(
     `samples_key` names the config key of `max_samples` in errors (default: the `data.` key for the split).
     """
     check_max_samples(max_samples, samples_key or _max_samples_key(task, split))
-    ds = _local_split(task, split, source.glue_dir) if source.glue_dir else _hub_split(task, split)
+    if task.files:
+        ds = file_split(task, split)
+    else:
+        ds = _local_split(task, split, source.glue_dir) if source.glue_dir else _hub_split(task, split)
     if len(ds) == 0:
         raise DataError(
             f"{_split_location(task, split, source)}: no rows for task {task.name}; use data with rows "

@@ -183,6 +183,7 @@ def _cell(values: list[float]) -> Cell:
 def build_table(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, Cell]]]:
     """Columns (tasks in GLUE order) and rows: row label -> task -> cell."""
     tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
+    tasks += sorted({r["task"] for r in results} - set(TASKS))  # the users' own tasks, after GLUE
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     shown = varying_overrides(results)
     for r in results:
@@ -194,8 +195,9 @@ def build_table(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, dic
 
 
 def _column_title(task: str) -> str:
-    spec = TASKS[task]
-    return f"{task} ({spec.main_metric.replace('_', ' ')})"
+    if task not in TASKS:
+        return task  # a user's own task: its main metric is in its results
+    return f"{task} ({TASKS[task].main_metric.replace('_', ' ')})"
 
 
 def to_markdown(tasks: list[str], rows: dict[str, dict[str, Cell]], runs: int) -> str:

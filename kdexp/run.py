@@ -13,14 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.cache import atomic_write_json
 from kdexp.config import CONFIG_DIR, config_hash, merged_onto, validate_config
-from kdexp.data import DataSource, TaskData, load_task_data
+from kdexp.data import DataSource, TaskData, labels_in, load_task_data
 from kdexp.errors import ConfigError, ModelError
 from kdexp.loggers import build_loggers, finish_loggers
 from kdexp.methods.base import DistillationModule, OptimConfig
 from kdexp.models import build_student, count_parameters, load_tokenizer, model_depth, model_max_positions, resolve_model_path
 from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable
 from kdexp.seeding import derive_seed, seed_all
-from kdexp.tasks import GlueTask, get_task
+from kdexp.tasks import GlueTask, custom_task, get_task
 from kdexp.context import RunContext
 from kdexp.teacher import Teacher
 from kdexp.teacher_stage import TeacherSpec, prepare_teacher
@@ -104,10 +104,24 @@ def student_source(cfg: DictConfig, teacher: Teacher) -> str:
     return resolve_model_path(cfg.teacher.name_or_path, "teacher.name_or_path")
 
 
+def task_from_config(task_cfg: DictConfig) -> GlueTask:
+    """A GLUE task by name, or the user's own files (`task=custom`)."""
+    if task_cfg.get("train_file") is None:
+        return get_task(task_cfg.name)
+    train_file, dev_file = (to_absolute_path(task_cfg[key]) for key in ("train_file", "dev_file"))
+    regression = bool(task_cfg.regression)
+    labels = None
+    if not regression:
+        labels = tuple(str(v) for v in task_cfg.labels) if task_cfg.labels else labels_in(train_file, task_cfg.label_column)
+    metric = task_cfg.metric or ("combined_score" if regression else "accuracy")
+    return custom_task(task_cfg.name, train_file, dev_file, tuple(task_cfg.text_columns), task_cfg.label_column,
+                       labels, regression, metric)
+
+
 def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]:
     """Every check that needs no data and no model weights: before any work."""
     validate_config(cfg)
-    task = get_task(cfg.task.name)
+    task = task_from_config(cfg.task)
     method_cls, method_options = resolve_method(cfg.method)
     method_cls.check_config(cfg, task)
     check_against_models(cfg)

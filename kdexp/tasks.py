@@ -37,6 +37,9 @@ class GlueTask:
     local_layouts: dict[str, TsvLayout] = field(default_factory=dict)
     # TSV label strings when they are words rather than the label ids themselves.
     local_label_values: tuple[str, ...] | None = None
+    # A user's own data (task=custom): split -> CSV/TSV/JSONL file, and the label column in it.
+    files: dict[str, str] = field(default_factory=dict)
+    label_column: str = "label"
 
     @property
     def is_regression(self) -> bool:
@@ -187,6 +190,33 @@ TASKS: dict[str, GlueTask] = {
         local_label_values=_binary(),
     ),
 }
+
+
+CUSTOM_METRICS = {
+    False: ("accuracy", "f1", "matthews_correlation"),  # classification (f1: two classes only)
+    True: ("pearson", "spearman", "combined_score"),  # regression
+}
+
+
+def custom_task(name: str, train_file: str, dev_file: str, text_columns: tuple[str, ...], label_column: str,
+                labels: tuple[str, ...] | None, regression: bool, metric: str) -> GlueTask:
+    """A task on the user's own files. `labels`: the classes as the label column writes them (their
+    order gives the ids); None for regression. `metric`: the main metric (accuracy is always reported)."""
+    if regression:
+        metrics: tuple[str, ...] = ("pearson", "spearman", "combined_score")
+    else:
+        metrics = ("accuracy",) + ((metric,) if metric != "accuracy" else ())
+    return GlueTask(
+        name=name,
+        hub_config="",
+        text_fields=tuple(text_columns),
+        label_names=None if regression else tuple(labels or ()),
+        main_metric=metric,
+        metrics=metrics,
+        local_label_values=None if regression else tuple(labels or ()),
+        files={"train": train_file, "validation": dev_file},
+        label_column=label_column,
+    )
 
 
 def get_task(name: str) -> GlueTask:

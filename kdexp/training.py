@@ -410,7 +410,13 @@ def fit(
 
 def score_checkpoint(trainer: pl.Trainer, module: DistillationModule, datamodule: GlueDataModule,
                      checkpoint: str) -> dict[str, float]:
-    """Load `checkpoint` into `module` and score it on every dev split with Lightning's validation
-    (on the trainer's device), named like the logged metrics (`val/accuracy`, `val_mismatched/...`)."""
-    trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)
+    """Load `checkpoint`'s weights into `module` and score it on every dev split with Lightning's
+    validation (on the trainer's device), named like the logged metrics (`val/accuracy`, ...).
+
+    Only the weights are loaded (not through `ckpt_path`): the module's own state from training
+    (a phase history, say) stays that of the last epoch.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state, strict=False)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
     return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val")}

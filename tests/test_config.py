@@ -33,6 +33,8 @@ def test_every_group_option_composes(group: str, option: str) -> None:
         overrides.append("teacher.name_or_path=/some/finetuned")
     if group == "student" and option == "pretrained":
         overrides.append("student.name_or_path=/some/student")
+    if group == "task" and option == "custom":
+        overrides += ["task.train_file=train.csv", "task.dev_file=dev.csv"]
     cfg = _compose(overrides)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     validate_config(cfg)  # every YAML option matches the schemas
@@ -42,7 +44,7 @@ def test_every_group_option_composes(group: str, option: str) -> None:
 
 
 def test_task_options_cover_all_nine_glue_tasks() -> None:
-    assert set(_options("task")) == set(TASKS)
+    assert set(_options("task")) == set(TASKS) | {"custom"}
     for name in TASKS:
         assert _compose([f"task={name}"]).task.name == name
 

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kdexp.training",),
     ("kdexp.teacher_stage",),
     ("kdexp.run",),
-    ("kdexp.train", "kdexp.report"),
+    ("kdexp.train", "kdexp.report", "kdexp.evaluate"),
     ("kdexp.tools",),
 ]
 
