@@ -28,7 +28,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 # Keys (exact, or a prefix ending in ".") that cannot change a run's numbers.
 NON_RESULT_KEYS: tuple[str, ...] = (
-    "hydra.", "logger", "logger.", "cache_dir", "resume", "keep_checkpoints", "data.glue_dir", "data.source",
+    "hydra.", "logger", "logger.", "cache_dir", "resume", "keep_checkpoints",
     "data.num_workers", "data.eval_batch_size", "teacher.eval_batch_size",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "method.queries.batch_size", "method.mlm.eval_batch_size",
@@ -316,6 +316,12 @@ def check_trainer(trainer: dict[str, Any]) -> None:
     if trainer.get("fast_dev_run"):
         raise ConfigError("trainer.fast_dev_run skips the checkpoints and files a run leaves; use debug=fast (a few "
                           "batches, one epoch, its own cache) or debug=overfit instead.")
+    if trainer.get("max_steps", -1) not in (-1, None):
+        raise ConfigError(f"trainer.max_steps={trainer['max_steps']}: kdexp trains and resumes by whole epochs; set "
+                          "trainer.max_epochs (and data.max_train_samples for a shorter epoch).")
+    if trainer.get("enable_checkpointing") is False:
+        raise ConfigError("trainer.enable_checkpointing=false: a run keeps its best epoch and resumes from checkpoints; "
+                          "leave it on (keep_checkpoints=false removes them when the run is finished).")
     epochs = trainer.get("max_epochs")
     require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1, "trainer.max_epochs", epochs,
             "a whole number of epochs, at least 1")

@@ -78,6 +78,8 @@ def _label_to_id(task: GlueTask, raw: str, path: Path, line_no: int) -> float | 
         except ValueError:
             raise DataError(f"{path}:{line_no}: label '{raw}' is not a number (task {task.name} is regression).") from None
     values = task.local_label_values or tuple(str(i) for i in range(task.num_labels))
+    if raw not in values and raw.isdigit() and int(raw) < task.num_labels:
+        return int(raw)  # a label id where the file usually holds words (or the other way round)
     if raw not in values:
         raise DataError(
             f"{path}:{line_no}: label '{raw}' is not in the label set of task {task.name} "
@@ -229,10 +231,11 @@ def file_split(task: GlueTask, split: str) -> datasets.Dataset:
     if not rows:
         raise DataError(f"{path}: has no rows.")
     needed = [*task.text_fields, task.label_column]
-    missing = [c for c in needed if c not in rows[0]]
-    if missing:
-        raise DataError(f"{path}: no column {missing} (columns: {list(rows[0])}); set task.text_columns / "
-                        f"task.label_column to the file's names.")
+    for number, row in enumerate(rows, start=1):
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise DataError(f"{path}: row {number} has no column {missing} (columns: {list(row)}); set "
+                            "task.text_columns / task.label_column to the file's names.")
     columns: dict[str, list[Any]] = {name: [str(row[name]) for row in rows] for name in task.text_fields}
     columns["label"] = [_label_to_id(task, str(row[task.label_column]), path, i + 2) for i, row in enumerate(rows)]
     return datasets.Dataset.from_dict(columns)
@@ -240,7 +243,7 @@ def file_split(task: GlueTask, split: str) -> datasets.Dataset:
 
 def labels_in(path: str | Path, column: str) -> tuple[str, ...]:
     """The distinct values of a label column, sorted (numbers numerically): a custom task's classes."""
-    values = {str(row[column]) for row in read_table(path) if column in row}
+    values = {str(row[column]).strip() for row in read_table(path) if column in row}
     if not values:
         raise DataError(f"{path}: no values in the label column '{column}'; set task.label_column or task.labels.")
     numeric = all(v.lstrip("-").isdigit() for v in values)

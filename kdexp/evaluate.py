@@ -20,8 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from kdexp.errors import KdexpError, ModelError
 
 PAIR_ALIASES = ("text_a", "text_b")
@@ -42,14 +40,15 @@ def load_student(path: Path, task_name: str | None) -> tuple[Any, Any, Any, int]
     """(model, tokenizer, task, max_length) from a run folder or a student folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kdexp.run import task_from_config
     from kdexp.tasks import get_task
 
     results_file = path / "results.json"
+    task_cfg = None
     if results_file.exists():
         results = json.loads(results_file.read_text())
         config = results["config"]
-        task = task_from_config(OmegaConf.create(config["task"])) if task_name is None else get_task(task_name)
+        task_cfg = config["task"] if task_name is None else None
+        task = get_task(task_name or config["task"]["name"]) if not (task_cfg or {}).get("train_file") else None
         student_dir, max_length = Path(results["student_dir"]), int(config["data"]["max_length"])
         if not student_dir.is_dir():
             student_dir = path / "student"
@@ -60,7 +59,19 @@ def load_student(path: Path, task_name: str | None) -> tuple[Any, Any, Any, int]
     if not (student_dir / "config.json").is_file():
         raise ModelError(f"{student_dir}: no saved student (config.json) there; give a run folder or a student folder.")
     model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
+    if task is None:  # the run's own data: its classes as the student saved them (id2label)
+        task = own_task(task_cfg, model.config)
     return model, AutoTokenizer.from_pretrained(student_dir), task, max_length
+
+
+def own_task(task_cfg: dict[str, Any], model_config: Any) -> Any:
+    from kdexp.tasks import custom_task
+
+    regression = bool(task_cfg["regression"])
+    labels = None if regression else tuple(model_config.id2label[i] for i in range(model_config.num_labels))
+    metric = task_cfg.get("metric") or ("combined_score" if regression else "accuracy")
+    return custom_task(task_cfg["name"], task_cfg["train_file"], task_cfg["dev_file"], tuple(task_cfg["text_columns"]),
+                       task_cfg["label_column"], labels, regression, metric)
 
 
 def rows_of(task: Any, path: Path) -> Any:

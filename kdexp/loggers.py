@@ -61,8 +61,9 @@ def _resumable_csv_logger(run_dir: Path) -> Any:
     """Lightning's CSV step log (`<run>/csv/metrics.csv`), kept whole across a resume.
 
     Lightning's writer deletes an existing file when it starts; this one keeps it, and
-    `truncate_to_epoch(k)` (called by the trainer's `ResumePoint` when training starts from
-    the checkpoint of epoch k) drops only the rows of epochs that will run again.
+    `truncate_to(epoch, step)` (called by `kdexp.training.fit` before training resumes from the
+    checkpoint taken as `epoch` started, at `step`) drops only the rows that will be logged again:
+    those of later epochs, and rows without an epoch (the learning rate) from `step` on.
     """
     import csv
 
@@ -70,18 +71,29 @@ def _resumable_csv_logger(run_dir: Path) -> Any:
     from pytorch_lightning.loggers.csv_logs import ExperimentWriter
     from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+    def logged_again(row: dict[str, str], epoch: int, step: int) -> bool:
+        if row.get("epoch") not in (None, ""):
+            return int(float(row["epoch"])) >= epoch
+        return row.get("step") in (None, "") or int(float(row["step"])) >= step
+
     class KeepingWriter(ExperimentWriter):
+        def __init__(self, log_dir: str) -> None:
+            super().__init__(log_dir)
+            if os.path.isfile(self.metrics_file_path):  # later rows must keep the existing columns
+                with open(self.metrics_file_path, newline="") as f:
+                    self.metrics_keys = sorted(next(csv.reader(f), []))
+
         def _check_log_dir_exists(self) -> None:
             pass
 
-        def truncate_to_epoch(self, epoch: int) -> None:
+        def truncate_to(self, epoch: int, step: int) -> None:
             path = Path(self.metrics_file_path)
             if not path.exists():
                 return
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 fields = list(reader.fieldnames or [])
-                rows = [row for row in reader if row.get("epoch") not in (None, "") and int(float(row["epoch"])) < epoch]
+                rows = [row for row in reader if not logged_again(row, epoch, step)]
             if not rows:
                 path.unlink()
                 self.metrics_keys = []
@@ -101,8 +113,8 @@ def _resumable_csv_logger(run_dir: Path) -> Any:
                 self._experiment = KeepingWriter(log_dir=self.log_dir)
             return self._experiment
 
-        def truncate_to_epoch(self, epoch: int) -> None:
-            self.experiment.truncate_to_epoch(epoch)
+        def truncate_to(self, epoch: int, step: int) -> None:
+            self.experiment.truncate_to(epoch, step)
 
     return ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="")
 

@@ -67,7 +67,7 @@ class RunFolder:
             raise ConfigError(f"{self.results_file} is unreadable ({err}); move it away, or set resume=false to train "
                               "this run again.") from None
         stored = results.get("config") or {}
-        if results.get("config_hash", config_hash(stored)) != config_hash(resolved):
+        if config_hash(stored) != config_hash(resolved):  # hashed anew: kdexp versions may hash differently
             self._refuse("holds a finished run", stored, resolved)
         return results
 

@@ -42,7 +42,9 @@ def teacher_key(spec: TeacherSpec, task: GlueTask, model_fp: str, data_keys: dic
                 precision: str) -> str:
     if spec.finetuned:
         return cache_key(kind="teacher", model=model_fp, task=task.name, finetuned=True)
+    custom = {"labels": task.label_names, "main_metric": task.main_metric} if task.files else {}  # own data
     return cache_key(
+        **custom,
         kind="teacher",
         model=model_fp,
         task=task.name,
@@ -97,7 +99,7 @@ def prepare_teacher(
         data_keys[split] = tokenized_key(dev_raw, task, tokenizer, max_length)
     key = teacher_key(spec, task, model_fp, data_keys, max_length, precision)
     store = cache_dir / "teachers" / f"{task.name}-{key}"
-    info = stored_teacher_info(store)
+    info = stored_teacher_info(store, set_aside=False)
     if info is not None:
         log.info("Reusing teacher %s", store)
     else:
@@ -120,12 +122,13 @@ def _weights_file(model_dir: Path) -> Path | None:
     return next((model_dir / name for name in WEIGHTS_FILES if (model_dir / name).is_file()), None)
 
 
-def stored_teacher_info(store: Path) -> dict[str, Any] | None:
+def stored_teacher_info(store: Path, set_aside: bool = True) -> dict[str, Any] | None:
     """`teacher.json` of a stored teacher whose files are whole; None if there is none.
 
     A store whose record is unreadable or whose weights do not match the recorded digest
     (a truncated copy, a disk error, a hand edit) is set aside as `<store>.corrupt-<n>` and
-    reported, so that the caller trains the teacher again.
+    reported, so that the caller trains the teacher again; only under the teacher's lock
+    (`set_aside`), so that two processes never move it at once.
     """
     info_file = store / "teacher.json"
     if not info_file.exists():
@@ -142,6 +145,8 @@ def stored_teacher_info(store: Path) -> dict[str, Any] | None:
         problem = f"teacher.json is unreadable ({err})"
     if problem is None:
         return info
+    if not set_aside:
+        return None
     aside = store.with_name(f"{store.name}.corrupt-{int(time.time())}")
     log.warning("Stored teacher %s is damaged: %s. Moved to %s; training it again.", store, problem, aside)
     os.rename(store, aside)

@@ -25,12 +25,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def refuse_ddp_in_a_sweep(cfg: DictConfig, mode: RunMode) -> None:
     """Lightning's DDP re-launches the script once per extra process: under -m it would re-run the sweep."""
-    devices = cfg.trainer.get("devices", 1)
-    several = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1) or isinstance(devices, (list, str))
-    if mode == RunMode.MULTIRUN and "ddp" in str(cfg.trainer.get("strategy", "")) and several:
-        raise ConfigError("trainer=ddp with several devices re-launches the script per device, which under -m would "
-                          "re-run the whole sweep: launch DDP runs one at a time (without -m), or sweep with one "
-                          "device per job (trainer=gpu) through hydra/launcher=joblib or slurm.")
+    devices = cfg.trainer.get("devices", "auto")
+    if mode == RunMode.MULTIRUN and devices != 1:
+        raise ConfigError(f"trainer.devices={devices} under -m: several devices mean DDP, which re-launches the script "
+                          "per device and would re-run the whole sweep. Launch DDP runs one at a time (without -m), "
+                          "or sweep with trainer.devices=1 per job (trainer=gpu) through hydra/launcher=joblib or slurm.")
 
 
 def share_cores_with_parallel_jobs(launcher: DictConfig) -> None:

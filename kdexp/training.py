@@ -40,6 +40,7 @@ class EpochMetricsCSV(pl.Callback):
         self.rows: list[dict[str, Any]] = []
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._validated = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows": [dict(row) for row in self.rows]}
@@ -57,6 +58,10 @@ class EpochMetricsCSV(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._loss_sum, self._loss_count = 0.0, 0
+        self._validated = False
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._validated = not trainer.sanity_checking
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -68,7 +73,7 @@ class EpochMetricsCSV(pl.Callback):
         row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row["train_loss"] = self._loss_sum / max(self._loss_count, 1)
         for name, value in sorted(trainer.callback_metrics.items()):
-            if name.startswith("val"):
+            if name.startswith("val") and self._validated:  # not an earlier epoch's values (check_val_every_n_epoch)
                 row[name] = float(value)
         self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
         if trainer.global_rank == 0:
@@ -137,7 +142,8 @@ class EpochSeed(pl.Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        seed_all(derive_seed(self.seed, "epoch", trainer.current_epoch))
+        rank = ("rank", trainer.global_rank) if trainer.global_rank else ()  # DDP: each process its own dropout
+        seed_all(derive_seed(self.seed, "epoch", trainer.current_epoch, *rank))
 
 
 class ResumePoint(pl.Callback):
@@ -158,9 +164,11 @@ class ResumePoint(pl.Callback):
         return {"identity": self.identity}
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        for logger in trainer.loggers:
-            if hasattr(logger, "truncate_to_epoch"):
-                logger.truncate_to_epoch(self.resumed_epoch or 0)
+        for callback in trainer.checkpoint_callbacks:  # a best file a killed run deleted after saving a newer one
+            if isinstance(callback, ModelCheckpoint) and callback.best_model_path and not Path(callback.best_model_path).exists():
+                log.warning("The best checkpoint %s is gone; the best epoch is chosen again from here on.",
+                            callback.best_model_path)
+                callback.best_model_path, callback.best_model_score, callback.best_k_models = "", None, {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.resumed_epoch:
@@ -337,11 +345,11 @@ def checkpoint_identity(checkpoint: dict[str, Any]) -> str | None:
     return None
 
 
-def resumable_checkpoint(checkpoint_dir: Path, identity: str) -> tuple[str, int] | None:
-    """`last.ckpt` and its epoch, if it loads and was written for `identity`; else set aside.
+def resumable_checkpoint(checkpoint_dir: Path, identity: str) -> tuple[str, int, int] | None:
+    """`last.ckpt`, its epoch and global step, if it loads and was written for `identity`; else set aside.
 
-    A checkpoint cut short by a kill, or one written under another config, is renamed
-    (`last.ckpt.corrupt` / `last.ckpt.other`) and never trusted.
+    A checkpoint cut short by a kill, or one written under another config or number of processes,
+    is renamed (`last.ckpt.corrupt` / `last.ckpt.other`) and never trusted.
     """
     last = checkpoint_dir / LAST_CHECKPOINT
     if not last.exists():
@@ -354,7 +362,7 @@ def resumable_checkpoint(checkpoint_dir: Path, identity: str) -> tuple[str, int]
         log.warning("%s was written for another config; starting this run from scratch.", last)
         last.rename(last.with_suffix(".ckpt.other"))
         return None
-    return str(last), int(checkpoint["epoch"])
+    return str(last), int(checkpoint["epoch"]), int(checkpoint["global_step"])
 
 
 def fit(
@@ -386,11 +394,16 @@ def fit(
     if metrics_csv is not None:
         callbacks.append(EpochMetricsCSV(metrics_csv))
     trainer, best = build_trainer(trainer_cfg, checkpoint_dir, monitor, callbacks, loggers)
-    found = resumable_checkpoint(checkpoint_dir, identity) if resume else None
-    ckpt_path = None
+    # A checkpoint holds the number of processes too: other shards would give another run.
+    resume_point.identity = f"{identity}|processes={trainer.world_size}"
+    found = resumable_checkpoint(checkpoint_dir, resume_point.identity) if resume else None
+    ckpt_path, start_step = None, 0
     if found:
-        ckpt_path, resume_point.resumed_epoch = found
+        ckpt_path, resume_point.resumed_epoch, start_step = found
         log.info("Resuming from %s at the start of epoch %d", ckpt_path, resume_point.resumed_epoch)
+    for logger in trainer.loggers:  # the step log as far as the point training starts from
+        if hasattr(logger, "truncate_to"):
+            logger.truncate_to(resume_point.resumed_epoch or 0, start_step)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if not best.best_model_path:
         raise RuntimeError(f"training produced no checkpoint in {checkpoint_dir} (no validation ran?)")

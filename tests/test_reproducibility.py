@@ -24,8 +24,10 @@ from kdexp.errors import ConfigError
 from kdexp.run import run
 from tests.test_pipeline import tiny_cfg
 
+# log_every_n_steps=1: the step log gets training and learning-rate rows, which a resume must keep whole.
 TINY = ["teacher.epochs=2", "teacher.batch_size=4", "data.batch_size=4", "data.max_length=32", "logger=csv",
-        "trainer.enable_progress_bar=false", "optim.learning_rate=1e-3", "student.num_layers=2"]
+        "trainer.enable_progress_bar=false", "optim.learning_rate=1e-3", "student.num_layers=2",
+        "trainer.log_every_n_steps=1"]
 
 
 def tiny_args(model: Path, glue: Path, cache: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -67,7 +69,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     assert ra["metrics"] == rb["metrics"] and ra["best_epoch"] == rb["best_epoch"]
     assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
-    assert (a / "csv" / "metrics.csv").read_text() == (b / "csv" / "metrics.csv").read_text()
+    step_log = (a / "csv" / "metrics.csv").read_text()
+    assert step_log == (b / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in step_log.splitlines()[0] and "lr-AdamW" in step_log.splitlines()[0]
     assert_same_weights(a / "student", b / "student")
 
 
@@ -86,7 +90,7 @@ def test_cold_and_warm_cache_give_bit_identical_runs(
     method: str, extra: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    overrides = [f"method={method}", "logger=csv", "teacher.epochs=2", *extra]
+    overrides = [f"method={method}", "logger=csv", "teacher.epochs=2", "trainer.log_every_n_steps=1", *extra]
     cold = run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "cold")  # teacher and signals computed
     warm = run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "warm")  # all read from the cache
     assert cold["metrics"] == warm["metrics"]
@@ -287,7 +291,7 @@ def test_a_damaged_teacher_is_trained_again_to_the_same_weights(
     damage: str, tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    overrides = ["method=finetune", "trainer.max_epochs=1", "logger=csv"]
+    overrides = ["method=finetune", "trainer.max_epochs=1", "logger=csv", "trainer.log_every_n_steps=1"]
     first = run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "a")
     store = stored_teacher(cache)
     digest = json.loads((store / "teacher.json").read_text())["weights_sha256"]
@@ -308,10 +312,11 @@ def test_a_damaged_teacher_is_trained_again_to_the_same_weights(
 
 def test_a_corrupt_logit_cache_is_recomputed_to_the_same_run(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=vanilla_kd", "logger=csv"), tmp_path / "a")
+    overrides = ["method=vanilla_kd", "logger=csv", "trainer.log_every_n_steps=1"]
+    run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "a")
     for entry in (cache / "signals" / "teacher_logits").glob("*.pt"):
         entry.write_bytes(b"\x80garbage")
-    run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=vanilla_kd", "logger=csv"), tmp_path / "b")
+    run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "b")
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 

@@ -61,6 +61,7 @@ class DistillationModule(pl.LightningModule):
         self._phase_loss_count = 0
         self._steps_per_epoch = 1
         self._total_steps = 1
+        self._last_phase_step = -1
 
     @classmethod
     def check_task(cls, task: GlueTask) -> None:
@@ -164,14 +165,22 @@ class DistillationModule(pl.LightningModule):
         self._phase_loss_sum, self._phase_loss_count = 0.0, 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.phases is not None and self.phases.unit == "step" and self.phases.end_step(self.trainer.global_step):
-            self._begin_phase()
+        if self.phases is None or self.phases.unit != "step":
+            return
+        step = int(self.trainer.global_step)
+        if step != self._last_phase_step:  # an optimiser step happened (not an accumulation batch)
+            self._last_phase_step = step
+            if self.phases.end_step(step):
+                self._begin_phase()
 
     def on_train_epoch_end(self) -> None:
         if self.phases is None or self.phases.unit != "epoch":
             return
-        count = self._phase_loss_count
-        mean = float(self._phase_loss_sum) / count if count else math.nan
+        total = torch.tensor([float(self._phase_loss_sum), float(self._phase_loss_count)], device=self.device)
+        if self.trainer.world_size > 1:  # every process must switch phase at the same epoch
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        count = int(total[1])
+        mean = float(total[0]) / count if count else math.nan
         loss = mean if self.phases.patience is not None else None
         if self.phases.end_epoch(self.current_epoch, loss, int(self.trainer.global_step)):
             self._begin_phase()

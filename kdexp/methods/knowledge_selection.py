@@ -5,8 +5,8 @@ FinK, ResK, FeaK, RelK). Training is split into phases of ``phase_steps`` optimi
 phase's first batch a policy chooses the weights ``a``, held for the phase (docs/methods/knowledge_selection.md):
 
 - ``policy: agent`` (``knowledge_selection``, ``knowledge_selection_hard``): an actor-critic (DDPG)
-  agent trained first in the agent stage (`kdexp.selection.stage`, cached by key, shared by the
-  seeds of a sweep) acts on the state without exploration; ``action: soft`` uses ``a`` itself,
+  agent trained first in the agent stage (`kdexp.selection.stage`, cached by key: one agent per
+  student initialisation, so per seed) acts on the state without exploration; ``action: soft`` uses ``a`` itself,
   ``hard`` thresholds it (``a_k > threshold``; all zero falls back to FinK).
 - ``policy: random`` (``knowledge_random_soft``/``_hard``): a uniform random action per phase,
   drawn from ``(seed, phase)``.
@@ -140,7 +140,20 @@ class KnowledgeSelection(DistillationModule):
             method_info["phase_actions"] = self.phase_actions
 
     @classmethod
+    def check_config(cls, cfg: Any, task: Any) -> None:
+        super().check_config(cfg, task)
+        rows = cfg.data.get("max_train_samples")
+        method = cfg.method
+        if method.policy == "agent" and method.reward.split == "train" and rows is not None and method.reward.rows >= rows:
+            raise ConfigError(f"method.reward.rows={method.reward.rows} would hold out every one of the "
+                              f"data.max_train_samples={rows} training rows; use fewer reward rows.")
+
+    @classmethod
     def from_run(cls, run: "RunContext", options: KnowledgeSelectionOptions) -> "KnowledgeSelection":
+        if not run.teacher.shares_tokenizer_with(run.data):
+            raise ConfigError("knowledge selection compares the teacher's [CLS] and hidden states with the student's "
+                              "position by position: the student must use the teacher's tokenizer (student.init="
+                              "pretrained with another vocabulary cannot be used)")
         model = run.teacher.load_model()
         last = model.config.num_hidden_layers - 1
         split = run.task.train_split
@@ -203,6 +216,8 @@ class KnowledgeSelection(DistillationModule):
     def _current_weights(self, batch: dict[str, Tensor]) -> dict[str, float]:
         if self._weights is None:
             self._weights = self.decide(batch)
+            if self._trainer is not None and self.trainer.world_size > 1:  # DDP: every process uses the first's
+                self._weights = self.trainer.strategy.broadcast(self._weights, src=0)
             self.phase_actions.append({"phase": self.phases.index, "step": int(self.global_step),
                                        "weights": {k: round(v, 6) for k, v in self._weights.items()}})
         return self._weights

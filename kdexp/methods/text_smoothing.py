@@ -30,6 +30,7 @@ from omegaconf import MISSING
 
 from kdexp.cache import atomic_write_json
 from kdexp.config import require
+from kdexp.errors import ConfigError
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
 from kdexp.methods.base import DistillationModule
 from kdexp.smoothing import mlm_token_distributions, smooth_token_distributions, smoothed_inputs_embeds, special_or_padding_mask
@@ -214,6 +215,10 @@ class TextSmoothing(DistillationModule):
         trainer would have applied it to one.
         """
         trainer = self._trainer
+        if not self.automatic_optimization and trainer is not None and trainer.gradient_clip_val \
+                and str(trainer.precision).startswith("16"):
+            raise ConfigError("method.schedule=two_steps clips each step by hand, before 16-bit mixed precision "
+                              "unscales the gradients: use trainer.precision=bf16-mixed or 32-true, or method.schedule=sum")
         if not self.automatic_optimization and trainer is not None and trainer.gradient_clip_val:
             self._manual_clip = (float(trainer.gradient_clip_val), trainer.gradient_clip_algorithm or "norm")
             trainer.gradient_clip_val = None

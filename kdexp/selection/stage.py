@@ -12,8 +12,11 @@ that the episodes do not train on; ``reward.split=dev`` takes the first rows of 
 instead (the paper's wording), and the dev split is read only then.
 
 The stage is stored under ``<cache_dir>/agents/<task>-<key>``; the key holds everything that
-decides the agent (teacher, student initialisation, training and reward rows, optimiser,
-settings, agent seed), not the run's seed, so the seeds of a sweep share one agent. It saves its
+decides the agent (teacher, the student's initial weights, training and reward rows, optimiser,
+settings, agent seed). The run's seed enters only through the student's initial weights: a
+student whose task head is new (every student built from a pre-trained checkpoint) gets a
+different head per seed, so each seed of a sweep trains its own agent, and a re-run of a seed
+reuses its agent. It saves its
 progress after every episode in ``<store>.partial`` and a killed stage resumes from there, to
 the same agent (every episode is seeded by ``(agent seed, episode)``).
 """
