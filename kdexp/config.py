@@ -35,6 +35,11 @@ NON_RESULT_KEYS: tuple[str, ...] = (
 )
 
 
+# Keys added after runs were made, with the value that means "as before": a config holding one at
+# this value decides the same result as a config without it (so older run folders still match).
+NEUTRAL_VALUES: dict[str, Any] = {"optim.schedule": "linear", "data.group_by_length": False}
+
+
 def is_result_key(key: str) -> bool:
     """False for a key in (or under) `NON_RESULT_KEYS`."""
     for k in NON_RESULT_KEYS:
@@ -57,7 +62,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def result_config(resolved: dict[str, Any]) -> dict[str, Any]:
     """The flattened result-deciding part of a resolved config (a plain dict)."""
-    return {k: v for k, v in sorted(flatten(resolved).items()) if is_result_key(k)}
+    return {k: v for k, v in sorted(flatten(resolved).items())
+            if is_result_key(k) and not (k in NEUTRAL_VALUES and NEUTRAL_VALUES[k] == v)}
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -94,6 +100,7 @@ class DataSchema:
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
     num_workers: int = 0
+    group_by_length: bool = False
 
     def check(self) -> None:
         require(self.source in ("auto", "hub", "local"), "data.source", self.source, "one of auto, hub, local")
@@ -112,8 +119,11 @@ class OptimSchema:
     weight_decay: float = MISSING
     warmup_ratio: float = MISSING
     adam_epsilon: float = MISSING
+    schedule: str = "linear"
 
     def check(self) -> None:
+        require(self.schedule in ("linear", "constant", "constant_with_warmup"), "optim.schedule", self.schedule,
+                "linear, constant or constant_with_warmup")
         require(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "a positive learning rate (e.g. 5e-5)")
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "0 or more")
         require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")

@@ -202,7 +202,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
     tags = [f"task:{task.name}", f"method:{cfg.method.name}"] + ([f"experiment:{experiment}"] if experiment else [])
     loggers = build_loggers(cfg.logger, run_dir, run_name, cfg.method.name, experiment or sweep_group, resolved,  # type: ignore[arg-type]
                             tags)
-    datamodule = GlueDataModule(data, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers)
+    datamodule = GlueDataModule(data, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers,
+                                bool(cfg.data.get("group_by_length", False)))
     started = time.perf_counter()
     try:
         result = fit(module, datamodule, trainer_options(cfg), run_dir, seed=cfg.seed, identity=identity,

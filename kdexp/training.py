@@ -220,22 +220,41 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     """
 
     def __init__(self, num_rows: int, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, lengths: list[int] | None = None):
         if world_size > 1 and (batch_size is None or batch_size % world_size):
             raise ValueError(f"data.batch_size={batch_size} must be a multiple of the {world_size} DDP processes")
+        if lengths is not None and (batch_size is None or len(lengths) != num_rows):
+            raise ValueError("grouping by length needs the batch size and one length per row")
         self.num_rows = num_rows
         self.seed = seed
         self.epoch = epoch
         self.rank = rank
         self.world_size = world_size
         self.batch_size = batch_size or num_rows
+        self.lengths = lengths
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "data order", self.epoch))
-        return torch.randperm(self.num_rows, generator=generator).tolist()
+        order = torch.randperm(self.num_rows, generator=generator).tolist()
+        return order if self.lengths is None else self._grouped_by_length(order, generator)
+
+    def _grouped_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
+        """Hugging Face's length grouping: the random order cut into mega-batches of 50 batches, each
+        sorted longest first, so that a batch holds rows of similar length (little padding) while
+        the batches still come in random order (the mega-batches' batches are shuffled)."""
+        assert self.lengths is not None
+        mega = 50 * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])  # type: ignore[index]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [b for b in batches if len(b) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return [i for batch in shuffled + rest for i in batch]
 
     def __iter__(self) -> Iterator[int]:
         order = self.order()
@@ -258,20 +277,23 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
 
 
 class GlueDataModule(pl.LightningDataModule):
-    def __init__(self, data: TaskData, batch_size: int, eval_batch_size: int, seed: int, num_workers: int = 0):
+    def __init__(self, data: TaskData, batch_size: int, eval_batch_size: int, seed: int, num_workers: int = 0,
+                 group_by_length: bool = False):
         super().__init__()
         self.data = data
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.group_by_length = group_by_length
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         train = self.data.train
         trainer = self.trainer
         world_size = trainer.world_size if trainer else 1
+        lengths = [len(ids) for ids in train["input_ids"]] if self.group_by_length else None
         sampler = EpochSeededSampler(len(train), self.seed, trainer.current_epoch if trainer else 0,
-                                     trainer.global_rank if trainer else 0, world_size, self.batch_size)
+                                     trainer.global_rank if trainer else 0, world_size, self.batch_size, lengths)
         return torch.utils.data.DataLoader(
             train,
             batch_size=self.batch_size // world_size,

@@ -121,3 +121,18 @@ def test_a_resumed_run_is_in_the_same_phase(tmp_path) -> None:
     assert resumed.seen == straight.seen[5:]  # steps 5..9: the same phases and learning rates
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_constant_schedules_keep_the_learning_rate() -> None:
+    from kdexp.methods.base import OptimConfig, lr_schedule
+
+    for name, expected in (("constant", [1.0] * 6), ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+                           ("linear", [0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0])):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = lr_schedule(optimizer, OptimConfig(learning_rate=1.0, warmup_ratio=0.4, schedule=name), 5)
+        rates = []
+        for _ in range(6):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert rates == pytest.approx(expected), name

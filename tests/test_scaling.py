@@ -121,3 +121,23 @@ def test_optuna_search_maximises_the_dev_metric(tiny_model_dir: Path, glue_dir: 
     assert yaml.safe_load(hydra_files[0].read_text())["hydra"]["sweeper"]["direction"] == "maximize"
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(r["metrics"]["val/accuracy"] for r in trials)
+
+
+def test_length_grouping_keeps_every_row_once_cuts_padding_and_depends_on_seed_and_epoch() -> None:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 60, (400,), generator=generator).tolist()
+
+    def padded_tokens(order: list[int], batch: int = 8) -> int:
+        return sum(batch * max(lengths[i] for i in order[s:s + batch]) for s in range(0, len(order), batch))
+
+    grouped = EpochSeededSampler(400, seed=1, epoch=2, batch_size=8, lengths=lengths)
+    plain = EpochSeededSampler(400, seed=1, epoch=2, batch_size=8)
+    assert sorted(grouped) == list(range(400))
+    assert padded_tokens(list(grouped)) < 0.8 * padded_tokens(list(plain))
+    assert list(grouped) == list(EpochSeededSampler(400, seed=1, epoch=2, batch_size=8, lengths=lengths))
+    assert list(grouped) != list(EpochSeededSampler(400, seed=1, epoch=3, batch_size=8, lengths=lengths))
+    firsts = [lengths[list(grouped)[s]] for s in range(0, 400, 8)]
+    assert firsts != sorted(firsts, reverse=True)  # the batches themselves come in random order
+    shards = [list(EpochSeededSampler(400, seed=1, epoch=2, rank=r, world_size=2, batch_size=8, lengths=lengths))
+              for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(400))  # DDP: the grouped order, cut per global batch

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytorch_lightning as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import (
+    PreTrainedModel,
+    get_constant_schedule,
+    get_constant_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from kdexp.losses import task_loss, weighted_sum
 from kdexp.metrics import GlueMetrics, eval_prefix
@@ -32,12 +37,25 @@ if TYPE_CHECKING:
 PHASES_CHECKPOINT_KEY = "phases"
 
 
+SCHEDULES = ("linear", "constant", "constant_with_warmup")
+
+
 @dataclass
 class OptimConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     adam_epsilon: float = 1e-8
+    schedule: str = "linear"  # linear: warm-up then linear decay (BERT); constant; constant_with_warmup
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> Any:
+    warmup = int(optim.warmup_ratio * total_steps)
+    if optim.schedule == "constant":
+        return get_constant_schedule(optimizer)
+    if optim.schedule == "constant_with_warmup":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
 class DistillationModule(pl.LightningModule):
@@ -141,9 +159,7 @@ class DistillationModule(pl.LightningModule):
         if self.phases is not None and self.lr_per_phase:
             scheduler: Any = LambdaLR(optimizer, self._phase_lr_factor)
         else:
-            scheduler = get_linear_schedule_with_warmup(
-                optimizer, int(self.optim.warmup_ratio * self._total_steps), self._total_steps
-            )
+            scheduler = lr_schedule(optimizer, self.optim, self._total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ phases
