@@ -37,7 +37,7 @@ NON_RESULT_KEYS: tuple[str, ...] = (
 
 # Keys added after runs were made, with the value that means "as before": a config holding one at
 # this value decides the same result as a config without it (so older run folders still match).
-NEUTRAL_VALUES: dict[str, Any] = {"optim.schedule": "linear", "data.group_by_length": False}
+NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by_length": False}
 
 
 def is_result_key(key: str) -> bool:
@@ -119,11 +119,11 @@ class OptimSchema:
     weight_decay: float = MISSING
     warmup_ratio: float = MISSING
     adam_epsilon: float = MISSING
-    schedule: str = "linear"
+    lr_scheduler: str = "linear"
 
     def check(self) -> None:
-        require(self.schedule in ("linear", "constant", "constant_with_warmup"), "optim.schedule", self.schedule,
-                "linear, constant or constant_with_warmup")
+        require(self.lr_scheduler in ("linear", "cosine", "constant", "constant_with_warmup"), "optim.lr_scheduler",
+                self.lr_scheduler, "linear, cosine, constant or constant_with_warmup")
         require(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "a positive learning rate (e.g. 5e-5)")
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "0 or more")
         require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")

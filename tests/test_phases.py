@@ -123,13 +123,16 @@ def test_a_resumed_run_is_in_the_same_phase(tmp_path) -> None:
         assert torch.equal(a, b), name
 
 
-def test_constant_schedules_keep_the_learning_rate() -> None:
+def test_the_learning_rate_schedulers_against_their_formulas() -> None:
     from kdexp.methods.base import OptimConfig, lr_schedule
 
+    import math
+
+    cosine = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(4)]
     for name, expected in (("constant", [1.0] * 6), ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
-                           ("linear", [0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0])):
+                           ("linear", [0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0]), ("cosine", cosine)):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = lr_schedule(optimizer, OptimConfig(learning_rate=1.0, warmup_ratio=0.4, schedule=name), 5)
+        scheduler = lr_schedule(optimizer, OptimConfig(learning_rate=1.0, warmup_ratio=0.4, lr_scheduler=name), 5)
         rates = []
         for _ in range(6):
             rates.append(optimizer.param_groups[0]["lr"])

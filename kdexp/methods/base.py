@@ -17,12 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytorch_lightning as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import (
-    PreTrainedModel,
-    get_constant_schedule,
-    get_constant_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup, get_scheduler
 
 from kdexp.losses import task_loss, weighted_sum
 from kdexp.metrics import GlueMetrics, eval_prefix
@@ -37,7 +32,7 @@ if TYPE_CHECKING:
 PHASES_CHECKPOINT_KEY = "phases"
 
 
-SCHEDULES = ("linear", "constant", "constant_with_warmup")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers.get_scheduler names
 
 
 @dataclass
@@ -46,16 +41,14 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     adam_epsilon: float = 1e-8
-    schedule: str = "linear"  # linear: warm-up then linear decay (BERT); constant; constant_with_warmup
+    lr_scheduler: str = "linear"  # linear: warm-up then linear decay (BERT); cosine; constant; constant_with_warmup
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> Any:
     warmup = int(optim.warmup_ratio * total_steps)
-    if optim.schedule == "constant":
-        return get_constant_schedule(optimizer)
-    if optim.schedule == "constant_with_warmup":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if optim.lr_scheduler == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 class DistillationModule(pl.LightningModule):
