@@ -1,7 +1,8 @@
 """`kdexp-report <sweep folder>`: the paper-style table of a sweep.
 
-Reads every `results.json` under the folder(s) and writes `report.md` and `report.csv` (in the
-first folder, or `--out`): tasks as columns (each task's main GLUE metric, ×100), methods as
+Reads every `results.json` under the folder(s) and writes `report.md`, `report.csv`, `report.tex`
+(booktabs, best value per column in bold) and `report.svg` (bars with std error bars) in the first
+folder, or `--out`: tasks as columns (each task's main GLUE metric, ×100), methods as
 rows, mean ± std over seeds, one row per teacher first. Runs that differ in other overrides
 (e.g. `method.alpha`) get rows of their own; overrides that cannot change a score (progress
 bar, logging, workers: `kdexp.config.NON_RESULT_KEYS`) do not split rows. Several folders make one table, e.g. a method's
@@ -26,6 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from kdexp.config import is_result_key
+from kdexp.errors import KdexpError
+from kdexp.report_formats import (
+    AVERAGE,
+    average_column,
+    load_reference,
+    reference_markdown,
+    reference_template,
+    to_latex,
+    to_svg,
+)
 from kdexp.tasks import TASKS
 
 RESULTS_FILE = "results.json"
@@ -200,11 +211,14 @@ def _column_title(task: str) -> str:
     return f"{task} ({TASKS[task].main_metric.replace('_', ' ')})"
 
 
-def to_markdown(tasks: list[str], rows: dict[str, dict[str, Cell]], runs: int) -> str:
-    header = "| method | " + " | ".join(_column_title(t) for t in tasks) + " |"
-    lines = [header, "|---" * (len(tasks) + 1) + "|"]
+def to_markdown(tasks: list[str], rows: dict[str, dict[str, Cell]], runs: int, with_average: bool = False) -> str:
+    averages = average_column(tasks, rows) if with_average else {}
+    header = "| method | " + " | ".join(_column_title(t) for t in tasks) + (f" | {AVERAGE}" if with_average else "") + " |"
+    lines = [header, "|---" * (len(tasks) + 1 + with_average) + "|"]
     for label, cells in rows.items():
         values = [cells[t].format() if t in cells else "–" for t in tasks]
+        if with_average:
+            values.append(f"{averages[label]:.1f}" if label in averages else "–")
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     seeds = sorted({c.n for label, cells in rows.items() if not label.startswith("teacher") for c in cells.values()})
     lines.append("")
@@ -238,8 +252,11 @@ def unfinished_section(paths: list[str]) -> str:
     return "\nRuns without results.json (failed or unfinished):\n" + "".join(f"- {p}\n" for p in paths)
 
 
-def write_report(*folders: Path, out: Path | None = None) -> Report:
-    """Write report.md and report.csv (in `out`, default the first folder); refuse duplicates first."""
+def write_report(*folders: Path, out: Path | None = None, layout: str = "plain",
+                 reference: Path | None = None) -> Report:
+    """Write report.md, report.csv, report.tex and report.svg (in `out`, default the first folder);
+    refuse duplicates first. `layout="paper"` adds the Avg column; `reference` puts published
+    numbers beside ours."""
     runs = find_runs(*folders)
     results = load_results(runs.results)
     if not results:
@@ -248,17 +265,23 @@ def write_report(*folders: Path, out: Path | None = None) -> Report:
     refuse_duplicates(results)
     tasks, rows = build_table(list(results.values()))
     unfinished = [shown_path(run, folders) for run in runs.unfinished]
-    markdown = to_markdown(tasks, rows, len(results)) + unfinished_section(unfinished)
+    with_average = layout == "paper"
+    markdown = to_markdown(tasks, rows, len(results), with_average)
+    if reference is not None:
+        markdown += reference_markdown(tasks, rows, *load_reference(reference))
+    markdown += unfinished_section(unfinished)
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     write_csv(out / "report.csv", tasks, rows)
+    (out / "report.tex").write_text(to_latex(tasks, [_column_title(t) for t in tasks], rows, with_average))
+    (out / "report.svg").write_text(to_svg(tasks, rows, "dev scores ×100, mean ± std over seeds; dashed: teacher"))
     return Report(markdown, unfinished)
 
 
-def report(*folders: Path, out: Path | None = None) -> str:
+def report(*folders: Path, out: Path | None = None, layout: str = "plain", reference: Path | None = None) -> str:
     """The markdown of `write_report`."""
-    return write_report(*folders, out=out).markdown
+    return write_report(*folders, out=out, layout=layout, reference=reference).markdown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,11 +291,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where report.md and report.csv go (default: the first folder)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="exit with status 0 even if some runs have no results.json (they are still listed)")
+    parser.add_argument("--layout", choices=("plain", "paper"), default="plain",
+                        help="paper: an Avg column over the tasks (the papers' tables)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="a YAML file of published numbers (source + values) to show beside ours")
+    parser.add_argument("--reference-template", type=Path, default=None,
+                        help="write an empty reference file for this table's tasks and methods, then stop")
     args = parser.parse_args(argv)
     for folder in args.folders:
         if not folder.is_dir():
             raise SystemExit(f"kdexp-report: '{folder}' is not a folder.")
-    written = write_report(*args.folders, out=args.out)
+    if args.reference_template is not None:
+        results = load_results(find_runs(*args.folders).results)
+        tasks, rows = build_table(list(results.values()))
+        reference_template(args.reference_template, tasks, [r for r in rows if not r.startswith("teacher")])
+        print(f"{args.reference_template}: fill in the source and the values you copy from it")
+        return
+    try:
+        written = write_report(*args.folders, out=args.out, layout=args.layout, reference=args.reference)
+    except KdexpError as err:
+        raise SystemExit(f"kdexp-report: error: {err}") from None
     sys.stdout.write(written.markdown)
     if written.unfinished and not args.allow_missing:
         sys.stderr.write(f"kdexp-report: {len(written.unfinished)} run(s) without results.json (failed or unfinished), "

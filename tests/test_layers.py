@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kdexp.training",),
     ("kdexp.teacher_stage",),
     ("kdexp.run",),
+    ("kdexp.report_formats",),
     ("kdexp.train", "kdexp.report", "kdexp.evaluate"),
     ("kdexp.tools",),
 ]

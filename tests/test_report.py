@@ -176,3 +176,37 @@ def test_runs_rewarded_on_the_dev_set_are_marked(tmp_path: Path) -> None:
         (run / "results.json").write_text(json.dumps(result))
     rows = table_rows(report(tmp_path))
     assert rows["knowledge_selection [reward on dev]"] == ["85.0 ± 7.1"]
+
+
+def test_latex_svg_average_and_published_numbers(tmp_path: Path) -> None:
+    import re
+
+    from kdexp.report import write_report
+
+    scores = {("sst2", "finetune"): [0.70, 0.72], ("sst2", "vanilla_kd"): [0.80, 0.82],
+              ("cola", "finetune"): [0.30, 0.34], ("cola", "vanilla_kd"): [0.20, 0.22]}
+    for (task, method), values in scores.items():
+        for seed, score in enumerate(values, 1):
+            write_result(tmp_path / "runs", task, method, seed, score, 0.9)
+    (tmp_path / "published.yaml").write_text("source: A paper, Table 2\nvalues:\n  sst2:\n    vanilla_kd: 80.0\n"
+                                             "    finetune: null\n")
+    written = write_report(tmp_path / "runs", out=tmp_path / "out", layout="paper", reference=tmp_path / "published.yaml")
+    rows = table_rows(written.markdown.split("Published")[0])
+    assert rows["finetune"] == ["32.0 ± 2.8", "71.0 ± 1.4", "51.5"] and rows["vanilla_kd"][2] == "51.0"  # Avg column
+    assert "| vanilla_kd | sst2 | 81.0 ± 1.4 | 80.0 | +1.0 |" in written.markdown
+    tex = (tmp_path / "out" / "report.tex").read_text()
+    assert r"\toprule" in tex and r"\textbf{81.0 $\pm$ 1.4}" in tex and r"\textbf{32.0 $\pm$ 2.8}" in tex
+    assert r"\textbf{51.5}" in tex  # the best average
+    svg = (tmp_path / "out" / "report.svg").read_text()
+    bars = re.findall(r'<rect data-row="([^"]+)" data-task="([^"]+)" x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)"', svg)
+    heights = {(row, task): float(h) for row, task, _, h in bars}
+    assert len(heights) == 4 and heights[("vanilla_kd", "sst2")] > heights[("finetune", "sst2")] > heights[("finetune", "cola")]
+
+
+def test_a_reference_template_has_sources_to_fill_and_no_numbers(tmp_path: Path) -> None:
+    import yaml
+
+    write_result(tmp_path / "runs", "sst2", "vanilla_kd", 1, 0.8, 0.9)
+    main([str(tmp_path / "runs"), "--reference-template", str(tmp_path / "ref.yaml")])
+    template = yaml.safe_load((tmp_path / "ref.yaml").read_text())
+    assert template["source"].startswith("FILL IN") and template["values"] == {"sst2": {"vanilla_kd": None}}
