@@ -172,7 +172,7 @@ def test_estimates_for_every_count_vector_are_finite_ordered_and_fit(num_classes
     assert bool((logit_difference[count_difference == 0].abs() < 1e-9).all())
     assert bool((logit_difference[count_difference > 0] > 1e-3).all())
     fitted = decision_probabilities(logits)
-    assert torch.allclose(fitted, smoothed_decision_frequencies(counts), rtol=1e-10, atol=0)
+    assert torch.allclose(fitted, rule_frequencies(counts), rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("num_classes", [2, 3, 4])
@@ -215,18 +215,63 @@ def test_one_solve_per_distinct_sorted_count_vector(num_classes, monkeypatch):
     assert torch.equal(table.unique_sorted_counts[table.row_to_unique], counts.gather(1, table.sort_permutation))
 
 
+def rule_frequencies(counts: torch.Tensor) -> torch.Tensor:
+    """The default rule by hand: c / N for rows without a zero, (c + ½)/(N + C/2) for rows with one."""
+    exact = counts.double() / counts.sum(dim=1, keepdim=True).double()
+    return torch.where((counts == 0).any(dim=1, keepdim=True), smoothed_decision_frequencies(counts), exact)
+
+
 def test_estimator_handles_mixed_query_numbers_one_class_and_many_classes():
-    mixed = estimate_logits_from_counts(torch.tensor([[3, 1], [30, 10]]), dtype=torch.float64)
-    assert mixed[1, 0] > mixed[0, 0] > 0
+    mixed = estimate_logits_from_counts(torch.tensor([[3, 1], [30, 10], [4, 0], [40, 0]]), dtype=torch.float64)
+    assert torch.allclose(mixed[0], mixed[1]) and mixed[0, 0] > 0  # the same frequency: the same exact root
+    assert mixed[3, 0] > mixed[2, 0] > 0  # zero rows: more agreeing queries, more confidence
     assert torch.equal(estimate_logits_from_counts(torch.tensor([[10], [4]])), torch.zeros(2, 1))
     many = torch.zeros(3, 20, dtype=torch.int64)
     many[0, 0], many[1, :10], many[2, :2] = 10, 1, 5
     logits = estimate_logits_from_counts(many, dtype=torch.float64)
     assert bool(torch.isfinite(logits).all())
-    assert torch.allclose(decision_probabilities(logits), smoothed_decision_frequencies(many), rtol=1e-9, atol=0)
+    assert torch.allclose(decision_probabilities(logits), rule_frequencies(many), rtol=1e-9, atol=0)
     assert estimate_logits_from_counts(many).dtype == torch.float32
 
 
 def test_estimator_rejects_float_counts():
     with pytest.raises(TypeError, match="integer"):
         estimate_logits_from_counts(torch.tensor([[0.5, 0.5]]))
+
+
+def test_rows_without_a_zero_count_get_their_exact_root_and_only_zero_rows_are_smoothed() -> None:
+    import math
+    from statistics import NormalDist
+
+    from kdexp.decision.estimator import estimate_logits_from_counts
+
+    counts = torch.tensor([[9, 1], [10, 0], [7, 3]])
+    exact = estimate_logits_from_counts(counts, zero_count_rule="zero_rows").double()
+    margins = (exact[:, 0] - exact[:, 1]).tolist()
+    # two classes: P_0 = Phi(margin / (sqrt(2) s)), so the exact margin is sqrt(2)·Phi^-1(c_0 / N)
+    assert margins[0] == pytest.approx(math.sqrt(2) * NormalDist().inv_cdf(0.9), abs=1e-5)  # 1.81
+    assert margins[2] == pytest.approx(math.sqrt(2) * NormalDist().inv_cdf(0.7), abs=1e-5)
+    assert margins[1] == pytest.approx(math.sqrt(2) * NormalDist().inv_cdf(10.5 / 11), abs=1e-5)  # (10 + ½)/(10 + 1)
+    shrunk = estimate_logits_from_counts(counts, zero_count_rule="all_rows").double()
+    assert float(shrunk[0, 0] - shrunk[0, 1]) == pytest.approx(math.sqrt(2) * NormalDist().inv_cdf(9.5 / 11), abs=1e-5)
+
+
+def test_the_authors_capped_fixed_point_by_hand() -> None:
+    import math
+    from statistics import NormalDist
+
+    from kdexp.decision.estimator import estimate_logits_from_counts
+
+    def by_hand(p0: float) -> float:
+        z = [p0, 1 - p0]
+        for _ in range(20):
+            prob0 = NormalDist().cdf((z[0] - z[1]) / math.sqrt(2))
+            step = [p0 - prob0, (1 - p0) - (1 - prob0)]
+            z = [z[0] + step[0], z[1] + step[1]]
+            if abs(step[0]) + abs(step[1]) < 1e-3:
+                break
+        return z[0] - z[1]
+
+    estimated = estimate_logits_from_counts(torch.tensor([[10, 0], [7, 3]]), zero_count_rule="authors").double()
+    assert float(estimated[0, 0] - estimated[0, 1]) == pytest.approx(by_hand(1.0), abs=1e-6)
+    assert float(estimated[1, 0] - estimated[1, 1]) == pytest.approx(by_hand(0.7), abs=1e-6)

@@ -13,7 +13,7 @@ All five methods minimise the same loss and differ only in the target distributi
 
 - ``dbkd``: ``q = softmax(s'·ẑ / T)`` with ``ẑ`` the estimated teacher logits
   (:func:`kdexp.decision.estimate_logits_from_counts`: solve ``P(ẑ) = p̂`` under Gaussian noise of
-  std ``noise_std`` = ``s``, zero counts by Jeffreys smoothing with ``pseudo_count``; each distinct
+  std ``noise_std`` = ``s``; rows with a zero count by ``zero_count_rule`` (Jeffreys ``pseudo_count`` by default); each distinct
   sorted count vector solved once). With ``ce_weight = 1`` this is the paper's
   ``L = CE + a·T²·KL(softmax(s'ẑ/T) || softmax(z_S/T))``; defaults ``a = 0.7, T = 1, s' = 1, s = 1``.
 - ``decision_hard``: ``q = onehot(d_0)``, the teacher's top-1 label on the original input. With
@@ -63,7 +63,7 @@ from omegaconf import MISSING
 from kdexp.cache import cache_key
 from kdexp.config import require
 from kdexp.data import tokenize_split
-from kdexp.decision.estimator import estimate_logits_from_counts
+from kdexp.decision.estimator import ZERO_COUNT_RULES, estimate_logits_from_counts
 from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.losses import soft_target_kd
@@ -128,9 +128,12 @@ class DBKDOptions(DecisionOptions):
     logit_scale: float = MISSING
     noise_std: float = MISSING
     pseudo_count: float = MISSING
+    zero_count_rule: str = MISSING
 
     def check(self) -> None:
         super().check()
+        require(self.zero_count_rule in ZERO_COUNT_RULES, "method.zero_count_rule", self.zero_count_rule,
+                ", ".join(ZERO_COUNT_RULES))
         require(self.noise_std > 0, "method.noise_std", self.noise_std, "a positive standard deviation")
         require(self.pseudo_count > 0, "method.pseudo_count", self.pseudo_count, "a positive pseudo-count (e.g. 0.5)")
 
@@ -300,10 +303,12 @@ class DBKD(DecisionDistillation):
                        options: DBKDOptions) -> "DBKD":
         counts = decided.counts
         start = time.perf_counter()
-        estimated = estimate_logits_from_counts(counts, noise_std=options.noise_std, pseudo_count=options.pseudo_count)
+        estimated = estimate_logits_from_counts(counts, noise_std=options.noise_std, pseudo_count=options.pseudo_count,
+                                                zero_count_rule=options.zero_count_rule)
         seconds = time.perf_counter() - start
         stats.update(estimate_statistics(counts, estimated, decided.num_queries))
-        stats.update(estimator_seconds=seconds, noise_std=options.noise_std, pseudo_count=options.pseudo_count)
+        stats.update(estimator_seconds=seconds, noise_std=options.noise_std, pseudo_count=options.pseudo_count,
+                     zero_count_rule=options.zero_count_rule)
         return cls(run.student, run.task, run.optim, options=options, estimated_logits=estimated)
 
     def targets_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
