@@ -101,5 +101,9 @@ def test_a_wandb_run_holds_the_results_lr_throughput_and_resumes_as_the_same_run
     (tmp_path / "run" / "results.json").unlink()
     shutil.rmtree(tmp_path / "run" / "student")
     run(cfg, tmp_path / "run", sweep_group="sweeps/a", experiment="quickstart")
-    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}
+    # Read the id from each run's own records: two runs started within one second share a folder
+    # name stem, and wandb then suffixes the second folder's name.
+    ids = {next(r.run.run_id for r in wandb_records(next(folder.glob("*.wandb")))
+                if r.WhichOneof("record_type") == "run")
+           for folder in (tmp_path / "run" / "wandb").glob("offline-run-*")}
     assert ids == {run_record.run_id}
