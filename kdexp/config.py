@@ -29,7 +29,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 # Keys (exact, or a prefix ending in ".") that cannot change a run's numbers.
 NON_RESULT_KEYS: tuple[str, ...] = (
     "hydra.", "logger", "logger.", "cache_dir", "resume", "keep_checkpoints",
-    "data.num_workers", "data.eval_batch_size", "teacher.eval_batch_size",
+    "data.num_workers", "data.eval_batch_size", "teacher.eval_batch_size", "teacher.eval_tokens_per_batch",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "method.queries.batch_size", "method.mlm.eval_batch_size",
 )
@@ -37,7 +37,9 @@ NON_RESULT_KEYS: tuple[str, ...] = (
 
 # Keys added after runs were made, with the value that means "as before": a config holding one at
 # this value decides the same result as a config without it (so older run folders still match).
-NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by_length": False}
+NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by_length": False,
+                                  "method.kd_form": "hinton", "method.smoothing_form": "others",
+                                  "method.final_alpha": None, "method.attention_heads": "mean"}
 
 
 def is_result_key(key: str) -> bool:
@@ -146,12 +148,15 @@ class TeacherSchema:
     max_eval_samples: Optional[int] = None
     seed: int = 42
     eval_batch_size: int = 128
+    eval_tokens_per_batch: int = 16384
 
     def check(self) -> None:
         require(self.learning_rate > 0, "teacher.learning_rate", self.learning_rate, "a positive learning rate")
         require(self.epochs >= 1, "teacher.epochs", self.epochs, "at least 1 epoch")
         require(self.batch_size > 0, "teacher.batch_size", self.batch_size, "a positive batch size")
         require(self.eval_batch_size > 0, "teacher.eval_batch_size", self.eval_batch_size, "a positive batch size")
+        require(self.eval_tokens_per_batch > 0, "teacher.eval_tokens_per_batch", self.eval_tokens_per_batch,
+                "a positive number of tokens")
         require(self.weight_decay >= 0, "teacher.weight_decay", self.weight_decay, "0 or more")
         require(0 <= self.warmup_ratio < 1, "teacher.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         clip = self.gradient_clip_val

@@ -11,7 +11,6 @@ never written into checkpoints.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
-from kdexp.data import TaskData, make_loader, tokenize_split, tokenizer_fingerprint
+from kdexp.data import TaskData, tokenize_split, tokenizer_fingerprint
+from kdexp.inference import PassBatching, PassProgress, length_sorted_loader, pass_precision, teacher_pass_mode
 from kdexp.metrics import GlueMetrics, eval_prefix
 from kdexp.model_internals import ModelInternals, forward_with_internals, model_inputs, truncated_encoder
 from kdexp.models import count_parameters, load_classifier
@@ -43,6 +43,15 @@ class Teacher:
     device: torch.device
     info: dict[str, Any] = field(default_factory=dict)
     eval_batch_size: int = 128
+    eval_tokens_per_batch: int = 16384
+
+    @property
+    def batching(self) -> PassBatching:
+        return PassBatching(self.eval_tokens_per_batch, self.eval_batch_size)
+
+    def pass_key_parts(self) -> dict[str, Any]:
+        """What decides a pass's floats besides the teacher and the rows: batch plan and precision."""
+        return {**self.batching.key_parts(), "precision": pass_precision(self.device)}
 
     def load_model(self, attn_implementation: str = "sdpa") -> PreTrainedModel:
         model = load_classifier(self.path, self.task, attn_implementation, require_head=True)
@@ -60,7 +69,7 @@ class Teacher:
     def logits(self, data: TaskData, split: str) -> torch.Tensor:
         """Teacher logits for every row of `split` (row i = `idx` i), computed once and cached."""
         tokenized, data_key = self._teacher_view(data, split)
-        key = cache_key(kind="teacher_logits", teacher=self.key, data=data_key)
+        key = cache_key(kind="teacher_logits", teacher=self.key, data=data_key, **self.pass_key_parts())
         path = self.cache_dir / "signals" / "teacher_logits" / f"{key}.pt"
         expected = {"key": key, "rows": len(tokenized), "num_labels": self.task.num_labels}
 
@@ -81,16 +90,16 @@ class Teacher:
 
         return load_or_compute(path, load, compute)
 
-    @torch.no_grad()
     def _compute_logits(self, tokenized: Any, data: TaskData) -> torch.Tensor:
-        start = time.perf_counter()
         model = self.load_model().to(self.device)
-        loader = make_loader(tokenized, data, self.eval_batch_size, shuffle=False)
         out = torch.empty(len(tokenized), self.task.num_labels)
-        for batch in loader:
-            inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
-            out[batch["idx"]] = model(**inputs).logits.float().cpu()
-        log.info("Teacher logits for %d rows in %.1fs", len(tokenized), time.perf_counter() - start)
+        progress = PassProgress(f"teacher logits ({len(tokenized)} rows)", len(tokenized))
+        with teacher_pass_mode(self.device):
+            for batch in length_sorted_loader(tokenized, data.pad_token_id, self.batching):
+                inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
+                out[batch["idx"]] = model(**inputs).logits.float().cpu()
+                progress.update(len(batch["idx"]))
+        progress.close()
         return out
 
     def dev_metrics(self, data: TaskData) -> dict[str, float]:
@@ -110,7 +119,6 @@ class Teacher:
             self.info["num_parameters"] = count_parameters(self.load_model())
         return int(self.info["num_parameters"])
 
-    @torch.no_grad()
     def cls_vectors(self, data: TaskData, split: str, layers: Sequence[int]) -> torch.Tensor:
         """``h_T[m][CLS]`` for every row of ``split`` and teacher layer ``m`` in ``layers``: ``[N, len(layers), D_T]``.
 
@@ -119,7 +127,7 @@ class Teacher:
         """
         layers = [int(layer) for layer in layers]
         tokenized, data_key = data.tokenized[split], data.keys[split]
-        key = cache_key(kind="teacher_cls", teacher=self.key, data=data_key, layers=layers)
+        key = cache_key(kind="teacher_cls", teacher=self.key, data=data_key, layers=layers, **self.pass_key_parts())
         path = self.cache_dir / "signals" / "teacher_cls" / f"{key}.pt"
         expected = {"key": key, "rows": len(tokenized), "layers": layers}
 
@@ -132,13 +140,16 @@ class Teacher:
         def compute() -> torch.Tensor:
             model = self.load_model().to(self.device)
             out = torch.empty(len(tokenized), len(layers), model.config.hidden_size)
-            loader = make_loader(tokenized, data, self.eval_batch_size, shuffle=False)
-            with truncated_encoder(model, max(layers) + 1):
-                for batch in loader:
+            progress = PassProgress(f"teacher [CLS] vectors ({len(tokenized)} rows)", len(tokenized))
+            with truncated_encoder(model, max(layers) + 1), teacher_pass_mode(self.device):
+                for batch in length_sorted_loader(tokenized, data.pad_token_id, self.batching):
+                    rows = batch["idx"]
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     hidden = forward_with_internals(model, batch, need_attentions=False).hidden_states
                     assert hidden is not None
-                    out[batch["idx"].cpu()] = torch.stack([hidden[m + 1][:, 0] for m in layers], dim=1).float().cpu()
+                    out[rows] = torch.stack([hidden[m + 1][:, 0] for m in layers], dim=1).float().cpu()
+                    progress.update(len(rows))
+            progress.close()
             save_tensors(path, {"cls": out}, expected)
             log.info("Cached teacher [CLS] vectors of layers %s for %d rows (%s)", layers, len(tokenized), path)
             return out

@@ -90,7 +90,8 @@ def prepare_teacher(
     precision = str(trainer_cfg.get("precision", "32-true"))
     if spec.finetuned:
         key = teacher_key(spec, task, model_fp, {}, max_length, precision)
-        return Teacher(path, key, task, tokenizer, cache_dir, device, {"finetuned_by": "user"}, spec.eval_batch_size)
+        return Teacher(path, key, task, tokenizer, cache_dir, device, {"finetuned_by": "user"}, spec.eval_batch_size,
+                       spec.eval_tokens_per_batch)
 
     train_raw = load_split(task, task.train_split, source, spec.max_train_samples, "teacher.max_train_samples")
     data_keys = {task.train_split: tokenized_key(train_raw, task, tokenizer, max_length)}
@@ -112,7 +113,8 @@ def prepare_teacher(
                 _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store)
                 info = stored_teacher_info(store)
                 assert info is not None, f"the teacher stage did not publish {store}"
-    return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, device, info, spec.eval_batch_size)
+    return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, device, info, spec.eval_batch_size,
+                   spec.eval_tokens_per_batch)
 
 
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -36,3 +36,21 @@ def test_peak_memory_sees_a_large_temporary_allocation() -> None:
         block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
         del block
     assert 60 <= peak.megabytes <= 200
+
+
+def test_pass_benchmark_measures_kdexp_passes_against_bare_loops_that_agree_with_them(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from kdexp.tools.pass_benchmark import main as pass_main
+
+    out = tmp_path / "passes.json"
+    pass_main([f"teacher.name_or_path={tiny_model_dir}", "teacher.epochs=1", f"data.glue_dir={glue_dir}",
+               "data.max_length=32", f"cache_dir={tmp_path / 'cache'}", "--repeats", "1", "--num-queries", "3",
+               "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["queries"] == 3 * result["rows"]
+    assert result["agreement"]["logits_max_abs_difference"] < 1e-5  # the same logits, other batches
+    assert result["agreement"]["decisions_equal_fraction"] == 1.0
+    speeds = result["rows_per_second"]
+    assert result["ratios"]["kdexp logits pass / bare length-sorted loop"] == pytest.approx(
+        speeds["logits_kdexp"] / speeds["logits_bare_sorted"])

@@ -297,6 +297,18 @@ def test_baseline_targets() -> None:
         (F.cross_entropy(logits, batch["labels"]) + 0.7 * F.cross_entropy(logits, teacher_labels)).item(), rel=1e-5)
 
 
+def test_authors_label_smoothing_spreads_over_all_classes_and_sharpens_by_temperature() -> None:
+    queries = fake_queries([[1, 0], [0, 0]], 2)
+    plain = DecisionLabelSmooth.from_decisions(fake_run(), queries, {},
+                                               method_options("decision_label_smooth", smoothing_form="uniform"))
+    assert torch.allclose(plain.targets, torch.tensor([[0.05, 0.95], [0.95, 0.05]]))  # (1 - eps)·onehot + eps/C
+    sharp = DecisionLabelSmooth.from_decisions(fake_run(), queries, {}, method_options(
+        "decision_label_smooth", smoothing_form="uniform", temperature=2.0))
+    root = [0.05 ** 0.5, 0.95 ** 0.5]  # q^(1/T), renormalised, by hand
+    expected = torch.tensor([[root[0], root[1]], [root[1], root[0]]]) / sum(root)
+    assert torch.allclose(sharp.targets, expected)
+
+
 def test_hard_aug_loss_has_no_gold_term_for_copies() -> None:
     module = DecisionHardAug(fake_run().student, get_task("sst2"), options=method_options("decision_hard_aug", alpha=0.7),
                              targets=torch.eye(2)[[1, 0, 0, 1]], num_original=2)

@@ -83,6 +83,15 @@ def test_attention_kl_matches_brute_force_loop() -> None:
     assert attention_kl(student, teacher, MASK).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_attention_kl_summed_over_heads_is_the_head_count_times_the_mean() -> None:
+    student = random_attention(3, 4, 6, MASK, seed=1)
+    teacher = random_attention(3, 4, 6, MASK, seed=2)
+    expected = 4 * brute_force_attention_kl(student.double(), teacher.double(), MASK)
+    assert attention_kl(student, teacher, MASK, heads="sum").item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="heads must be one of"):
+        attention_kl(student, teacher, MASK, heads="max")
+
+
 def test_attention_kl_ignores_padded_query_rows() -> None:
     student = random_attention(3, 4, 6, MASK, seed=1)
     teacher = random_attention(3, 4, 6, MASK, seed=2)

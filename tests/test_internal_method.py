@@ -252,6 +252,15 @@ def test_resume_continues_in_the_right_stage(stop_at: int, tmp_path: Path, monke
         assert spy.callback.first_lr[3] < 1e-3
 
 
+def test_final_alpha_weights_the_final_kd_stage_only() -> None:
+    module = make_module("all", alpha=0.5, final_alpha=1.0, epochs_per_stage=1)
+    internal = module.loss_weights()
+    assert internal["ce"] == 0.5 and internal["kd"] == 0.5  # the internal stage keeps alpha
+    module.schedule.end_epoch(0)
+    assert module.schedule.is_final_kd_stage
+    assert module.loss_weights() == {"ce": 0.0, "kd": 1.0}  # soft labels only
+
+
 def test_a_checkpoint_of_another_method_is_refused() -> None:
     with pytest.raises(ValueError, match="no phase state"):
         make_module().on_load_checkpoint({"state_dict": {}})

@@ -113,6 +113,16 @@ def test_all_has_one_internal_stage_then_kd_for_the_rest_of_training() -> None:
     assert schedule.current_stage.index == 1
 
 
+def test_without_a_final_kd_stage_the_last_internal_stage_lasts_to_the_end() -> None:
+    schedule = StageSchedule("all", PAIRS, epochs_per_stage=1, final_kd=False)
+    assert run_epochs(schedule, first_epoch=0, count=6) == [tuple(PAIRS)] * 6
+    assert not schedule.is_final_kd_stage
+    pid = StageSchedule("pid", PAIRS, epochs_per_stage=2, final_kd=False)
+    seen = run_epochs(pid, first_epoch=0, count=9)
+    assert seen[-3:] == [(PAIRS[-1],)] * 3  # the top pair's stage runs on
+    assert len(pid.stages) == len(PAIRS)
+
+
 def test_patience_ends_a_stage_early_when_loss_stops_improving() -> None:
     schedule = StageSchedule("pid", PAIRS, epochs_per_stage=10, patience=2, min_delta=0.05)
     # Stage 0: improves, then two epochs improving by less than min_delta -> switch after epoch 3.

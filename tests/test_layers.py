@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdexp"
 # Lowest first. A module may import modules of its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
     ("kdexp", "kdexp.errors", "kdexp.seeding", "kdexp.faults", "kdexp.tasks", "kdexp.config"),
-    ("kdexp.cache", "kdexp.data", "kdexp.models", "kdexp.metrics", "kdexp.model_internals", "kdexp.phases",
+    ("kdexp.cache", "kdexp.data", "kdexp.inference", "kdexp.models", "kdexp.metrics", "kdexp.model_internals", "kdexp.phases",
      "kdexp.losses", "kdexp.context"),
     ("kdexp.teacher", "kdexp.decision", "kdexp.internal", "kdexp.smoothing", "kdexp.selection"),
     ("kdexp.methods",),

@@ -116,3 +116,30 @@ def test_weighted_sum_takes_tensor_weights_and_refuses_unknown_terms() -> None:
     assert float(terms["a"].grad) == 0.25 and float(terms["b"].grad) == 2.0
     with pytest.raises(KeyError, match="unknown loss terms"):
         weighted_sum(terms, {"d": 1.0})
+
+
+@pytest.mark.parametrize("kd_form,ce_weight", [("hinton", 0.3), ("additive", 1.0)])
+def test_vanilla_kd_forms_weight_ce_as_hinton_or_as_the_dbkd_authors(kd_form: str, ce_weight: float) -> None:
+    from types import SimpleNamespace
+
+    from transformers import BertForSequenceClassification
+
+    from kdexp.methods.base import OptimConfig
+    from kdexp.methods.vanilla_kd import VanillaKD
+    from kdexp.run import method_options
+    from kdexp.tasks import get_task
+    from kdexp.teacher import TeacherSignals
+    from tests.conftest import tiny_bert_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    student = BertForSequenceClassification(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    teacher_logits = torch.randn(4, 2)
+    module = VanillaKD(student, get_task("sst2"), OptimConfig(), teacher=TeacherSignals(logits=teacher_logits),
+                       options=method_options("vanilla_kd", kd_form=kd_form, alpha=0.7, temperature=2.0))
+    batch = {**tiny_tokenizer()(["the movie is good", "a bad film"], padding=True, return_tensors="pt"),
+             "labels": torch.tensor([1, 0]), "idx": torch.tensor([2, 0])}
+    loss, _ = module.training_loss(batch)
+    logits = module(batch).float()
+    ce = float(torch.nn.functional.cross_entropy(logits, batch["labels"]))
+    kd = 4.0 * _kl_by_hand(teacher_logits[batch["idx"]].numpy().astype(float), logits.detach().numpy().astype(float), 2.0)
+    assert float(loss) == pytest.approx(ce_weight * ce + 0.7 * kd, rel=1e-5)

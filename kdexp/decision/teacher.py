@@ -7,19 +7,20 @@ The model, its tokenizer and every float it computes stay inside a closure built
 :func:`_make_decider`; the object has ``__slots__`` and no attribute that holds the model or
 logits, so the methods that receive it cannot read logits by accident.
 
-Queries are tokenised with the teacher's own tokenizer (truncated to ``max_length``), padded
-per batch, and sorted by length inside each call so that batches hold texts of similar
-length (less padding on CPU); the answers are returned in the order of the input.
+Queries are tokenised with the teacher's own tokenizer (truncated to ``max_length``), all at
+once, then run in length-sorted batches under a token budget (`kdexp.inference`) and padded
+per batch; the answers are returned in the order of the input.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from kdexp.inference import PassBatching, PassProgress, length_sorted_batches, pass_precision, teacher_pass_mode
 
 if TYPE_CHECKING:
     from kdexp.teacher import Teacher
@@ -27,20 +28,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Query = str | tuple[str, str]
-PROGRESS_EVERY_SECONDS = 60.0
 
 
 def _make_decider(
     load_model: Callable[[], torch.nn.Module],
     tokenizer: Any,
     max_length: int,
-    batch_size: int,
+    batching: PassBatching,
     device: torch.device,
 ) -> Callable[[Sequence[Query]], torch.Tensor]:
     """A function ``queries -> LongTensor`` of top-1 labels; the model is loaded on first use."""
     holder: list[torch.nn.Module] = []
 
-    @torch.no_grad()
     def decide(queries: Sequence[Query]) -> torch.Tensor:
         if not holder:
             holder.append(load_model().eval().requires_grad_(False).to(device))
@@ -49,24 +48,20 @@ def _make_decider(
         out = torch.empty(len(queries), dtype=torch.long)
         if not queries:
             return out
-        pairs = not isinstance(queries[0], str)
-        lengths = [len(q) if isinstance(q, str) else len(q[0]) + len(q[1]) for q in queries]
-        order = sorted(range(len(queries)), key=lengths.__getitem__)
-        started = last_report = time.perf_counter()
-        for start in range(0, len(order), batch_size):
-            if time.perf_counter() - last_report > PROGRESS_EVERY_SECONDS:
-                last_report = time.perf_counter()
-                log.info("Teacher decisions: %d / %d queries (%.0fs)", start, len(order), last_report - started)
-            rows = order[start : start + batch_size]
-            if pairs:
-                first = [queries[r][0] for r in rows]
-                second = [queries[r][1] for r in rows]
-                enc = tokenizer(first, second, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            else:
-                enc = tokenizer([queries[r] for r in rows], truncation=True, max_length=max_length, padding=True,
-                                return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            out[torch.tensor(rows)] = model(**enc).logits.argmax(dim=-1).cpu()
+        if isinstance(queries[0], str):
+            encoded = tokenizer(queries, truncation=True, max_length=max_length)
+        else:
+            encoded = tokenizer([q[0] for q in queries], [q[1] for q in queries], truncation=True,
+                                max_length=max_length)
+        encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        progress = PassProgress(f"teacher decisions ({len(queries)} queries)", len(queries))
+        with teacher_pass_mode(device):
+            for rows in length_sorted_batches(lengths, batching):
+                batch = tokenizer.pad({k: [v[r] for r in rows] for k, v in encoded.items()}, return_tensors="pt")
+                out[torch.tensor(rows)] = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(dim=-1).cpu()
+                progress.update(len(rows))
+        progress.close()
         return out
 
     return decide
@@ -99,9 +94,10 @@ class DecisionTeacher:
         """Wrap a fine-tuned :class:`~kdexp.teacher.Teacher` (its model is loaded on the first query)."""
         from kdexp.data import tokenizer_fingerprint
 
-        decide_fn = _make_decider(teacher.load_model, teacher.tokenizer, max_length,
-                                  batch_size or teacher.eval_batch_size, teacher.device)
-        identity = {"tokenizer": tokenizer_fingerprint(teacher.tokenizer), "max_length": max_length}
+        batching = PassBatching(teacher.eval_tokens_per_batch, batch_size or teacher.eval_batch_size)
+        decide_fn = _make_decider(teacher.load_model, teacher.tokenizer, max_length, batching, teacher.device)
+        identity = {"tokenizer": tokenizer_fingerprint(teacher.tokenizer), "max_length": max_length,
+                    **batching.key_parts(), "precision": pass_precision(teacher.device)}
         return cls(decide_fn, teacher.key, teacher.task.num_labels, identity)
 
     def decide(self, queries: Sequence[Query]) -> torch.Tensor:

@@ -58,6 +58,7 @@ def internal_terms(
     teacher_attentions: Sequence[Tensor] | None = None,
     kinds: Sequence[str] = ("attention_kl", "cls_cosine"),
     head_mismatch: HeadMismatch = "error",
+    attention_heads: str = "mean",
 ) -> dict[str, Tensor]:
     """Unweighted terms ``<kind>/s{j}_t{m(j)}`` for each active pair and kind.
 
@@ -87,6 +88,7 @@ def internal_terms(
                 layer_attention(teacher_attentions, pair.teacher),
                 attention_mask,
                 head_mismatch,
+                attention_heads,
             )
         if "cls_cosine" in kinds:
             terms[f"cls_cosine/{pair}"] = cls_cosine_loss(student_hidden[:, 0], teacher_hidden[:, 0])

@@ -5,7 +5,7 @@
 - ``sid`` (stacked): stage ``s`` distils pairs ``0 .. s``.
 
 Every algorithm ends with a soft-label KD stage (no internal pairs) that lasts for the
-rest of training. An internal stage ends after ``epochs_per_stage`` epochs, or earlier
+rest of training, unless ``final_kd=False``: then the last internal stage lasts to the end. An internal stage ends after ``epochs_per_stage`` epochs, or earlier
 when ``patience`` is set and its loss has not improved by ``min_delta`` for
 ``patience`` consecutive epochs.
 """
@@ -36,8 +36,8 @@ class Stage:
         return not self.pairs
 
 
-def build_stages(algorithm: Algorithm, layer_pairs: Sequence[LayerPair]) -> tuple[Stage, ...]:
-    """Stages of ``algorithm`` over ``layer_pairs`` (in the given, bottom-up order), KD stage last."""
+def build_stages(algorithm: Algorithm, layer_pairs: Sequence[LayerPair], final_kd: bool = True) -> tuple[Stage, ...]:
+    """Stages of ``algorithm`` over ``layer_pairs`` (in the given, bottom-up order), KD stage last if ``final_kd``."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     pairs = tuple(layer_pairs)
@@ -49,7 +49,7 @@ def build_stages(algorithm: Algorithm, layer_pairs: Sequence[LayerPair]) -> tupl
         internal_pair_sets = [(pair,) for pair in pairs]
     else:
         internal_pair_sets = [pairs[: s + 1] for s in range(len(pairs))]
-    pair_sets = [*internal_pair_sets, ()]
+    pair_sets = [*internal_pair_sets, ()] if final_kd else internal_pair_sets
     return tuple(Stage(index=s, pairs=stage_pairs) for s, stage_pairs in enumerate(pair_sets))
 
 
@@ -80,12 +80,13 @@ class StageSchedule(PhaseSchedule):
         epochs_per_stage: int,
         patience: int | None = None,
         min_delta: float = 0.0,
+        final_kd: bool = True,
     ) -> None:
         if epochs_per_stage < 1:
             raise ValueError(f"epochs_per_stage must be at least 1, got {epochs_per_stage}")
         self.algorithm = algorithm
         self.layer_pairs = tuple(layer_pairs)
-        self.stages = build_stages(algorithm, self.layer_pairs)
+        self.stages = build_stages(algorithm, self.layer_pairs, final_kd)
         self.epochs_per_stage = epochs_per_stage
         super().__init__("epoch", [epochs_per_stage] * (len(self.stages) - 1) + [None], patience=patience,
                          min_delta=min_delta)

@@ -58,13 +58,17 @@ def reconcile_attention_heads(
     return student_attentions.mean(dim=1, keepdim=True), teacher_attentions.mean(dim=1, keepdim=True)
 
 
+ATTENTION_HEAD_REDUCTIONS = ("mean", "sum")
+
+
 def attention_kl(
     student_attentions: Tensor,
     teacher_attentions: Tensor,
     attention_mask: Tensor,
     head_mismatch: HeadMismatch = "error",
+    heads: str = "mean",
 ) -> Tensor:
-    """``KL(A_T row || A_S row)`` averaged over heads and real query positions.
+    """``KL(A_T row || A_S row)`` averaged (or summed) over heads, averaged over real query positions.
 
     Args:
         student_attentions: ``A_S``, ``[B, H_S, L, L]`` attention probabilities (each
@@ -73,6 +77,8 @@ def attention_kl(
         attention_mask: ``[B, L]``, 1 = real token, 0 = padding. Padded query rows are
             excluded; padded keys carry probability 0 in both maps and contribute 0.
         head_mismatch: rule when ``H_S != H_T``, see :func:`reconcile_attention_heads`.
+        heads: ``mean`` (the KL per head, averaged) or ``sum`` (summed over heads, as a loss
+            written ``sum_h KL`` reads).
 
     Returns:
         Scalar: the per-row KL, averaged over heads, then averaged over all real query
@@ -102,7 +108,9 @@ def attention_kl(
         torch.xlogy(teacher_probs, teacher_probs)
         - teacher_probs * student_probs.clamp_min(PROBABILITY_FLOOR).log()
     ).sum(dim=-1)
-    kl_per_query = row_kl.mean(dim=1)
+    if heads not in ATTENTION_HEAD_REDUCTIONS:
+        raise ValueError(f"heads must be one of {ATTENTION_HEAD_REDUCTIONS}, got {heads!r}")
+    kl_per_query = row_kl.mean(dim=1) if heads == "mean" else row_kl.sum(dim=1)
     # clamp_min avoids a host sync for an emptiness check; tokenized inputs always have [CLS].
     return (kl_per_query * query_mask).sum() / query_mask.sum().clamp_min(1.0)
 

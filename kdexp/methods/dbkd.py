@@ -27,7 +27,8 @@ All five methods minimise the same loss and differ only in the target distributi
 - ``decision_noise_smooth``: ``q = p̂ = c / N`` (unsmoothed: a zero count gives a zero target).
 - ``decision_label_smooth``: ``q`` puts ``1 - eps`` on the top-1 label of the original input and
   spreads ``eps`` evenly over the *other* ``C - 1`` classes (``C = 2``, ``eps = 0.1``: 0.9 / 0.1).
-  (``torch``'s ``label_smoothing`` spreads ``eps`` over all ``C`` classes instead: 0.95 / 0.05.)
+  ``smoothing_form=uniform`` is the authors' form: ``(1 - eps)·onehot + eps / C`` (0.95 / 0.05),
+  sharpened by ``1 / T`` (``q^(1/T)`` renormalised; no change at ``T = 1``).
 
 Reading of the paper's baselines: they are "decision-only" variants of the same distillation
 objective, so they keep the gold-label CE and the weight ``a`` of the KD term, and only the
@@ -138,13 +139,19 @@ class DBKDOptions(DecisionOptions):
         require(self.pseudo_count > 0, "method.pseudo_count", self.pseudo_count, "a positive pseudo-count (e.g. 0.5)")
 
 
+LABEL_SMOOTHING_FORMS = ("others", "uniform")
+
+
 @dataclass
 class LabelSmoothOptions(DecisionOptions):
     smoothing: float = MISSING
+    smoothing_form: str = "others"
 
     def check(self) -> None:
         super().check()
         require(0 <= self.smoothing < 1, "method.smoothing", self.smoothing, "a value in [0, 1)")
+        require(self.smoothing_form in LABEL_SMOOTHING_FORMS, "method.smoothing_form", self.smoothing_form,
+                ", ".join(LABEL_SMOOTHING_FORMS))
 
 
 @dataclass
@@ -170,6 +177,15 @@ def label_smoothed_targets(decisions: torch.Tensor, num_labels: int, smoothing: 
         return hard_targets(decisions, num_labels)
     onehot = hard_targets(decisions, num_labels)
     return onehot * (1.0 - smoothing) + (1.0 - onehot) * (smoothing / (num_labels - 1))
+
+
+def uniform_smoothed_targets(decisions: torch.Tensor, num_labels: int, smoothing: float,
+                             temperature: float = 1.0) -> torch.Tensor:
+    """The DBKD authors' form: ``(1 - eps)·onehot + eps / C``, sharpened by ``1 / T`` (``q^(1/T)``, renormalised)."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"label smoothing must lie in [0, 1), got {smoothing}")
+    smoothed = hard_targets(decisions, num_labels) * (1.0 - smoothing) + smoothing / num_labels
+    return torch.softmax(smoothed.log() / temperature, dim=-1)
 
 
 def noise_smoothed_targets(counts: torch.Tensor) -> torch.Tensor:
@@ -355,8 +371,13 @@ class DecisionLabelSmooth(DecisionDistillation):
     @classmethod
     def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
                        options: LabelSmoothOptions) -> "DecisionLabelSmooth":
-        targets = label_smoothed_targets(decided.original_decisions, decided.num_labels, options.smoothing)
+        if options.smoothing_form == "uniform":
+            targets = uniform_smoothed_targets(decided.original_decisions, decided.num_labels, options.smoothing,
+                                               options.temperature)
+        else:
+            targets = label_smoothed_targets(decided.original_decisions, decided.num_labels, options.smoothing)
         stats["smoothing"] = options.smoothing
+        stats["smoothing_form"] = options.smoothing_form
         return cls(run.student, run.task, run.optim, options=options, targets=targets)
 
 

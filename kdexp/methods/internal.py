@@ -37,6 +37,7 @@ from kdexp.internal.layer_map import LayerPair, resolve_layer_map
 from kdexp.internal.losses import HEAD_MISMATCH_RULES, InternalProjections, internal_terms, internal_weights
 from kdexp.internal.stages import ALGORITHMS, StageSchedule, num_internal_stages, total_epochs_needed
 from kdexp.losses import hinton_weights, kd_terms
+from kdexp.losses.features import ATTENTION_HEAD_REDUCTIONS
 from kdexp.methods.base import DistillationModule
 from kdexp.model_internals import ModelInternals, forward_with_internals, truncated_encoder
 from kdexp.teacher import TeacherSignals
@@ -70,6 +71,8 @@ class InternalOptions:
     kd_epochs: int = MISSING
     temperature: float = MISSING
     alpha: float = MISSING
+    final_alpha: Optional[float] = None  # alpha of the final KD stage (null: alpha; 1: soft labels only)
+    attention_heads: str = "mean"  # attention KL per head: mean or sum over heads
     kd_in_internal_stages: bool = MISSING
     lr_schedule: str = MISSING
     truncate_forward: bool = MISSING
@@ -83,11 +86,16 @@ class InternalOptions:
         require(self.teacher_cls_cache in CLS_CACHE_MODES, "method.teacher_cls_cache", self.teacher_cls_cache,
                 "auto, always or never")
         require(self.epochs_per_stage >= 1, "method.epochs_per_stage", self.epochs_per_stage, "1 or more")
-        require(self.kd_epochs >= 1, "method.kd_epochs", self.kd_epochs, "1 or more (the final soft-label KD stage)")
+        require(self.kd_epochs >= 0, "method.kd_epochs", self.kd_epochs,
+                "0 (no final KD stage: the last internal stage lasts to the end) or more")
         require(self.patience is None or self.patience >= 1, "method.patience", self.patience, "null or 1 or more")
         require(self.min_delta >= 0, "method.min_delta", self.min_delta, "0 or more")
         require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature")
         require(0 <= self.alpha <= 1, "method.alpha", self.alpha, "a weight in [0, 1]")
+        require(self.final_alpha is None or 0 <= self.final_alpha <= 1, "method.final_alpha", self.final_alpha,
+                "null (method.alpha) or a weight in [0, 1]")
+        require(self.attention_heads in ATTENTION_HEAD_REDUCTIONS, "method.attention_heads", self.attention_heads,
+                " or ".join(ATTENTION_HEAD_REDUCTIONS))
         weights = (self.attention_weight, self.cls_weight, self.hidden_mse_weight)
         require(min(weights) >= 0, "method.attention_weight/cls_weight/hidden_mse_weight", weights, "weights >= 0")
         require(max(weights) > 0, "method.attention_weight/cls_weight/hidden_mse_weight", weights,
@@ -125,7 +133,7 @@ class InternalDistillation(DistillationModule):
                 )
         self.layer_pairs = tuple(pairs)
         self.phases = StageSchedule(options.algorithm, pairs, options.epochs_per_stage, options.patience,  # type: ignore[arg-type]
-                                    options.min_delta)
+                                    options.min_delta, final_kd=options.kd_epochs > 0)
         self.lr_per_phase = options.lr_schedule == "per_stage"
         teacher_width = model.config.hidden_size if model is not None else int(teacher.cached_cls.shape[-1])  # type: ignore[union-attr]
         # Learned W per pair (Linear where widths differ): submodules, so optimised and checkpointed.
@@ -223,7 +231,8 @@ class InternalDistillation(DistillationModule):
         student_out = self.student_internals(batch, pairs, need_logits=self.options.kd_in_internal_stages)
         terms = internal_terms(pairs, student_out.hidden_states, teacher_out.hidden_states,  # type: ignore[arg-type]
                                batch["attention_mask"], self.projections, student_out.attentions,
-                               teacher_out.attentions, self._kinds(), self.options.head_mismatch)  # type: ignore[arg-type]
+                               teacher_out.attentions, self._kinds(), self.options.head_mismatch,  # type: ignore[arg-type]
+                               self.options.attention_heads)
         if self.options.kd_in_internal_stages:
             terms.update(kd_terms(student_out.logits, self.teacher.logits(batch), batch["labels"],
                                   self.options.temperature, self.task.is_regression))
@@ -236,7 +245,8 @@ class InternalDistillation(DistillationModule):
             weights.update(internal_weights(self.schedule.active_pairs(), options.attention_weight, options.cls_weight,
                                             options.hidden_mse_weight))
         if self.stage_needs_output_loss():
-            weights.update(hinton_weights(options.alpha))
+            final = self.schedule.is_final_kd_stage and options.final_alpha is not None
+            weights.update(hinton_weights(options.final_alpha if final else options.alpha))
         return weights
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -251,7 +261,8 @@ class InternalDistillation(DistillationModule):
         stage = self.schedule.current_stage
         options = self.options
         if stage.is_final_kd:
-            what = f"soft-label KD (T={options.temperature}, alpha={options.alpha}), for the rest of training"
+            alpha = options.alpha if options.final_alpha is None else options.final_alpha
+            what = f"soft-label KD (T={options.temperature}, alpha={alpha}), for the rest of training"
         else:
             losses = [name for name, w in (("attention KL", options.attention_weight), ("[CLS] cosine", options.cls_weight),
                                             ("hidden MSE", options.hidden_mse_weight)) if w != 0]

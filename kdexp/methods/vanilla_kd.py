@@ -1,7 +1,8 @@
 """`vanilla_kd` (Hinton et al. 2015): CE with the gold label plus soft-label KD from the teacher.
 
 `L = (1 - alpha)·CE + alpha·T²·KL(softmax(z_T/T) ‖ softmax(z_S/T))`; for STS-B, MSE to the
-teacher's prediction. Teacher logits come from the on-disk cache (computed once per teacher
+teacher's prediction. `kd_form=additive` is the weighting of the DBKD authors' white-box KD row:
+`L = CE + alpha·T²·KL`. Teacher logits come from the on-disk cache (computed once per teacher
 and data), or from a live teacher forward when `live_teacher` is set (for comparison).
 """
 
@@ -15,6 +16,8 @@ from omegaconf import MISSING
 
 from kdexp.config import require
 from kdexp.losses import hinton_weights, kd_terms
+
+KD_FORMS = ("hinton", "additive")
 from kdexp.methods.base import DistillationModule
 from kdexp.teacher import TeacherSignals
 
@@ -27,10 +30,15 @@ class VanillaKDOptions:
     temperature: float = MISSING
     alpha: float = MISSING
     live_teacher: bool = MISSING
+    kd_form: str = "hinton"
 
     def check(self) -> None:
         require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature (e.g. 2)")
-        require(0 <= self.alpha <= 1, "method.alpha", self.alpha, "a weight in [0, 1]")
+        require(self.kd_form in KD_FORMS, "method.kd_form", self.kd_form, ", ".join(KD_FORMS))
+        if self.kd_form == "hinton":
+            require(0 <= self.alpha <= 1, "method.alpha", self.alpha, "a weight in [0, 1]")
+        else:
+            require(self.alpha >= 0, "method.alpha", self.alpha, "a non-negative weight")
 
 
 class VanillaKD(DistillationModule):
@@ -56,4 +64,6 @@ class VanillaKD(DistillationModule):
                         self.task.is_regression)
 
     def loss_weights(self) -> dict[str, float | torch.Tensor]:
+        if self.options.kd_form == "additive":
+            return {"ce": 1.0, "kd": self.options.alpha}
         return hinton_weights(self.options.alpha)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from kdexp.cache import atomic_directory, atomic_write_json, cache_key, load_or_compute, load_tensors, save_tensors
-from kdexp.data import DataSource, content_fingerprint, load_split, make_loader, tokenizer_fingerprint
+from kdexp.data import DataSource, content_fingerprint, load_split, tokenizer_fingerprint
+from kdexp.inference import PassBatching, length_sorted_loader
 from kdexp.models import model_fingerprint, resolve_model_path
 from kdexp.smoothing.mlm import MissingMLMHeadError, adapt_mlm_head, load_mlm_teacher
 from kdexp.smoothing.store import TopKTokenStore, build_topk_store, store_bytes
@@ -238,7 +239,10 @@ def cached_topk_store(
     split = run.task.train_split
     tokenized = run.data.tokenized[split]
     data_key = run.data.keys[split]
-    key = cache_key(kind="mlm_topk", mlm=mlm.key, data=data_key, temperature=float(temperature), top_k=int(top_k))
+    device = run.teacher.device
+    batching = PassBatching(run.teacher.eval_tokens_per_batch, eval_batch_size)
+    key = cache_key(kind="mlm_topk", mlm=mlm.key, data=data_key, temperature=float(temperature), top_k=int(top_k),
+                    **batching.key_parts())
     path = topk_store_path(run.data.cache_dir, key)
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     expected = {"key": key, "rows": len(lengths), "tokens": sum(lengths), "top_k": int(top_k)}
@@ -252,9 +256,8 @@ def cached_topk_store(
 
     def compute() -> TopKTokenStore:
         started = time.perf_counter()
-        device = run.teacher.device
         model = mlm.model.to(device)
-        loader = make_loader(tokenized, run.data, eval_batch_size, shuffle=False)
+        loader = length_sorted_loader(tokenized, run.data.pad_token_id, batching)
         store = build_topk_store(model, loader, lengths, top_k, temperature, device)
         mlm.model.to("cpu")
         save_tensors(path, store.tensors(), dict(expected, vocab_size=store.vocab_size))

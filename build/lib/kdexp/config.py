@@ -1,0 +1,357 @@
+"""The run config: its schemas and checks, what in it decides a result, and how two configs differ.
+
+A run's result is a function of its *result config*: the resolved config without the keys
+that only change where files go, what is displayed or how fast it runs (`NON_RESULT_KEYS`).
+Its hash is stored with the run's checkpoints and `results.json`; a re-launch whose result
+config differs is refused with the differing keys named. `kdexp-report` uses the same list
+to decide which overrides split a table's rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional, TypeVar, get_type_hints
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from kdexp.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# The config groups: kdexp/conf, shipped inside the package (the repository's conf/ links to it).
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+
+# Keys (exact, or a prefix ending in ".") that cannot change a run's numbers.
+NON_RESULT_KEYS: tuple[str, ...] = (
+    "hydra.", "logger", "logger.", "cache_dir", "resume", "keep_checkpoints",
+    "data.num_workers", "data.eval_batch_size", "teacher.eval_batch_size",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "method.queries.batch_size", "method.mlm.eval_batch_size",
+)
+
+
+# Keys added after runs were made, with the value that means "as before": a config holding one at
+# this value decides the same result as a config without it (so older run folders still match).
+NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by_length": False}
+
+
+def is_result_key(key: str) -> bool:
+    """False for a key in (or under) `NON_RESULT_KEYS`."""
+    for k in NON_RESULT_KEYS:
+        if k.endswith(".") and key.startswith(k):
+            return False
+        if key == k or key.startswith(k + "."):
+            return False
+    return True
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists stay values."""
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def result_config(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The flattened result-deciding part of a resolved config (a plain dict)."""
+    return {k: v for k, v in sorted(flatten(resolved).items())
+            if is_result_key(k) and not (k in NEUTRAL_VALUES and NEUTRAL_VALUES[k] == v)}
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    payload = json.dumps(result_config(resolved), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
+    """`key: old -> new` for every result key that differs (at most `limit`, then a count)."""
+    a, b = result_config(old), result_config(new)
+    missing = object()
+    lines = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+# --------------------------------------------------------------------------- schemas and checks
+#
+# The YAML files are the one source of default values; these schemas give every key its type
+# and range. `validate_config` merges the composed config onto them before any work, so an
+# unknown key (`+optim.learnin_rate=1`), a wrong type (`optim.learning_rate=abc`) or an
+# out-of-range value stops the run with one line naming the key.
+
+
+@dataclass
+class DataSchema:
+    source: str = MISSING
+    glue_dir: Optional[str] = None
+    max_length: int = MISSING
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    num_workers: int = 0
+    group_by_length: bool = False
+
+    def check(self) -> None:
+        require(self.source in ("auto", "hub", "local"), "data.source", self.source, "one of auto, hub, local")
+        require(self.max_length > 0, "data.max_length", self.max_length, "a positive number of tokens (e.g. 128)")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"data.{key}", value, "a positive number of rows, or null for all")
+        require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive batch size")
+        require(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive batch size")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+
+
+@dataclass
+class OptimSchema:
+    learning_rate: float = MISSING
+    weight_decay: float = MISSING
+    warmup_ratio: float = MISSING
+    adam_epsilon: float = MISSING
+    lr_scheduler: str = "linear"
+
+    def check(self) -> None:
+        require(self.lr_scheduler in ("linear", "cosine", "constant", "constant_with_warmup"), "optim.lr_scheduler",
+                self.lr_scheduler, "linear, cosine, constant or constant_with_warmup")
+        require(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "a positive learning rate (e.g. 5e-5)")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "0 or more")
+        require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
+        require(self.adam_epsilon > 0, "optim.adam_epsilon", self.adam_epsilon, "a small positive number")
+
+
+@dataclass
+class TeacherSchema:
+    """The `teacher` group: a checkpoint, and how the teacher stage fine-tunes it (all in its key)."""
+
+    name_or_path: str = MISSING
+    finetuned: bool = False  # true: the checkpoint is already fine-tuned on the task
+    learning_rate: float = 5e-5
+    epochs: int = 3
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    gradient_clip_val: Optional[float] = 1.0
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    seed: int = 42
+    eval_batch_size: int = 128
+
+    def check(self) -> None:
+        require(self.learning_rate > 0, "teacher.learning_rate", self.learning_rate, "a positive learning rate")
+        require(self.epochs >= 1, "teacher.epochs", self.epochs, "at least 1 epoch")
+        require(self.batch_size > 0, "teacher.batch_size", self.batch_size, "a positive batch size")
+        require(self.eval_batch_size > 0, "teacher.eval_batch_size", self.eval_batch_size, "a positive batch size")
+        require(self.weight_decay >= 0, "teacher.weight_decay", self.weight_decay, "0 or more")
+        require(0 <= self.warmup_ratio < 1, "teacher.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
+        clip = self.gradient_clip_val
+        require(clip is None or clip >= 0, "teacher.gradient_clip_val", clip, "0 or more, or null")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"teacher.{key}", value, "a positive number of rows, or null for all")
+
+
+STUDENT_INITS = {
+    "first_layers": ("num_layers", "from_finetuned_teacher"),
+    "every_nth_layer": ("num_layers", "from_finetuned_teacher"),
+    "pretrained": ("name_or_path",),
+    "random": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+}
+
+
+@dataclass
+class StudentSchema:
+    init: str = MISSING
+    num_layers: Optional[int] = None
+    from_finetuned_teacher: bool = False
+    name_or_path: Optional[str] = None
+    hidden_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+
+    def check(self) -> None:
+        require(self.init in STUDENT_INITS, "student.init", self.init, "one of " + ", ".join(STUDENT_INITS))
+        if self.init in ("first_layers", "every_nth_layer"):
+            require(self.num_layers is not None and self.num_layers >= 1, "student.num_layers", self.num_layers,
+                    "at least 1 layer")
+        if self.init == "pretrained":
+            require(bool(self.name_or_path), "student.name_or_path", self.name_or_path, "a Hub id or a checkpoint folder")
+        if self.init == "random":
+            for key in STUDENT_INITS["random"]:
+                value = getattr(self, key)
+                require(value is None or value >= 1, f"student.{key}", value, "a positive size, or null for the teacher's")
+
+
+@dataclass
+class LoggerSchema:
+    type: str = MISSING
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: Optional[list[str]] = None
+    mode: str = "auto"
+    init_timeout: float = 60.0
+    log_model: bool = False
+
+    def check(self) -> None:
+        require(self.type in ("csv", "wandb", "none"), "logger.type", self.type, "csv, wandb or none")
+        require(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode", self.mode,
+                "auto, online, offline or disabled")
+
+
+@dataclass
+class TaskSchema:
+    """A GLUE task by name, or the user's own files (`task=custom`: `train_file` set)."""
+
+    name: str = MISSING
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    label_column: str = "label"
+    labels: Optional[list[str]] = None  # null: the labels found in the training file
+    regression: bool = False
+    metric: Optional[str] = None  # null: accuracy (classification) or combined_score (regression)
+
+    @property
+    def is_custom(self) -> bool:
+        return self.train_file is not None
+
+    def check(self) -> None:
+        from kdexp.tasks import CUSTOM_METRICS, TASKS
+
+        if not self.is_custom:
+            require(self.name in TASKS, "task.name", self.name, "one of " + " ".join(TASKS) + ", or task=custom")
+            return
+        require(bool(self.dev_file), "task.dev_file", self.dev_file, "a labelled CSV/TSV/JSONL file for model selection")
+        require(1 <= len(self.text_columns) <= 2, "task.text_columns", list(self.text_columns),
+                "one column (text) or two (a sentence pair)")
+        require(self.metric is None or self.metric in CUSTOM_METRICS[self.regression], "task.metric", self.metric,
+                "null or one of " + ", ".join(CUSTOM_METRICS[self.regression]))
+        require(self.labels is None or len(self.labels) >= 2, "task.labels", self.labels, "null or two or more labels")
+
+
+@dataclass
+class RunSchema:
+    """The top level of a composed config (the `method` and `trainer` groups are checked separately)."""
+
+    task: TaskSchema = field(default_factory=TaskSchema)
+    teacher: TeacherSchema = field(default_factory=TeacherSchema)
+    student: StudentSchema = field(default_factory=StudentSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    data: DataSchema = field(default_factory=DataSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    method: Any = MISSING
+    trainer: Any = MISSING
+    seed: int = MISSING
+    cache_dir: str = MISSING
+    resume: bool = True
+    keep_checkpoints: bool = False
+
+    def check(self) -> None:
+        for part in (self.task, self.data, self.optim, self.teacher, self.student, self.logger):
+            part.check()
+
+
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} cannot work: use {expected}.")
+
+
+def merged_onto(schema: type[T], values: Any, prefix: str = "", what: str = "") -> T:
+    """`values` (a DictConfig or dict) typed and completed by `schema`; one-line ConfigError otherwise.
+
+    `prefix` is where `values` sit in the run config (`"method."`), `what` how to name them in
+    an unknown-key message (`"of method 'dbkd'"`).
+    """
+    if OmegaConf.is_config(values):
+        values = OmegaConf.to_container(values, resolve=True)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err, schema, prefix, what)) from None
+
+
+def _one_line(err: OmegaConfBaseException, schema: type, prefix: str, what: str) -> str:
+    key = prefix + str(err.full_key or err.key or "")
+    if isinstance(err, ConfigKeyError):
+        inner = str(err.full_key or err.key or "")
+        parent = inner.rsplit(".", 1)[0] if "." in inner else ""
+        valid = ", ".join(_valid_keys(schema, parent)) or "(none)"
+        place = what or (f"under {prefix}{parent}" if parent or prefix else "at the top level")
+        return f"{key} is not a config key {place}; valid keys: {valid}."
+    if isinstance(err, MissingMandatoryValue):
+        return f"{key} has no value: set {key}=<value> (or add it to its YAML file)."
+    message = (err.msg or str(err)).splitlines()[0]
+    return f"{key}: {message}."
+
+
+def _valid_keys(schema: type, path: str) -> list[str]:
+    """The field names of the (nested) schema at a dotted `path`."""
+    node: Any = schema
+    for part in filter(None, path.split(".")):
+        node = get_type_hints(node).get(part)
+        if not is_dataclass(node):
+            return []
+    return sorted(f.name for f in fields(node))
+
+
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16")
+
+
+def check_trainer(trainer: dict[str, Any]) -> None:
+    """Trainer keys must be `pytorch_lightning.Trainer` arguments; the ones that change results are range-checked."""
+    import inspect
+
+    import pytorch_lightning as pl
+
+    valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
+    for key in trainer:
+        if key not in valid:
+            raise ConfigError(f"trainer.{key} is not an argument of pytorch_lightning.Trainer; valid keys include "
+                              "accelerator, devices, precision, max_epochs, gradient_clip_val, accumulate_grad_batches, "
+                              "limit_train_batches, limit_val_batches.")
+    if trainer.get("fast_dev_run"):
+        raise ConfigError("trainer.fast_dev_run skips the checkpoints and files a run leaves; use debug=fast (a few "
+                          "batches, one epoch, its own cache) or debug=overfit instead.")
+    if trainer.get("max_steps", -1) not in (-1, None):
+        raise ConfigError(f"trainer.max_steps={trainer['max_steps']}: kdexp trains and resumes by whole epochs; set "
+                          "trainer.max_epochs (and data.max_train_samples for a shorter epoch).")
+    if trainer.get("enable_checkpointing") is False:
+        raise ConfigError("trainer.enable_checkpointing=false: a run keeps its best epoch and resumes from checkpoints; "
+                          "leave it on (keep_checkpoints=false removes them when the run is finished).")
+    epochs = trainer.get("max_epochs")
+    require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1, "trainer.max_epochs", epochs,
+            "a whole number of epochs, at least 1")
+    precision = trainer.get("precision", "32-true")
+    require(str(precision) in PRECISIONS, "trainer.precision", precision, "one of " + ", ".join(PRECISIONS[:6]))
+    clip = trainer.get("gradient_clip_val")
+    require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val", clip,
+            "0 or more, or null")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    require(isinstance(accumulate, int) and accumulate >= 1, "trainer.accumulate_grad_batches", accumulate, "1 or more")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        value = trainer.get(key)
+        require(value is None or (isinstance(value, (int, float)) and value > 0), f"trainer.{key}", value,
+                "a positive number of batches or a fraction in (0, 1]")
+
+
+def validate_config(cfg: Any) -> RunSchema:
+    """Check every group of a composed run config before any work; returns it typed (method and trainer as dicts)."""
+    validated = merged_onto(RunSchema, cfg)
+    validated.check()
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if OmegaConf.is_config(cfg.trainer) else dict(cfg.trainer)
+    check_trainer(trainer)  # type: ignore[arg-type]
+    return validated

@@ -1,0 +1,478 @@
+"""GLUE data: from the Hub (`nyu-mll/glue`) or a local folder in the classic TSV layout.
+
+Splits are sliced (`max_train_samples`, `max_eval_samples`: the first N rows, as in
+`run_glue.py`), tokenised once and cached on disk under a key of (tokenizer, max length,
+task, split, content), then padded per batch by `pad_batch`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import logging
+import numbers
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kdexp.cache import atomic_directory, cache_key
+from kdexp.errors import DataError
+from kdexp.tasks import GlueTask, TsvLayout
+
+log = logging.getLogger(__name__)
+
+HUB_DATASET = "nyu-mll/glue"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+# The classic GLUE files contain unmatched quote marks: read them with quoting off.
+csv.field_size_limit(1 << 24)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a task's data comes from: a local GLUE folder, or the Hub when `glue_dir` is None."""
+
+    glue_dir: Path | None
+
+    @classmethod
+    def from_config(cls, source: str, glue_dir: str | None) -> "DataSource":
+        glue_dir = glue_dir or os.environ.get("GLUE_DIR") or None
+        if source == "hub":
+            return cls(None)
+        if source not in ("auto", "local"):
+            raise ValueError(f"data.source must be one of auto, hub, local; got '{source}'.")
+        if glue_dir is None:
+            if source == "local":
+                raise DataError(
+                    "data.source=local needs a GLUE folder: set data.glue_dir=<path> or the "
+                    "GLUE_DIR environment variable (e.g. GLUE_DIR=../shared/glue_data)."
+                )
+            return cls(None)
+        path = Path(glue_dir).expanduser().resolve()
+        if not path.is_dir():
+            raise DataError(f"GLUE folder '{glue_dir}' (data.glue_dir / GLUE_DIR) does not exist.")
+        return cls(path)
+
+    @property
+    def description(self) -> str:
+        return f"local:{self.glue_dir}" if self.glue_dir else f"hub:{HUB_DATASET}"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _label_to_id(task: GlueTask, raw: str, path: Path, line_no: int) -> float | int:
+    raw = raw.strip()
+    if task.is_regression:
+        try:
+            return float(raw)
+        except ValueError:
+            raise DataError(f"{path}:{line_no}: label '{raw}' is not a number (task {task.name} is regression).") from None
+    values = task.local_label_values or tuple(str(i) for i in range(task.num_labels))
+    if raw not in values and raw.isdigit() and int(raw) < task.num_labels:
+        return int(raw)  # a label id where the file usually holds words (or the other way round)
+    if raw not in values:
+        raise DataError(
+            f"{path}:{line_no}: label '{raw}' is not in the label set of task {task.name} "
+            f"({', '.join(values)})."
+        )
+    return values.index(raw)
+
+
+def _column_index(header: list[str] | None, column: str | int, path: Path) -> int:
+    if isinstance(column, int):
+        return column
+    assert header is not None
+    if column not in header:
+        raise DataError(f"{path}: expected a column named '{column}' in the header, found {header}.")
+    return header.index(column)
+
+
+def read_utf8_text(path: Path) -> str:
+    """The file's text (without a byte-order mark); a `DataError` names the line of the first bad byte."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise DataError(
+            f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {column} of the line, "
+            f"perhaps Latin-1 or Windows-1252); save the file as UTF-8."
+        ) from None
+
+
+def _layout_description(layout: TsvLayout, task: GlueTask) -> str:
+    """What the file should hold, e.g. `a header line with the columns sentence, label and tab-separated rows`."""
+    columns = list(zip(task.text_fields, layout.text_columns))
+    if layout.label_column is not None:
+        columns.append(("label", layout.label_column))
+    if layout.has_header:
+        return f"a header line with the columns {', '.join(str(c) for _, c in columns)} and tab-separated rows"
+    placed = ", ".join(f"{field} in column {c + 1}" for field, c in columns)
+    return f"tab-separated rows without a header ({placed})"
+
+
+def read_glue_tsv(path: Path, layout: TsvLayout, task: GlueTask) -> dict[str, list[Any]]:
+    """Read one classic GLUE TSV file into columns named like the Hub dataset.
+
+    Raises `DataError` naming the file (and line) for text that is not UTF-8, an empty file,
+    a header without rows, short rows or labels outside the task's set.
+    """
+    text = read_utf8_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: is empty; expected {_layout_description(layout, task)}.")
+    columns: dict[str, list[Any]] = {name: [] for name in task.text_fields}
+    has_labels = layout.label_column is not None
+    if has_labels:
+        columns["label"] = []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader) if layout.has_header else None
+    text_idx = [_column_index(header, c, path) for c in layout.text_columns]
+    label_idx = _column_index(header, layout.label_column, path) if has_labels else None
+    needed = max(text_idx + ([label_idx] if label_idx is not None else [])) + 1
+    first_line = 2 if layout.has_header else 1
+    for line_no, row in enumerate(reader, start=first_line):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) < needed:
+            raise DataError(
+                f"{path}:{line_no}: malformed row with {len(row)} tab-separated fields, "
+                f"expected at least {needed} ({', '.join(map(str, layout.text_columns))}"
+                f"{', label' if has_labels else ''})."
+            )
+        for name, i in zip(task.text_fields, text_idx):
+            columns[name].append(row[i])
+        if label_idx is not None:
+            columns["label"].append(_label_to_id(task, row[label_idx], path, line_no))
+    if header is not None and not columns[task.text_fields[0]]:
+        raise DataError(f"{path}: has a header but no rows; expected {_layout_description(layout, task)}.")
+    return columns
+
+
+def _local_layout(task: GlueTask, split: str) -> TsvLayout:
+    layout = task.local_layouts.get(split)
+    if layout is None:
+        raise DataError(f"Task {task.name} has no '{split}' split in the local GLUE layout.")
+    return layout
+
+
+def _local_split(task: GlueTask, split: str, glue_dir: Path) -> datasets.Dataset:
+    layout = _local_layout(task, split)
+    path = glue_dir / task.local_dir / layout.file
+    if not path.is_file():
+        raise DataError(
+            f"GLUE folder '{glue_dir}' has no {task.local_dir}/{layout.file} for task {task.name}. "
+            f"Point data.glue_dir (or GLUE_DIR) at a folder with the classic layout "
+            f"(<TASK>/train.tsv, dev.tsv), or use data.source=hub."
+        )
+    columns = read_glue_tsv(path, layout, task)
+    return datasets.Dataset.from_dict(columns)
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def read_table(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (header, standard quoting), TSV (header, no quoting, as GLUE) or JSONL file.
+
+    Raises `DataError` naming the file (and line) for an unknown suffix, bad UTF-8, bad JSON or
+    a row whose number of fields differs from the header's.
+    """
+    path = Path(path)
+    if path.suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unknown table format; use a .csv, .tsv or .jsonl file with a header / one JSON object per line.")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8; save the file as UTF-8.") from None
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: not a JSON object ({err.msg}).") from None
+        return rows
+    delimiter, quoting = ("\t", csv.QUOTE_NONE) if path.suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{path}: is empty; expected a header line naming the columns.")
+    rows = []
+    for number, values in enumerate(reader, start=2):
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{path}:{number}: {len(values)} fields, the header has {len(header)}.")
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def file_split(task: GlueTask, split: str) -> datasets.Dataset:
+    """A split of the user's own files (task=custom): the text columns and the label as an id (or a float)."""
+    path = Path(task.files[split])
+    rows = read_table(path)
+    if not rows:
+        raise DataError(f"{path}: has no rows.")
+    needed = [*task.text_fields, task.label_column]
+    for number, row in enumerate(rows, start=1):
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise DataError(f"{path}: row {number} has no column {missing} (columns: {list(row)}); set "
+                            "task.text_columns / task.label_column to the file's names.")
+    columns: dict[str, list[Any]] = {name: [str(row[name]) for row in rows] for name in task.text_fields}
+    columns["label"] = [_label_to_id(task, str(row[task.label_column]), path, i + 2) for i, row in enumerate(rows)]
+    return datasets.Dataset.from_dict(columns)
+
+
+def labels_in(path: str | Path, column: str) -> tuple[str, ...]:
+    """The distinct values of a label column, sorted (numbers numerically): a custom task's classes."""
+    values = {str(row[column]).strip() for row in read_table(path) if column in row}
+    if not values:
+        raise DataError(f"{path}: no values in the label column '{column}'; set task.label_column or task.labels.")
+    numeric = all(v.lstrip("-").isdigit() for v in values)
+    return tuple(sorted(values, key=int if numeric else str))
+
+
+def _hub_unreachable_errors() -> tuple[type[BaseException], ...]:
+    # datasets wraps most network failures (and offline mode) in ConnectionError; these are the rest.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, LocalEntryNotFoundError)
+    try:
+        import httpx
+    except ImportError:
+        return errors
+    return errors + (httpx.TransportError,)
+
+
+def _hub_split(task: GlueTask, split: str) -> datasets.Dataset:
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, task.hub_config, split=split)
+    except _hub_unreachable_errors() as err:
+        cause = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DataError(
+            f"The Hugging Face Hub could not be reached for {HUB_DATASET}/{task.hub_config} ({cause}); "
+            f"to read local files instead set GLUE_DIR=<folder> or data.glue_dir=<folder> with the classic "
+            f"GLUE layout (e.g. ../shared/glue_data), and data.source auto or local."
+        ) from err
+    keep = list(task.text_fields) + ["label"]
+    return ds.remove_columns([c for c in ds.column_names if c not in keep])
+
+
+def _split_location(task: GlueTask, split: str, source: DataSource) -> str:
+    if task.files:
+        return task.files[split]
+    if source.glue_dir is None:
+        return f"{source.description}/{task.hub_config} split '{split}'"
+    return str(source.glue_dir / task.local_dir / _local_layout(task, split).file)
+
+
+def check_max_samples(max_samples: int | None, key: str) -> None:
+    """`max_samples` is None (every row) or a positive row count; `key` is the config key it came from."""
+    if max_samples is None:
+        return
+    if isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1:
+        raise DataError(f"{key}={max_samples!r}: must be a positive number of rows or null (every row).")
+
+
+def _max_samples_key(task: GlueTask, split: str) -> str:
+    return "data.max_train_samples" if split == task.train_split else "data.max_eval_samples"
+
+
+def load_split(
+    task: GlueTask, split: str, source: DataSource, max_samples: int | None = None, samples_key: str | None = None
+) -> datasets.Dataset:
+    """Load one split with columns `task.text_fields` and `label`, sliced to its first `max_samples` rows.
+
+    `samples_key` names the config key of `max_samples` in errors (default: the `data.` key for the split).
+    """
+    check_max_samples(max_samples, samples_key or _max_samples_key(task, split))
+    if task.files:
+        ds = file_split(task, split)
+    else:
+        ds = _local_split(task, split, source.glue_dir) if source.glue_dir else _hub_split(task, split)
+    if len(ds) == 0:
+        raise DataError(
+            f"{_split_location(task, split, source)}: no rows for task {task.name}; use data with rows "
+            f"in its {split} split (data.glue_dir / GLUE_DIR, or data.source=hub)."
+        )
+    if "label" in ds.column_names and not task.is_regression:
+        bad = [i for i, y in enumerate(ds["label"]) if not 0 <= int(y) < task.num_labels]
+        if bad:  # Hub test splits carry -1: never used for metrics
+            raise DataError(f"{source.description} {task.name}/{split}: rows {bad[:5]} have no valid label.")
+    if max_samples is not None and max_samples < len(ds):
+        ds = ds.select(range(max_samples))
+    return ds
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+def content_fingerprint(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for column in columns:
+        digest.update(column.encode())
+        for value in ds[column]:
+            digest.update(repr(value).encode())
+            digest.update(b"\x00")
+    return digest.hexdigest()[:20]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    cached = getattr(tokenizer, "_kdexp_fingerprint", None)
+    if cached:
+        return cached
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(repr(vocab).encode())
+    digest.update(type(tokenizer).__name__.encode())
+    digest.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())
+    tokenizer._kdexp_fingerprint = digest.hexdigest()[:20]
+    return tokenizer._kdexp_fingerprint
+
+
+def tokenized_key(ds: datasets.Dataset, task: GlueTask, tokenizer: PreTrainedTokenizerBase, max_length: int) -> str:
+    """The cache key of a tokenised split: its content, the tokenizer and the maximum length."""
+    columns = tuple(task.text_fields) + (("label",) if "label" in ds.column_names else ())
+    return cache_key(
+        kind="tokenized",
+        task=task.name,
+        content=content_fingerprint(ds, columns),
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        max_length=max_length,
+    )
+
+
+def tokenize_split(
+    ds: datasets.Dataset,
+    task: GlueTask,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    cache_dir: Path,
+) -> tuple[datasets.Dataset, str]:
+    """Tokenise once; later calls with the same inputs load the cached result. Returns (data, key).
+
+    The result has the model inputs, `labels` and `idx` (the row number, used to look up
+    cached teacher signals for the rows of a batch).
+    """
+    key = tokenized_key(ds, task, tokenizer, max_length)
+    target = cache_dir / "tokenized" / key
+    if (target / "dataset_info.json").exists():
+        try:
+            return datasets.load_from_disk(str(target)), key
+        except Exception as err:
+            log.warning("Tokenised cache %s unreadable (%s); rebuilding.", target, err)
+            shutil.rmtree(target, ignore_errors=True)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = [batch[f] for f in task.text_fields]
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+        if "label" in batch:
+            enc["labels"] = batch["label"]
+        return enc
+
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}")
+    tokenized = tokenized.add_column("idx", list(range(len(tokenized))))
+    with atomic_directory(target) as tmp:
+        tokenized.save_to_disk(str(tmp))
+    return datasets.load_from_disk(str(target)), key
+
+
+def pad_batch(examples: list[dict[str, Any]], pad_token_id: int, regression: bool = False) -> dict[str, torch.Tensor]:
+    """Collate examples into tensors padded to the longest sequence of the batch."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for name in MODEL_INPUTS:
+        if name not in examples[0]:
+            continue
+        pad_value = pad_token_id if name == "input_ids" else 0
+        rows = torch.full((len(examples), longest), pad_value, dtype=torch.long)
+        for i, e in enumerate(examples):
+            values = e[name]
+            rows[i, : len(values)] = torch.as_tensor(values, dtype=torch.long)
+        batch[name] = rows
+    if "labels" in examples[0]:
+        dtype = torch.float32 if regression else torch.long
+        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=dtype)
+    batch["idx"] = torch.tensor([e["idx"] for e in examples], dtype=torch.long)
+    return batch
+
+
+# --------------------------------------------------------------------------- one task's data
+
+
+@dataclass
+class TaskData:
+    """The raw and tokenised splits of one task, as one run uses them."""
+
+    task: GlueTask
+    raw: dict[str, datasets.Dataset]
+    tokenized: dict[str, datasets.Dataset]
+    keys: dict[str, str]  # split -> tokenised cache key (content + tokenizer + max length)
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    cache_dir: Path
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    @property
+    def train(self) -> datasets.Dataset:
+        return self.tokenized[self.task.train_split]
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return self.task.eval_splits
+
+
+def load_task_data(
+    task: GlueTask,
+    source: DataSource,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    cache_dir: Path,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> TaskData:
+    check_max_samples(max_train_samples, "data.max_train_samples")
+    check_max_samples(max_eval_samples, "data.max_eval_samples")
+    raw = {task.train_split: load_split(task, task.train_split, source, max_train_samples)}
+    for split in task.eval_splits:
+        raw[split] = load_split(task, split, source, max_eval_samples)
+    tokenized, keys = {}, {}
+    for name, ds in raw.items():
+        tokenized[name], keys[name] = tokenize_split(ds, task, tokenizer, max_length, cache_dir)
+    return TaskData(task, raw, tokenized, keys, tokenizer, max_length, cache_dir)
+
+
+def make_loader(
+    ds: datasets.Dataset, data: TaskData, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    regression = data.task.is_regression
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        collate_fn=lambda examples: pad_batch(examples, data.pad_token_id, regression),
+        persistent_workers=num_workers > 0,
+    )

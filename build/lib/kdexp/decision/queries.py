@@ -1,0 +1,316 @@
+"""DBKD's query stage: ``N`` inputs per training example, the teacher's top-1 decision on each.
+
+For training row ``i`` the queries are the original input followed by ``N - 1`` EDA copies
+(:mod:`kdexp.decision.eda`) drawn from ``example_random(seed, i)``, so the copies of a row
+depend only on its text, the augmentation settings, ``N`` and the seed (not on the other
+rows or on the slice size). Every query goes through :meth:`DecisionTeacher.decide` in
+batches; the result is the ``[n, N]`` table of decisions (column 0: the original input), from
+which the counts ``c = [n, C]`` follow.
+
+Two cache entries, both content-addressed (`kdexp.cache`), shared by every run of a sweep and
+every method that needs decisions:
+
+* the augmented copies, a ``datasets.Dataset`` of ``n·(N - 1)`` rows in row-major order
+  (row ``i``'s copies at ``i·(N-1) .. i·(N-1) + N-2``) with the task's text columns plus
+  ``row`` and ``copy`` (``1..N-1``), under ``<cache>/decision/augmented/<key>``; its key hashes
+  the raw training texts, the task, the EDA settings, ``N``, the seed (and the WordNet files
+  when an operation uses WordNet). It does not depend on the teacher.
+* the decisions, ``save_tensors`` under ``<cache>/signals/decisions/<key>.pt`` with ``decisions``
+  ``[n, N]`` and ``counts`` ``[n, C]`` (int64); the key adds the teacher's key and what shapes
+  its answers (its tokenizer and the maximum length) to the augmentation key. The metadata
+  also records how long the stage took when it ran (``augment_seconds``, ``query_seconds``).
+
+``batch_size`` changes only speed, so it is not part of the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from kdexp.cache import atomic_directory, cache_key, load_or_compute, load_tensors, save_tensors
+from kdexp.data import content_fingerprint
+from kdexp.decision.eda import EDAConfig, augment, augment_pair, example_random
+from kdexp.decision.teacher import DecisionTeacher, Query
+from kdexp.decision.wordnet import DEFAULT_WORDNET_PATH, PARTS_OF_SPEECH, shared_wordnet
+from kdexp.tasks import GlueTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """The ``queries`` block of the decision methods' configs.
+
+    Attributes:
+        num_queries: ``N``, the inputs per example: the original and ``N - 1`` EDA copies (paper: 10).
+        seed: seed of the augmentation (independent of the run's seed, so that the seeds of a
+            sweep share one query stage).
+        batch_size: queries per teacher batch (null: the teacher's ``eval_batch_size``); speed only.
+        eda: the EDA operations and change-rate distribution (paper default: no synonym replacement).
+    """
+
+    num_queries: int = 10
+    seed: int = 0
+    batch_size: int | None = None
+    eda: EDAConfig = field(default_factory=EDAConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_queries < 1:
+            raise ValueError(f"queries.num_queries must be at least 1 (the original input), got {self.num_queries}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "QueryConfig":
+        values = dict(options or {})
+        eda = values.pop("eda", None) or {}
+        unknown = set(values) - {"num_queries", "seed", "batch_size"}
+        if unknown:
+            raise TypeError(f"unknown queries option(s) {sorted(unknown)}; valid: num_queries, seed, batch_size, eda")
+        try:
+            return cls(eda=EDAConfig(**eda), **values)
+        except TypeError as err:
+            raise TypeError(f"queries.eda: {err}") from None
+
+    @property
+    def num_copies(self) -> int:
+        return self.num_queries - 1
+
+
+@dataclass
+class DecisionQueries:
+    """The teacher's decisions on every query of the training split.
+
+    Attributes:
+        decisions: ``[n, N]`` int64 top-1 labels; column 0 is the original input.
+        num_labels: ``C``.
+        key: cache key of the decisions.
+        augmentation_key: cache key of the augmented copies.
+        copies_path: folder of the augmented copies (``datasets.load_from_disk``).
+        from_cache: whether the decisions were read from the cache (no teacher query made).
+        augment_seconds, query_seconds: wall time of the augmentation and of the teacher's
+            answers when the stage ran (read back from the cache otherwise).
+    """
+
+    decisions: torch.Tensor
+    num_labels: int
+    key: str
+    augmentation_key: str
+    copies_path: Path
+    from_cache: bool
+    augment_seconds: float = 0.0
+    query_seconds: float = 0.0
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.decisions.shape[0])
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.decisions.shape[1])
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[n, C]`` int64 decision counts (each row sums to ``N``)."""
+        return decision_counts(self.decisions, self.num_labels)
+
+    @property
+    def original_decisions(self) -> torch.Tensor:
+        """``[n]`` the teacher's top-1 label on the original inputs."""
+        return self.decisions[:, 0]
+
+    def copies(self) -> datasets.Dataset:
+        return datasets.load_from_disk(str(self.copies_path))
+
+
+def decision_counts(decisions: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``[n, C]`` counts of the labels in each row of ``decisions`` ``[n, N]``."""
+    return torch.nn.functional.one_hot(decisions.long(), num_labels).sum(dim=1)
+
+
+def examples_of(ds: datasets.Dataset, task: GlueTask) -> list[Query]:
+    """The inputs of a raw split: texts, or ``(text_a, text_b)`` pairs for two-sentence tasks."""
+    columns = [ds[name] for name in task.text_fields]
+    if len(columns) == 1:
+        return list(columns[0])
+    return list(zip(*columns))
+
+
+def augment_examples(examples: list[Query], config: QueryConfig) -> list[list[Query]]:
+    """The ``N - 1`` EDA copies of each example; example ``i`` uses ``example_random(seed, i)``."""
+    if config.num_copies == 0:
+        return [[] for _ in examples]
+    wordnet = shared_wordnet() if config.eda.needs_wordnet else None
+    copies: list[list[Query]] = []
+    for index, example in enumerate(examples):
+        rng = example_random(config.seed, index)
+        if isinstance(example, str):
+            copies.append(list(augment(example, config.num_copies, rng, config.eda, wordnet)))
+        else:
+            copies.append(list(augment_pair(example[0], example[1], config.num_copies, rng, config.eda, wordnet)))
+    return copies
+
+
+def _wordnet_fingerprint(path: str = DEFAULT_WORDNET_PATH) -> list[Any]:
+    files = [Path(path) / f"{kind}.{pos}" for pos in PARTS_OF_SPEECH for kind in ("index", "data")]
+    return [[f.name, f.stat().st_size] for f in files if f.exists()]
+
+
+def augmentation_key(ds: datasets.Dataset, task: GlueTask, config: QueryConfig) -> str:
+    return cache_key(
+        kind="eda_copies",
+        task=task.name,
+        content=content_fingerprint(ds, tuple(task.text_fields)),
+        rows=len(ds),
+        eda=asdict(config.eda),
+        num_queries=config.num_queries,
+        seed=config.seed,
+        wordnet=_wordnet_fingerprint() if config.eda.needs_wordnet else None,
+    )
+
+
+def decisions_key(teacher: DecisionTeacher, augmentation: str) -> str:
+    return cache_key(kind="decisions", teacher=teacher.key, answers=teacher.identity, augmentation=augmentation)
+
+
+def _copies_dataset(copies: list[list[Query]], task: GlueTask) -> datasets.Dataset:
+    columns: dict[str, list[Any]] = {name: [] for name in task.text_fields}
+    columns["row"], columns["copy"] = [], []
+    for row, row_copies in enumerate(copies):
+        for number, copy in enumerate(row_copies, start=1):
+            texts = (copy,) if isinstance(copy, str) else copy
+            for name, text in zip(task.text_fields, texts):
+                columns[name].append(text)
+            columns["row"].append(row)
+            columns["copy"].append(number)
+    features = datasets.Features(
+        {**{name: datasets.Value("string") for name in task.text_fields},
+         "row": datasets.Value("int64"), "copy": datasets.Value("int64")}
+    )
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def _load_or_augment(
+    ds: datasets.Dataset, task: GlueTask, config: QueryConfig, cache_dir: Path
+) -> tuple[str, Path, list[list[Query]] | None, float]:
+    """The copies' key and folder; the copies themselves when they had to be made (else None)."""
+    key = augmentation_key(ds, task, config)
+    path = cache_dir / "decision" / "augmented" / key
+    expected_rows = len(ds) * config.num_copies
+    if (path / "dataset_info.json").exists():
+        try:
+            if len(datasets.load_from_disk(str(path))) == expected_rows:
+                log.info("Reusing augmented copies %s", path)
+                return key, path, None, 0.0
+        except Exception as err:  # a foreign or damaged folder: make it again
+            log.warning("Augmented copies %s unreadable (%s); making them again.", path, err)
+    start = time.perf_counter()
+    copies = augment_examples(examples_of(ds, task), config)
+    seconds = time.perf_counter() - start
+    log.info("EDA: %d copies of %d examples in %.1fs", config.num_copies, len(ds), seconds)
+    shutil.rmtree(path, ignore_errors=True)
+    with atomic_directory(path) as tmp:
+        _copies_dataset(copies, task).save_to_disk(str(tmp))
+    return key, path, copies, seconds
+
+
+def _copies_from_dataset(path: Path, task: GlueTask, num_examples: int, num_copies: int) -> list[list[Query]]:
+    ds = datasets.load_from_disk(str(path))
+    flat = examples_of(ds, task)
+    return [flat[i * num_copies : (i + 1) * num_copies] for i in range(num_examples)]
+
+
+def query_decisions(
+    teacher: DecisionTeacher,
+    ds: datasets.Dataset,
+    task: GlueTask,
+    config: QueryConfig,
+    cache_dir: Path,
+) -> DecisionQueries:
+    """The teacher's decisions on the ``N`` queries of every row of the raw split ``ds`` (cached).
+
+    A cache hit makes no teacher query (and does not even load the teacher's model).
+    """
+    if task.is_regression:
+        raise ValueError(f"decision queries need a classification task; {task.name} is regression")
+    aug_key, copies_path, copies, augment_seconds = _load_or_augment(ds, task, config, Path(cache_dir))
+    key = decisions_key(teacher, aug_key)
+    path = Path(cache_dir) / "signals" / "decisions" / f"{key}.pt"
+    expected = {"key": key, "rows": len(ds), "num_queries": config.num_queries, "num_labels": teacher.num_labels}
+
+    def load() -> DecisionQueries | None:
+        cached = load_tensors(path, expected)
+        if cached is None:
+            return None
+        decisions = cached.get("decisions")
+        if decisions is not None and decisions.shape == (len(ds), config.num_queries) and decisions.dtype == torch.long:
+            meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+            log.info("Reusing decision queries %s (%d examples x %d queries; no teacher query made)",
+                     path, len(ds), config.num_queries)
+            return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, True,
+                                   float(meta.get("augment_seconds", 0.0)), float(meta.get("query_seconds", 0.0)))
+        log.warning("Cached decisions %s have the wrong shape; querying again.", path)
+        return None
+
+    def query() -> DecisionQueries:
+        return _query_and_store(teacher, ds, task, config, path, expected, copies, copies_path, key, aug_key,
+                                augment_seconds)
+
+    return load_or_compute(path, load, query)
+
+
+def _query_and_store(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueTask, config: QueryConfig, path: Path,
+                     expected: dict[str, Any], copies: Any, copies_path: Path, key: str, aug_key: str,
+                     augment_seconds: float) -> DecisionQueries:
+    if copies is None:
+        copies = _copies_from_dataset(copies_path, task, len(ds), config.num_copies)
+    originals = examples_of(ds, task)
+    flat: list[Query] = []
+    for original, row_copies in zip(originals, copies):
+        flat.append(original)
+        flat.extend(row_copies)
+    log.info("Querying the teacher: %d examples x %d queries = %d decisions", len(ds), config.num_queries, len(flat))
+    start = time.perf_counter()
+    decisions = teacher.decide(flat).reshape(len(ds), config.num_queries)
+    query_seconds = time.perf_counter() - start
+    log.info("Teacher decisions: %d queries in %.1fs (%.2f ms per query, %.1f ms per example)", len(flat),
+             query_seconds, 1000 * query_seconds / max(len(flat), 1), 1000 * query_seconds / max(len(ds), 1))
+    counts = decision_counts(decisions, teacher.num_labels)
+    meta = dict(expected, augment_seconds=augment_seconds, query_seconds=query_seconds)
+    save_tensors(path, {"decisions": decisions, "counts": counts}, meta)
+    return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, query_seconds)
+
+
+def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = None) -> dict[str, Any]:
+    """Summary of the decisions: agreement, distinct count vectors, teacher accuracy on the originals."""
+    counts = queries.counts
+    n = max(queries.num_examples, 1)
+    top = counts.max(dim=1).values
+    distinct_sorted = torch.unique(torch.sort(counts, dim=1, descending=True).values, dim=0).shape[0]
+    stats: dict[str, Any] = {
+        "examples": queries.num_examples,
+        "num_queries": queries.num_queries,
+        "teacher_queries": queries.num_examples * queries.num_queries,
+        "all_agree_fraction": float((top == queries.num_queries).sum()) / n,
+        "mean_top_fraction": float(top.double().mean() / queries.num_queries) if queries.num_examples else 0.0,
+        "copies_agree_with_original": float(
+            (queries.decisions[:, 1:] == queries.decisions[:, :1]).double().mean()
+        ) if queries.num_queries > 1 and queries.num_examples else 1.0,
+        "distinct_count_vectors": int(torch.unique(counts, dim=0).shape[0]),
+        "distinct_sorted_count_vectors": int(distinct_sorted),
+        "from_cache": queries.from_cache,
+        "augment_seconds": queries.augment_seconds,
+        "query_seconds": queries.query_seconds,
+        "query_ms_per_example": 1000 * queries.query_seconds / n,
+        "decisions_key": queries.key,
+        "augmentation_key": queries.augmentation_key,
+    }
+    if gold is not None and queries.num_examples:
+        stats["teacher_train_accuracy"] = float((queries.original_decisions == gold.long()).double().mean())
+    return stats

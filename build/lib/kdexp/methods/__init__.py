@@ -1,0 +1,1 @@
+"""One LightningModule per distillation method, all on `DistillationModule`."""

@@ -1,0 +1,249 @@
+"""One run: checks, teacher stage, data, student, method, training, and the files a report reads."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from kdexp.cache import atomic_write_json
+from kdexp.config import CONFIG_DIR, config_hash, merged_onto, validate_config
+from kdexp.data import DataSource, TaskData, labels_in, load_task_data
+from kdexp.errors import ConfigError, ModelError
+from kdexp.loggers import build_loggers, finish_loggers
+from kdexp.methods.base import DistillationModule, OptimConfig
+from kdexp.models import build_student, count_parameters, load_tokenizer, model_depth, model_max_positions, resolve_model_path
+from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable
+from kdexp.seeding import derive_seed, seed_all
+from kdexp.tasks import GlueTask, custom_task, get_task
+from kdexp.context import RunContext
+from kdexp.teacher import Teacher
+from kdexp.teacher_stage import TeacherSpec, prepare_teacher
+from kdexp.training import GlueDataModule, fit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RESULTS_FILE", "ConfigError", "RunContext", "build_context", "resolve_method", "run", "student_source"]
+
+
+def resolve_method(method_cfg: DictConfig) -> tuple[type[DistillationModule], Any]:
+    """The method's class and its options (an instance of its `Options` schema, or None), checked."""
+    options = OmegaConf.to_container(method_cfg, resolve=True)
+    assert isinstance(options, dict)
+    name = options.pop("name", None)
+    target = options.pop("_target_", None)
+    if not target:
+        raise ConfigError(f"method '{name}' has no _target_ (the LightningModule class) in its config.")
+    try:
+        cls = get_class(target)
+    except Exception as err:
+        raise ConfigError(f"method._target_={target} cannot be imported ({err}).") from None
+    if not (isinstance(cls, type) and issubclass(cls, DistillationModule)):
+        raise ConfigError(f"method._target_={target} is not a DistillationModule.")
+    if cls.Options is None:
+        if options:
+            raise ConfigError(f"method '{name}' takes no options; got {', '.join(f'method.{k}' for k in options)}.")
+        return cls, None
+    validated = merged_onto(cls.Options, options, prefix="method.", what=f"of method '{name}'")
+    validated.check()
+    return cls, validated
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The run config that `kdexp-train <overrides>` would compose (for tools and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def method_options(method: str, **overrides: Any) -> Any:
+    """The checked options of `method` as its YAML gives them, with `key=value` overrides
+    (`method_options("internal_pid", epochs_per_stage=2)`): the YAML stays the one source of defaults."""
+    cfg = compose_config([f"method={method}", *(f"method.{k}={_override_value(v)}" for k, v in overrides.items())])
+    return resolve_method(cfg.method)[1]
+
+
+def _override_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def teacher_spec(cfg: DictConfig) -> TeacherSpec:
+    return merged_onto(TeacherSpec, cfg.teacher, prefix="teacher.")
+
+
+def check_against_models(cfg: DictConfig) -> None:
+    """What can be checked from the models' config.json alone: position limit and depth."""
+    teacher_path = resolve_model_path(cfg.teacher.name_or_path, "teacher.name_or_path")
+    paths = {"teacher.name_or_path": teacher_path}
+    if cfg.student.init == "pretrained":
+        paths["student.name_or_path"] = resolve_model_path(cfg.student.name_or_path, "student.name_or_path")
+    for key, path in paths.items():
+        limit = model_max_positions(path)
+        if limit is not None and cfg.data.max_length > limit:
+            raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {limit} positions of "
+                              f"{key}={path}; use data.max_length={limit} or less.")
+    depth = model_depth(teacher_path)
+    if cfg.student.init in ("first_layers", "every_nth_layer") and depth is not None and cfg.student.num_layers > depth:
+        raise ConfigError(f"student.num_layers={cfg.student.num_layers} cannot be taken from the teacher's {depth} "
+                          f"layers; use student.num_layers between 1 and {depth}.")
+
+
+def student_source(cfg: DictConfig, teacher: Teacher) -> str:
+    if cfg.student.get("from_finetuned_teacher", False):
+        return teacher.path
+    return resolve_model_path(cfg.teacher.name_or_path, "teacher.name_or_path")
+
+
+def task_from_config(task_cfg: DictConfig) -> GlueTask:
+    """A GLUE task by name, or the user's own files (`task=custom`)."""
+    if task_cfg.get("train_file") is None:
+        return get_task(task_cfg.name)
+    train_file, dev_file = (to_absolute_path(task_cfg[key]) for key in ("train_file", "dev_file"))
+    regression = bool(task_cfg.regression)
+    labels = None
+    if not regression:
+        labels = tuple(str(v) for v in task_cfg.labels) if task_cfg.labels else labels_in(train_file, task_cfg.label_column)
+    metric = task_cfg.metric or ("combined_score" if regression else "accuracy")
+    return custom_task(task_cfg.name, train_file, dev_file, tuple(task_cfg.text_columns), task_cfg.label_column,
+                       labels, regression, metric)
+
+
+def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]:
+    """Every check that needs no data and no model weights: before any work."""
+    validate_config(cfg)
+    task = task_from_config(cfg.task)
+    method_cls, method_options = resolve_method(cfg.method)
+    method_cls.check_config(cfg, task)
+    check_against_models(cfg)
+    return task, method_cls, method_options
+
+
+def build_context(cfg: DictConfig, run_dir: Path) -> tuple[RunContext, type[DistillationModule], Any]:
+    """Everything before training: checks, teacher stage, data, student; fails before any training."""
+    task, method_cls, method_options = check_run(cfg)
+    source = DataSource.from_config(cfg.data.source, cfg.data.glue_dir)
+    cache_dir = Path(to_absolute_path(cfg.cache_dir))
+    teacher = prepare_teacher(teacher_spec(cfg), task, source, cfg.data.max_length, trainer_options(cfg), cache_dir)
+    tokenizer = teacher.tokenizer if cfg.student.init != "pretrained" else load_tokenizer(
+        resolve_model_path(cfg.student.name_or_path, "student.name_or_path"), "student.name_or_path"
+    )
+    data = load_task_data(
+        task, source, tokenizer, cfg.data.max_length, cache_dir, cfg.data.max_train_samples, cfg.data.max_eval_samples
+    )
+    seed_all(derive_seed(cfg.seed, "student"))
+    student = build_student(cfg.student, student_source(cfg, teacher), task)
+    optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
+    return RunContext(cfg, task, data, student, teacher, optim, run_dir), method_cls, method_options
+
+
+def build_module(context: RunContext, method_cls: type[DistillationModule], options: Any) -> DistillationModule:
+    # The method's own modules (projections, agents) draw from the seed alone: its cache stages run
+    # with the RNG preserved (kdexp.cache.load_or_compute), so a cold and a warm cache agree.
+    seed_all(derive_seed(context.cfg.seed, "method"))
+    return method_cls.from_run(context, options)
+
+
+def trainer_options(cfg: DictConfig) -> dict[str, Any]:
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(options, dict)
+    return options
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:
+        raise ConfigError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
+    assert isinstance(resolved, dict)
+    return resolved
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sweep_group: str | None = None,
+        experiment: str | None = None) -> dict[str, Any]:
+    """Train one student and write config.yaml, metrics.csv, student/ and results.json in `run_dir`.
+
+    `sweep_group` and `experiment` name the wandb group (the experiment when one is used).
+    """
+    folder = RunFolder(Path(run_dir))
+    run_dir = folder.path
+    resolved = resolved_config(cfg)
+    identity = config_hash(resolved)
+    if cfg.resume:
+        finished = folder.finished_results(resolved)
+        if finished is not None:
+            log.info("%s exists: this run is finished; not training again.", folder.results_file)
+            return finished
+        folder.check_resumable(resolved)
+    check_run(cfg)  # before any work (build_context repeats it: cheap)
+    check_writable(run_dir, "hydra.run.dir")
+    check_writable(Path(to_absolute_path(cfg.cache_dir)), "cache_dir")
+
+    context, method_cls, method_options = build_context(cfg, run_dir)
+    module = build_module(context, method_cls, method_options)
+    task, data, teacher = context.task, context.data, context.teacher
+
+    if not cfg.resume:
+        folder.set_aside_previous()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not folder.config_file.exists():
+        folder.keep_hydra_files()
+    OmegaConf.save(cfg, folder.config_file, resolve=True)
+    run_name = f"{task.name}-{cfg.method.name}-seed{cfg.seed}"
+    tags = [f"task:{task.name}", f"method:{cfg.method.name}"] + ([f"experiment:{experiment}"] if experiment else [])
+    loggers = build_loggers(cfg.logger, run_dir, run_name, cfg.method.name, experiment or sweep_group, resolved,  # type: ignore[arg-type]
+                            tags)
+    datamodule = GlueDataModule(data, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers,
+                                bool(cfg.data.get("group_by_length", False)))
+    started = time.perf_counter()
+    try:
+        result = fit(module, datamodule, trainer_options(cfg), run_dir, seed=cfg.seed, identity=identity,
+                     loggers=loggers or False, metrics_csv=run_dir / "metrics.csv", resume=cfg.resume)
+    except BaseException:
+        finish_loggers(loggers, failed=True)
+        raise
+
+    if result.global_rank != 0:  # a DDP process besides the first: the first writes the run's files
+        return {"metrics": result.best_metrics, "main_metric": task.main_metric}
+    student_dir = run_dir / "student"
+    module.student.save_pretrained(student_dir)
+    data.tokenizer.save_pretrained(student_dir)
+    results = {
+        "task": task.name,
+        "method": cfg.method.name,
+        "seed": int(cfg.seed),
+        "main_metric": task.main_metric,
+        "metrics": result.best_metrics,
+        "teacher_metrics": teacher.dev_metrics(data),
+        "teacher_key": teacher.key,
+        "teacher_path": teacher.path,
+        "student_params": count_parameters(module.student),
+        "teacher_params": teacher.num_parameters,
+        "best_epoch": result.best_epoch,
+        "epochs_trained": result.epochs_trained,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "train_examples": len(data.train),
+        "train_seconds": result.train_seconds,
+        "train_examples_per_second": result.train_examples_per_second,
+        "wall_seconds": time.perf_counter() - started,
+        "method_info": context.method_info,
+        "overrides": list(overrides or []),
+        "student_dir": str(student_dir),
+        "config_hash": identity,
+        "config": resolved,
+    }
+    finish_loggers(loggers, results, log_model=bool(cfg.logger.get("log_model", False)))
+    atomic_write_json(folder.results_file, results)
+    if not cfg.get("keep_checkpoints", False):
+        shutil.rmtree(folder.checkpoints, ignore_errors=True)
+    log.info("Best dev %s: %s", task.main_metric, result.best_metrics)
+    return results

@@ -1,0 +1,181 @@
+"""The MLM's top-k token distributions of a whole tokenised split, stored once and read by row.
+
+``q_t`` depends only on the input and the MLM (not on the student), so a sweep over
+students, seeds and methods can compute it once per (MLM, tokenised split, ``tau``, ``k``).
+The store is *ragged*: the real (non-padding) tokens of every example, one after the
+other, ``T`` rows in all, with ``offsets[i]:offsets[i + 1]`` the rows of example ``i``:
+
+- ``probs``: ``[T, k]`` float16, the renormalised top-k probabilities of ``q_t``;
+- ``token_ids``: ``[T, k]`` int32, their token ids;
+- ``offsets``: ``[N + 1]`` int64.
+
+That is ``6·k`` bytes per token (``k = 64``: 384 bytes), against ``2·|V|`` bytes per token
+for a float16 dense ``q_t`` (``|V| = 30,522``: 61 kB, 160 times more), which is why the
+exact dense form is never stored but computed live. Special tokens are stored like every
+real token (2–3 rows per example), which keeps the lookup a plain slice; they are kept
+one-hot when smoothing anyway.
+
+Reading a batch rebuilds ``[B, L, k]`` (zeros at padding, which stays one-hot) and
+renormalises each row in float32, so the float16 rounding never changes the total mass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from kdexp.smoothing.smoothing import TokenDistributions, mlm_token_distributions
+
+BYTES_PER_TOKEN_AND_K = 2 + 4  # float16 probability + int32 token id
+
+
+def store_bytes(num_tokens: int, top_k: int) -> int:
+    """Size of a store of ``num_tokens`` real tokens with ``top_k`` entries each (offsets excluded)."""
+    return num_tokens * top_k * BYTES_PER_TOKEN_AND_K
+
+
+@torch.no_grad()
+def topk_distributions_at(
+    mlm: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    token_type_ids: Tensor | None,
+    positions: Tensor,
+    top_k: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> TokenDistributions:
+    """Top-k ``q_t`` at the ``P`` selected positions, as sparse ``[1, P, k]`` distributions.
+
+    For a BERT-style MLM the vocabulary projection runs ``chunk_size`` positions at a time,
+    so the peak is ``chunk_size x |V|`` logits (125 MB for 1,024 x 30,522), not ``P x |V|``
+    (500 MB for a batch of 32 x 128 tokens).
+    """
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    head = getattr(mlm, "cls", None)
+    base = getattr(mlm, getattr(mlm, "base_model_prefix", ""), None)
+    if head is None or base is None:
+        logits = mlm(**inputs).logits[positions]
+        return mlm_token_distributions(logits.unsqueeze(0), temperature, top_k)
+    hidden_states = base(**inputs).last_hidden_state[positions]
+    parts = [
+        mlm_token_distributions(head(hidden_states[start:start + chunk_size]).unsqueeze(0), temperature, top_k)
+        for start in range(0, hidden_states.shape[0], chunk_size)
+    ]
+    if not parts:
+        raise ValueError("no positions selected")
+    return TokenDistributions(
+        torch.cat([part.probs for part in parts], dim=1), torch.cat([part.token_ids for part in parts], dim=1),
+        parts[0].vocab_size,
+    )
+
+
+@dataclass(frozen=True)
+class TopKTokenStore:
+    """Top-k ``q_t`` of every real token of a split, ragged by example (see the module docstring)."""
+
+    offsets: Tensor
+    probs: Tensor
+    token_ids: Tensor
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        if self.probs.shape != self.token_ids.shape or self.probs.dim() != 2:
+            raise ValueError(f"probs and token_ids must both be [T, k]: {tuple(self.probs.shape)}, {tuple(self.token_ids.shape)}")
+        if int(self.offsets[-1]) != self.probs.shape[0]:
+            raise ValueError(f"offsets end at {int(self.offsets[-1])} but the store has {self.probs.shape[0]} rows")
+
+    @property
+    def top_k(self) -> int:
+        return int(self.probs.shape[1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets.numel() - 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.offsets, self.probs, self.token_ids))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"offsets": self.offsets, "probs": self.probs, "token_ids": self.token_ids}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], vocab_size: int) -> "TopKTokenStore":
+        return cls(tensors["offsets"], tensors["probs"], tensors["token_ids"], vocab_size)
+
+    def distributions(self, idx: Tensor, attention_mask: Tensor) -> TokenDistributions:
+        """``q_t`` for the batch of rows ``idx`` padded like ``attention_mask`` ``[B, L]``: sparse ``[B, L, k]``.
+
+        The batch must be right-padded (real tokens first) with as many real tokens per row
+        as the store holds for it; anything else means the store was built from other data.
+        """
+        idx = idx.to("cpu", torch.long)
+        mask = attention_mask.to("cpu").bool()
+        starts = self.offsets[idx]
+        lengths = self.offsets[idx + 1] - starts
+        positions = torch.arange(mask.shape[1])
+        real = positions.unsqueeze(0) < lengths.unsqueeze(1)
+        if not torch.equal(real, mask):
+            raise ValueError(
+                "the MLM distribution store does not match this batch (token counts or padding differ): "
+                "it was built from another tokenisation of the split"
+            )
+        rows = torch.where(real, starts.unsqueeze(1) + positions, torch.zeros_like(starts).unsqueeze(1))
+        probs = self.probs[rows].float() * real.unsqueeze(-1)
+        probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        token_ids = self.token_ids[rows].long() * real.unsqueeze(-1)
+        return TokenDistributions(probs, token_ids, self.vocab_size)
+
+
+@torch.no_grad()
+def build_topk_store(
+    mlm: torch.nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    lengths: list[int],
+    top_k: int,
+    temperature: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> TopKTokenStore:
+    """Run the MLM over ``batches`` (with ``idx``, ``input_ids``, ``attention_mask``) and keep top-k ``q_t``.
+
+    ``lengths[i]`` is the number of real tokens of row ``i``; every row must come in one batch.
+    """
+    device = torch.device(device)
+    lengths_tensor = torch.tensor(lengths, dtype=torch.long)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    offsets[1:] = lengths_tensor.cumsum(0)
+    total = int(offsets[-1])
+    probs = torch.zeros(total, top_k, dtype=torch.float16)
+    token_ids = torch.zeros(total, top_k, dtype=torch.int32)
+    filled = torch.zeros(len(lengths), dtype=torch.bool)
+    vocab_size = None
+    for batch in batches:
+        attention_mask = batch["attention_mask"]
+        real = attention_mask.bool()
+        if not torch.equal(real.sum(dim=1), lengths_tensor[batch["idx"]]):
+            raise ValueError("a batch's real-token counts differ from the lengths given for its rows")
+        q = topk_distributions_at(
+            mlm,
+            batch["input_ids"].to(device),
+            attention_mask.to(device),
+            batch["token_type_ids"].to(device) if "token_type_ids" in batch else None,
+            real.to(device),
+            top_k,
+            temperature,
+        )
+        vocab_size = q.vocab_size
+        # Rows of the batch in order, each row's real tokens left to right: the store's layout.
+        starts = offsets[batch["idx"]]
+        target = (starts.unsqueeze(1) + torch.arange(real.shape[1])).masked_select(real)
+        probs[target] = q.probs[0].cpu().half()
+        token_ids[target] = q.token_ids[0].cpu().int()
+        filled[batch["idx"]] = True
+    if not filled.all() or vocab_size is None:
+        raise ValueError(f"the batches covered {int(filled.sum())} of {len(lengths)} rows")
+    return TopKTokenStore(offsets, probs, token_ids, vocab_size)

@@ -1,0 +1,1 @@
+"""Tools that measure the framework (benchmarks, top-k reports); they import the package, nothing imports them."""
