@@ -11,6 +11,8 @@ sweep next to the baselines' sweep run with the same settings.
 Nothing is hidden: run folders without `results.json` (failed or unfinished) are listed under
 the table and make the exit status 2 unless `--allow-missing` is given, and two results of the
 same experiment (same task, row, teacher and seed) are refused rather than averaged as seeds.
+`--select-on dev` turns each method's grid (rows differing in its options) into one row: per task
+the cell with the best mean dev score, listed under the table with the cells it was chosen from.
 """
 
 from __future__ import annotations
@@ -205,6 +207,46 @@ def build_table(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, dic
     return tasks, rows
 
 
+SELECTED_MARK = " [selected on dev]"
+
+
+def select_on_dev(results: list[dict[str, Any]], tasks: list[str], rows: dict[str, dict[str, Cell]]
+                  ) -> tuple[dict[str, dict[str, Cell]], str]:
+    """Per method and task, the grid cell (row) with the best mean dev score: the DBKD paper's protocol.
+
+    A method with several rows (a sweep over its options) becomes one row marked as selected;
+    the section returned lists every cell it chose from. Methods with one row are unchanged.
+    """
+    shown = varying_overrides(results)
+    method_of = {row_label(r, shown): r["method"] for r in results}
+    grids: dict[str, list[str]] = defaultdict(list)
+    for label in rows:
+        if label in method_of:
+            grids[method_of[label]].append(label)
+    selected: dict[str, dict[str, Cell]] = {}
+    lines = []
+    for label, cells in rows.items():
+        method = method_of.get(label)
+        if method is None or len(grids[method]) == 1:
+            selected[label] = cells
+            continue
+        if method + SELECTED_MARK in selected:
+            continue
+        chosen: dict[str, Cell] = {}
+        for task in tasks:
+            candidates = {g: rows[g][task] for g in grids[method] if task in rows[g]}
+            if not candidates:
+                continue
+            best = max(candidates, key=lambda g: candidates[g].mean)
+            chosen[task] = candidates[best]
+            listed = ", ".join(f"{g}: {c.mean:.1f}" for g, c in candidates.items())
+            lines.append(f"- {method}, {task}: chose {best} from {listed}")
+        selected[method + SELECTED_MARK] = chosen
+    section = ("\nSelected on dev (per method and task, the grid cell with the best mean dev score; the "
+               "score shown is that cell's, so it is not a held-out score):\n" + "\n".join(lines) + "\n") if lines else ""
+    return selected, section
+
+
 def _column_title(task: str) -> str:
     if task not in TASKS:
         return task  # a user's own task: its main metric is in its results
@@ -253,7 +295,7 @@ def unfinished_section(paths: list[str]) -> str:
 
 
 def write_report(*folders: Path, out: Path | None = None, layout: str = "plain",
-                 reference: Path | None = None) -> Report:
+                 reference: Path | None = None, select_on: str | None = None) -> Report:
     """Write report.md, report.csv, report.tex and report.svg (in `out`, default the first folder);
     refuse duplicates first. `layout="paper"` adds the Avg column; `reference` puts published
     numbers beside ours."""
@@ -264,9 +306,12 @@ def write_report(*folders: Path, out: Path | None = None, layout: str = "plain",
                          "unfinished runs): point kdexp-report at a run or sweep folder.")
     refuse_duplicates(results)
     tasks, rows = build_table(list(results.values()))
+    selection = ""
+    if select_on == "dev":
+        rows, selection = select_on_dev(list(results.values()), tasks, rows)
     unfinished = [shown_path(run, folders) for run in runs.unfinished]
     with_average = layout == "paper"
-    markdown = to_markdown(tasks, rows, len(results), with_average)
+    markdown = to_markdown(tasks, rows, len(results), with_average) + selection
     if reference is not None:
         markdown += reference_markdown(tasks, rows, *load_reference(reference))
     markdown += unfinished_section(unfinished)
@@ -279,9 +324,10 @@ def write_report(*folders: Path, out: Path | None = None, layout: str = "plain",
     return Report(markdown, unfinished)
 
 
-def report(*folders: Path, out: Path | None = None, layout: str = "plain", reference: Path | None = None) -> str:
+def report(*folders: Path, out: Path | None = None, layout: str = "plain", reference: Path | None = None,
+           select_on: str | None = None) -> str:
     """The markdown of `write_report`."""
-    return write_report(*folders, out=out, layout=layout, reference=reference).markdown
+    return write_report(*folders, out=out, layout=layout, reference=reference, select_on=select_on).markdown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="paper: an Avg column over the tasks (the papers' tables)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="a YAML file of published numbers (source + values) to show beside ours")
+    parser.add_argument("--select-on", choices=("dev",), default=None,
+                        help="dev: per method and task, keep the grid cell (option values) with the best mean dev score")
     parser.add_argument("--reference-template", type=Path, default=None,
                         help="write an empty reference file for this table's tasks and methods, then stop")
     args = parser.parse_args(argv)
@@ -308,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.reference_template}: fill in the source and the values you copy from it")
         return
     try:
-        written = write_report(*args.folders, out=args.out, layout=args.layout, reference=args.reference)
+        written = write_report(*args.folders, out=args.out, layout=args.layout, reference=args.reference,
+                               select_on=args.select_on)
     except KdexpError as err:
         raise SystemExit(f"kdexp-report: error: {err}") from None
     sys.stdout.write(written.markdown)

@@ -210,3 +210,21 @@ def test_a_reference_template_has_sources_to_fill_and_no_numbers(tmp_path: Path)
     main([str(tmp_path / "runs"), "--reference-template", str(tmp_path / "ref.yaml")])
     template = yaml.safe_load((tmp_path / "ref.yaml").read_text())
     assert template["source"].startswith("FILL IN") and template["values"] == {"sst2": {"vanilla_kd": None}}
+
+
+def test_select_on_dev_keeps_each_tasks_best_grid_cell_and_lists_the_cells(tmp_path: Path) -> None:
+    # sst2: alpha=0.9 is best (81.5 vs 71.5); cola: alpha=0.5 is best (30 vs 20).
+    for alpha, sst2, cola in (("0.5", 0.7, 0.30), ("0.9", 0.8, 0.20)):
+        for seed in (1, 2):
+            write_result(tmp_path, "sst2", "vanilla_kd", seed, sst2 + seed / 100, 0.9, (f"method.alpha={alpha}",))
+            write_result(tmp_path, "cola", "vanilla_kd", seed, cola, 0.4, (f"method.alpha={alpha}",))
+    for seed in (1, 2):
+        write_result(tmp_path, "sst2", "finetune", seed, 0.6, 0.9)
+    markdown = report(tmp_path, select_on="dev")
+    rows = table_rows(markdown)
+    assert rows["vanilla_kd [selected on dev]"] == ["30.0 ± 0.0", "81.5 ± 0.7"]
+    assert rows["finetune"] == ["–", "60.0 ± 0.0"]  # one cell: unchanged
+    assert not any("method.alpha" in label for label in rows)
+    assert "- vanilla_kd, sst2: chose vanilla_kd (method.alpha=0.9) from vanilla_kd (method.alpha=0.5): 71.5, " \
+           "vanilla_kd (method.alpha=0.9): 81.5" in markdown
+    assert "- vanilla_kd, cola: chose vanilla_kd (method.alpha=0.5)" in markdown
