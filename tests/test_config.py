@@ -68,3 +68,24 @@ def test_unknown_option_or_key_is_refused_by_name(override: str, message: str) -
     with pytest.raises(ConfigCompositionException) as err:
         _compose([override])
     assert message in str(err.value) + str(err.value.__cause__)
+
+
+def _sweep_points(experiment: str) -> list[list[str]]:
+    """One override list per (task, method) of an experiment's own sweep (its first seed)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.get("params") or {}
+    tasks = str(params.get("task", cfg.task.name)).split(",")
+    methods = str(params.get("method", cfg.method.name)).split(",")
+    return [[f"experiment={experiment}", f"task={t}", f"method={m}"] for t in tasks for m in methods]
+
+
+@pytest.mark.parametrize("overrides", [p for e in _options("experiment") for p in _sweep_points(e)],
+                         ids=lambda o: " ".join(o))
+def test_every_point_of_every_experiment_sweep_passes_the_config_checks(overrides: list[str]) -> None:
+    from kdexp.run import task_from_config
+
+    cfg = _compose(overrides)
+    validate_config(cfg)
+    cls, _ = resolve_method(cfg.method)
+    cls.check_config(cfg, task_from_config(cfg.task))
