@@ -39,7 +39,8 @@ NON_RESULT_KEYS: tuple[str, ...] = (
 # this value decides the same result as a config without it (so older run folders still match).
 NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by_length": False,
                                   "method.kd_form": "hinton", "method.smoothing_form": "others",
-                                  "method.final_alpha": None, "method.attention_heads": "mean"}
+                                  "method.final_alpha": None, "method.attention_heads": "mean",
+                                  "method.mlm.adapt.passes": None}
 
 
 def is_result_key(key: str) -> bool:

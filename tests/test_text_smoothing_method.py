@@ -349,3 +349,14 @@ def test_stsb_regression_with_smoothing_and_kd(tiny_model_dir: Path, glue_dir: P
     results = run(cfg, tmp_path / "run")
     assert set(results["metrics"]) == {"val/pearson", "val/spearman", "val/combined_score"}
     assert results["method"] == "text_smoothing_kd"
+
+
+def test_adaptation_budget_in_passes_is_capped_by_steps_and_keeps_old_keys() -> None:
+    from kdexp.smoothing.mlm_teacher import MLMAdaptSettings
+
+    plain = MLMAdaptSettings(steps=300, batch_size=32)
+    assert plain.budget_steps(230) == 300 and "passes" not in plain.key_parts(128)
+    # 230 texts, 10% held out -> 207 trained on; 10 passes = ceil(2070 / 32) = 65 steps.
+    ten = MLMAdaptSettings(steps=300, batch_size=32, passes=10)
+    assert ten.budget_steps(230) == 65 and ten.key_parts(128)["passes"] == 10
+    assert MLMAdaptSettings(steps=300, batch_size=32, passes=10).budget_steps(10_000) == 300  # the cap

@@ -83,6 +83,8 @@ class TextSmoothingOptions:
                 ", ".join(DISTRIBUTION_SOURCES))
         adapt = self.mlm.adapt
         require(adapt.steps >= 1, "method.mlm.adapt.steps", adapt.steps, "1 or more")
+        require(adapt.passes is None or adapt.passes > 0, "method.mlm.adapt.passes", adapt.passes,
+                "null (method.mlm.adapt.steps alone) or a positive number of passes")
         require(0 < adapt.mask_prob < 1, "method.mlm.adapt.mask_prob", adapt.mask_prob, "a probability in (0, 1)")
         require(0 < adapt.heldout_fraction < 1, "method.mlm.adapt.heldout_fraction", adapt.heldout_fraction,
                 "a fraction in (0, 1)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -57,11 +58,21 @@ class MLMAdaptSettings:
     heldout_fraction: float = 0.1
     max_texts: Optional[int] = None  # null: the run's training rows; N: the first N rows of the task's training split
     seed: int = 0
+    passes: Optional[float] = None  # a budget in passes over the training texts, capped at `steps`; null: `steps`
 
     def key_parts(self, max_length: int) -> dict[str, Any]:
         parts = {k: v for k, v in asdict(self).items() if k not in ("enabled", "max_texts")}
+        if self.passes is None:
+            del parts["passes"]  # keys made before the option existed stay valid
         parts["max_length"] = max_length
         return parts
+
+    def budget_steps(self, num_texts: int) -> int:
+        """Optimiser steps: `steps`, or fewer when `passes` over the texts trained on need fewer."""
+        if self.passes is None:
+            return self.steps
+        trained_on = max(1, num_texts - int(round(self.heldout_fraction * num_texts)))
+        return max(1, min(self.steps, math.ceil(self.passes * trained_on / self.batch_size)))
 
 
 @dataclass
@@ -165,7 +176,7 @@ def run_adaptation(
         texts,
         tokenizer,
         train_encoder=adapt.train_encoder,
-        steps=adapt.steps,
+        steps=adapt.budget_steps(len(texts)),
         batch_size=adapt.batch_size,
         learning_rate=adapt.learning_rate,
         encoder_learning_rate=adapt.encoder_learning_rate,
