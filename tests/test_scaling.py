@@ -66,9 +66,10 @@ def no_dropout_model(tmp_path: Path) -> Path:
 def test_ddp_on_cpu_with_two_processes_matches_one_process(no_dropout_model: Path, tmp_path: Path) -> None:
     glue = make_glue_dir(tmp_path / "glue")
     args = [*common(no_dropout_model, glue, tmp_path / "cache"), "method=vanilla_kd"]
-    train(tmp_path, *args, f"hydra.run.dir={tmp_path / 'single'}")
+    # DDP first, from a cold cache: the first process trains the teacher before Lightning launches the second.
     train(tmp_path, *args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-          f"hydra.run.dir={tmp_path / 'ddp'}")
+          f"hydra.run.dir={tmp_path / 'ddp'}", timeout=600)
+    train(tmp_path, *args, f"hydra.run.dir={tmp_path / 'single'}")
     single, ddp = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("single", "ddp"))
     assert single["teacher_key"] == ddp["teacher_key"]  # one teacher, trained once, by one process
     assert len([p for p in (tmp_path / "cache" / "teachers").iterdir() if p.is_dir()]) == 1
