@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,14 +40,15 @@ from kdexp.methods.dbkd import (
     DecisionNoiseSmooth,
 )
 from kdexp.data import DataSource, load_split
-from kdexp.run import ConfigError, compose_config, method_options, resolve_method, run
+from kdexp.run import ConfigError, build_context, compose_config, method_options, resolve_method, run
 from kdexp.tasks import get_task
 from kdexp.teacher import Teacher
 from kdexp.train import CONFIG_DIR
 from tests.conftest import tiny_bert_config, tiny_tokenizer
 from tests.test_pipeline import tiny_cfg
 
-DECISION_METHODS = ("dbkd", "decision_hard", "decision_hard_aug", "decision_noise_smooth", "decision_label_smooth")
+DECISION_METHODS = ("dbkd", "decision_hard", "decision_hard_aug", "decision_noise_smooth", "decision_label_smooth",
+                    "decision_surrogate")
 # Only the word-level operations the tiny vocabulary can take (RI would insert WordNet words).
 NO_WORDNET = {"eda": {"random_insertion": False, "random_swap": True, "random_deletion": True}}
 
@@ -460,3 +462,40 @@ def test_full_tiny_dbkd_run_sees_no_logits_and_hard_aug_reuses_its_queries(
     for j in (0, 1, len(copies) - 1):
         expected = tok(copies[j]["sentence"], truncation=True, max_length=context.data.max_length)["input_ids"]
         assert train[n + j]["input_ids"] == expected
+
+
+def test_surrogate_learns_the_teachers_decisions_deterministically_and_gives_softmax_targets(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    from kdexp.decision.surrogate import SurrogateSettings, logits_of, train_surrogate
+    from kdexp.inference import PassBatching
+
+    tokenizer = tiny_tokenizer()
+    texts = ["the movie is good", "a bad film", "great fun", "an awful plot", "good and great", "dull and bad"] * 2
+    decisions = torch.tensor([1, 0, 1, 0, 1, 0] * 2)  # what a teacher said: learnable from the words
+    tokenized = datasets.Dataset.from_dict({**tokenizer(texts), "idx": list(range(len(texts)))})
+    torch.manual_seed(0)
+    student = BertForSequenceClassification(tiny_bert_config(num_layers=2))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    settings = SurrogateSettings(epochs=30, learning_rate=3e-3, batch_size=4, weight_decay=0.0, warmup_ratio=0.0, seed=5)
+    logits = [logits_of(train_surrogate(student, tokenized, decisions, 0, settings, torch.device("cpu")), tokenized, 0,
+                        2, torch.device("cpu"), PassBatching(64, 4)) for _ in range(2)]
+    assert torch.equal(logits[0], logits[1])  # same settings and seed, same surrogate
+    assert torch.equal(logits[0].argmax(-1), decisions)  # it learned the decisions
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student is untouched
+
+
+def test_a_tiny_surrogate_run_distils_from_softmax_of_the_cached_surrogate_logits(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    queries = ["method.queries.num_queries=2", "method.queries.eda.random_insertion=false"]
+    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=decision_surrogate", "trainer.max_epochs=1",
+                   "method.temperature=2.0", *queries)
+    results = run(cfg, tmp_path / "run")
+    assert 0.0 <= results["method_info"]["surrogate_agreement_with_teacher"] <= 1.0
+    [stored] = list((tmp_path / "cache" / "signals" / "surrogate_logits").glob("*.pt"))
+    logits = torch.load(stored, weights_only=True)["tensors"]["logits"]
+    context, cls, options = build_context(cfg, tmp_path / "again")
+    module = cls.from_run(context, options)  # the second build reads the cache
+    assert torch.allclose(module.targets, torch.softmax(logits / 2.0, dim=-1))
+    assert len(list((tmp_path / "cache" / "signals" / "surrogate_logits").glob("*.pt"))) == 1

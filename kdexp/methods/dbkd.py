@@ -25,6 +25,8 @@ All five methods minimise the same loss and differ only in the target distributi
   over the originals of a batch and divided by the batch size (the copies count as examples of the
   batch). ``copies_per_example`` can limit the extra examples to the first ``k`` copies of each row.
 - ``decision_noise_smooth``: ``q = p̂ = c / N`` (unsmoothed: a zero count gives a zero target).
+- ``decision_surrogate``: ``q = softmax(z_sur / T)``, the logits of a student-sized surrogate trained
+  with CE on the teacher's top-1 decisions (the student's own initialisation; cached by key).
 - ``decision_label_smooth``: ``q`` puts ``1 - eps`` on the top-1 label of the original input and
   spreads ``eps`` evenly over the *other* ``C - 1`` classes (``C = 2``, ``eps = 0.1``: 0.9 / 0.1).
   ``smoothing_form=uniform`` is the authors' form: ``(1 - eps)·onehot + eps / C`` (0.95 / 0.05),
@@ -61,11 +63,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from kdexp.cache import cache_key
+from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.config import require
 from kdexp.data import tokenize_split
 from kdexp.decision.estimator import ZERO_COUNT_RULES, estimate_logits_from_counts
 from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
+from kdexp.decision.surrogate import SurrogateSettings, logits_of, state_fingerprint, train_surrogate
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.losses import soft_target_kd
 from kdexp.errors import ConfigError
@@ -152,6 +155,18 @@ class LabelSmoothOptions(DecisionOptions):
         require(0 <= self.smoothing < 1, "method.smoothing", self.smoothing, "a value in [0, 1)")
         require(self.smoothing_form in LABEL_SMOOTHING_FORMS, "method.smoothing_form", self.smoothing_form,
                 ", ".join(LABEL_SMOOTHING_FORMS))
+
+
+@dataclass
+class SurrogateOptions(DecisionOptions):
+    surrogate_epochs: int = MISSING
+    surrogate_learning_rate: Optional[float] = MISSING
+
+    def check(self) -> None:
+        super().check()
+        require(self.surrogate_epochs >= 1, "method.surrogate_epochs", self.surrogate_epochs, "1 or more")
+        lr = self.surrogate_learning_rate
+        require(lr is None or lr > 0, "method.surrogate_learning_rate", lr, "null (optim.learning_rate) or positive")
 
 
 @dataclass
@@ -391,6 +406,57 @@ class DecisionNoiseSmooth(DecisionDistillation):
                        options: DecisionOptions) -> "DecisionNoiseSmooth":
         targets = noise_smoothed_targets(decided.counts)
         return cls(run.student, run.task, run.optim, options=options, targets=targets)
+
+
+class DecisionSurrogate(DecisionDistillation):
+    """``decision_surrogate``: a student-sized surrogate trained on the teacher's decisions gives the soft labels.
+
+    The surrogate copies the student's initialisation and is trained with CE on the teacher's top-1
+    decisions for the training originals (`kdexp.decision.surrogate`); the student is then distilled
+    from ``q = softmax(z_surrogate / T)`` in DBKD's loss. Its logits are cached by key.
+    """
+
+    method_name = "decision_surrogate"
+    Options = SurrogateOptions
+
+    @classmethod
+    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
+                       options: SurrogateOptions) -> "DecisionSurrogate":
+        logits = cached_surrogate_logits(run, decided, options)
+        decisions = decided.original_decisions
+        stats["surrogate_agreement_with_teacher"] = float((logits.argmax(-1) == decisions).float().mean())
+        targets = torch.softmax(logits / options.temperature, dim=-1)
+        return cls(run.student, run.task, run.optim, options=options, targets=targets)
+
+
+def cached_surrogate_logits(run: "RunContext", decided: DecisionQueries, options: SurrogateOptions) -> torch.Tensor:
+    """The surrogate's logits on the training originals: computed once per key, then read from the cache."""
+    split = run.task.train_split
+    tokenized = run.data.tokenized[split]
+    optim = run.optim
+    settings = SurrogateSettings(options.surrogate_epochs, options.surrogate_learning_rate or optim.learning_rate,
+                                 int(run.cfg.data.batch_size), optim.weight_decay, optim.warmup_ratio, int(run.cfg.seed))
+    key = cache_key(kind="surrogate_logits", decisions=decided.key, student=state_fingerprint(run.student),
+                    data=run.data.keys[split], settings=asdict(settings), **run.teacher.batching.key_parts())
+    path = run.data.cache_dir / "signals" / "surrogate_logits" / f"{key}.pt"
+    expected = {"key": key, "rows": len(tokenized)}
+
+    def load() -> torch.Tensor | None:
+        cached = load_tensors(path, expected)
+        return None if cached is None else cached["logits"]
+
+    def compute() -> torch.Tensor:
+        started = time.perf_counter()
+        device = run.teacher.device
+        model = train_surrogate(run.student, tokenized, decided.original_decisions, run.data.pad_token_id, settings,
+                                device)
+        logits = logits_of(model, tokenized, run.data.pad_token_id, decided.num_labels, device, run.teacher.batching)
+        save_tensors(path, {"logits": logits}, expected)
+        log.info("Surrogate trained on the teacher's decisions (%d rows, %d epochs) in %.1fs", len(tokenized),
+                 settings.epochs, time.perf_counter() - started)
+        return logits
+
+    return load_or_compute(path, load, compute)
 
 
 class DecisionHardAug(DecisionDistillation):
