@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="paper: an Avg column over the tasks (the papers' tables)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="a YAML file of published numbers (source + values) to show beside ours")
+    parser.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown",
+                        help="what to print (all three files are written either way)")
     parser.add_argument("--select-on", choices=("dev",), default=None,
                         help="dev: per method and task, keep the grid cell (option values) with the best mean dev score")
     parser.add_argument("--reference-template", type=Path, default=None,
@@ -360,7 +362,9 @@ def main(argv: list[str] | None = None) -> None:
                                select_on=args.select_on)
     except KdexpError as err:
         raise SystemExit(f"kdexp-report: error: {err}") from None
-    sys.stdout.write(written.markdown)
+    out = args.out or args.folders[0]
+    sys.stdout.write({"markdown": written.markdown, "csv": (out / "report.csv").read_text() if args.format == "csv" else "",
+                      "latex": (out / "report.tex").read_text() if args.format == "latex" else ""}[args.format])
     if written.unfinished and not args.allow_missing:
         sys.stderr.write(f"kdexp-report: {len(written.unfinished)} run(s) without results.json (failed or unfinished), "
                          "listed under the table; pass --allow-missing to accept a table without them.\n")

@@ -228,3 +228,11 @@ def test_select_on_dev_keeps_each_tasks_best_grid_cell_and_lists_the_cells(tmp_p
     assert "- vanilla_kd, sst2: chose vanilla_kd (method.alpha=0.9) from vanilla_kd (method.alpha=0.5): 71.5, " \
            "vanilla_kd (method.alpha=0.9): 81.5" in markdown
     assert "- vanilla_kd, cola: chose vanilla_kd (method.alpha=0.5)" in markdown
+
+
+@pytest.mark.parametrize("fmt,starts", [("csv", "method,sst2_mean"), ("latex", "\\begin{"), ("markdown", "| method |")])
+def test_format_chooses_what_is_printed(tmp_path: Path, capsys, fmt: str, starts: str) -> None:
+    for seed in (1, 2):
+        write_result(tmp_path, "sst2", "finetune", seed, 0.6 + seed / 100, 0.9)
+    main([str(tmp_path), "--format", fmt])
+    assert capsys.readouterr().out.lstrip().startswith(starts)
