@@ -32,7 +32,7 @@ from kdexp.methods.base import DistillationModule
 from kdexp.models import build_student
 from kdexp.context import RunContext
 from kdexp.run import build_context, build_module, compose_config, student_source, trainer_options
-from kdexp.training import ThroughputMeter
+from kdexp.training import GlueDataModule, ThroughputMeter
 
 DEFAULT_VARIANTS = {
     "finetune": ["method=finetune"],
@@ -90,8 +90,11 @@ def lightning_examples_per_second(context: RunContext, method_cls: type, options
     trainer_cfg.update(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer = pl.Trainer(callbacks=[meter], **trainer_cfg)
-    loader = make_loader(context.data.train, context.data, context.cfg.data.batch_size, True, context.cfg.seed)
-    trainer.fit(module, train_dataloaders=loader)
+    data_cfg = context.cfg.data
+    # The run's own data module, so that data options (group_by_length) reach the measurement.
+    datamodule = GlueDataModule(context.data, data_cfg.batch_size, data_cfg.eval_batch_size, context.cfg.seed,
+                                group_by_length=bool(data_cfg.group_by_length))
+    trainer.fit(module, datamodule=datamodule)
     return meter.examples_per_second
 
 
