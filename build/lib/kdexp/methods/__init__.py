@@ -1,1 +1,0 @@
-"""One LightningModule per distillation method, all on `DistillationModule`."""

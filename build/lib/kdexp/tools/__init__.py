@@ -1,1 +1,0 @@
-"""Tools that measure the framework (benchmarks, top-k reports); they import the package, nothing imports them."""
