@@ -81,6 +81,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("method,extra", [
     ("vanilla_kd", []),
     ("dbkd", ["method.queries.num_queries=3"]),
+    ("decision_surrogate", ["method.queries.num_queries=3", "method.surrogate_epochs=2"]),
     ("internal_all", ["trainer.max_epochs=2"]),
     ("text_smoothing_kd", ["method.mlm.adapt.steps=4", "method.mlm.adapt.batch_size=4", "method.top_k=8"]),
     ("knowledge_selection", ["method.agent.episodes=2", "method.agent.episode_phases=2", "method.phase_steps=2",
