@@ -102,7 +102,7 @@ class DataSchema:
     max_eval_samples: Optional[int] = None
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
-    num_workers: int = 0
+    num_workers: Any = "auto"  # "auto" or a count
     group_by_length: bool = False
 
     def check(self) -> None:
@@ -113,7 +113,9 @@ class DataSchema:
             require(value is None or value > 0, f"data.{key}", value, "a positive number of rows, or null for all")
         require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive batch size")
         require(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive batch size")
-        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        workers = self.num_workers
+        require(workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
+                "data.num_workers", workers, "auto, or 0 or more worker processes")
 
 
 @dataclass

@@ -463,7 +463,8 @@ def load_task_data(
 
 
 def make_loader(
-    ds: datasets.Dataset, data: TaskData, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
+    ds: datasets.Dataset, data: TaskData, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     regression = data.task.is_regression
@@ -475,4 +476,5 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=lambda examples: pad_batch(examples, data.pad_token_id, regression),
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )

@@ -89,3 +89,28 @@ def test_every_point_of_every_experiment_sweep_passes_the_config_checks(override
     validate_config(cfg)
     cls, _ = resolve_method(cfg.method)
     cls.check_config(cfg, task_from_config(cfg.task))
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "true"])
+def test_bad_num_workers_is_refused_in_one_line(value: str) -> None:
+    with pytest.raises(ValueError, match=r"data\.num_workers.*auto, or 0 or more worker processes") as err:
+        validate_config(_compose([f"data.num_workers={value}"]))
+    assert "\n" not in str(err.value)
+
+
+def test_loader_resources_follow_the_device() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from kdexp.training import loader_resources
+
+    def trainer_on(device: str, devices: int = 1) -> SimpleNamespace:
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), num_devices=devices)
+
+    assert loader_resources("auto", None) == {"num_workers": 0, "pin_memory": False}
+    assert loader_resources("auto", trainer_on("cpu")) == {"num_workers": 0, "pin_memory": False}
+    cores = __import__("os").cpu_count() or 1
+    assert loader_resources("auto", trainer_on("cuda")) == {"num_workers": min(4, cores), "pin_memory": True}
+    assert loader_resources("auto", trainer_on("cuda", devices=64))["num_workers"] == 1
+    assert loader_resources(2, trainer_on("cpu")) == {"num_workers": 2, "pin_memory": False}

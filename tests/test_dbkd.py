@@ -389,7 +389,23 @@ def test_experiment_configs() -> None:
                     "method.logit_scale": ["0.5", "1", "2", "4"]}
     assert cpu.method.name == "decision_hard" and cpu.teacher.name_or_path == "minilm-l6"
     assert cpu.teacher.max_train_samples == 2000 and cpu.data.max_length == 128 and cpu.optim.learning_rate == 5e-4
-    assert set(cpu.hydra.sweeper.params.method.split(",")) == set(DECISION_METHODS) | {"vanilla_kd"}
+    assert set(cpu.hydra.sweeper.params.method.split(",")) == {
+        "dbkd", "dbkd_authors", "decision_hard_teacher", "decision_hard_aug", "decision_noise_smooth",
+        "decision_label_smooth_uniform", "decision_surrogate", "vanilla_kd_additive"}
+
+
+@pytest.mark.parametrize("method, target, options", [
+    ("vanilla_kd_additive", "kdexp.methods.vanilla_kd.VanillaKD", {"kd_form": "additive", "alpha": 0.5}),
+    ("decision_hard_teacher", "kdexp.methods.dbkd.DecisionHard", {"ce_weight": 0.0, "alpha": 1.0}),
+    ("decision_label_smooth_uniform", "kdexp.methods.dbkd.DecisionLabelSmooth", {"smoothing_form": "uniform"}),
+    ("dbkd_authors", "kdexp.methods.dbkd.DBKD", {"zero_count_rule": "authors", "alpha": 0.7}),
+])
+def test_paper_form_configs_are_their_base_method_with_the_authors_options(method: str, target: str,
+                                                                          options: dict) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"method={method}"])
+    assert cfg.method.name == method and cfg.method._target_ == target
+    assert {key: cfg.method[key] for key in options} == options
 
 
 # --------------------------------------------------------------------------- a full tiny run

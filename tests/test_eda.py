@@ -253,3 +253,74 @@ def test_edge_cases():
         EDAConfig(synonym_replacement=False, random_insertion=False, random_swap=False, random_deletion=False)
     with pytest.raises(TypeError):
         augment(SENTENCE, 3, "seed", ONLY[EDAOperation.RANDOM_SWAP])
+
+
+# ---------------------------------------------------------------- the DBKD authors' style
+
+
+def test_authors_cleaning_keeps_lowercase_letters_only():
+    from kdexp.decision.eda import clean_text
+
+    assert clean_text("It's a well-made, 2-hour film!") == "its a well made hour film"
+    assert clean_text("  Don\u2019t\tstop\n") == "dont stop"
+    assert clean_text("123 !!") == ""
+
+
+def test_authors_rates_draw_rd_with_the_drawn_rs_rate_as_its_mean():
+    import math
+
+    from kdexp.decision.eda import authors_rates
+
+    config = EDAConfig()  # SR off, RI, RS, RD on
+    expected = random.Random(7)
+    ri = min(abs(expected.gauss(0.0, 0.1 * math.sqrt(math.pi / 2))), 0.5)
+    rs = min(abs(expected.gauss(0.0, 0.1 * math.sqrt(math.pi / 2))), 0.5)
+    rd = min(abs(expected.gauss(0.0, rs * math.sqrt(math.pi / 2))), 0.5)
+    rates = authors_rates(random.Random(7), config)
+    assert rates == {EDAOperation.SYNONYM_REPLACEMENT: 0.0, EDAOperation.RANDOM_INSERTION: ri,
+                     EDAOperation.RANDOM_SWAP: rs, EDAOperation.RANDOM_DELETION: rd}
+    without_rs = authors_rates(random.Random(7), EDAConfig(random_swap=False))
+    assert without_rs[EDAOperation.RANDOM_DELETION] == 0.0  # their RD rate is drawn from RS's
+
+
+def test_authors_style_shares_rates_within_a_chunk_and_cleans_every_query():
+    from kdexp.decision.queries import QueryConfig, augment_examples, chunk_rates, original_query
+
+    config = QueryConfig(num_queries=5, seed=3, eda=EDAConfig(style="authors", rows_per_draw=2,
+                                                              random_insertion=False))
+    assert chunk_rates(config, 0, 0) == chunk_rates(config, 1, 0)
+    assert chunk_rates(config, 1, 0) != chunk_rates(config, 2, 0)
+    assert chunk_rates(config, 0, 0) != chunk_rates(config, 0, 1)  # each side of a pair draws its own
+    text = "The Movie's plot -- twisty, clever & well-paced -- never lets up, 10/10!"
+    (copies,) = augment_examples([text], config)
+    cleaned = "the movies plot twisty clever well paced never lets up"
+    assert original_query(text, config) == cleaned
+    for copy in copies:  # RS and RD only: each copy keeps (a sub-multiset of) the cleaned words
+        assert copy == " ".join(copy.split()) and all(w.isalpha() and w.islower() for w in copy.split())
+        assert not Counter(copy.split()) - Counter(cleaned.split())
+    assert original_query(("A b!", "123"), config) == ("a b", "123")  # no letters: the raw text
+    # one word: RS and RD leave it; a side with no letters stays raw in every copy
+    assert augment_examples([("Fine.", "42")], config)[0] == [("fine", "42")] * 4
+
+
+def test_authors_style_counts_only_operations_that_change_a_word():
+    from kdexp.decision.eda import _authors_counted_operations
+
+    config = EDAConfig()
+    rates = {EDAOperation.SYNONYM_REPLACEMENT: 0.0, EDAOperation.RANDOM_INSERTION: 0.05,
+             EDAOperation.RANDOM_SWAP: 0.2, EDAOperation.RANDOM_DELETION: 0.01}
+    # 10 words: int(0.05·10) = 0 (RI not counted), int(0.2·10) = 2 (RS counted), RD counted (rate > 0)
+    assert _authors_counted_operations(config, rates, 10) == 2
+    schedule = plan_operations(9, config, random.Random(0), counted_operations=2)
+    assert len(schedule) == 9 and set(schedule) <= set(config.enabled_operations())
+
+
+def test_the_default_style_leaves_existing_cache_keys_unchanged():
+    from dataclasses import asdict
+
+    from kdexp.decision.queries import _eda_key
+
+    assert _eda_key(EDAConfig()) == {k: v for k, v in asdict(EDAConfig()).items() if k not in ("style", "rows_per_draw")}
+    assert _eda_key(EDAConfig(style="authors"))["style"] == "authors"
+    with pytest.raises(ValueError, match="queries.eda.style"):
+        EDAConfig(style="paper")

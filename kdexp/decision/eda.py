@@ -40,6 +40,22 @@ implementation (``eda.py`` of EDA, used unchanged by DBKD) unless stated:
 * :func:`augment` returns only the ``num_copies`` augmented texts; the caller adds the
   original to make DBKD's ``N = num_copies + 1`` queries.
 
+``EDAConfig(style="authors")`` runs the query stage as the DBKD authors' code did instead:
+
+* every text is cleaned first (:func:`clean_text`: lowercased, apostrophes dropped, hyphens and
+  everything but ``a-z`` turned into spaces), the original query included, and every copy is
+  cleaned again (WordNet synonyms come out lowercase, letters only); a text with no letters
+  keeps its raw form in all ``N`` queries, as the authors' fallback does;
+* one change rate per operation for a whole chunk of ``rows_per_draw`` rows (their
+  ``datasets.map`` batch, 1,000 rows), each side of a pair drawn separately; RD's rate is
+  drawn with RS's drawn rate as its mean, as their ``add_noise_to_all`` does;
+* the schedule makes ``num_copies // k + 1`` copies per enabled operation, ``k`` counting only
+  the operations whose rate makes ``int(rate * num_words) > 0`` (RD when its rate is > 0), then
+  shuffles and cuts, as their ``eda()`` does.
+
+RI keeps kdexp's rule (a random synonym, any position): the authors insert the first synonym of
+a set, an order that Python's per-process string hashing decides, so no fixed rule reproduces it.
+
 Randomness comes only from a ``random.Random`` (a seed or a generator), so the same
 seed gives the same copies.
 """
@@ -67,6 +83,7 @@ STOP_WORDS: frozenset[str] = frozenset(
     don should now""".split()
 )
 RANDOM_INSERTION_ATTEMPTS = 10
+EDA_STYLES = ("kdexp", "authors")
 
 Example = str | tuple[str, str]
 
@@ -102,10 +119,16 @@ class EDAConfig:
     random_deletion: bool = True
     rate_scale: float = 0.1
     max_rate: float = 0.5
+    style: str = "kdexp"  # "authors": the DBKD authors' text cleaning and per-chunk rates (module docstring)
+    rows_per_draw: int = 1000  # style=authors: rows that share one draw of the change rates
 
     def __post_init__(self) -> None:
         if not self.enabled_operations():
             raise ValueError("EDAConfig needs at least one enabled operation")
+        if self.style not in EDA_STYLES:
+            raise ValueError(f"queries.eda.style must be one of {', '.join(EDA_STYLES)}, got {self.style!r}")
+        if self.rows_per_draw < 1:
+            raise ValueError(f"queries.eda.rows_per_draw must be at least 1, got {self.rows_per_draw}")
         if self.rate_scale < 0:
             raise ValueError(f"rate_scale must be non-negative, got {self.rate_scale}")
         if not 0 <= self.max_rate <= 1:
@@ -283,12 +306,16 @@ def apply_operation(
     return random_deletion(words, change_rate, rng)
 
 
-def plan_operations(num_copies: int, config: EDAConfig, rng: random.Random) -> list[EDAOperation]:
-    """The operation of each copy: every enabled one ``num_copies // k + 1`` times, shuffled, cut."""
+def plan_operations(num_copies: int, config: EDAConfig, rng: random.Random,
+                    counted_operations: int | None = None) -> list[EDAOperation]:
+    """The operation of each copy: every enabled one ``num_copies // k + 1`` times, shuffled, cut.
+
+    ``k`` is the number of enabled operations, or ``counted_operations`` (the authors' count).
+    """
     if num_copies < 0:
         raise ValueError(f"num_copies must be non-negative, got {num_copies}")
     operations = config.enabled_operations()
-    schedule = list(operations) * (num_copies // len(operations) + 1)
+    schedule = list(operations) * (num_copies // max(1, counted_operations or len(operations)) + 1)
     rng.shuffle(schedule)
     return schedule[:num_copies]
 
@@ -305,17 +332,59 @@ def augment_copies(
     rng: random.Random | int,
     config: EDAConfig = EDAConfig(),
     wordnet: WordNet | None = None,
+    rates: dict[EDAOperation, float] | None = None,
 ) -> list[AugmentedCopy]:
-    """Like :func:`augment`, also returning each copy's operation and change rate."""
+    """Like :func:`augment`, also returning each copy's operation and change rate.
+
+    ``rates``: one fixed change rate per operation (the authors' style, :func:`authors_rates`),
+    with the authors' schedule and cleaning; otherwise a rate is drawn for every copy.
+    """
     rng = as_random(rng)
     wordnet = _resolve_wordnet(config, wordnet)
+    if rates is not None:
+        text = clean_text(text)
     words = text.split()
+    counted = None if rates is None else _authors_counted_operations(config, rates, len(words))
     copies = []
-    for operation in plan_operations(num_copies, config, rng):
-        change_rate = sample_change_rate(rng, config)
+    for operation in plan_operations(num_copies, config, rng, counted):
+        change_rate = sample_change_rate(rng, config) if rates is None else rates[operation]
         new_words = apply_operation(words, operation, change_rate, rng, wordnet)
-        copies.append(AugmentedCopy(" ".join(new_words), operation, change_rate))
+        new_text = " ".join(new_words)
+        copies.append(AugmentedCopy(new_text if rates is None else clean_text(new_text), operation, change_rate))
     return copies
+
+
+def clean_text(text: str) -> str:
+    """The authors' text cleaning: lowercase ``a-z`` words separated by single spaces."""
+    text = text.replace("\u2019", "").replace("'", "").lower()
+    return " ".join("".join(c if "a" <= c <= "z" else " " for c in text).split())
+
+
+def authors_rates(rng: random.Random, config: EDAConfig) -> dict[EDAOperation, float]:
+    """One change rate per operation, drawn as the authors' ``add_noise_to_all`` draws them.
+
+    SR, RI and RS: ``min(|g|, max_rate)``; RD: the same draw with RS's drawn rate in place of
+    ``rate_scale`` (their code passes the drawn ``alpha_rs`` to the RD draw, so RD's rate is 0
+    when RS is off).
+    """
+    rates = {operation: 0.0 for operation in EDAOperation}
+    enabled = config.enabled_operations()
+    for operation in (EDAOperation.SYNONYM_REPLACEMENT, EDAOperation.RANDOM_INSERTION, EDAOperation.RANDOM_SWAP):
+        if operation in enabled:  # a disabled operation has rate 0 and draws nothing, as theirs
+            rates[operation] = sample_change_rate(rng, config)
+    if EDAOperation.RANDOM_DELETION not in enabled:
+        return rates
+    rates[EDAOperation.RANDOM_DELETION] = min(
+        abs(rng.gauss(0.0, rates[EDAOperation.RANDOM_SWAP] * math.sqrt(math.pi / 2.0))), config.max_rate)
+    return rates
+
+
+def _authors_counted_operations(config: EDAConfig, rates: dict[EDAOperation, float], num_words: int) -> int:
+    """The authors' ``technique_num``: operations whose rate changes at least one word."""
+    return sum(
+        (rates[op] > 0) if op is EDAOperation.RANDOM_DELETION else (int(rates[op] * num_words) > 0)
+        for op in config.enabled_operations()
+    )
 
 
 def augment(

@@ -26,6 +26,7 @@ every method that needs decisions:
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ import torch
 
 from kdexp.cache import atomic_directory, cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.data import content_fingerprint
-from kdexp.decision.eda import EDAConfig, augment, augment_pair, example_random
+from kdexp.decision.eda import EDAConfig, augment, augment_copies, augment_pair, authors_rates, clean_text, example_random
 from kdexp.decision.teacher import DecisionTeacher, Query
 from kdexp.decision.wordnet import DEFAULT_WORDNET_PATH, PARTS_OF_SPEECH, shared_wordnet
 from kdexp.tasks import GlueTask
@@ -150,11 +151,48 @@ def augment_examples(examples: list[Query], config: QueryConfig) -> list[list[Qu
     copies: list[list[Query]] = []
     for index, example in enumerate(examples):
         rng = example_random(config.seed, index)
-        if isinstance(example, str):
+        if config.eda.style == "authors":
+            sides = [_authors_side_copies(text, config, index, side, rng, wordnet)
+                     for side, text in enumerate((example,) if isinstance(example, str) else example)]
+            copies.append(sides[0] if isinstance(example, str) else list(zip(*sides)))
+        elif isinstance(example, str):
             copies.append(list(augment(example, config.num_copies, rng, config.eda, wordnet)))
         else:
             copies.append(list(augment_pair(example[0], example[1], config.num_copies, rng, config.eda, wordnet)))
     return copies
+
+
+def _authors_side_copies(text: str, config: QueryConfig, index: int, side: int, rng: random.Random,
+                         wordnet: Any) -> list[str]:
+    """One side's copies in the authors' style: the rates of its chunk of rows, cleaned text."""
+    if not clean_text(text):  # their cleaning fails on a text without letters: the raw text N times
+        return [text] * config.num_copies
+    rates = chunk_rates(config, index, side)
+    return [copy.text for copy in augment_copies(text, config.num_copies, rng, config.eda, wordnet, rates)]
+
+
+def chunk_rates(config: QueryConfig, index: int, side: int) -> dict[Any, float]:
+    """The authors' style: the change rates shared by row ``index``'s chunk of ``rows_per_draw`` rows."""
+    chunk = index // config.eda.rows_per_draw
+    return authors_rates(random.Random(f"eda-rates/{config.seed}/{chunk}/{side}"), config.eda)
+
+
+def original_query(example: Query, config: QueryConfig) -> Query:
+    """The first of a row's ``N`` queries: the input itself, cleaned in the authors' style."""
+    if config.eda.style != "authors":
+        return example
+    if isinstance(example, str):
+        return clean_text(example) or example
+    return tuple(clean_text(text) or text for text in example)  # type: ignore[return-value]
+
+
+def _eda_key(eda: EDAConfig) -> dict[str, Any]:
+    """The EDA settings in a key; options at their defaults are left out, so keys made before they existed hold."""
+    values = asdict(eda)
+    for name, default in (("style", "kdexp"), ("rows_per_draw", 1000)):
+        if values[name] == default:
+            del values[name]
+    return values
 
 
 def _wordnet_fingerprint(path: str = DEFAULT_WORDNET_PATH) -> list[Any]:
@@ -168,7 +206,7 @@ def augmentation_key(ds: datasets.Dataset, task: GlueTask, config: QueryConfig) 
         task=task.name,
         content=content_fingerprint(ds, tuple(task.text_fields)),
         rows=len(ds),
-        eda=asdict(config.eda),
+        eda=_eda_key(config.eda),
         num_queries=config.num_queries,
         seed=config.seed,
         wordnet=_wordnet_fingerprint() if config.eda.needs_wordnet else None,
@@ -273,7 +311,7 @@ def _query_and_store(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueT
     originals = examples_of(ds, task)
     flat: list[Query] = []
     for original, row_copies in zip(originals, copies):
-        flat.append(original)
+        flat.append(original_query(original, config))
         flat.extend(row_copies)
     log.info("Querying the teacher: %d examples x %d queries = %d decisions", len(ds), config.num_queries, len(flat))
     start = time.perf_counter()

@@ -67,6 +67,7 @@ from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.config import require
 from kdexp.data import tokenize_split
 from kdexp.decision.estimator import ZERO_COUNT_RULES, estimate_logits_from_counts
+from kdexp.decision.eda import EDA_STYLES
 from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
 from kdexp.decision.surrogate import SurrogateSettings, logits_of, state_fingerprint, train_surrogate
 from kdexp.decision.teacher import DecisionTeacher
@@ -91,6 +92,8 @@ class EDAOptions:
     random_deletion: bool = MISSING
     rate_scale: float = MISSING
     max_rate: float = MISSING
+    style: str = "kdexp"
+    rows_per_draw: int = 1000
 
 
 @dataclass
@@ -111,6 +114,8 @@ class QueriesOptions:
                 "method.queries.eda", "all operations off", "at least one EDA operation on")
         require(eda.rate_scale >= 0, "method.queries.eda.rate_scale", eda.rate_scale, "0 or more")
         require(0 <= eda.max_rate <= 1, "method.queries.eda.max_rate", eda.max_rate, "a rate in [0, 1]")
+        require(eda.style in EDA_STYLES, "method.queries.eda.style", eda.style, " or ".join(EDA_STYLES))
+        require(eda.rows_per_draw >= 1, "method.queries.eda.rows_per_draw", eda.rows_per_draw, "1 or more rows")
 
 
 @dataclass

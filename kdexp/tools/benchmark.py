@@ -83,8 +83,10 @@ def _reset_peak_rss() -> int | None:
         return None
 
 
-def lightning_examples_per_second(context: RunContext, method_cls: type, options: dict[str, Any]) -> float:
-    module: DistillationModule = build_module(context, method_cls, options)
+def lightning_examples_per_second(context: RunContext, method_cls: type, options: dict[str, Any],
+                                  module: DistillationModule | None = None) -> float:
+    """One epoch through Lightning, validation off; ``module`` (else one built from the run) is trained in place."""
+    module = module if module is not None else build_module(context, method_cls, options)
     meter = ThroughputMeter()
     trainer_cfg = trainer_options(context.cfg)
     trainer_cfg.update(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
