@@ -1,8 +1,9 @@
 """`kdexp-report <sweep folder>`: the paper-style table of a sweep.
 
 Reads every `results.json` under the folder(s) and writes `report.md`, `report.csv`, `report.tex`
-(booktabs, best value per column in bold) and `report.svg` (bars with std error bars) in the first
-folder, or `--out`: tasks as columns (each task's main GLUE metric, ×100), methods as
+(booktabs, best value per column in bold), `report.svg` (bars with std error bars) and, with
+matplotlib (`pip install 'kdexp[plots]'`), `report.png`/`.pdf` and a line plot per numeric option
+swept (`report_method.alpha.png`, ...) in the first folder, or `--out`: tasks as columns (each task's main GLUE metric, ×100), methods as
 rows, mean ± std over seeds, one row per teacher first. Runs that differ in other overrides
 (e.g. `method.alpha`) get rows of their own; overrides that cannot change a score (progress
 bar, logging, workers: `kdexp.config.NON_RESULT_KEYS`) do not split rows. Several folders make one table, e.g. a method's
@@ -39,6 +40,7 @@ from kdexp.report_formats import (
     to_latex,
     to_svg,
 )
+from kdexp.report_plots import matplotlib_available, write_plots
 from kdexp.tasks import TASKS
 
 RESULTS_FILE = "results.json"
@@ -68,6 +70,7 @@ class Runs:
 class Report:
     markdown: str
     unfinished: list[str]  # as listed under the table
+    figures: list[Path]  # PNG and PDF files written (none without matplotlib)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -320,8 +323,11 @@ def write_report(*folders: Path, out: Path | None = None, layout: str = "plain",
     (out / "report.md").write_text(markdown)
     write_csv(out / "report.csv", tasks, rows)
     (out / "report.tex").write_text(to_latex(tasks, [_column_title(t) for t in tasks], rows, with_average))
-    (out / "report.svg").write_text(to_svg(tasks, rows, "dev scores ×100, mean ± std over seeds; dashed: teacher"))
-    return Report(markdown, unfinished)
+    title = "dev scores ×100, mean ± std over seeds; dashed: teacher"
+    (out / "report.svg").write_text(to_svg(tasks, rows, title))
+    all_results = list(results.values())
+    figures = write_plots(out, tasks, rows, all_results, varying_overrides(all_results), row_label, title)
+    return Report(markdown, unfinished, figures)
 
 
 def report(*folders: Path, out: Path | None = None, layout: str = "plain", reference: Path | None = None,
@@ -363,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     except KdexpError as err:
         raise SystemExit(f"kdexp-report: error: {err}") from None
     out = args.out or args.folders[0]
+    if not matplotlib_available():
+        sys.stderr.write("kdexp-report: PNG and PDF figures need matplotlib: pip install 'kdexp[plots]'\n")
     sys.stdout.write({"markdown": written.markdown, "csv": (out / "report.csv").read_text() if args.format == "csv" else "",
                       "latex": (out / "report.tex").read_text() if args.format == "latex" else ""}[args.format])
     if written.unfinished and not args.allow_missing:

@@ -236,3 +236,34 @@ def test_format_chooses_what_is_printed(tmp_path: Path, capsys, fmt: str, starts
         write_result(tmp_path, "sst2", "finetune", seed, 0.6 + seed / 100, 0.9)
     main([str(tmp_path), "--format", fmt])
     assert capsys.readouterr().out.lstrip().startswith(starts)
+
+
+def test_figures_show_the_tables_means_and_stds_and_a_line_per_method_over_a_swept_option(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from kdexp.report import build_table, load_results, find_runs, row_label, varying_overrides, write_report
+    from kdexp.report_plots import bar_figure, numeric_sweeps
+
+    scores = {("vanilla_kd", "0.2"): [0.80, 0.84], ("vanilla_kd", "0.5"): [0.82, 0.86], ("dbkd", "0.2"): [0.70, 0.74],
+              ("dbkd", "0.5"): [0.78, 0.78]}
+    for (method, alpha), values in scores.items():
+        for seed, score in enumerate(values, 1):
+            write_result(tmp_path / "runs", "sst2", method, seed, score, 0.9, (f"method.alpha={alpha}",))
+    written = write_report(tmp_path / "runs", out=tmp_path / "out")
+    assert sorted(p.name for p in written.figures) == [
+        "report.pdf", "report.png", "report_method.alpha.pdf", "report_method.alpha.png"]
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "out" / "report.pdf").read_bytes()[:5] == b"%PDF-"
+
+    results = list(load_results(find_runs(tmp_path / "runs").results).values())
+    tasks, rows = build_table(results)
+    bars = [patch for patch in bar_figure(tasks, rows).axes[0].patches]
+    expected = {label: cells["sst2"] for label, cells in rows.items() if not label.startswith("teacher")}
+    assert [round(bar.get_height(), 6) for bar in bars] == [round(c.mean, 6) for c in expected.values()]
+    lines = numeric_sweeps(results, varying_overrides(results), row_label)
+    assert set(lines) == {"method.alpha"}
+    for method in ("vanilla_kd", "dbkd"):
+        points = lines["method.alpha"][method]["sst2"]
+        for (x, mean, std, n), alpha in zip(points, ("0.2", "0.5")):
+            values = [100 * v for v in scores[(method, alpha)]]
+            assert (x, n) == (float(alpha), 2)
+            assert mean == pytest.approx(statistics.fmean(values)) and std == pytest.approx(statistics.stdev(values))
