@@ -165,6 +165,25 @@ def test_query_counts_with_a_real_tiny_model_match_single_queries(glue_dir: Path
         assert result.decisions[i].tolist() == row
 
 
+def test_authors_style_asks_the_teacher_about_cleaned_text_only(glue_dir: Path, tmp_path: Path) -> None:
+    from kdexp.decision.eda import clean_text
+
+    task = get_task("sst2")
+    ds = load_split(task, "train", DataSource(glue_dir))
+    asked: list[str] = []
+
+    def decide(queries: list) -> torch.Tensor:
+        asked.extend(queries)
+        return torch.tensor([len(q.split()) % 2 for q in queries])
+
+    config = QueryConfig(num_queries=4, seed=0, eda=EDAConfig(style="authors"))
+    result = query_decisions(DecisionTeacher(decide, key="words", num_labels=2), ds, task, config, tmp_path)
+    assert len(asked) == 4 * len(ds)
+    assert asked[0::4] == [clean_text(s) or s for s in ds["sentence"]]  # each row's first query: its cleaned text
+    assert all(q == clean_text(q) for q in asked if clean_text(q))
+    assert result.decisions[:, 0].tolist() == [len((clean_text(s) or s).split()) % 2 for s in ds["sentence"]]
+
+
 def test_query_stage_is_cached_and_reused_and_keyed_by_its_settings(glue_dir: Path, tmp_path: Path) -> None:
     task = get_task("sst2")
     ds = load_split(task, "train", DataSource(glue_dir))
@@ -186,6 +205,8 @@ def test_query_stage_is_cached_and_reused_and_keyed_by_its_settings(glue_dir: Pa
         QueryConfig(num_queries=4, seed=0, eda=EDAConfig(synonym_replacement=True)),
         QueryConfig(num_queries=4, seed=0, eda=EDAConfig(rate_scale=0.2)),
         QueryConfig(num_queries=4, seed=0, eda=EDAConfig(random_swap=False)),
+        QueryConfig(num_queries=4, seed=0, eda=EDAConfig(style="authors")),
+        QueryConfig(num_queries=4, seed=0, eda=EDAConfig(style="authors", rows_per_draw=2)),
     ]
     keys = {augmentation_key(ds, task, v) for v in variants}
     assert base_aug not in keys and len(keys) == len(variants)
