@@ -2,7 +2,7 @@
 
     pip install --no-deps textbrewer==0.2.1 tensorboard absl-py   # the peer; not a kdexp dependency
     OMP_NUM_THREADS=1 python -m kdexp.tools.peer_benchmark task=sst2 data.max_train_samples=4000 \\
-        data.max_length=64 teacher.max_train_samples=2000 --repeats 3
+        data.max_length=64 teacher.max_train_samples=2000 --seeds 1,2,3
 
 Both start from the same student initialisation (the run's student), train one epoch on the
 same tokenised rows with the same teacher, and are scored on the full dev split with the
@@ -16,9 +16,10 @@ the same optimiser settings (`optim.lr_scheduler=constant optim.warmup_ratio=0
 trainer.gradient_clip_val=null`), in random batches and with `data.group_by_length=true`.
 
 Examples/s count training steps only (kdexp: the epoch, as `kdexp.tools.benchmark`; the peer: its
-training loop, its logits-caching pass excluded); variants run interleaved, medians of
-`--repeats`. Dev accuracy is each variant's score after its first repeat (every repeat trains the
-same student from the same start).
+training loop, its logits-caching pass excluded). Every variant runs once per seed, the variants
+of a seed in turn (the seed sets the student's classifier initialisation, the batch order and the
+dropout masks: each toolkit draws them its own way); reported: the median examples/s and the
+mean ± std dev accuracy over the seeds.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,31 +122,35 @@ def _padded(values: torch.Tensor, length: int, pad_value: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, length - values.shape[1]), value=pad_value)
 
 
-def benchmark(common: list[str], repeats: int) -> dict[str, Any]:
-    context, method_cls, options = build_context(compose_config(common + KDEXP_PEER_SETTINGS), Path("."))
-    grouped_context, _, grouped_options = build_context(
-        compose_config(common + KDEXP_PEER_SETTINGS + ["data.group_by_length=true"]), Path("."))
-    initial = copy.deepcopy(context.student.state_dict())
-    runners: dict[str, Callable[[], tuple[float, float]]] = {
-        "kdexp_vanilla_kd": lambda: kdexp_run(context, method_cls, options, initial),
-        "kdexp_vanilla_kd_grouped": lambda: kdexp_run(grouped_context, method_cls, grouped_options, initial),
-        "textbrewer_padded_to_max_length": lambda: peer_run(context, initial, pad_to_max_length=True),
-        "textbrewer_padded_per_batch": lambda: peer_run(context, initial, pad_to_max_length=False),
-    }
-    speeds: dict[str, list[float]] = {name: [] for name in runners}
-    accuracies: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, measure in runners.items():  # interleaved, so drift in machine load hits all alike
-            speed, accuracy = measure()
-            speeds[name].append(speed)
-            accuracies[name].append(accuracy)
+def benchmark(common: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Every variant once per seed (the seed sets the student's head, the batch order and dropout)."""
+    runners: list[tuple[str, Callable[[], tuple[float, float]]]] = []
+    for seed in seeds:
+        settings = common + KDEXP_PEER_SETTINGS + [f"seed={seed}"]
+        context, method_cls, options = build_context(compose_config(settings), Path("."))
+        grouped, _, grouped_options = build_context(compose_config(settings + ["data.group_by_length=true"]), Path("."))
+        initial = copy.deepcopy(context.student.state_dict())
+        runners += [
+            ("kdexp_vanilla_kd", lambda c=context, k=method_cls, o=options, i=initial: kdexp_run(c, k, o, i)),
+            ("kdexp_vanilla_kd_grouped", lambda c=grouped, k=method_cls, o=grouped_options, i=initial: kdexp_run(c, k, o, i)),
+            ("textbrewer_padded_to_max_length", lambda c=context, i=initial: peer_run(c, i, pad_to_max_length=True)),
+            ("textbrewer_padded_per_batch", lambda c=context, i=initial: peer_run(c, i, pad_to_max_length=False)),
+        ]
+    speeds: dict[str, list[float]] = defaultdict(list)
+    accuracies: dict[str, list[float]] = defaultdict(list)
+    for name, measure in runners:  # seed by seed, the variants of a seed in turn
+        speed, accuracy = measure()
+        speeds[name].append(speed)
+        accuracies[name].append(100 * accuracy)
     medians = {name: statistics.median(values) for name, values in speeds.items()}
     peer, peer_per_batch = medians["textbrewer_padded_to_max_length"], medians["textbrewer_padded_per_batch"]
     return {
-        "common_overrides": common, "kdexp_settings": KDEXP_PEER_SETTINGS, "repeats": repeats,
+        "common_overrides": common, "kdexp_settings": KDEXP_PEER_SETTINGS, "seeds": seeds,
         "train_rows": len(context.data.tokenized[context.task.train_split]),
-        "examples_per_second": medians, "samples": speeds,
-        "dev_accuracy": {name: values[0] for name, values in accuracies.items()}, "dev_accuracy_samples": accuracies,
+        "examples_per_second": medians, "samples": dict(speeds),
+        "dev_accuracy_mean": {name: statistics.fmean(v) for name, v in accuracies.items()},
+        "dev_accuracy_std": {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in accuracies.items()},
+        "dev_accuracy_samples": dict(accuracies),
         "ratios": {"kdexp random batches / peer padded to max_length": medians["kdexp_vanilla_kd"] / peer,
                    "kdexp group_by_length / peer padded to max_length": medians["kdexp_vanilla_kd_grouped"] / peer,
                    "kdexp random batches / peer padded per batch": medians["kdexp_vanilla_kd"] / peer_per_batch,
@@ -157,14 +163,16 @@ def benchmark(common: list[str], repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (task, data slice, teacher, student)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", default="1,2,3", help="one run of every variant per seed")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args(argv)
-    result = benchmark(["logger=none", *args.overrides], args.repeats)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    result = benchmark(["logger=none", *args.overrides], seeds)
     print(f"device: {result['device']}; overrides: {' '.join(args.overrides)}; {result['train_rows']} rows, "
-          f"median of {args.repeats}")
+          f"seeds {args.seeds} (examples/s: median; dev accuracy: mean ± std)")
     for name, value in result["examples_per_second"].items():
-        print(f"  {name:30s} {value:8.1f} examples/s   dev accuracy {100 * result['dev_accuracy'][name]:.1f}")
+        print(f"  {name:32s} {value:8.1f} examples/s   dev accuracy {result['dev_accuracy_mean'][name]:.1f} "
+              f"± {result['dev_accuracy_std'][name]:.1f}")
     for label, value in result["ratios"].items():
         print(f"  {label:52s} {value:.2f}")
     if args.out:
