@@ -64,9 +64,10 @@ def bar_figure(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]], tit
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    figure.legend(handles, labels, loc="lower center", ncol=min(3, max(len(labels), 1)), fontsize=8, frameon=False)
+    columns = max(1, min(len(labels), 3 if len(tasks) > 2 else 2))
+    figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0.06 + 0.045 * ((len(labels) + 2) // 3), 1, 1))
+    figure.tight_layout(rect=(0, 0.02 + 0.045 * -(-len(labels) // columns), 1, 1))
     return figure
 
 
