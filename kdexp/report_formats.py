@@ -29,15 +29,18 @@ def average_column(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]])
             for label, cells in rows.items() if tasks and all(t in cells for t in tasks)}
 
 
-def _best(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]]) -> dict[str, str]:
-    """The label of the best student row per task (teacher rows excluded)."""
-    best = {}
-    for task in tasks:
-        scored = [(cells[task].mean, label) for label, cells in rows.items()
-                  if task in cells and not label.startswith("teacher")]
-        if scored:
-            best[task] = max(scored)[1]
-    return best
+def _best_of(scored: Mapping[str, float]) -> set[str]:
+    """The labels whose value, as printed (one decimal), is the best: a tie in print is bold for all."""
+    if not scored:
+        return set()
+    top = max(round(value, 1) for value in scored.values())
+    return {label for label, value in scored.items() if round(value, 1) == top}
+
+
+def _best(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]]) -> dict[str, set[str]]:
+    """The labels of the best student rows per task (teacher rows excluded)."""
+    return {task: _best_of({label: cells[task].mean for label, cells in rows.items()
+                            if task in cells and not label.startswith("teacher")}) for task in tasks}
 
 
 def _latex_escape(text: str) -> str:
@@ -50,7 +53,7 @@ def to_latex(tasks: list[str], titles: list[str], rows: Mapping[str, Mapping[str
     """A booktabs table; the best student value of each column in bold."""
     best = _best(tasks, rows)
     averages = average_column(tasks, rows) if with_average else {}
-    best_average = max(((v, k) for k, v in averages.items() if not k.startswith("teacher")), default=(None, None))[1]
+    best_average = _best_of({k: v for k, v in averages.items() if not k.startswith("teacher")})
     columns = "l" + "c" * (len(tasks) + bool(with_average))
     header = " & ".join(["Method", *(_latex_escape(t) for t in titles), *([AVERAGE] if with_average else [])])
     lines = [rf"\begin{{tabular}}{{{columns}}}", r"\toprule", header + r" \\", r"\midrule"]
@@ -58,10 +61,10 @@ def to_latex(tasks: list[str], titles: list[str], rows: Mapping[str, Mapping[str
         values = []
         for task in tasks:
             text = _latex_escape(_format(cells[task])) if task in cells else "--"
-            values.append(rf"\textbf{{{text}}}" if best.get(task) == label else text)
+            values.append(rf"\textbf{{{text}}}" if label in best.get(task, set()) else text)
         if with_average:
             text = f"{averages[label]:.1f}" if label in averages else "--"
-            values.append(rf"\textbf{{{text}}}" if label == best_average else text)
+            values.append(rf"\textbf{{{text}}}" if label in best_average else text)
         lines.append(" & ".join([_latex_escape(label), *values]) + r" \\")
         if label.startswith("teacher") and not any(k.startswith("teacher") for k in list(rows)[list(rows).index(label) + 1:]):
             lines.append(r"\midrule")

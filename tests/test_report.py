@@ -267,3 +267,13 @@ def test_figures_show_the_tables_means_and_stds_and_a_line_per_method_over_a_swe
             values = [100 * v for v in scores[(method, alpha)]]
             assert (x, n) == (float(alpha), 2)
             assert mean == pytest.approx(statistics.fmean(values)) and std == pytest.approx(statistics.stdev(values))
+
+
+def test_latex_bolds_every_row_tied_at_the_printed_precision() -> None:
+    from kdexp.report import Cell
+    from kdexp.report_formats import to_latex
+
+    rows = {"teacher": {"sst2": Cell(90.0, 0.0, 1)}, "a": {"sst2": Cell(80.04, 1.0, 3)},
+            "b": {"sst2": Cell(80.01, 1.0, 3)}, "c": {"sst2": Cell(79.9, 1.0, 3)}}
+    bold = [line.split(" & ")[0] for line in to_latex(["sst2"], ["sst2"], rows, True).splitlines() if "textbf" in line]
+    assert bold == ["a", "b"]  # 80.0 and 80.0 as printed; 79.9 not
