@@ -42,8 +42,8 @@ def _pyplot() -> Any:
 def bar_figure(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]], title: str = "") -> Any:
     plt = _pyplot()
     students = [label for label in rows if not label.startswith("teacher")]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 0.55 * max(len(students), 2) * len(tasks), 4.2),
-                                squeeze=False)
+    width = max(5.5, 1.2 + 0.55 * max(len(students), 2) * len(tasks))  # at least the title's width
+    figure, axes = plt.subplots(1, len(tasks), figsize=(width, 4.2), squeeze=False)
     colours = plt.get_cmap("tab10")
     for axis, task in zip(axes[0], tasks):
         shown = [(i, label, rows[label][task]) for i, label in enumerate(students) if task in rows[label]]
