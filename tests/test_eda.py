@@ -293,6 +293,7 @@ def test_authors_style_shares_rates_within_a_chunk_and_cleans_every_query():
     assert chunk_rates(config, 0, 0) != chunk_rates(config, 0, 1)  # each side of a pair draws its own
     text = "The Movie's plot -- twisty, clever & well-paced -- never lets up, 10/10!"
     (copies,) = augment_examples([text], config)
+    assert augment_examples([text], config) == [copies]  # same seed, same copies
     cleaned = "the movies plot twisty clever well paced never lets up"
     assert original_query(text, config) == cleaned
     for copy in copies:  # RS and RD only: each copy keeps (a sub-multiset of) the cleaned words

@@ -100,6 +100,17 @@ def lightning_examples_per_second(context: RunContext, method_cls: type, options
     return meter.examples_per_second
 
 
+def adamw_as_kdexp(named_parameters: Any, optim: Any) -> torch.optim.AdamW:
+    """The optimiser of `DistillationModule.configure_optimizers`, for loops outside Lightning:
+    AdamW, no weight decay on biases and LayerNorm weights."""
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    named = list(named_parameters)
+    return torch.optim.AdamW(
+        [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": optim.weight_decay},
+         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}],
+        lr=optim.learning_rate, eps=optim.adam_epsilon)
+
+
 def bare_loop_examples_per_second(context: RunContext) -> float:
     """The work of `finetune` without the framework: forward, CE, backward, clip, AdamW, schedule."""
     from transformers import get_linear_schedule_with_warmup
@@ -108,12 +119,7 @@ def bare_loop_examples_per_second(context: RunContext) -> float:
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
-    no_decay = ("bias", "LayerNorm.weight")
-    params = list(student.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.optim.weight_decay},
-         {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}],
-        lr=cfg.optim.learning_rate, eps=cfg.optim.adam_epsilon)
+    optimizer = adamw_as_kdexp(student.named_parameters(), cfg.optim)
     loader = make_loader(context.data.train, context.data, cfg.data.batch_size, True, cfg.seed)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * len(loader)), len(loader))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and "bf16" in str(cfg.trainer.precision)

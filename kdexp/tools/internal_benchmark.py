@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kdexp.run import compose_config
-from kdexp.tools.benchmark import bare_loop_examples_per_second, lightning_examples_per_second
+from kdexp.tools.benchmark import adamw_as_kdexp, bare_loop_examples_per_second, lightning_examples_per_second
 from kdexp.data import make_loader
 from kdexp.model_internals import forward_with_internals, truncated_encoder
 from kdexp.internal.layer_map import resolve_layer_map
@@ -95,12 +95,7 @@ def bare_internal_loop_examples_per_second(context: RunContext) -> float:
     need_attentions = options.attention_weight != 0
     teacher_depth = max(p.teacher for p in pairs) + 1
 
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    named = [*student.named_parameters(), *projections.named_parameters()]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": cfg.optim.weight_decay},
-         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}],
-        lr=cfg.optim.learning_rate, eps=cfg.optim.adam_epsilon)
+    optimizer = adamw_as_kdexp([*student.named_parameters(), *projections.named_parameters()], cfg.optim)
     loader = make_loader(context.data.train, context.data, cfg.data.batch_size, True, cfg.seed)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * len(loader)), len(loader))
     parameters = [p for _, p in named]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -113,8 +114,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: GLUE_DIR)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args(argv)
-    import os
-
     result = benchmark(args.encoder, args.task, args.rows, args.steps, args.batch_size, args.max_length,
                        args.glue_dir or os.environ.get("GLUE_DIR"))
     print(f"{result['task']}: {result['train_texts']} training texts, {result['steps']} steps of {result['batch_size']}, "

@@ -40,7 +40,7 @@ from kdexp.context import RunContext
 from kdexp.data import make_loader
 from kdexp.methods.base import DistillationModule
 from kdexp.run import build_context, build_module, compose_config
-from kdexp.tools.benchmark import lightning_examples_per_second
+from kdexp.tools.benchmark import adamw_as_kdexp, lightning_examples_per_second
 
 KDEXP_PEER_SETTINGS = ["method=vanilla_kd", "optim.lr_scheduler=constant", "optim.warmup_ratio=0",
                        "trainer.gradient_clip_val=null"]
@@ -82,12 +82,7 @@ def peer_run(context: RunContext, initial: dict, pad_to_max_length: bool) -> tup
     student.load_state_dict(initial)
     student.train()
     teacher = context.teacher.load_model().eval()
-    no_decay = ("bias", "LayerNorm.weight")
-    params = list(student.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.optim.weight_decay},
-         {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}],
-        lr=cfg.optim.learning_rate, eps=cfg.optim.adam_epsilon)
+    optimizer = adamw_as_kdexp(student.named_parameters(), cfg.optim)
     rows = context.data.tokenized[context.task.train_split]
     loader = [{k: _padded(v, cfg.data.max_length, context.data.pad_token_id if k == "input_ids" else 0)
                if pad_to_max_length and v.dim() == 2 else v for k, v in batch.items() if k != "idx"}
