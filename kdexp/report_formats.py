@@ -123,6 +123,9 @@ def to_svg(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]], title: 
     return "\n".join(parts) + "\n"
 
 
+UNFILLED_SOURCE = "FILL IN"
+
+
 def load_reference(path: Path) -> tuple[str, dict[str, dict[str, float]]]:
     """Published numbers: `source:` and `values: {task: {method: value or null}}` (×100, as in the table)."""
     try:
@@ -133,8 +136,11 @@ def load_reference(path: Path) -> tuple[str, dict[str, dict[str, float]]]:
     values = content.get("values") or {}
     if not source or not isinstance(values, dict):
         raise DataError(f"{path}: needs `source:` (where the numbers come from) and `values: {{task: {{method: value}}}}`.")
-    return str(source), {task: {m: float(v) for m, v in (methods or {}).items() if v is not None}
-                         for task, methods in values.items()}
+    published = {task: {m: float(v) for m, v in (methods or {}).items() if v is not None}
+                 for task, methods in values.items()}
+    if str(source).startswith(UNFILLED_SOURCE) and any(published.values()):
+        raise DataError(f"{path}: `source:` still reads '{UNFILLED_SOURCE}...': name the table the values come from.")
+    return str(source), published
 
 
 def reference_markdown(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]], source: str,
@@ -155,6 +161,6 @@ def reference_markdown(tasks: list[str], rows: Mapping[str, Mapping[str, CellLik
 
 def reference_template(path: Path, tasks: list[str], methods: list[str]) -> None:
     """A reference file with empty values and a source to fill in (no number without its source)."""
-    content: dict[str, Any] = {"source": "FILL IN: paper, table and page the values are copied from",
+    content: dict[str, Any] = {"source": f"{UNFILLED_SOURCE}: paper, table and page the values are copied from",
                                "values": {task: {method: None for method in methods} for task in tasks}}
     path.write_text(yaml.safe_dump(content, sort_keys=False))

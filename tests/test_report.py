@@ -277,3 +277,29 @@ def test_latex_bolds_every_row_tied_at_the_printed_precision() -> None:
             "b": {"sst2": Cell(80.01, 1.0, 3)}, "c": {"sst2": Cell(79.9, 1.0, 3)}}
     bold = [line.split(" & ")[0] for line in to_latex(["sst2"], ["sst2"], rows, True).splitlines() if "textbf" in line]
     assert bold == ["a", "b"]  # 80.0 and 80.0 as printed; 79.9 not
+
+
+def test_published_number_files_of_the_papers_are_empty_and_name_real_tasks_and_methods(tmp_path: Path) -> None:
+    import yaml
+
+    from kdexp.errors import DataError
+    from kdexp.report_formats import load_reference
+    from kdexp.tasks import TASKS
+
+    root = Path(__file__).resolve().parents[1]
+    methods = {p.stem for p in (root / "conf" / "method").glob("*.yaml")}
+    files = sorted((root / "docs" / "published").glob("*.yaml"))
+    assert {f.stem for f in files} == {"dbkd", "internal", "text_smoothing", "knowledge_selection"}
+    for file in files:
+        content = yaml.safe_load(file.read_text())
+        assert content["source"].startswith("FILL IN"), file
+        assert set(content["values"]) <= set(TASKS), file
+        for task, row in content["values"].items():
+            assert set(row) <= methods and all(v is None for v in row.values()), (file, task)
+        assert load_reference(file)[1] == {task: {} for task in content["values"]}
+    # a number typed into a template whose source was never filled in is refused
+    filled = yaml.safe_load(files[0].read_text())
+    filled["values"]["rte"]["dbkd"] = 70.0
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(filled))
+    with pytest.raises(DataError, match="FILL IN"):
+        load_reference(tmp_path / "ref.yaml")
