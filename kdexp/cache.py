@@ -15,13 +15,18 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
 
+from kdexp.hardware import is_global_zero
 from kdexp.seeding import preserved_rng
+
+if TYPE_CHECKING:
+    from kdexp.hardware import Hardware
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +187,14 @@ def load_or_compute(path: str | Path, load: Callable[[], T | None], compute: Cal
     The miss path holds an exclusive lock on `<path>.lock` and looks again inside it, so parallel
     sweep jobs that need the same artifact compute it once and the others wait and read it.
     `compute()` runs with the global RNG states preserved: whether it ran (cold cache) or not
-    (warm cache) does not change the random numbers drawn after it.
+    (warm cache) does not change the random numbers drawn after it. Under DDP only global rank 0
+    computes; the other processes wait for its entry (`wait_for_rank_zero`).
     """
     value = load()
     if value is not None:
         return value
+    if not is_global_zero():
+        return wait_for_rank_zero(path, load)
     with exclusive_lock(str(path) + ".lock"):
         value = load()
         if value is not None:
@@ -194,3 +202,56 @@ def load_or_compute(path: str | Path, load: Callable[[], T | None], compute: Cal
             return value
         with preserved_rng():
             return compute()
+
+
+def load_or_compute_together(path: str | Path, load: Callable[[], T | None], compute: Callable[[], T],
+                             store: Callable[[T], None], hardware: "Hardware") -> T:
+    """`load_or_compute` for a pass that every DDP process takes part in.
+
+    `compute()` runs in every process (each does its share of the batches and returns the whole
+    result, `Hardware.combine_rows`), unless every process finds the entry; global rank 0 then
+    `store`s it. With one process this is `load_or_compute` with `store` after `compute`.
+    """
+    def compute_and_store() -> T:
+        value = compute()
+        store(value)
+        return value
+
+    if hardware.world_size == 1:
+        return load_or_compute(path, load, compute_and_store)
+    value = load()
+    if hardware.all_true(value is not None):
+        assert value is not None
+        return value
+    with preserved_rng():
+        value = compute()
+    if hardware.is_global_zero:
+        with exclusive_lock(str(path) + ".lock"):
+            store(value)
+    hardware.barrier()  # the entry exists before any process goes on to read it
+    return value
+
+
+WAIT_LOG_SECONDS = 300.0
+
+
+def wait_for_rank_zero(what: str | Path, load: Callable[[], T | None], poll_seconds: float = 2.0) -> T:
+    """Poll `load()` until global rank 0 has stored `what` (a DDP process other than the first).
+
+    Polling, not a collective: a stage may take hours (a teacher's fine-tuning), longer than a
+    process group's timeout. Stops if the process that started this one is gone.
+    """
+    parent = os.getppid()
+    started = last_log = time.monotonic()
+    log.info("Waiting for global rank 0 to compute %s", what)
+    while True:
+        value = load()
+        if value is not None:
+            return value
+        if os.getppid() != parent:
+            raise RuntimeError(f"the process that launched this one exited before it computed {what}")
+        now = time.monotonic()
+        if now - last_log > WAIT_LOG_SECONDS:
+            log.info("Still waiting for global rank 0 to compute %s (%.0f s)", what, now - started)
+            last_log = now
+        time.sleep(poll_seconds)

@@ -40,7 +40,12 @@ NON_RESULT_KEYS: tuple[str, ...] = (
 NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by_length": False,
                                   "method.kd_form": "hinton", "method.smoothing_form": "others",
                                   "method.final_alpha": None, "method.attention_heads": "mean",
-                                  "method.mlm.adapt.passes": None}
+                                  "method.mlm.adapt.passes": None, "teacher.dtype": "float32",
+                                  "student.dtype": "float32"}
+NEUTRAL_VALUES["task.allow_empty_text"] = False  # own files: empty texts refused, as before the key existed
+
+# Weights dtypes a model may be loaded in (kdexp.models.MODEL_DTYPES).
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def is_result_key(key: str) -> bool:
@@ -152,8 +157,10 @@ class TeacherSchema:
     seed: int = 42
     eval_batch_size: int = 128
     eval_tokens_per_batch: int = 16384
+    dtype: str = "float32"  # the fine-tuned teacher's weights in its passes (fine-tuning is always float32)
 
     def check(self) -> None:
+        require(self.dtype in WEIGHT_DTYPES, "teacher.dtype", self.dtype, " or ".join(WEIGHT_DTYPES))
         require(self.learning_rate > 0, "teacher.learning_rate", self.learning_rate, "a positive learning rate")
         require(self.epochs >= 1, "teacher.epochs", self.epochs, "at least 1 epoch")
         require(self.batch_size > 0, "teacher.batch_size", self.batch_size, "a positive batch size")
@@ -187,8 +194,10 @@ class StudentSchema:
     num_hidden_layers: Optional[int] = None
     num_attention_heads: Optional[int] = None
     intermediate_size: Optional[int] = None
+    dtype: str = "float32"  # the student's weights (mixed precision keeps them float32)
 
     def check(self) -> None:
+        require(self.dtype in WEIGHT_DTYPES, "student.dtype", self.dtype, " or ".join(WEIGHT_DTYPES))
         require(self.init in STUDENT_INITS, "student.init", self.init, "one of " + ", ".join(STUDENT_INITS))
         if self.init in ("first_layers", "every_nth_layer"):
             require(self.num_layers is not None and self.num_layers >= 1, "student.num_layers", self.num_layers,
@@ -230,6 +239,7 @@ class TaskSchema:
     labels: Optional[list[str]] = None  # null: the labels found in the training file
     regression: bool = False
     metric: Optional[str] = None  # null: accuracy (classification) or combined_score (regression)
+    allow_empty_text: bool = False  # own files: keep rows with an empty text (counted) instead of refusing them
 
     @property
     def is_custom(self) -> bool:

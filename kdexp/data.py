@@ -24,7 +24,8 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kdexp.cache import atomic_directory, cache_key
+from kdexp.cache import atomic_directory, cache_key, wait_for_rank_zero
+from kdexp.hardware import is_global_zero
 from kdexp.errors import DataError
 from kdexp.tasks import GlueTask, TsvLayout
 
@@ -70,22 +71,39 @@ class DataSource:
 # --------------------------------------------------------------------------- reading
 
 
+# How Python, JSON and pandas write a missing value: never a class unless task.labels lists it.
+MISSING_LABELS = ("None", "null", "NULL", "NaN", "nan")
+
+
 def _label_to_id(task: GlueTask, raw: str, path: Path, line_no: int) -> float | int:
     raw = raw.strip()
+    if not raw:
+        raise DataError(f"{path}:{line_no}: the label is empty; give every row a label, or drop the row.")
     if task.is_regression:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise DataError(f"{path}:{line_no}: label '{raw}' is not a number (task {task.name} is regression).") from None
+        if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite: no training target
+            raise DataError(f"{path}:{line_no}: label '{raw}' is not a finite number; give every row a score, or "
+                            "drop the row.")
+        return value
     values = task.local_label_values or tuple(str(i) for i in range(task.num_labels))
     if raw not in values and raw.isdigit() and int(raw) < task.num_labels:
         return int(raw)  # a label id where the file usually holds words (or the other way round)
+    if raw not in values and raw in MISSING_LABELS:
+        raise DataError(_missing_label_message(path, line_no, raw))
     if raw not in values:
         raise DataError(
             f"{path}:{line_no}: label '{raw}' is not in the label set of task {task.name} "
             f"({', '.join(values)})."
         )
     return values.index(raw)
+
+
+def _missing_label_message(path: Path, line_no: int, raw: str) -> str:
+    return (f"{path}:{line_no}: the label is '{raw}', a missing value; give every row a label, or drop the row "
+            f"(or list '{raw}' in task.labels if it is a class).")
 
 
 def _column_index(header: list[str] | None, column: str | int, path: Path) -> int:
@@ -187,9 +205,14 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 def read_table(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a CSV (header, standard quoting), TSV (header, no quoting, as GLUE) or JSONL file.
 
-    Raises `DataError` naming the file (and line) for an unknown suffix, bad UTF-8, bad JSON or
-    a row whose number of fields differs from the header's.
+    Raises `DataError` naming the file (and line) for an unknown suffix, bad UTF-8, bad JSON, a
+    JSON line that is not an object, or a row whose number of fields differs from the header's.
     """
+    return [row for _, row in read_table_lines(path)]
+
+
+def read_table_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """`read_table`'s rows, each with the line of the file it starts on (for errors that name it)."""
     path = Path(path)
     if path.suffix not in TABLE_SUFFIXES:
         raise DataError(f"{path}: unknown table format; use a .csv, .tsv or .jsonl file with a header / one JSON object per line.")
@@ -201,53 +224,145 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8; save the file as UTF-8.") from None
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not a JSON object ({err.msg}).") from None
-        return rows
+        return _json_lines(text, path)
+    return _delimited_rows(text, path)
+
+
+def _json_lines(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not a JSON object ({err.msg}).") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: not a JSON object (a {type(row).__name__}); write one object per "
+                            'line, e.g. {"text": "...", "label": "..."}.')
+        rows.append((number, row))
+    return rows
+
+
+def _delimited_rows(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
     delimiter, quoting = ("\t", csv.QUOTE_NONE) if path.suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
     header = next(reader, None)
     if not header:
         raise DataError(f"{path}: is empty; expected a header line naming the columns.")
     rows = []
-    for number, values in enumerate(reader, start=2):
+    start = reader.line_num + 1
+    for values in reader:
+        number, start = start, reader.line_num + 1  # a quoted cell may span lines: a row starts after the last
         if not values:
             continue
         if len(values) != len(header):
             raise DataError(f"{path}:{number}: {len(values)} fields, the header has {len(header)}.")
-        rows.append(dict(zip(header, values)))
+        rows.append((number, dict(zip(header, values))))
     return rows
 
 
 def file_split(task: GlueTask, split: str) -> datasets.Dataset:
-    """A split of the user's own files (task=custom): the text columns and the label as an id (or a float)."""
+    """A split of the user's own files (task=custom): the text columns and the label as an id (or a float).
+
+    Every row needs a label (a missing, empty or null one is refused with file:line) and a text in
+    each text column; with `task.allow_empty_text` an empty text is kept and counted in one log line.
+    """
     path = Path(task.files[split])
-    rows = read_table(path)
+    rows = read_table_lines(path)
     if not rows:
         raise DataError(f"{path}: has no rows.")
-    needed = [*task.text_fields, task.label_column]
-    for number, row in enumerate(rows, start=1):
-        missing = [c for c in needed if c not in row]
-        if missing:
-            raise DataError(f"{path}: row {number} has no column {missing} (columns: {list(row)}); set "
-                            "task.text_columns / task.label_column to the file's names.")
-    columns: dict[str, list[Any]] = {name: [str(row[name]) for row in rows] for name in task.text_fields}
-    columns["label"] = [_label_to_id(task, str(row[task.label_column]), path, i + 2) for i, row in enumerate(rows)]
+    _check_columns(path, rows, [*task.text_fields, task.label_column])
+    allow_empty = task.allow_empty_text
+    columns: dict[str, list[Any]] = {name: [] for name in task.text_fields}
+    labels: list[float | int] = []
+    empty_rows = 0
+    for line, row in rows:
+        texts = {name: _text_cell(row, name, path, line, allow_empty) for name in task.text_fields}
+        empty_rows += any(not text.strip() for text in texts.values())
+        for name, text in texts.items():
+            columns[name].append(text)
+        labels.append(_label_to_id(task, _label_cell(row, task.label_column, path, line), path, line))
+    columns["label"] = labels
+    if empty_rows:
+        _log_empty_texts(path, empty_rows)
     return datasets.Dataset.from_dict(columns)
 
 
+def _check_columns(path: Path, rows: list[tuple[int, dict[str, Any]]], needed: list[str]) -> None:
+    """Refuse a column that no row has: the config names another column than the file."""
+    present = set().union(*(row for _, row in rows))
+    missing = [c for c in needed if c not in present]
+    if missing:
+        line, row = rows[0]
+        raise DataError(f"{path}:{line}: no column {missing} (columns: {list(row)}); set "
+                        "task.text_columns / task.label_column to the file's names.")
+
+
+def _label_cell(row: dict[str, Any], column: str, path: Path, line: int) -> str:
+    """The row's label as written; a missing key, JSON null or empty cell is refused with file:line."""
+    if column not in row:
+        raise DataError(f"{path}:{line}: the row has no '{column}' (its label); give every row a label, or drop "
+                        "the row.")
+    value = row[column]
+    if value is None:
+        raise DataError(f"{path}:{line}: the label ('{column}') is null; give every row a label, or drop the row.")
+    raw = str(value).strip()
+    if not raw:
+        raise DataError(f"{path}:{line}: the label ('{column}') is empty; give every row a label, or drop the row.")
+    return raw
+
+
+def _text_cell(row: dict[str, Any], column: str, path: Path, line: int, allow_empty: bool) -> str:
+    """The row's text in `column` (JSON null or a missing key read as empty); empty is refused unless allowed."""
+    value = row.get(column)
+    text = "" if value is None else str(value)
+    if not text.strip() and not allow_empty:
+        raise DataError(f"{path}:{line}: the text in column '{column}' is empty; fill it in or drop the row, or set "
+                        "task.allow_empty_text=true to keep such rows.")
+    return text
+
+
+_EMPTY_TEXTS_LOGGED: set[tuple[str, int]] = set()  # (file, count): said once per process, not per load
+
+
+def _log_empty_texts(path: Path, count: int) -> None:
+    if (str(path), count) not in _EMPTY_TEXTS_LOGGED:
+        _EMPTY_TEXTS_LOGGED.add((str(path), count))
+        log.info("%s: %d row(s) with an empty text kept (task.allow_empty_text=true).", path, count)
+
+
 def labels_in(path: str | Path, column: str) -> tuple[str, ...]:
-    """The distinct values of a label column, sorted (numbers numerically): a custom task's classes."""
-    values = {str(row[column]).strip() for row in read_table(path) if column in row}
-    if not values:
+    """A custom task's classes: the distinct labels of the training file, sorted (numbers numerically).
+
+    Every row needs a label: a missing, empty or null one, or one written as a missing value
+    ('None', 'NaN'), is refused with file:line, so the classes never include '' or 'None'.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), column, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _LABELS_READ:
+        return _LABELS_READ[key]
+    rows = read_table_lines(path)
+    if not any(column in row for _, row in rows):
         raise DataError(f"{path}: no values in the label column '{column}'; set task.label_column or task.labels.")
+    values = set()
+    for line, row in rows:
+        raw = _label_cell(row, column, path, line)
+        if raw in MISSING_LABELS:
+            raise DataError(_missing_label_message(path, line, raw))
+        values.add(raw)
     numeric = all(v.lstrip("-").isdigit() for v in values)
-    return tuple(sorted(values, key=int if numeric else str))
+    labels = tuple(sorted(values, key=int if numeric else str))
+    if key is not None:
+        _LABELS_READ[key] = labels
+    return labels
+
+
+_LABELS_READ: dict[tuple[str, str, int, int], tuple[str, ...]] = {}  # a sweep's checks read the file once
 
 
 def _hub_unreachable_errors() -> tuple[type[BaseException], ...]:
@@ -373,12 +488,11 @@ def tokenize_split(
     """
     key = tokenized_key(ds, task, tokenizer, max_length)
     target = cache_dir / "tokenized" / key
-    if (target / "dataset_info.json").exists():
-        try:
-            return datasets.load_from_disk(str(target)), key
-        except Exception as err:
-            log.warning("Tokenised cache %s unreadable (%s); rebuilding.", target, err)
-            shutil.rmtree(target, ignore_errors=True)
+    stored = _stored_tokenized(target)
+    if stored is not None:
+        return stored, key
+    if not is_global_zero():  # DDP: the first process tokenises, the others read its copy
+        return wait_for_rank_zero(target, lambda: _stored_tokenized(target, set_aside=False)), key
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = [batch[f] for f in task.text_fields]
@@ -392,6 +506,19 @@ def tokenize_split(
     with atomic_directory(target) as tmp:
         tokenized.save_to_disk(str(tmp))
     return datasets.load_from_disk(str(target)), key
+
+
+def _stored_tokenized(target: Path, set_aside: bool = True) -> datasets.Dataset | None:
+    """The tokenised split stored at `target`, or None (an unreadable copy is removed when `set_aside`)."""
+    if not (target / "dataset_info.json").exists():
+        return None
+    try:
+        return datasets.load_from_disk(str(target))
+    except Exception as err:
+        if set_aside:
+            log.warning("Tokenised cache %s unreadable (%s); rebuilding.", target, err)
+            shutil.rmtree(target, ignore_errors=True)
+        return None
 
 
 def pad_batch(examples: list[dict[str, Any]], pad_token_id: int, regression: bool = False) -> dict[str, torch.Tensor]:

@@ -5,21 +5,26 @@ decisions) is one forward pass over many rows in no particular order. Sorting th
 length and filling each batch up to ``tokens_per_batch`` (rows × longest row) pads almost
 nothing; results are scattered back to row order by each batch's ``idx``. The batch plan is a
 function of the lengths and the budget alone, so a pass is deterministic; it is part of the
-signal's cache key (a different plan may change the last bits of a float).
+signal's cache key (a different plan may change the last bits of a float), with the precision
+it runs in (`kdexp.hardware.Hardware.inference`). Under DDP each process runs every
+``world_size``-th batch of the same plan and the rows are put back together, so the result
+is the one a single process gives.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdexp.data import pad_batch
+
+if TYPE_CHECKING:
+    from kdexp.hardware import Hardware
 
 log = logging.getLogger(__name__)
 
@@ -55,34 +60,20 @@ def length_sorted_batches(lengths: Sequence[int], batching: PassBatching) -> lis
     return batches
 
 
-def length_sorted_loader(tokenized: Any, pad_token_id: int, batching: PassBatching,
-                         regression: bool = False) -> torch.utils.data.DataLoader:
-    """A loader over a tokenised split (with ``idx``) in length-sorted batches, padded per batch."""
+def length_sorted_loader(tokenized: Any, pad_token_id: int, batching: PassBatching, regression: bool = False,
+                         hardware: "Hardware | None" = None) -> torch.utils.data.DataLoader:
+    """A loader over a tokenised split (with ``idx``) in length-sorted batches, padded per batch.
+
+    With ``hardware`` of several processes, this process's share of the batches (`Hardware.shard`):
+    the same batches, so each row's result is the one a single process computes.
+    """
     lengths = [len(ids) for ids in tokenized["input_ids"]]
+    batches = length_sorted_batches(lengths, batching)
     return torch.utils.data.DataLoader(
         tokenized,
-        batch_sampler=length_sorted_batches(lengths, batching),
+        batch_sampler=hardware.shard(batches) if hardware is not None else batches,
         collate_fn=lambda examples: pad_batch(examples, pad_token_id, regression),
     )
-
-
-@contextmanager
-def teacher_pass_mode(device: torch.device) -> Iterator[None]:
-    """Inference mode, with bf16 autocast on a GPU that has it.
-
-    Tensors created inside are inference tensors: write results into tensors made outside.
-    """
-    with torch.inference_mode():
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                yield
-        else:
-            yield
-
-
-def pass_precision(device: torch.device) -> str:
-    """The precision a teacher pass runs in on ``device`` (part of the signal keys)."""
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 class PassProgress:

@@ -9,6 +9,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from kdexp.hardware import is_global_zero
+
 log = logging.getLogger(__name__)
 
 
@@ -52,8 +54,9 @@ def _wandb_run_id(run_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # os.urandom: draws nothing from the seeded generators
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_id + "\n")
+    if is_global_zero():  # other DDP processes start no wandb run (Lightning's rank-zero experiment)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
     return run_id
 
 

@@ -25,9 +25,11 @@ softmax probabilities ``A`` from before dropout. In eval mode both are identical
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -119,13 +121,25 @@ def attention_implementation(model: PreTrainedModel, implementation: str) -> Ite
             config._attn_implementation_internal = previous
 
 
+# Where each encoder family keeps its transformer blocks, below the base model: BERT, RoBERTa and
+# ELECTRA (``encoder.layer``), DistilBERT (``transformer.layer``).
+BLOCK_CONTAINERS: tuple[str, ...] = ("encoder", "transformer")
+
+
+def _block_container(model: PreTrainedModel) -> nn.Module:
+    for name in BLOCK_CONTAINERS:
+        container = getattr(model.base_model, name, None)
+        if isinstance(getattr(container, "layer", None), nn.ModuleList):
+            return container
+    raise TypeError(
+        f"{type(model).__name__} has no encoder.layer or transformer.layer ModuleList: kdexp reads layers of BERT, "
+        "RoBERTa, ELECTRA and DistilBERT encoders"
+    )
+
+
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The ``ModuleList`` of transformer blocks of a BERT-style model (``<base>.encoder.layer``)."""
-    encoder = getattr(model.base_model, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no BERT-style encoder.layer ModuleList to truncate")
-    return layers
+    """The ``ModuleList`` of transformer blocks of an encoder (``encoder.layer`` or ``transformer.layer``)."""
+    return _block_container(model).layer
 
 
 def _install_output_capturing_hooks(model: PreTrainedModel) -> None:
@@ -163,7 +177,7 @@ def truncated_encoder(model: PreTrainedModel, num_layers: int | None) -> Iterato
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     _install_output_capturing_hooks(model)
-    encoder = model.base_model.encoder
+    encoder = _block_container(model)
     encoder.layer = nn.ModuleList(list(layers)[:num_layers])
     try:
         yield
@@ -191,9 +205,20 @@ class ModelInternals:
     attentions: tuple[Tensor, ...] | None
 
 
-def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``batch`` that are model inputs (labels and metadata are dropped)."""
-    return {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch and batch[key] is not None}
+def model_inputs(batch: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
+    """The entries of ``batch`` that are model inputs (labels and metadata are dropped).
+
+    With ``model``, only those its ``forward`` takes: a DistilBERT student has no segment ids,
+    although its teacher's tokenizer (BERT) gives them.
+    """
+    accepted = forward_arguments(type(model)) if model is not None else MODEL_INPUT_KEYS
+    return {key: batch[key] for key in MODEL_INPUT_KEYS if key in accepted and batch.get(key) is not None}
+
+
+@lru_cache(maxsize=64)
+def forward_arguments(model_class: type) -> frozenset[str]:
+    """The model inputs a model class's ``forward`` accepts by name."""
+    return frozenset(inspect.signature(model_class.forward).parameters) & frozenset(MODEL_INPUT_KEYS)
 
 
 def forward_with_internals(
@@ -208,7 +233,7 @@ def forward_with_internals(
     model's own implementation (SDPA by default) runs. Gradient mode is the caller's:
     wrap teacher calls in ``torch.no_grad()``.
     """
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model)
     if need_attentions:
         with eager_attention(model):
             outputs = model(**inputs, output_hidden_states=need_hidden_states, output_attentions=True, return_dict=True)

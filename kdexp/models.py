@@ -108,7 +108,8 @@ def local_model_config(name_or_path: str) -> dict[str, Any] | None:
 
 def model_depth(name_or_path: str) -> int | None:
     """The number of encoder layers, from config.json alone (None when not known without the network)."""
-    depth = (local_model_config(name_or_path) or {}).get("num_hidden_layers")
+    config = local_model_config(name_or_path) or {}
+    depth = config.get("num_hidden_layers", config.get("n_layers"))  # DistilBERT names it n_layers
     return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
 
 
@@ -183,10 +184,22 @@ def _label_config(task: GlueTask) -> dict[str, Any]:
     }
 
 
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str, key: str = "dtype") -> torch.dtype:
+    """The torch dtype of a `teacher.dtype` / `student.dtype` value."""
+    if name not in MODEL_DTYPES:
+        raise ModelError(f"{key}={name} is not a weights dtype kdexp loads: use one of {', '.join(MODEL_DTYPES)}.")
+    return MODEL_DTYPES[name]
+
+
 def load_classifier(
-    name_or_path: str, task: GlueTask, attn_implementation: str = "sdpa", require_head: bool = False
+    name_or_path: str, task: GlueTask, attn_implementation: str = "sdpa", require_head: bool = False,
+    dtype: str = "float32",
 ) -> PreTrainedModel:
-    """A sequence classifier for `task`.
+    """A sequence classifier for `task`, its weights in `dtype` (float32 unless a key says otherwise,
+    whatever dtype the checkpoint was saved in: mixed precision needs float32 master weights).
 
     From a pre-trained checkpoint a new head is initialised (also when the stored head has
     another number of labels). With `require_head` (a fine-tuned teacher) the checkpoint's
@@ -197,6 +210,7 @@ def load_classifier(
         attn_implementation=attn_implementation,
         ignore_mismatched_sizes=not require_head,
         output_loading_info=True,
+        dtype=model_dtype(dtype),
         **_label_config(task),
     )
     if require_head:
@@ -221,11 +235,18 @@ def uniform_layer_indices(num_student_layers: int, num_teacher_layers: int) -> l
     return [((j + 1) * num_teacher_layers) // num_student_layers - 1 for j in range(num_student_layers)]
 
 
+# Where the transformer blocks of each supported encoder family sit in its state dict.
+LAYER_PREFIXES = ("bert.encoder.layer.", "roberta.encoder.layer.", "electra.encoder.layer.",
+                  "distilbert.transformer.layer.", "encoder.layer.", "transformer.layer.")
+
+
 def _layer_prefix(state: dict[str, torch.Tensor]) -> str:
-    for prefix in ("bert.encoder.layer.", "roberta.encoder.layer.", "electra.encoder.layer.", "encoder.layer."):
+    for prefix in LAYER_PREFIXES:
         if any(k.startswith(prefix) for k in state):
             return prefix
-    raise ModelError("Cannot find the encoder layers (expected a BERT-style `encoder.layer.N` module).")
+    raise ModelError("Cannot find the encoder layers: kdexp cuts layers of BERT, RoBERTa, ELECTRA and DistilBERT "
+                     "encoders (`encoder.layer.N` or `transformer.layer.N`); use student.init=pretrained or random "
+                     "for another family.")
 
 
 def select_layers(source: PreTrainedModel, indices: list[int]) -> PreTrainedModel:
@@ -254,6 +275,10 @@ def select_layers(source: PreTrainedModel, indices: list[int]) -> PreTrainedMode
     return student
 
 
+# Config attributes a family names its own way (and does not alias to the BERT name).
+FAMILY_CONFIG_NAMES = {("distilbert", "intermediate_size"): "hidden_dim"}
+
+
 def build_student(spec: Any, teacher_path: str, task: GlueTask) -> PreTrainedModel:
     """Build the student described by the `student` config group.
 
@@ -263,7 +288,7 @@ def build_student(spec: Any, teacher_path: str, task: GlueTask) -> PreTrainedMod
     """
     init = spec.init
     if init in ("first_layers", "every_nth_layer"):
-        source = load_classifier(teacher_path, task)
+        source = load_classifier(teacher_path, task, dtype=spec.get("dtype", "float32"))
         k = int(spec.num_layers)
         depth = source.config.num_hidden_layers
         if not 1 <= k <= depth:
@@ -274,19 +299,21 @@ def build_student(spec: Any, teacher_path: str, task: GlueTask) -> PreTrainedMod
         indices = list(range(k)) if init == "first_layers" else uniform_layer_indices(k, depth)
         return select_layers(source, indices)
     if init == "pretrained":
-        return load_classifier(resolve_model_path(spec.name_or_path, "student.name_or_path"), task)
+        return load_classifier(resolve_model_path(spec.name_or_path, "student.name_or_path"), task,
+                               dtype=spec.get("dtype", "float32"))
     if init == "random":
         config = AutoConfig.from_pretrained(teacher_path, **_label_config(task))
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             value = spec.get(key)
             if value is not None:
-                setattr(config, key, int(value))
+                setattr(config, FAMILY_CONFIG_NAMES.get((config.model_type, key), key), int(value))
         if config.hidden_size % config.num_attention_heads:
             raise ModelError(
                 f"student.hidden_size={config.hidden_size} is not divisible by "
                 f"student.num_attention_heads={config.num_attention_heads}."
             )
-        return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa",
+                                                              dtype=model_dtype(spec.get("dtype", "float32")))
     raise ModelError(
         f"student.init='{init}' is unknown: use first_layers, every_nth_layer, pretrained or random."
     )

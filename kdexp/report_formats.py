@@ -1,7 +1,8 @@
 """The report's table in other forms: LaTeX (booktabs), an SVG bar chart, published numbers beside ours.
 
-A table is `tasks` (columns) and `rows` (label -> task -> Cell with mean, std, n), as
-`kdexp.report.build_table` makes it. Pure functions of it; no plotting library.
+A table is `tasks` (its column keys: a task, or a task's metric such as `mnli-mm` or `qqp-f1`)
+and `rows` (label -> column key -> Cell with mean, std, n), as `kdexp.report.build_table` makes
+it. Pure functions of it; no plotting library.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 from kdexp.errors import DataError
 
 AVERAGE = "Avg"
+DAGGER = "†"  # the paired difference from the baseline row has a 95% CI that excludes 0
 
 
 class CellLike(Protocol):
@@ -23,9 +25,21 @@ class CellLike(Protocol):
     n: int
 
 
-def average_column(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]]) -> dict[str, float]:
-    """Each row's mean over the tasks, for the rows that have every task (the papers' Avg column)."""
-    return {label: sum(cells[t].mean for t in tasks) / len(tasks)
+def average_column(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]],
+                   task_of: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Each row's mean over the tasks, for the rows that have every column (the papers' Avg column).
+
+    `task_of` maps a column to its task: a task with two columns (MNLI m/mm, QQP accuracy/F1)
+    counts once, as the mean of its columns. Without it every column is a task.
+    """
+    groups: dict[str, list[str]] = {}
+    for column in tasks:
+        groups.setdefault((task_of or {}).get(column, column), []).append(column)
+
+    def task_mean(cells: Mapping[str, CellLike], columns: list[str]) -> float:
+        return sum(cells[c].mean for c in columns) / len(columns)
+
+    return {label: sum(task_mean(cells, columns) for columns in groups.values()) / len(groups)
             for label, cells in rows.items() if tasks and all(t in cells for t in tasks)}
 
 
@@ -49,10 +63,12 @@ def _latex_escape(text: str) -> str:
     return text.replace("±", r"$\pm$")
 
 
-def to_latex(tasks: list[str], titles: list[str], rows: Mapping[str, Mapping[str, CellLike]], with_average: bool) -> str:
-    """A booktabs table; the best student value of each column in bold."""
+def to_latex(tasks: list[str], titles: list[str], rows: Mapping[str, Mapping[str, CellLike]], with_average: bool,
+             task_of: Mapping[str, str] | None = None, marks: Mapping[str, set[str]] | None = None, note: str = "") -> str:
+    """A booktabs table; the best student value of each column in bold; `marks` (row -> columns) get a
+    dagger (the difference from the baseline is significant), explained by `note` in a comment below."""
     best = _best(tasks, rows)
-    averages = average_column(tasks, rows) if with_average else {}
+    averages = average_column(tasks, rows, task_of) if with_average else {}
     best_average = _best_of({k: v for k, v in averages.items() if not k.startswith("teacher")})
     columns = "l" + "c" * (len(tasks) + bool(with_average))
     header = " & ".join(["Method", *(_latex_escape(t) for t in titles), *([AVERAGE] if with_average else [])])
@@ -61,6 +77,8 @@ def to_latex(tasks: list[str], titles: list[str], rows: Mapping[str, Mapping[str
         values = []
         for task in tasks:
             text = _latex_escape(_format(cells[task])) if task in cells else "--"
+            if task in (marks or {}).get(label, set()):
+                text += r"$^\dagger$"
             values.append(rf"\textbf{{{text}}}" if label in best.get(task, set()) else text)
         if with_average:
             text = f"{averages[label]:.1f}" if label in averages else "--"
@@ -69,6 +87,8 @@ def to_latex(tasks: list[str], titles: list[str], rows: Mapping[str, Mapping[str
         if label.startswith("teacher") and not any(k.startswith("teacher") for k in list(rows)[list(rows).index(label) + 1:]):
             lines.append(r"\midrule")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    if note:
+        lines.append("% " + note.replace(DAGGER, r"$^\dagger$"))
     return "\n".join(lines) + "\n"
 
 
@@ -144,19 +164,34 @@ def load_reference(path: Path) -> tuple[str, dict[str, dict[str, float]]]:
 
 
 def reference_markdown(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]], source: str,
-                       reference: dict[str, dict[str, float]]) -> str:
-    """Ours beside the published value and the difference, for every (method, task) the file gives."""
+                       reference: dict[str, dict[str, float]], aliases: Mapping[str, str] | None = None) -> str:
+    """Ours beside the published value and the difference, for every (method, column) the file gives.
+
+    The file names columns (`mnli-mm`, `qqp-f1`) or tasks; `aliases` maps a task to the column its
+    published number compares with (`mnli` -> `mnli-m`). A task with two columns and no alias
+    (QQP: accuracy or F1?) is named in a line asking for the column.
+    """
+    by_column = {key: values for key, values in reference.items() if key in tasks}
+    for task, column in (aliases or {}).items():
+        if task in reference and task not in tasks:
+            by_column.setdefault(column, reference[task])
+    unmatched = sorted(k for k, v in reference.items() if v and k not in tasks and k not in (aliases or {})
+                       and any(t.startswith(f"{k}-") for t in tasks))
     lines = [f"\nPublished numbers ({source}) beside ours:\n", "| method | task | ours | published | ours − published |",
              "|---|---|---|---|---|"]
     found = False
     for task in tasks:
-        for method, published in sorted(reference.get(task, {}).items()):
+        for method, published in sorted(by_column.get(task, {}).items()):
             cell = rows.get(method, {}).get(task)
             if cell is None:
                 continue
             found = True
             lines.append(f"| {method} | {task} | {_format(cell)} | {published:.1f} | {cell.mean - published:+.1f} |")
-    return "\n".join(lines) + "\n" if found else f"\nPublished numbers ({source}): none for these rows and tasks.\n"
+    asks = "".join(f"- `{k}` has two columns here: give its published numbers under "
+                   f"{' or '.join(t for t in tasks if t.startswith(f'{k}-'))}\n" for k in unmatched)
+    if not found:
+        return f"\nPublished numbers ({source}): none for these rows and tasks.\n" + asks
+    return "\n".join(lines) + "\n" + asks
 
 
 def reference_template(path: Path, tasks: list[str], methods: list[str]) -> None:

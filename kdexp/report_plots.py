@@ -1,11 +1,13 @@
 """The report's figures as PNG and PDF (matplotlib, the optional extra `kdexp[plots]`).
 
-* `report.png` / `report.pdf`: per task, one bar per method row (mean over seeds) with its
+* `report.png` / `report.pdf`: per column of the table (a task; MNLI-m and -mm, QQP and MRPC
+  accuracy and F1 apart), one bar per method row (mean over seeds) with its
   standard deviation as an error bar, each teacher as a dashed line; the axis spans the shown
   values, as the papers' tables differ by points.
 * `report_<option>.png` / `.pdf` for every option swept over numbers (`method.alpha`,
   `method.top_k`, ...): per task, the score against the option's value, a line per method
-  (with the other swept options in its label), error bars of one standard deviation.
+  (with the other swept options in its label), error bars of one standard deviation; the
+  task's main metric.
 """
 
 from __future__ import annotations
@@ -137,12 +139,14 @@ def save(figure: Any, stem: Path) -> list[Path]:
 
 
 def write_plots(out: Path, tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]],
-                results: list[dict[str, Any]], shown: set[str], label_of: Any, title: str = "") -> list[Path]:
-    """Every figure of the report (empty when matplotlib is not installed)."""
+                results: list[dict[str, Any]], shown: set[str], label_of: Any, title: str = "",
+                line_tasks: list[str] | None = None) -> list[Path]:
+    """Every figure of the report (empty when matplotlib is not installed): bars per column of the
+    table (`tasks`: its column keys), lines per task (`line_tasks`, default `tasks`; main metric)."""
     if not matplotlib_available():
         return []
     written = save(bar_figure(tasks, rows, title), out / "report")
     for option, lines in numeric_sweeps(results, shown, label_of).items():
-        swept_tasks = [t for t in tasks if any(t in by_task for by_task in lines.values())]
+        swept_tasks = [t for t in (line_tasks or tasks) if any(t in by_task for by_task in lines.values())]
         written += save(line_figure(option, swept_tasks, lines), out / f"report_{option}")
     return written

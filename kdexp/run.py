@@ -15,6 +15,7 @@ from kdexp.cache import atomic_write_json
 from kdexp.config import CONFIG_DIR, config_hash, merged_onto, validate_config
 from kdexp.data import DataSource, TaskData, labels_in, load_task_data
 from kdexp.errors import ConfigError, ModelError
+from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_gpu
 from kdexp.loggers import build_loggers, finish_loggers
 from kdexp.methods.base import DistillationModule, OptimConfig
 from kdexp.models import build_student, count_parameters, load_tokenizer, model_depth, model_max_positions, resolve_model_path
@@ -115,12 +116,13 @@ def task_from_config(task_cfg: DictConfig) -> GlueTask:
         labels = tuple(str(v) for v in task_cfg.labels) if task_cfg.labels else labels_in(train_file, task_cfg.label_column)
     metric = task_cfg.metric or ("combined_score" if regression else "accuracy")
     return custom_task(task_cfg.name, train_file, dev_file, tuple(task_cfg.text_columns), task_cfg.label_column,
-                       labels, regression, metric)
+                       labels, regression, metric, bool(task_cfg.get("allow_empty_text", False)))
 
 
 def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]:
     """Every check that needs no data and no model weights: before any work."""
     validate_config(cfg)
+    HardwareSpec.from_trainer(trainer_options(cfg)).check()
     task = task_from_config(cfg.task)
     method_cls, method_options = resolve_method(cfg.method)
     method_cls.check_config(cfg, task)
@@ -128,12 +130,19 @@ def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]
     return task, method_cls, method_options
 
 
-def build_context(cfg: DictConfig, run_dir: Path) -> tuple[RunContext, type[DistillationModule], Any]:
-    """Everything before training: checks, teacher stage, data, student; fails before any training."""
+def build_context(cfg: DictConfig, run_dir: Path, hardware: Hardware | None = None
+                  ) -> tuple[RunContext, type[DistillationModule], Any]:
+    """Everything before training: checks, teacher stage, data, student; fails before any training.
+
+    `hardware` (default: from `cfg.trainer`) is where every stage runs; under DDP its processes
+    run this together (`Hardware.launch` first).
+    """
     task, method_cls, method_options = check_run(cfg)
+    hardware = hardware or Hardware.from_trainer(trainer_options(cfg))
     source = DataSource.from_config(cfg.data.source, cfg.data.glue_dir)
     cache_dir = Path(to_absolute_path(cfg.cache_dir))
-    teacher = prepare_teacher(teacher_spec(cfg), task, source, cfg.data.max_length, trainer_options(cfg), cache_dir)
+    teacher = prepare_teacher(teacher_spec(cfg), task, source, cfg.data.max_length, trainer_options(cfg), cache_dir,
+                              hardware)
     tokenizer = teacher.tokenizer if cfg.student.init != "pretrained" else load_tokenizer(
         resolve_model_path(cfg.student.name_or_path, "student.name_or_path"), "student.name_or_path"
     )
@@ -154,9 +163,10 @@ def build_module(context: RunContext, method_cls: type[DistillationModule], opti
 
 
 def trainer_options(cfg: DictConfig) -> dict[str, Any]:
+    """The `trainer` group as Lightning's arguments, on the GPU a sweep job leased (kdexp.hardware.GpuLease)."""
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(options, dict)
-    return options
+    return with_leased_gpu(options)
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
@@ -185,19 +195,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
             return finished
         folder.check_resumable(resolved)
     check_run(cfg)  # before any work (build_context repeats it: cheap)
-    check_writable(run_dir, "hydra.run.dir")
-    check_writable(Path(to_absolute_path(cfg.cache_dir)), "cache_dir")
+    folder.claim()  # one owner per run folder (kdexp-train has claimed it already; a no-op then)
+    if is_global_zero():  # the DDP processes a launch starts check nothing: the first has
+        check_writable(run_dir, "hydra.run.dir")
+        check_writable(Path(to_absolute_path(cfg.cache_dir)), "cache_dir")
 
-    context, method_cls, method_options = build_context(cfg, run_dir)
+    hardware = Hardware.from_trainer(trainer_options(cfg))
+    hardware.launch()  # several devices: every process from here on, so that every stage can use them all
+    context, method_cls, method_options = build_context(cfg, run_dir, hardware)
     module = build_module(context, method_cls, method_options)
     task, data, teacher = context.task, context.data, context.teacher
+    teacher_metrics = teacher.dev_metrics(data)  # every DDP process takes part in the pass (if not cached)
 
-    if not cfg.resume:
-        folder.set_aside_previous()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not folder.config_file.exists():
-        folder.keep_hydra_files()
-    OmegaConf.save(cfg, folder.config_file, resolve=True)
+    if hardware.is_global_zero:
+        if not cfg.resume:
+            folder.set_aside_previous()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not folder.config_file.exists():
+            folder.keep_hydra_files()
+        OmegaConf.save(cfg, folder.config_file, resolve=True)
     run_name = f"{task.name}-{cfg.method.name}-seed{cfg.seed}"
     tags = [f"task:{task.name}", f"method:{cfg.method.name}"] + ([f"experiment:{experiment}"] if experiment else [])
     loggers = build_loggers(cfg.logger, run_dir, run_name, cfg.method.name, experiment or sweep_group, resolved,  # type: ignore[arg-type]
@@ -223,7 +239,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
         "seed": int(cfg.seed),
         "main_metric": task.main_metric,
         "metrics": result.best_metrics,
-        "teacher_metrics": teacher.dev_metrics(data),
+        "teacher_metrics": teacher_metrics,
         "teacher_key": teacher.key,
         "teacher_path": teacher.path,
         "student_params": count_parameters(module.student),

@@ -31,14 +31,16 @@ def seed_all(seed: int) -> None:
 
 @contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Run the block without changing the global RNG states (Python, NumPy, torch, CUDA).
+    """Run the block without changing the global RNG states (Python, NumPy, torch, this process's CUDA device).
 
     Stages that may or may not run (a cache miss computes, a hit does not) run inside it, so
     the random numbers drawn after them are the same either way.
     """
     python_state = random.getstate()
     numpy_state = np.random.get_state()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+    # Only this process's own device: forking every visible GPU's generator would open a context on each.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:

@@ -40,6 +40,7 @@ class GlueTask:
     # A user's own data (task=custom): split -> CSV/TSV/JSONL file, and the label column in it.
     files: dict[str, str] = field(default_factory=dict)
     label_column: str = "label"
+    allow_empty_text: bool = False  # own files: keep rows whose text is empty (else refused with file:line)
 
     @property
     def is_regression(self) -> bool:
@@ -199,9 +200,10 @@ CUSTOM_METRICS = {
 
 
 def custom_task(name: str, train_file: str, dev_file: str, text_columns: tuple[str, ...], label_column: str,
-                labels: tuple[str, ...] | None, regression: bool, metric: str) -> GlueTask:
+                labels: tuple[str, ...] | None, regression: bool, metric: str, allow_empty_text: bool = False) -> GlueTask:
     """A task on the user's own files. `labels`: the classes as the label column writes them (their
-    order gives the ids); None for regression. `metric`: the main metric (accuracy is always reported)."""
+    order gives the ids); None for regression. `metric`: the main metric (accuracy is always reported).
+    `allow_empty_text`: keep rows with an empty text (counted in the log) instead of refusing them."""
     if regression:
         metrics: tuple[str, ...] = ("pearson", "spearman", "combined_score")
     else:
@@ -216,6 +218,7 @@ def custom_task(name: str, train_file: str, dev_file: str, text_columns: tuple[s
         local_label_values=None if regression else tuple(labels or ()),
         files={"train": train_file, "validation": dev_file},
         label_column=label_column,
+        allow_empty_text=allow_empty_text,
     )
 
 

@@ -11,7 +11,7 @@ never written into checkpoints.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
+from kdexp.cache import cache_key, load_or_compute_together, load_tensors, save_tensors
 from kdexp.data import TaskData, tokenize_split, tokenizer_fingerprint
-from kdexp.inference import PassBatching, PassProgress, length_sorted_loader, pass_precision, teacher_pass_mode
+from kdexp.hardware import Hardware
+from kdexp.inference import PassBatching, PassProgress, length_sorted_loader
 from kdexp.metrics import GlueMetrics, eval_prefix
 from kdexp.model_internals import ModelInternals, forward_with_internals, model_inputs, truncated_encoder
 from kdexp.models import count_parameters, load_classifier
@@ -40,21 +41,25 @@ class Teacher:
     task: GlueTask
     tokenizer: Any
     cache_dir: Path
-    device: torch.device
+    hardware: Hardware
     info: dict[str, Any] = field(default_factory=dict)
     eval_batch_size: int = 128
     eval_tokens_per_batch: int = 16384
+    dtype: str = "float32"
 
     @property
     def batching(self) -> PassBatching:
         return PassBatching(self.eval_tokens_per_batch, self.eval_batch_size)
 
     def pass_key_parts(self) -> dict[str, Any]:
-        """What decides a pass's floats besides the teacher and the rows: batch plan and precision."""
-        return {**self.batching.key_parts(), "precision": pass_precision(self.device)}
+        """What decides a pass's floats besides the teacher and the rows: batch plan, precision, weights' dtype."""
+        parts = {**self.batching.key_parts(), "precision": self.hardware.pass_precision}
+        if self.dtype != "float32":
+            parts["dtype"] = self.dtype  # left out at the default, so keys made before the option hold
+        return parts
 
     def load_model(self, attn_implementation: str = "sdpa") -> PreTrainedModel:
-        model = load_classifier(self.path, self.task, attn_implementation, require_head=True)
+        model = load_classifier(self.path, self.task, attn_implementation, require_head=True, dtype=self.dtype)
         return model.eval().requires_grad_(False)
 
     def shares_tokenizer_with(self, data: TaskData) -> bool:
@@ -84,23 +89,25 @@ class Teacher:
             return None
 
         def compute() -> torch.Tensor:
-            logits = self._compute_logits(tokenized, data)
-            save_tensors(path, {"logits": logits}, expected)
-            return logits
+            return self._compute_logits(tokenized, data)
 
-        return load_or_compute(path, load, compute)
+        def store(logits: torch.Tensor) -> None:
+            save_tensors(path, {"logits": logits}, expected)
+
+        return load_or_compute_together(path, load, compute, store, self.hardware)
 
     def _compute_logits(self, tokenized: Any, data: TaskData) -> torch.Tensor:
-        model = self.load_model().to(self.device)
-        out = torch.empty(len(tokenized), self.task.num_labels)
-        progress = PassProgress(f"teacher logits ({len(tokenized)} rows)", len(tokenized))
-        with teacher_pass_mode(self.device):
-            for batch in length_sorted_loader(tokenized, data.pad_token_id, self.batching):
-                inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
-                out[batch["idx"]] = model(**inputs).logits.float().cpu()
+        hardware = self.hardware
+        model = hardware.to_device(self.load_model())
+        out = torch.zeros(len(tokenized), self.task.num_labels)
+        loader = length_sorted_loader(tokenized, data.pad_token_id, self.batching, hardware=hardware)
+        progress = PassProgress(f"teacher logits ({len(tokenized)} rows)", len(tokenized) // hardware.world_size)
+        with hardware.inference():
+            for batch in loader:
+                out[batch["idx"]] = model(**hardware.to_device(model_inputs(batch, model))).logits.float().cpu()
                 progress.update(len(batch["idx"]))
         progress.close()
-        return out
+        return hardware.combine_rows(out)
 
     def dev_metrics(self, data: TaskData) -> dict[str, float]:
         """The teacher's GLUE metrics on the run's dev splits, from the cached logits."""
@@ -138,27 +145,34 @@ class Teacher:
             return None
 
         def compute() -> torch.Tensor:
-            model = self.load_model().to(self.device)
-            out = torch.empty(len(tokenized), len(layers), model.config.hidden_size)
-            progress = PassProgress(f"teacher [CLS] vectors ({len(tokenized)} rows)", len(tokenized))
-            with truncated_encoder(model, max(layers) + 1), teacher_pass_mode(self.device):
-                for batch in length_sorted_loader(tokenized, data.pad_token_id, self.batching):
-                    rows = batch["idx"]
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    hidden = forward_with_internals(model, batch, need_attentions=False).hidden_states
+            hardware = self.hardware
+            model = hardware.to_device(self.load_model())
+            out = torch.zeros(len(tokenized), len(layers), model.config.hidden_size)
+            loader = length_sorted_loader(tokenized, data.pad_token_id, self.batching, hardware=hardware)
+            progress = PassProgress(f"teacher [CLS] vectors ({len(tokenized)} rows)", len(tokenized) // hardware.world_size)
+            with truncated_encoder(model, max(layers) + 1), hardware.inference():
+                for batch in loader:
+                    hidden = forward_with_internals(model, hardware.to_device(batch), need_attentions=False).hidden_states
                     assert hidden is not None
-                    out[rows] = torch.stack([hidden[m + 1][:, 0] for m in layers], dim=1).float().cpu()
-                    progress.update(len(rows))
+                    out[batch["idx"]] = torch.stack([hidden[m + 1][:, 0] for m in layers], dim=1).float().cpu()
+                    progress.update(len(batch["idx"]))
             progress.close()
-            save_tensors(path, {"cls": out}, expected)
-            log.info("Cached teacher [CLS] vectors of layers %s for %d rows (%s)", layers, len(tokenized), path)
-            return out
+            return hardware.combine_rows(out)
 
-        return load_or_compute(path, load, compute)
+        def store(cls: torch.Tensor) -> None:
+            save_tensors(path, {"cls": cls}, expected)
+            log.info("Cached teacher [CLS] vectors of layers %s for %d rows (%s)", layers, len(tokenized), path)
+
+        return load_or_compute_together(path, load, compute, store, self.hardware)
 
 
 class TeacherSignals(nn.Module):
     """The frozen teacher inside a method: logits cached or live, internals live, [CLS] cached or live.
+
+    Cached signals stay on the CPU, out of the module's buffers: a batch's rows are looked up
+    before it moves to its device (`rows`, called from the method's `on_before_batch_transfer`),
+    so that nothing the size of the training split goes to a GPU, and DDP has nothing to
+    broadcast at each step.
 
     Args:
         logits: ``[N, C]`` cached logits of the training rows (indexed by ``batch["idx"]``).
@@ -172,8 +186,8 @@ class TeacherSignals(nn.Module):
         if logits is None and model is None and cls is None:
             raise ValueError("TeacherSignals needs cached logits, cached [CLS] vectors or a teacher model")
         self._model = [model.eval().requires_grad_(False)] if model is not None else []
-        self.register_buffer("cached_logits", None if logits is None else logits.float(), persistent=False)
-        self.register_buffer("cached_cls", None if cls is None else cls.float(), persistent=False)
+        self.cached_logits = None if logits is None else logits.float().cpu()
+        self.cached_cls = None if cls is None else cls.float().cpu()
         self.cls_layers = tuple(int(layer) for layer in cls_layers)
 
     @classmethod
@@ -206,11 +220,16 @@ class TeacherSignals(nn.Module):
     def has_cached_logits(self) -> bool:
         return self.cached_logits is not None
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def rows(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The cached signals of the batch's rows (``teacher_logits``, ``teacher_cls``), looked up on the CPU."""
+        tables = {"teacher_logits": self.cached_logits, "teacher_cls": self.cached_cls}
+        return {name: table[batch["idx"].cpu()] for name, table in tables.items() if table is not None}
+
+    def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's logits for the rows of `batch`: from the cache, or a live forward."""
         if self.cached_logits is not None:
-            return self.cached_logits[batch["idx"]]
-        return self.internals(batch, need_attentions=False, output_hidden_states=False).logits
+            return batch_rows(batch, "teacher_logits", self.cached_logits)
+        return self.internals(dict(batch), need_attentions=False, output_hidden_states=False).logits
 
     @torch.no_grad()
     def internals(self, batch: dict[str, torch.Tensor], need_attentions: bool = False, depth: int | None = None,
@@ -220,14 +239,23 @@ class TeacherSignals(nn.Module):
         if self.model is None:
             raise RuntimeError("this signal needs a live teacher forward, but the method was built without the model")
         if not output_hidden_states:
-            return ModelInternals(logits=self.model(**model_inputs(batch)).logits, hidden_states=None, attentions=None)
+            return ModelInternals(logits=self.model(**model_inputs(batch, self.model)).logits, hidden_states=None, attentions=None)
         with truncated_encoder(self.model, depth):
             return forward_with_internals(self.model, batch, need_attentions=need_attentions)
 
     def has_cls(self, layers: Sequence[int]) -> bool:
         return self.cached_cls is not None and all(layer in self.cls_layers for layer in layers)
 
-    def cls(self, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    def cls(self, batch: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor:
         """``h_T[layer][CLS]`` for the rows of `batch` ``[B, D_T]``, from the cache (see `has_cls`)."""
         assert self.cached_cls is not None
-        return self.cached_cls[batch["idx"], self.cls_layers.index(layer)]
+        return batch_rows(batch, "teacher_cls", self.cached_cls)[:, self.cls_layers.index(layer)]
+
+
+def batch_rows(batch: Mapping[str, torch.Tensor], name: str, table: torch.Tensor) -> torch.Tensor:
+    """Rows ``batch["idx"]`` of a CPU ``table``, on the batch's device: attached as ``batch[name]``
+    when the batch was prepared (`TeacherSignals.rows`), else looked up now."""
+    if name in batch:
+        return batch[name]
+    idx = batch["idx"]
+    return table[idx.cpu()].to(idx.device, non_blocking=True)

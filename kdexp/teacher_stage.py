@@ -22,11 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
 from kdexp.config import TeacherSchema as TeacherSpec
 from kdexp.data import DataSource, load_split, load_task_data, tokenized_key
+from kdexp.hardware import Hardware
 from kdexp.methods.base import OptimConfig
 from kdexp.methods.finetune import Finetune
 from kdexp.models import count_parameters, file_digest, load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
@@ -81,17 +80,20 @@ def prepare_teacher(
     max_length: int,
     trainer_cfg: dict[str, Any],
     cache_dir: Path,
+    hardware: Hardware,
 ) -> Teacher:
-    """Return the fine-tuned teacher for `task`, fine-tuning it first if no stored copy has its key."""
+    """Return the fine-tuned teacher for `task`, fine-tuning it first if no stored copy has its key.
+
+    Under DDP global rank 0 fine-tunes it (on its own device); the other processes wait for it.
+    """
     path = resolve_model_path(spec.name_or_path, "teacher.name_or_path")
     tokenizer = load_tokenizer(path, "teacher.name_or_path")
-    device = _inference_device(trainer_cfg)
     model_fp = model_fingerprint(path)
     precision = str(trainer_cfg.get("precision", "32-true"))
     if spec.finetuned:
         key = teacher_key(spec, task, model_fp, {}, max_length, precision)
-        return Teacher(path, key, task, tokenizer, cache_dir, device, {"finetuned_by": "user"}, spec.eval_batch_size,
-                       spec.eval_tokens_per_batch)
+        return Teacher(path, key, task, tokenizer, cache_dir, hardware, {"finetuned_by": "user"}, spec.eval_batch_size,
+                       spec.eval_tokens_per_batch, spec.dtype)
 
     train_raw = load_split(task, task.train_split, source, spec.max_train_samples, "teacher.max_train_samples")
     data_keys = {task.train_split: tokenized_key(train_raw, task, tokenizer, max_length)}
@@ -103,6 +105,8 @@ def prepare_teacher(
     info = stored_teacher_info(store, set_aside=False)
     if info is not None:
         log.info("Reusing teacher %s", store)
+    elif not hardware.is_global_zero:
+        info = wait_for_rank_zero(store, lambda: stored_teacher_info(store, set_aside=False))
     else:
         with exclusive_lock(store.with_name(store.name + ".lock")):  # one process trains, the others wait
             info = stored_teacher_info(store)
@@ -113,8 +117,8 @@ def prepare_teacher(
                 _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store)
                 info = stored_teacher_info(store)
                 assert info is not None, f"the teacher stage did not publish {store}"
-    return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, device, info, spec.eval_batch_size,
-                   spec.eval_tokens_per_batch)
+    return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, hardware, info, spec.eval_batch_size,
+                   spec.eval_tokens_per_batch, spec.dtype)
 
 
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -202,9 +206,3 @@ def _finetune_teacher(
         },
     )
     publish_folder(partial, store, lambda folder: stored_teacher_info(folder) is not None)
-
-
-def _inference_device(trainer_cfg: dict[str, Any]) -> torch.device:
-    if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")

@@ -4,32 +4,39 @@ Only Hydra is imported at start-up, so `--help`, `--cfg job` and shell completio
 torch, Lightning and transformers load when a run starts. A config, data or model error
 (`kdexp.errors.KdexpError`) prints one line and exits with status 2 (`HYDRA_FULL_ERROR=1`
 shows the traceback).
+
+A run first claims its folder (`kdexp.run_folder`: a second launch into a folder a live process
+holds stops in one line). Every launch carries the sweep callback `kdexp.sweep.SweepGuard`
+(`hydra.callbacks.kdexp_sweep`): under `-m` it holds the sweep folder, checks every job's config
+before the first starts, and lists the failed jobs at the end (exit status 1), while a failed job
+is recorded in its folder (`failed.json`) and the sweep goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from kdexp import faults
 from kdexp.config import CONFIG_DIR
-from kdexp.errors import ConfigError, KdexpError
+from kdexp.errors import KdexpError
+from kdexp.run_folder import FAILED_FILE, RunFolder
+from kdexp.sweep import refuse_ddp_in_a_sweep
+
+log = logging.getLogger(__name__)
+
+SWEEP_CALLBACK_KEY = "kdexp_sweep"  # the key of kdexp.sweep.SweepGuard under hydra.callbacks
+SWEEP_CALLBACK = f"++hydra.callbacks.{SWEEP_CALLBACK_KEY}._target_=kdexp.sweep.SweepGuard"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def refuse_ddp_in_a_sweep(cfg: DictConfig, mode: RunMode) -> None:
-    """Lightning's DDP re-launches the script once per extra process: under -m it would re-run the sweep."""
-    devices = cfg.trainer.get("devices", "auto")
-    if mode == RunMode.MULTIRUN and devices != 1:
-        raise ConfigError(f"trainer.devices={devices} under -m: several devices mean DDP, which re-launches the script "
-                          "per device and would re-run the whole sweep. Launch DDP runs one at a time (without -m), "
-                          "or sweep with trainer.devices=1 per job (trainer=gpu) through hydra/launcher=joblib or slurm.")
 
 
 def share_cores_with_parallel_jobs(launcher: DictConfig) -> None:
@@ -46,23 +53,83 @@ def share_cores_with_parallel_jobs(launcher: DictConfig) -> None:
 
 
 def run_job(cfg: DictConfig) -> float:
-    from kdexp.run import run
+    """Claim the run's folder (before the heavy imports: Hydra has just written its files there), then run."""
+    hydra_cfg = HydraConfig.get()
+    folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
+    folder.claim("hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir")
+    try:
+        return _run_claimed(cfg, folder.path)
+    finally:
+        folder.release()
 
+
+def lease_a_gpu_for_parallel_jobs(cfg: DictConfig, launcher: DictConfig) -> Any:
+    """Under the joblib launcher on a machine with several GPUs, hold one GPU for this job (each parallel
+    job gets its own; kdexp.hardware.GpuLease); None otherwise."""
+    from kdexp.hardware import GpuLease, sweep_job_devices, visible_gpus
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not sweep_job_devices(trainer, str(launcher.get("_target_", "")), visible_gpus()):  # type: ignore[arg-type]
+        return None
+    lease = GpuLease(visible_gpus())
+    log.info("This job trains on GPU %d (leased in %s)", lease.acquire(), lease.lease_dir)
+    return lease
+
+
+def _run_claimed(cfg: DictConfig, run_dir: Path) -> float:
     hydra_cfg = HydraConfig.get()
     refuse_ddp_in_a_sweep(cfg, hydra_cfg.mode)
     share_cores_with_parallel_jobs(hydra_cfg.launcher)
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    lease = lease_a_gpu_for_parallel_jobs(cfg, hydra_cfg.launcher)
+    try:
+        return _run_on_hardware(cfg, run_dir)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_on_hardware(cfg: DictConfig, run_dir: Path) -> float:
+    from kdexp.run import run
+
+    hydra_cfg = HydraConfig.get()
     group = None
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
     experiment = hydra_cfg.runtime.choices.get("experiment")
     results = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task), sweep_group=group,
                   experiment=None if experiment in (None, "null") else experiment)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a refused launch may have recorded one meanwhile
     return float(results["metrics"][f"val/{results['main_metric']}"])
 
 
+def run_sweep_job(cfg: DictConfig) -> float | None:
+    """One job of a sweep: an exception is recorded in the job's folder (`failed.json`) and the job
+    returns None instead of raising, so the launcher goes on with the next job (kdexp.sweep)."""
+    from kdexp.sweep import one_line_error, record_failure
+
+    hydra_cfg = HydraConfig.get()
+    faults.set_context(job=hydra_cfg.job.num)
+    try:
+        return run_job(cfg)
+    except Exception as err:
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        sweep_dir = Path(hydra_cfg.runtime.cwd) / str(hydra_cfg.sweep.dir)
+        record = record_failure(job_dir, err, hydra_cfg.job.num, list(hydra_cfg.overrides.task), sweep_dir)
+        log.error("Job #%s failed: %s (recorded in %s); the sweep goes on.", hydra_cfg.job.num, one_line_error(err),
+                  record, exc_info=not isinstance(err, KdexpError))
+        return None
+
+
+def sweep_guarded() -> bool:
+    """True in a sweep that `kdexp.sweep.SweepGuard` watches (it lists the failed jobs at the end)."""
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and SWEEP_CALLBACK_KEY in (hydra_cfg.callbacks or {})
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def hydra_app(cfg: DictConfig) -> float | None:
+    if sweep_guarded():
+        return run_sweep_job(cfg)
     try:
         return run_job(cfg)
     except KdexpError as err:
@@ -70,6 +137,46 @@ def main(cfg: DictConfig) -> float:
             raise
         print(f"kdexp-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def with_sweep_callback(argv: list[str]) -> list[str]:
+    """The command line with the sweep callback added next to the other overrides (argparse takes the
+    overrides only as one run of arguments); unchanged if it names the callback already, asks for
+    shell completion or the version, or does not parse (Hydra then says why)."""
+    if any(f"hydra.callbacks.{SWEEP_CALLBACK_KEY}" in arg for arg in argv[1:]) or {
+            "-sc", "--shell-completion", "--version"} & set(argv):
+        return argv
+    overrides = _parsed_overrides(argv[1:])
+    if overrides is None:
+        return argv
+    at = argv.index(overrides[0], 1) if overrides else 1
+    return [*argv[:at], SWEEP_CALLBACK, *argv[at:]]
+
+
+class _Unparsable(Exception):
+    pass
+
+
+def _parsed_overrides(args: list[str]) -> list[str] | None:
+    """The overrides among `args` as Hydra's own parser reads them; None if they do not parse."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise _Unparsable(message)
+
+    parser.error = refuse  # type: ignore[method-assign]  # say nothing: Hydra reports it when it parses
+    try:
+        return list(parser.parse_args(args).overrides)
+    except _Unparsable:
+        return None
+
+
+def main() -> None:
+    """`kdexp-train`: the Hydra app, with `kdexp.sweep.SweepGuard` among its callbacks."""
+    sys.argv = with_sweep_callback(sys.argv)
+    hydra_app()
 
 
 if __name__ == "__main__":

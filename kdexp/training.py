@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,10 @@ from kdexp.metrics import eval_prefix
 from kdexp.seeding import derive_seed, seed_all
 
 log = logging.getLogger(__name__)
+
+# A method attaches its cached signals to each batch in `on_before_batch_transfer` (kdexp.methods.base);
+# GlueDataModule has no such hook, so Lightning's notice that the module's is used says nothing.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
 
 LAST_CHECKPOINT = "last.ckpt"
 

@@ -123,3 +123,48 @@ def kdexp_train(env: dict[str, str], *args: str, cwd: Path) -> str:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return log
+
+
+AUDIT_SITECUSTOMIZE = '''
+import os, sys
+
+_root, _log = os.environ.get("KDEXP_AUDIT_ROOT"), os.environ.get("KDEXP_AUDIT_LOG")
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _audit(event, args):
+    if event != "open" or not _root:
+        return
+    path, mode, flags = args
+    if not isinstance(path, (str, bytes, os.PathLike)) or isinstance(path, bytes):
+        return
+    path = os.path.abspath(os.fspath(path))
+    writing = (isinstance(mode, str) and any(c in mode for c in "wxa+")) or (isinstance(flags, int) and flags & _WRITE)
+    if writing and path.startswith(_root) and path != _log:
+        with open(_log, "a") as log:
+            log.write(f"{os.getpid()}\\t{path}\\n")
+
+
+sys.addaudithook(_audit)
+'''
+
+
+@pytest.fixture
+def write_audit(tmp_path: Path):
+    """Environment that makes every Python process it reaches record (pid, path) of each file it opens for
+    writing under a root; and a reader of those records. For checks that only one process writes."""
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(AUDIT_SITECUSTOMIZE)
+    log = folder / "writes.tsv"
+
+    def environment(root: Path, env: dict[str, str]) -> dict[str, str]:
+        return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH", "")])),
+                    KDEXP_AUDIT_ROOT=str(Path(root).resolve()), KDEXP_AUDIT_LOG=str(log))
+
+    def writes() -> list[tuple[int, str]]:
+        if not log.exists():
+            return []
+        return [(int(pid), path) for pid, path in (line.split("\t") for line in log.read_text().splitlines())]
+
+    return environment, writes

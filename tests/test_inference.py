@@ -10,6 +10,7 @@ import datasets
 import pytest
 import torch
 
+from kdexp.hardware import Hardware
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.inference import PassBatching, length_sorted_batches
 from kdexp.tasks import get_task
@@ -35,7 +36,7 @@ def test_batches_hold_every_row_once_longest_first_within_the_budget_and_full(to
 
 def tiny_teacher(model_dir: Path, tmp_path: Path, tokens: int, rows: int) -> Teacher:
     task = get_task("sst2")
-    return Teacher(str(model_dir), "k", task, tiny_tokenizer(), tmp_path, torch.device("cpu"),
+    return Teacher(str(model_dir), "k", task, tiny_tokenizer(), tmp_path, Hardware(),
                    eval_batch_size=rows, eval_tokens_per_batch=tokens)
 
 

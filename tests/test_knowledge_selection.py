@@ -16,6 +16,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 import kdexp.selection.stage as stage_mod
+from kdexp.hardware import Hardware
 from kdexp.losses import weighted_sum
 from kdexp.methods.knowledge_selection import KnowledgeSelection
 from kdexp.run import build_context, method_options, run
@@ -112,7 +113,7 @@ def test_mean_cross_entropy_is_the_task_loss_over_the_rows(tiny_model_dir: Path,
         logits = student(input_ids=torch.tensor([row["input_ids"]]), attention_mask=torch.tensor([row["attention_mask"]]),
                          token_type_ids=torch.tensor([row["token_type_ids"]])).logits
         by_hand.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor([row["labels"]]))))
-    assert mean_cross_entropy(student, rows, run_context.data, torch.device("cpu"), batch_size=2) == pytest.approx(
+    assert mean_cross_entropy(student, rows, run_context.data, Hardware(), batch_size=2) == pytest.approx(
         sum(by_hand) / 5, rel=1e-5)
 
 

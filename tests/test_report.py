@@ -33,8 +33,17 @@ def write_result(folder: Path, task: str, method: str, seed: int, score: float, 
 
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
-    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
-    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+    """The first table's rows: label -> cells, each as `mean ± std` (its CI and n are tested in test_report_stats.py)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [line.strip("|").split("|") for line in lines[start:end] if line.startswith("| ")]
+    return {cells[0].strip(): [mean_std(c.strip()) for c in cells[1:]] for cells in rows[1:]}
+
+
+def mean_std(cell: str) -> str:
+    """`76.7 ± 0.9 [75.6, 77.8] n=3` -> `76.7 ± 0.9`; `80.0 n=1` -> `80.0`."""
+    return cell.split(" [")[0].split(" n=")[0]
 
 
 def listed_unfinished(markdown: str) -> list[str]:

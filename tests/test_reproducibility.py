@@ -78,22 +78,77 @@ def assert_same_run(a: Path, b: Path) -> None:
 # --------------------------------------------------------------------------- cold vs warm cache
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("vanilla_kd", []),
-    ("dbkd", ["method.queries.num_queries=3"]),
-    ("decision_surrogate", ["method.queries.num_queries=3", "method.surrogate_epochs=2"]),
-    ("internal_all", ["trainer.max_epochs=2"]),
-    ("text_smoothing_kd", ["method.mlm.adapt.steps=4", "method.mlm.adapt.batch_size=4", "method.top_k=8"]),
+class TeacherPasses:
+    """Counts, in this process, every pass a cache stands in front of: the teacher's fine-tuning, its passes over
+    the rows (logits, [CLS] vectors), its decisions, the MLM adaptation and distribution store, the surrogate,
+    and the knowledge-selection agent's episodes."""
+
+    STAGES = ("teacher_finetuning", "teacher_logits", "teacher_row_passes", "teacher_decisions", "mlm_adaptation",
+              "mlm_store", "surrogate", "agent_episodes")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import kdexp.methods.dbkd as dbkd
+        import kdexp.smoothing.mlm_teacher as mlm_teacher
+        import kdexp.teacher as teacher
+        import kdexp.teacher_stage as teacher_stage
+        from kdexp.decision.teacher import DecisionTeacher
+        from kdexp.selection.stage import AgentStage
+
+        owners = {
+            "teacher_finetuning": (teacher_stage, "_finetune_teacher"),
+            "teacher_logits": (teacher.Teacher, "_compute_logits"),
+            "teacher_row_passes": (teacher, "length_sorted_loader"),  # the logits' and the [CLS] vectors' passes
+            "teacher_decisions": (DecisionTeacher, "decide"),
+            "mlm_adaptation": (mlm_teacher, "run_adaptation"),
+            "mlm_store": (mlm_teacher, "build_topk_store"),
+            "surrogate": (dbkd, "train_surrogate"),
+            "agent_episodes": (AgentStage, "run_episode"),
+        }
+        assert tuple(owners) == self.STAGES
+        self.counts = dict.fromkeys(self.STAGES, 0)
+        for stage, (owner, name) in owners.items():
+            original = getattr(owner, name)
+
+            def counted(*args, _stage=stage, _original=original, **kwargs):
+                self.counts[_stage] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, counted)
+
+    def reset(self) -> dict[str, int]:
+        counts, self.counts = self.counts, dict.fromkeys(self.STAGES, 0)
+        return counts
+
+
+@pytest.mark.parametrize("method,extra,stages", [
+    ("vanilla_kd", [], ["teacher_logits"]),
+    ("dbkd", ["method.queries.num_queries=3"], ["teacher_decisions"]),
+    ("decision_surrogate", ["method.queries.num_queries=3", "method.surrogate_epochs=2"],
+     ["teacher_decisions", "surrogate"]),
+    ("internal_all", ["trainer.max_epochs=2"], ["teacher_logits"]),
+    ("text_smoothing_kd", ["method.mlm.adapt.steps=4", "method.mlm.adapt.batch_size=4", "method.top_k=8"],
+     ["teacher_logits", "mlm_adaptation", "mlm_store"]),
     ("knowledge_selection", ["method.agent.episodes=2", "method.agent.episode_phases=2", "method.phase_steps=2",
-                             "method.reward.rows=4", "method.agent.batch_size=2"]),
+                             "method.reward.rows=4", "method.agent.batch_size=2"], ["teacher_logits", "agent_episodes"]),
+    ("pkd", [], ["teacher_logits"]),
+    ("distilbert_kd", [], ["teacher_logits"]),
 ])
 def test_cold_and_warm_cache_give_bit_identical_runs(
-    method: str, extra: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+    method: str, extra: list[str], stages: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    passes = TeacherPasses(monkeypatch)
     cache = tmp_path / "cache"
     overrides = [f"method={method}", "logger=csv", "teacher.epochs=2", "trainer.log_every_n_steps=1", *extra]
     cold = run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "cold")  # teacher and signals computed
+    cold_passes = passes.reset()
     warm = run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "warm")  # all read from the cache
+    warm_passes = passes.reset()
+    assert cold_passes["teacher_finetuning"] == 1
+    assert all(cold_passes[stage] > 0 for stage in stages), cold_passes
+    if method in ("pkd", "knowledge_selection"):  # their [CLS] vectors: a row pass besides the logits'
+        assert cold_passes["teacher_row_passes"] > cold_passes["teacher_logits"], cold_passes
+    assert warm_passes == dict.fromkeys(TeacherPasses.STAGES, 0)  # the warm run made no teacher pass at all
     assert cold["metrics"] == warm["metrics"]
     assert_same_run(tmp_path / "cold", tmp_path / "warm")
 

@@ -23,6 +23,7 @@ import kdexp.methods.text_smoothing as ts
 import kdexp.smoothing.mlm_teacher as mlm_teacher
 from kdexp.methods.finetune import Finetune
 from kdexp.methods.text_smoothing import TextSmoothing
+from kdexp.model_internals import model_inputs
 from kdexp.run import RunContext, build_context, method_options, run
 from kdexp.smoothing import MissingMLMHeadError
 from kdexp.smoothing import mlm_token_distributions
@@ -164,15 +165,18 @@ def test_schedules_take_their_number_of_optimiser_steps_and_clip_each(schedule: 
     assert max(recorder.grad_norms) <= 1e-3 * (1 + 1e-4)
 
 
-def test_two_steps_first_step_is_the_smoothed_loss_and_the_second_the_original() -> None:
-    """At lam = 0 both steps of a batch see fine-tuning's loss: before and after the first update."""
+@pytest.mark.parametrize(("step_order", "expected"), [
+    ("original_first", ["original", "smoothed"]),  # the default: the authors' code (caskcsg/TextSmoothing)
+    ("smoothed_first", ["smoothed", "original"]),
+])
+def test_two_steps_take_the_steps_in_the_configured_order(step_order: str, expected: list[str]) -> None:
+    """At lam = 0 both steps of a batch see fine-tuning's loss: the first before any update, the second after it."""
     task = get_task("sst2")
     batch = random_batch()
     student = no_dropout_student()
-    smoothing = TextSmoothing(
-        copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
-        options=method_options("text_smoothing", smooth_rate=0.0, top_k=3, schedule="two_steps"),
-    )
+    options = method_options("text_smoothing", smooth_rate=0.0, top_k=3, schedule="two_steps", step_order=step_order)
+    smoothing = TextSmoothing(copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
+                              options=options)
     seen: list[tuple[str, float, dict]] = []
     for name in ("smoothed", "original"):
         original = getattr(smoothing, f"{name}_terms")
@@ -185,12 +189,19 @@ def test_two_steps_first_step_is_the_smoothed_loss_and_the_second_the_original()
 
         setattr(smoothing, f"{name}_terms", spy)
     fit_on_batches(smoothing, [batch])
-    assert [name for name, _, _ in seen] == ["smoothed", "original"]
+    assert [name for name, _, _ in seen] == expected
     finetune = Finetune(copy.deepcopy(student), task)
     for _, loss, state in seen:
         finetune.student.load_state_dict(state)
         assert loss == pytest.approx(float(finetune.training_loss(batch)[0]), abs=1e-6)
+    for key, value in student.state_dict().items():  # the first step's loss is the untrained student's
+        assert torch.equal(seen[0][2][key], value), key
     assert seen[0][1] != seen[1][1]  # an update happened between the two steps
+
+
+def test_the_default_step_order_is_the_authors() -> None:
+    assert method_options("text_smoothing").step_order == "original_first"
+    assert method_options("text_smoothing_kd").step_order == "original_first"
 
 
 # --------------------------------------------------------------------------- stages and caches
@@ -253,7 +264,7 @@ def test_chunked_topk_distributions_equal_those_of_the_full_logits() -> None:
     mlm, batch = tiny_mlm(), random_batch()
     real = batch["attention_mask"].bool()
     with torch.no_grad():
-        full = mlm_token_distributions(mlm(**TextSmoothing.model_inputs(batch)).logits[real].unsqueeze(0), 1.5, 4)
+        full = mlm_token_distributions(mlm(**model_inputs(batch)).logits[real].unsqueeze(0), 1.5, 4)
     chunked = topk_distributions_at(
         mlm, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], real, 4, 1.5, chunk_size=5
     )

@@ -36,11 +36,12 @@ from typing import Any
 import datasets
 import torch
 
-from kdexp.cache import atomic_directory, cache_key, load_or_compute, load_tensors, save_tensors
+from kdexp.cache import atomic_directory, cache_key, load_or_compute_together, load_tensors, save_tensors, wait_for_rank_zero
 from kdexp.data import content_fingerprint
 from kdexp.decision.eda import EDAConfig, augment, augment_copies, augment_pair, authors_rates, clean_text, example_random
 from kdexp.decision.teacher import DecisionTeacher, Query
 from kdexp.decision.wordnet import DEFAULT_WORDNET_PATH, PARTS_OF_SPEECH, shared_wordnet
+from kdexp.hardware import is_global_zero
 from kdexp.tasks import GlueTask
 
 log = logging.getLogger(__name__)
@@ -241,13 +242,12 @@ def _load_or_augment(
     key = augmentation_key(ds, task, config)
     path = cache_dir / "decision" / "augmented" / key
     expected_rows = len(ds) * config.num_copies
-    if (path / "dataset_info.json").exists():
-        try:
-            if len(datasets.load_from_disk(str(path))) == expected_rows:
-                log.info("Reusing augmented copies %s", path)
-                return key, path, None, 0.0
-        except Exception as err:  # a foreign or damaged folder: make it again
-            log.warning("Augmented copies %s unreadable (%s); making them again.", path, err)
+    if _stored_copies(path, expected_rows, report=True):
+        log.info("Reusing augmented copies %s", path)
+        return key, path, None, 0.0
+    if not is_global_zero():  # DDP: the first process augments, the others read its copies
+        wait_for_rank_zero(path, lambda: _stored_copies(path, expected_rows) or None)
+        return key, path, None, 0.0
     start = time.perf_counter()
     copies = augment_examples(examples_of(ds, task), config)
     seconds = time.perf_counter() - start
@@ -256,6 +256,18 @@ def _load_or_augment(
     with atomic_directory(path) as tmp:
         _copies_dataset(copies, task).save_to_disk(str(tmp))
     return key, path, copies, seconds
+
+
+def _stored_copies(path: Path, expected_rows: int, report: bool = False) -> bool:
+    """Whether `path` holds the augmented copies, whole."""
+    if not (path / "dataset_info.json").exists():
+        return False
+    try:
+        return len(datasets.load_from_disk(str(path))) == expected_rows
+    except Exception as err:  # a foreign or damaged folder: make it again
+        if report:
+            log.warning("Augmented copies %s unreadable (%s); making them again.", path, err)
+        return False
 
 
 def _copies_from_dataset(path: Path, task: GlueTask, num_examples: int, num_copies: int) -> list[list[Query]]:
@@ -297,15 +309,17 @@ def query_decisions(
         return None
 
     def query() -> DecisionQueries:
-        return _query_and_store(teacher, ds, task, config, path, expected, copies, copies_path, key, aug_key,
-                                augment_seconds)
+        return _query(teacher, ds, task, config, copies, copies_path, key, aug_key, augment_seconds)
 
-    return load_or_compute(path, load, query)
+    def store(queries: DecisionQueries) -> None:
+        meta = dict(expected, augment_seconds=queries.augment_seconds, query_seconds=queries.query_seconds)
+        save_tensors(path, {"decisions": queries.decisions, "counts": queries.counts}, meta)
+
+    return load_or_compute_together(path, load, query, store, teacher.hardware)
 
 
-def _query_and_store(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueTask, config: QueryConfig, path: Path,
-                     expected: dict[str, Any], copies: Any, copies_path: Path, key: str, aug_key: str,
-                     augment_seconds: float) -> DecisionQueries:
+def _query(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueTask, config: QueryConfig, copies: Any,
+           copies_path: Path, key: str, aug_key: str, augment_seconds: float) -> DecisionQueries:
     if copies is None:
         copies = _copies_from_dataset(copies_path, task, len(ds), config.num_copies)
     originals = examples_of(ds, task)
@@ -319,9 +333,6 @@ def _query_and_store(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueT
     query_seconds = time.perf_counter() - start
     log.info("Teacher decisions: %d queries in %.1fs (%.2f ms per query, %.1f ms per example)", len(flat),
              query_seconds, 1000 * query_seconds / max(len(flat), 1), 1000 * query_seconds / max(len(ds), 1))
-    counts = decision_counts(decisions, teacher.num_labels)
-    meta = dict(expected, augment_seconds=augment_seconds, query_seconds=query_seconds)
-    save_tensors(path, {"decisions": decisions, "counts": counts}, meta)
     return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, query_seconds)
 
 

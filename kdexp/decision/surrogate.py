@@ -21,7 +21,9 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdexp.data import pad_batch
-from kdexp.inference import PassBatching, PassProgress, length_sorted_loader, teacher_pass_mode
+from kdexp.hardware import Hardware
+from kdexp.inference import PassBatching, PassProgress, length_sorted_loader
+from kdexp.losses.precision import full_precision
 from kdexp.model_internals import model_inputs
 from kdexp.seeding import derive_seed, seed_all
 
@@ -48,26 +50,29 @@ def state_fingerprint(model: nn.Module) -> str:
 
 
 def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_token_id: int,
-                    settings: SurrogateSettings, device: torch.device) -> nn.Module:
-    """A copy of ``student`` trained with CE on ``labels`` (row ``i`` of ``tokenized``), AdamW + linear schedule."""
+                    settings: SurrogateSettings, hardware: Hardware) -> nn.Module:
+    """A copy of ``student`` trained with CE on ``labels`` (row ``i`` of ``tokenized``), AdamW + linear schedule,
+    on ``hardware``'s device and in its precision."""
     seed_all(derive_seed(settings.seed, "surrogate"))
-    model = copy.deepcopy(student).to(device).train()
+    model = hardware.to_device(copy.deepcopy(student)).train()
     rows = len(tokenized)
     steps = settings.epochs * math.ceil(rows / settings.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
+    optimizer = hardware.optimizer(optimizer)
     examples = [tokenized[i] for i in range(rows)]
     for epoch in range(settings.epochs):
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(derive_seed(settings.seed, "epoch", epoch)))
         losses = []
         for start in range(0, rows, settings.batch_size):
             chosen = order[start:start + settings.batch_size].tolist()
-            batch = pad_batch([examples[r] for r in chosen], pad_token_id)
-            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-            loss = F.cross_entropy(model(**inputs).logits.float(), labels[chosen].to(device))
+            batch = hardware.to_device(pad_batch([examples[r] for r in chosen], pad_token_id))
+            with hardware.autocast():
+                logits = model(**model_inputs(batch, model)).logits
+            loss = cross_entropy(logits, hardware.to_device(labels[chosen]))
             optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            hardware.backward(loss)
+            hardware.clip_gradients(model, optimizer, 1.0)
             optimizer.step()
             schedule.step()
             losses.append(float(loss))
@@ -76,15 +81,20 @@ def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_tok
     return model.eval()
 
 
-def logits_of(model: nn.Module, tokenized, pad_token_id: int, num_labels: int, device: torch.device,
+@full_precision
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def logits_of(model: nn.Module, tokenized, pad_token_id: int, num_labels: int, hardware: Hardware,
               batching: PassBatching) -> torch.Tensor:
     """``[rows, C]`` logits of ``model`` on every row of ``tokenized``, in row order."""
-    out = torch.empty(len(tokenized), num_labels)
+    model = hardware.to_device(model)
+    out = torch.zeros(len(tokenized), num_labels)
     progress = PassProgress(f"surrogate logits ({len(tokenized)} rows)", len(tokenized))
-    with teacher_pass_mode(device):
+    with hardware.inference():
         for batch in length_sorted_loader(tokenized, pad_token_id, batching):
-            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-            out[batch["idx"]] = model(**inputs).logits.float().cpu()
+            out[batch["idx"]] = model(**hardware.to_device(model_inputs(batch, model))).logits.float().cpu()
             progress.update(len(batch["idx"]))
     progress.close()
     return out

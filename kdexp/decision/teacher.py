@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdexp.inference import PassBatching, PassProgress, length_sorted_batches, pass_precision, teacher_pass_mode
+from kdexp.hardware import Hardware
+from kdexp.inference import PassBatching, PassProgress, length_sorted_batches
+from kdexp.model_internals import forward_arguments
 
 if TYPE_CHECKING:
     from kdexp.teacher import Teacher
@@ -35,17 +37,21 @@ def _make_decider(
     tokenizer: Any,
     max_length: int,
     batching: PassBatching,
-    device: torch.device,
+    hardware: Hardware,
 ) -> Callable[[Sequence[Query]], torch.Tensor]:
-    """A function ``queries -> LongTensor`` of top-1 labels; the model is loaded on first use."""
+    """A function ``queries -> LongTensor`` of top-1 labels; the model is loaded on first use.
+
+    Under DDP every process answers its share of the batches (`Hardware.shard`) and every
+    process returns all the answers (`Hardware.combine_rows`).
+    """
     holder: list[torch.nn.Module] = []
 
     def decide(queries: Sequence[Query]) -> torch.Tensor:
         if not holder:
-            holder.append(load_model().eval().requires_grad_(False).to(device))
+            holder.append(hardware.to_device(load_model().eval().requires_grad_(False)))
         model = holder[0]
         queries = list(queries)
-        out = torch.empty(len(queries), dtype=torch.long)
+        out = torch.zeros(len(queries), dtype=torch.long)
         if not queries:
             return out
         if isinstance(queries[0], str):
@@ -53,16 +59,17 @@ def _make_decider(
         else:
             encoded = tokenizer([q[0] for q in queries], [q[1] for q in queries], truncation=True,
                                 max_length=max_length)
-        encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        encoded = {k: v for k, v in encoded.items() if k in forward_arguments(type(model))}
         lengths = [len(ids) for ids in encoded["input_ids"]]
-        progress = PassProgress(f"teacher decisions ({len(queries)} queries)", len(queries))
-        with teacher_pass_mode(device):
-            for rows in length_sorted_batches(lengths, batching):
+        plan = hardware.shard(length_sorted_batches(lengths, batching))
+        progress = PassProgress(f"teacher decisions ({len(queries)} queries)", sum(len(rows) for rows in plan))
+        with hardware.inference():
+            for rows in plan:
                 batch = tokenizer.pad({k: [v[r] for r in rows] for k, v in encoded.items()}, return_tensors="pt")
-                out[torch.tensor(rows)] = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(dim=-1).cpu()
+                out[torch.tensor(rows)] = model(**hardware.to_device(dict(batch))).logits.argmax(dim=-1).cpu()
                 progress.update(len(rows))
         progress.close()
-        return out
+        return hardware.combine_rows(out)
 
     return decide
 
@@ -78,14 +85,15 @@ class DecisionTeacher:
             used in the query-cache key.
     """
 
-    __slots__ = ("_decide_fn", "key", "num_labels", "identity", "queries_answered", "calls")
+    __slots__ = ("_decide_fn", "key", "num_labels", "identity", "hardware", "queries_answered", "calls")
 
     def __init__(self, decide_fn: Callable[[Sequence[Query]], torch.Tensor], key: str, num_labels: int,
-                 identity: dict[str, Any] | None = None):
+                 identity: dict[str, Any] | None = None, hardware: Hardware | None = None):
         self._decide_fn = decide_fn
         self.key = key
         self.num_labels = num_labels
         self.identity = dict(identity or {})
+        self.hardware = hardware or Hardware()  # where the answers are computed (several processes share them)
         self.queries_answered = 0
         self.calls = 0
 
@@ -95,10 +103,10 @@ class DecisionTeacher:
         from kdexp.data import tokenizer_fingerprint
 
         batching = PassBatching(teacher.eval_tokens_per_batch, batch_size or teacher.eval_batch_size)
-        decide_fn = _make_decider(teacher.load_model, teacher.tokenizer, max_length, batching, teacher.device)
+        decide_fn = _make_decider(teacher.load_model, teacher.tokenizer, max_length, batching, teacher.hardware)
         identity = {"tokenizer": tokenizer_fingerprint(teacher.tokenizer), "max_length": max_length,
-                    **batching.key_parts(), "precision": pass_precision(teacher.device)}
-        return cls(decide_fn, teacher.key, teacher.task.num_labels, identity)
+                    **teacher.pass_key_parts(), **batching.key_parts()}
+        return cls(decide_fn, teacher.key, teacher.task.num_labels, identity, teacher.hardware)
 
     def decide(self, queries: Sequence[Query]) -> torch.Tensor:
         """Top-1 labels (``LongTensor [len(queries)]``) for texts or ``(text_a, text_b)`` pairs."""

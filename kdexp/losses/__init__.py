@@ -1,7 +1,8 @@
 """The loss toolkit: every loss returns unweighted terms; `weighted_sum` combines them.
 
 - :mod:`kdexp.losses.logits`: task loss (CE, MSE for regression), soft-label KD, KD to given targets.
-- :mod:`kdexp.losses.features`: hidden-state MSE, attention KL, [CLS] cosine, learned projections.
+- :mod:`kdexp.losses.features`: hidden-state MSE, attention KL, [CLS] cosine, hidden-state cosine (DistilBERT),
+  PKD's patience loss, learned projections.
 - :mod:`kdexp.losses.relations`: FSP (Gram) matrices of consecutive layers, without D×D matrices.
 
 A method returns its terms by name (`{"ce": ..., "kd": ..., "attention_kl/s0_t1": ...}`) and its
@@ -15,7 +16,16 @@ from collections.abc import Mapping
 
 import torch
 
-from kdexp.losses.features import Projections, attention_kl, cls_cosine_loss, hidden_mse, layer_attention, layer_output
+from kdexp.losses.features import (
+    Projections,
+    attention_kl,
+    cls_cosine_loss,
+    hidden_cosine_loss,
+    hidden_mse,
+    layer_attention,
+    layer_output,
+    patience_loss,
+)
 from kdexp.losses.logits import (
     hinton_weights,
     kd_terms,
@@ -57,12 +67,14 @@ __all__ = [
     "cls_cosine_loss",
     "fsp_loss",
     "fsp_matrix",
+    "hidden_cosine_loss",
     "hidden_mse",
     "hinton_weights",
     "kd_terms",
     "layer_attention",
     "layer_output",
     "output_kd",
+    "patience_loss",
     "regression_kd",
     "soft_label_kd",
     "soft_target_kd",

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdexp.losses.precision import full_precision
+
 HeadMismatch = Literal["error", "average"]
 HEAD_MISMATCH_RULES: tuple[str, ...] = ("error", "average")
 
@@ -61,6 +63,7 @@ def reconcile_attention_heads(
 ATTENTION_HEAD_REDUCTIONS = ("mean", "sum")
 
 
+@full_precision
 def attention_kl(
     student_attentions: Tensor,
     teacher_attentions: Tensor,
@@ -115,6 +118,7 @@ def attention_kl(
     return (kl_per_query * query_mask).sum() / query_mask.sum().clamp_min(1.0)
 
 
+@full_precision
 def cls_cosine_loss(student_cls: Tensor, teacher_cls: Tensor) -> Tensor:
     """``mean_b [1 - cos(h_T[CLS], W h_S[CLS])]``.
 
@@ -132,6 +136,7 @@ def cls_cosine_loss(student_cls: Tensor, teacher_cls: Tensor) -> Tensor:
     return (1.0 - cosine).mean()
 
 
+@full_precision
 def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean squared error between ``W h_S`` and ``h_T`` over real tokens.
 
@@ -195,3 +200,50 @@ def layer_attention(attentions: Sequence[Tensor], layer: int) -> Tensor:
     if not 0 <= layer < len(attentions):
         raise IndexError(f"layer {layer} out of range for {len(attentions)} attention maps")
     return attentions[layer]
+
+
+@full_precision
+def hidden_cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """``1 - cos(W h_S[t], h_T[t])`` averaged over the real tokens ``t`` of the batch.
+
+    DistilBERT's cosine-embedding loss (Sanh et al. 2019; ``nn.CosineEmbeddingLoss`` with target 1
+    over the positions the attention mask keeps), without a host sync for the selection.
+
+    Args:
+        student_hidden: projected student states ``[B, L, D_T]``.
+        teacher_hidden: teacher states ``[B, L, D_T]``.
+        attention_mask: ``[B, L]``, 1 = real token; padded positions are excluded.
+    """
+    if student_hidden.shape != teacher_hidden.shape or student_hidden.ndim != 3:
+        raise ValueError(
+            "hidden states must both be [B, L, D] with the same D (project the student first), got student "
+            f"{list(student_hidden.shape)} and teacher {list(teacher_hidden.shape)}"
+        )
+    batch_size, seq_len, _ = student_hidden.shape
+    token_mask = _real_token_mask(attention_mask, batch_size, seq_len)
+    cosine = F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)  # [B, L]
+    return ((1.0 - cosine) * token_mask).sum() / token_mask.sum().clamp_min(1.0)
+
+
+@full_precision
+def patience_loss(student_cls: Tensor, teacher_cls: Tensor, normalize: bool = True) -> Tensor:
+    """PKD's patient-teacher loss (Sun et al. 2019) over ``M`` matched layers' [CLS] vectors.
+
+    ``mean_{b, j, d} (h_S[j][CLS]/||h_S[j][CLS]||₂ − h_T[m(j)][CLS]/||h_T[m(j)][CLS]||₂)²``: the
+    paper's ``Σ_j ||·||²₂`` per example divided by ``M·D``, averaged over the batch, which is the
+    reduction of the authors' code (``F.mse_loss`` over ``[B, M, D]``) that their ``β`` grid
+    {10, 100, 500, 1000} is set against. ``normalize=False`` compares the raw vectors.
+
+    Args:
+        student_cls: ``W h_S[j][CLS]`` stacked over the matched layers, ``[B, M, D_T]`` (projected first).
+        teacher_cls: ``h_T[m(j)][CLS]``, ``[B, M, D_T]``.
+    """
+    if student_cls.shape != teacher_cls.shape or student_cls.ndim != 3:
+        raise ValueError(
+            "[CLS] vectors must both be [B, M, D] (M matched layers, the same D: project the student first), "
+            f"got student {list(student_cls.shape)} and teacher {list(teacher_cls.shape)}"
+        )
+    student, teacher = student_cls.float(), teacher_cls.float()
+    if normalize:
+        student, teacher = F.normalize(student, p=2, dim=-1), F.normalize(teacher, p=2, dim=-1)
+    return (student - teacher).pow(2).mean()

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdexp.losses.precision import full_precision
 
+
+@full_precision
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
     """Cross-entropy with the gold label, or MSE for the regression task (STS-B)."""
     if regression:
@@ -17,6 +20,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
     return F.cross_entropy(logits.float(), labels)
 
 
+@full_precision
 def soft_label_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al. (2015): T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), averaged over the batch."""
     t = temperature
@@ -26,6 +30,7 @@ def soft_label_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return (t * t) * kl
 
 
+@full_precision
 def soft_target_kd(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(p ‖ softmax(z_S/T)) for a given target distribution p (rows sum to 1)."""
     t = temperature
@@ -34,6 +39,7 @@ def soft_target_kd(student_logits: torch.Tensor, target_probs: torch.Tensor, tem
     return (t * t) * kl
 
 
+@full_precision
 def regression_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """For regression the teacher's prediction is the target: MSE between the two predictions."""
     return F.mse_loss(student_logits.reshape(-1).float(), teacher_logits.reshape(-1).float())

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdexp.losses.precision import full_precision
+
 
 def _masked(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     if hidden.ndim != 3 or attention_mask.shape != hidden.shape[:2]:
@@ -23,6 +25,7 @@ def _masked(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return hidden.float() * attention_mask.to(torch.float32).unsqueeze(-1)
 
 
+@full_precision
 def fsp_matrix(first: Tensor, second: Tensor, attention_mask: Tensor) -> Tensor:
     """``G = H_aᵀ H_b / n`` per example over its real tokens: ``[B, D, D]`` (for tests and small D)."""
     a, b = _masked(first, attention_mask), _masked(second, attention_mask)
@@ -30,6 +33,7 @@ def fsp_matrix(first: Tensor, second: Tensor, attention_mask: Tensor) -> Tensor:
     return torch.einsum("bld,ble->bde", a, b) / tokens[:, None, None]
 
 
+@full_precision
 def fsp_loss(
     student_first: Tensor, student_second: Tensor, teacher_first: Tensor, teacher_second: Tensor, attention_mask: Tensor
 ) -> Tensor:

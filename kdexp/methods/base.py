@@ -90,9 +90,9 @@ class DistillationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward and losses
 
-    @staticmethod
-    def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return model_inputs(batch)
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's inputs that the student takes."""
+        return model_inputs(batch, self.student)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.student(**self.model_inputs(batch)).logits
@@ -120,6 +120,18 @@ class DistillationModule(pl.LightningModule):
             self.log(f"train/loss/{name}", value, batch_size=batch_size)
 
     # ------------------------------------------------------------------ Lightning hooks
+
+    def batch_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-row signals of a training batch, looked up on the CPU by ``batch["idx"]``: the teacher's
+        cached signals (a method adds its own targets)."""
+        return self.teacher.rows(batch) if self.teacher is not None else {}
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Attach the batch's rows of the cached signals while it is still on the CPU, so that it takes
+        them to its device in one transfer (the tables themselves never leave the CPU)."""
+        if self._trainer is not None and self.trainer.training:
+            batch.update(self.batch_rows(batch))
+        return batch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, terms = self.training_loss(batch)

@@ -52,7 +52,6 @@ agree, distinct count vectors), the teacher's accuracy on the training originals
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -72,8 +71,10 @@ from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statis
 from kdexp.decision.surrogate import SurrogateSettings, logits_of, state_fingerprint, train_surrogate
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.losses import soft_target_kd
+from kdexp.losses.precision import full_precision
 from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
+from kdexp.teacher import batch_rows
 
 if TYPE_CHECKING:
     from kdexp.context import RunContext
@@ -238,8 +239,8 @@ class DecisionDistillation(DistillationModule):
         super().__init__(*args, **kwargs)
         self.options = options
         self.num_original = num_original
-        if targets is not None:
-            self.register_buffer("targets", targets.float(), persistent=False)
+        # On the CPU, not a buffer: a batch's rows travel with the batch (`batch_rows`).
+        self.targets = None if targets is None else targets.float()
 
     # ------------------------------------------------------------------ refusals
 
@@ -301,13 +302,19 @@ class DecisionDistillation(DistillationModule):
                      "all-agree rows: z_hat margin %s", stats["estimator_solved_vectors"], stats["estimator_seconds"],
                      stats["estimated_logit_abs_max"], stats.get("all_agree_margin"))
         run.method_info.update(stats)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        run.write_run_file(STATS_FILE, stats)
 
     # ------------------------------------------------------------------ loss
 
+    def batch_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = super().batch_rows(batch)
+        if self.targets is not None:
+            rows["decision_targets"] = self.targets[batch["idx"].cpu()]
+        return rows
+
     def targets_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.targets[batch["idx"]]
+        assert self.targets is not None
+        return batch_rows(batch, "decision_targets", self.targets)
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self(batch)
@@ -332,7 +339,7 @@ class DBKD(DecisionDistillation):
 
     def __init__(self, *args: Any, estimated_logits: torch.Tensor, **kwargs: Any):
         super().__init__(*args, targets=None, **kwargs)
-        self.register_buffer("estimated_logits", estimated_logits.float(), persistent=False)
+        self.estimated_logits = estimated_logits.float()  # on the CPU, like `targets`
 
     @classmethod
     def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
@@ -347,9 +354,18 @@ class DBKD(DecisionDistillation):
                      zero_count_rule=options.zero_count_rule)
         return cls(run.student, run.task, run.optim, options=options, estimated_logits=estimated)
 
+    def batch_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(super().batch_rows(batch), estimated_logits=self.estimated_logits[batch["idx"].cpu()])
+
     def targets_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        scaled = self.options.logit_scale * self.estimated_logits[batch["idx"]]  # type: ignore[attr-defined]
-        return torch.softmax(scaled / self.options.temperature, dim=-1)
+        estimated = batch_rows(batch, "estimated_logits", self.estimated_logits)
+        return scaled_softmax(estimated, self.options.logit_scale, self.options.temperature)
+
+
+@full_precision
+def scaled_softmax(logits: torch.Tensor, scale: float, temperature: float) -> torch.Tensor:
+    """``softmax(s'·z / T)`` in float32 (also inside autocast)."""
+    return torch.softmax(scale * logits / temperature, dim=-1)
 
 
 def estimate_statistics(counts: torch.Tensor, estimated: torch.Tensor, num_queries: int) -> dict[str, Any]:
@@ -442,7 +458,8 @@ def cached_surrogate_logits(run: "RunContext", decided: DecisionQueries, options
     settings = SurrogateSettings(options.surrogate_epochs, options.surrogate_learning_rate or optim.learning_rate,
                                  int(run.cfg.data.batch_size), optim.weight_decay, optim.warmup_ratio, int(run.cfg.seed))
     key = cache_key(kind="surrogate_logits", decisions=decided.key, student=state_fingerprint(run.student),
-                    data=run.data.keys[split], settings=asdict(settings), **run.teacher.batching.key_parts())
+                    data=run.data.keys[split], settings=asdict(settings), **run.teacher.batching.key_parts(),
+                    **({} if run.hardware.precision == "32-true" else {"precision": run.hardware.precision}))
     path = run.data.cache_dir / "signals" / "surrogate_logits" / f"{key}.pt"
     expected = {"key": key, "rows": len(tokenized)}
 
@@ -452,10 +469,10 @@ def cached_surrogate_logits(run: "RunContext", decided: DecisionQueries, options
 
     def compute() -> torch.Tensor:
         started = time.perf_counter()
-        device = run.teacher.device
+        hardware = run.hardware.single_device()
         model = train_surrogate(run.student, tokenized, decided.original_decisions, run.data.pad_token_id, settings,
-                                device)
-        logits = logits_of(model, tokenized, run.data.pad_token_id, decided.num_labels, device, run.teacher.batching)
+                                hardware)
+        logits = logits_of(model, tokenized, run.data.pad_token_id, decided.num_labels, hardware, run.teacher.batching)
         save_tensors(path, {"logits": logits}, expected)
         log.info("Surrogate trained on the teacher's decisions (%d rows, %d epochs) in %.1fs", len(tokenized),
                  settings.epochs, time.perf_counter() - started)

@@ -185,9 +185,10 @@ class KnowledgeSelection(DistillationModule):
         data_key = run.data.keys[run.task.train_split]
         if options.reward.split == "dev":
             data_key += "+" + run.data.keys[run.task.eval_splits[0]]
-        key = agent_key(settings, run.teacher.key, run.student, data_key, run.data.max_length, options.temperature)
+        key = agent_key(settings, run.teacher.key, run.student, data_key, run.data.max_length, options.temperature,
+                        run.hardware.precision)
         stage = AgentStage(settings, run.student, teacher, teacher.cls_layers[0], run.data, options.temperature,
-                           run.teacher.device)
+                           run.hardware.single_device())
         store = run.data.cache_dir / "agents" / f"{run.task.name}-{key}"
         agent, info = trained_agent(stage, store, key)
         log.info("Knowledge-selection agent %s (%s): %d episodes, %.1fs", store,

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from omegaconf import MISSING
 
-from kdexp.cache import atomic_write_json
 from kdexp.config import require
 from kdexp.errors import ConfigError
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
 from kdexp.methods.base import DistillationModule
+from kdexp.model_internals import model_inputs
 from kdexp.smoothing import mlm_token_distributions, smooth_token_distributions, smoothed_inputs_embeds, special_or_padding_mask
 from kdexp.smoothing.mlm_teacher import (
     DISTRIBUTION_SOURCES,
@@ -66,6 +65,9 @@ class TextSmoothingOptions:
     temperature: float = MISSING
     top_k: Optional[int] = MISSING
     schedule: str = MISSING
+    # two_steps: which input's step comes first in a batch. original_first: the authors' code
+    # (caskcsg/TextSmoothing, bert_model.py); smoothed_first: kdexp's order before this key existed.
+    step_order: str = MISSING
     kd_alpha: float = MISSING
     kd_temperature: float = MISSING
     distributions: str = MISSING
@@ -77,6 +79,8 @@ class TextSmoothingOptions:
         require(self.temperature > 0, "method.temperature", self.temperature, "a positive tau")
         require(self.top_k is None or self.top_k >= 1, "method.top_k", self.top_k, "null (exact) or a positive k")
         require(self.schedule in SCHEDULES, "method.schedule", self.schedule, " or ".join(SCHEDULES))
+        require(self.step_order in ("original_first", "smoothed_first"), "method.step_order", self.step_order,
+                "original_first (the authors' code) or smoothed_first")
         require(0 <= self.kd_alpha <= 1, "method.kd_alpha", self.kd_alpha, "a weight in [0, 1]")
         require(self.kd_temperature > 0, "method.kd_temperature", self.kd_temperature, "a positive temperature")
         require(self.distributions in DISTRIBUTION_SOURCES, "method.distributions", self.distributions,
@@ -121,6 +125,10 @@ class TextSmoothing(DistillationModule):
 
     @classmethod
     def from_run(cls, run: "RunContext", options: TextSmoothingOptions) -> "TextSmoothing":
+        vocabulary = len(run.data.tokenizer)
+        if options.top_k is not None and options.top_k > vocabulary:
+            raise ConfigError(f"method.top_k={options.top_k} is more than the {vocabulary} tokens of the vocabulary: "
+                              f"use method.top_k={vocabulary} or less, or null (the exact distribution).")
         split = run.task.train_split
         num_tokens = sum(len(ids) for ids in run.data.tokenized[split]["input_ids"])
         source, why = choose_distribution_source(options.distributions, options.top_k, num_tokens,
@@ -142,18 +150,31 @@ class TextSmoothing(DistillationModule):
 
     # ------------------------------------------------------------------ smoothing
 
-    def on_fit_start(self) -> None:
+    def _apply(self, fn: Any, recurse: bool = True) -> "TextSmoothing":
+        super()._apply(fn, recurse)
         for mlm in self._mlm:
-            mlm.to(self.device)
+            mlm._apply(fn)  # the frozen live MLM follows the module to its device (it is not a submodule)
+        return self
+
+    def batch_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The teacher's rows, and the stored ``q_t`` of the batch (read on the CPU, before the batch moves)."""
+        rows = super().batch_rows(batch)
+        if self.topk_store is not None:
+            q = self.topk_store.distributions(batch["idx"], batch["attention_mask"])
+            rows.update(mlm_probs=q.probs, mlm_token_ids=q.token_ids)
+        return rows
 
     @torch.no_grad()
     def mlm_distributions(self, batch: dict[str, torch.Tensor]) -> TokenDistributions:
         """``q_t`` for the batch: from the store, or from a live MLM forward."""
         if self.topk_store is not None:
-            q = self.topk_store.distributions(batch["idx"], batch["attention_mask"])
-            return TokenDistributions(q.probs.to(self.device), q.token_ids.to(self.device), q.vocab_size)
+            if "mlm_probs" in batch:
+                return TokenDistributions(batch["mlm_probs"], batch["mlm_token_ids"], self.topk_store.vocab_size)
+            q = self.topk_store.distributions(batch["idx"], batch["attention_mask"])  # a batch not prepared for it
+            return TokenDistributions(q.probs.to(batch["input_ids"].device), q.token_ids.to(batch["input_ids"].device),
+                                      q.vocab_size)
         mlm = self._mlm[0]
-        inputs = self.model_inputs(batch)
+        inputs = model_inputs(batch, mlm)
         if self.options.top_k is None:
             return mlm_token_distributions(mlm(**inputs).logits, self.options.temperature)
         real = batch["attention_mask"].bool()
@@ -239,16 +260,17 @@ class TextSmoothing(DistillationModule):
             return super().training_step(batch, batch_idx)
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        smoothed_terms = self.smoothed_terms(batch)
-        smoothed = weighted_sum(smoothed_terms, self.input_weights("smoothed"))
-        self._manual_step(optimizer, smoothed)
-        original_terms = self.original_terms(batch)
-        original = weighted_sum(original_terms, self.input_weights("original"))
-        self._manual_step(optimizer, original)
+        order = ("original", "smoothed") if self.options.step_order == "original_first" else ("smoothed", "original")
+        losses: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
+        for name in order:  # each step's loss is computed after the previous step's update
+            input_terms = self.original_terms(batch) if name == "original" else self.smoothed_terms(batch)
+            losses[name] = weighted_sum(input_terms, self.input_weights(name))
+            self._manual_step(optimizer, losses[name])
+            terms.update({term: value.detach() for term, value in input_terms.items()})
         if scheduler is not None:
             scheduler.step()
-        loss = 0.5 * (smoothed.detach() + original.detach())
-        terms = {name: value.detach() for name, value in {**smoothed_terms, **original_terms}.items()}
+        loss = 0.5 * (losses["smoothed"].detach() + losses["original"].detach())
         self.log_losses(loss, terms, batch["input_ids"].shape[0])
         return loss
 
@@ -266,8 +288,4 @@ def _write_run_record(run: "RunContext", mlm: MLMTeacher, source: str, why: str,
         "train_tokens": tokens,
     }
     run.method_info.update(record)
-    run_dir = Path(run.run_dir)
-    if run_dir.resolve() == Path.cwd().resolve():
-        return  # kdexp.tools.benchmark builds its contexts with run_dir="." (no run folder): write nothing there
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / RUN_MLM_FILE, record)
+    run.write_run_file(RUN_MLM_FILE, record)

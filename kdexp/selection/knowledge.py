@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdexp.internal.layer_map import LayerPair, resolve_layer_map
 from kdexp.losses import Projections, fsp_loss, hidden_mse, output_kd, task_loss
-from kdexp.model_internals import forward_with_internals
+from kdexp.model_internals import forward_with_internals, model_inputs
 from kdexp.selection.agent import KNOWLEDGE_KINDS
 from kdexp.teacher import TeacherSignals
 
@@ -60,8 +60,7 @@ class KnowledgeTerms(nn.Module):
             raise ValueError(f"unknown knowledge kinds {sorted(unknown)}; known: {KNOWLEDGE_KINDS}")
         internal = "feak" in kinds or "relk" in kinds
         out = forward_with_internals(student, dict(batch), need_attentions=False) if internal else None
-        logits = out.logits if out is not None else student(**{k: batch[k] for k in ("input_ids", "attention_mask",
-                                                                                  "token_type_ids") if k in batch}).logits
+        logits = out.logits if out is not None else student(**model_inputs(batch, student)).logits
         terms: dict[str, Tensor] = {}
         if "fink" in kinds:
             terms["fink"] = task_loss(logits, batch["labels"], self.regression)

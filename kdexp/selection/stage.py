@@ -39,9 +39,10 @@ import torch
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
 from kdexp.data import TaskData, pad_batch
 from kdexp.faults import maybe_fail
+from kdexp.hardware import Hardware, is_global_zero
 from kdexp.losses import task_loss, weighted_sum
 from kdexp.model_internals import forward_with_internals, model_inputs
 from kdexp.seeding import derive_seed, preserved_rng, seed_all
@@ -131,16 +132,17 @@ def reward_rows(data: TaskData, split: str, rows: int, seed: int) -> tuple[Any, 
 
 
 @torch.no_grad()
-def mean_cross_entropy(student: nn.Module, rows: Any, data: TaskData, device: torch.device, batch_size: int = 64) -> float:
-    """The student's task loss (CE; MSE for regression) over `rows`, in eval mode."""
+def mean_cross_entropy(student: nn.Module, rows: Any, data: TaskData, hardware: Hardware, batch_size: int = 64) -> float:
+    """The student's task loss (CE; MSE for regression) over `rows`, in eval mode, in `hardware`'s precision."""
     was_training = student.training
     student.eval()
     collate = partial(pad_batch, pad_token_id=data.pad_token_id, regression=data.task.is_regression)
     loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate)
     total, count = 0.0, 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = student(**model_inputs(batch)).logits
+        batch = hardware.to_device(batch)
+        with hardware.autocast():
+            logits = student(**model_inputs(batch, student)).logits
         total += float(task_loss(logits, batch["labels"], data.task.is_regression)) * len(batch["labels"])
         count += len(batch["labels"])
     student.train(was_training)
@@ -159,10 +161,11 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def agent_key(settings: StageSettings, teacher_key: str, student: nn.Module, data_key: str, max_length: int,
-              temperature: float) -> str:
+              temperature: float, precision: str = "32-true") -> str:
     return cache_key(kind="selection_agent", teacher=teacher_key, student=weights_fingerprint(student),
                      data=data_key, max_length=max_length, temperature=temperature,
-                     settings={**asdict(settings), "agent": asdict(settings.agent)})
+                     settings={**asdict(settings), "agent": asdict(settings.agent)},
+                     **({} if precision == "32-true" else {"precision": precision}))
 
 
 def _training_batches(rows: Any, data: TaskData, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
@@ -180,14 +183,14 @@ class AgentStage:
     """Trains the agent over episodes; `run()` returns the agent and the record of every phase."""
 
     def __init__(self, settings: StageSettings, student: nn.Module, teacher: TeacherSignals, teacher_cls_layer: int,
-                 data: TaskData, temperature: float, device: torch.device) -> None:
+                 data: TaskData, temperature: float, hardware: Hardware) -> None:
         self.settings = settings
         self.initial_student = student
         self.teacher = teacher
         self.teacher_cls_layer = teacher_cls_layer
         self.data = data
         self.temperature = temperature
-        self.device = device
+        self.hardware = hardware
         self.reward_rows, self.train_rows = reward_rows(data, settings.reward_split, settings.reward_rows,
                                                         settings.agent.seed)
         teacher_model = teacher.model
@@ -198,15 +201,19 @@ class AgentStage:
         settings = self.settings
         seed = derive_seed(settings.agent.seed, "episode", episode)
         seed_all(seed)
-        student = copy.deepcopy(self.initial_student).to(self.device).train()
-        knowledge = KnowledgeTerms(student.config, self.teacher.model.config, self.temperature,  # type: ignore[union-attr]
-                                   self.data.task.is_regression).to(self.device)
+        hardware = self.hardware
+        teacher = hardware.to_device(self.teacher)  # its live model follows (TeacherSignals._apply)
+        student = hardware.to_device(copy.deepcopy(self.initial_student)).train()
+        knowledge = hardware.to_device(KnowledgeTerms(student.config, teacher.model.config, self.temperature,  # type: ignore[union-attr]
+                                                      self.data.task.is_regression))
+        trained = nn.ModuleList([student, knowledge])
         parameters = [*student.named_parameters(), *knowledge.named_parameters()]
         optimizer = _adamw(parameters, settings)
         total_steps = settings.episode_phases * settings.phase_steps
         scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+        optimizer = hardware.optimizer(optimizer)
         batches = _training_batches(self.data.train.select(self.train_rows), self.data, settings.batch_size, seed)
-        ce_before = mean_cross_entropy(student, self.reward_rows, self.data, self.device)
+        ce_before = mean_cross_entropy(student, self.reward_rows, self.data, hardware)
         record: list[dict[str, Any]] = []
         pending: tuple[Tensor, Tensor, float] | None = None
         previous: Tensor | None = None
@@ -222,14 +229,15 @@ class AgentStage:
                 if step > 0:
                     batch = self._to_device(next(batches))
                 active = {k: w for k, w in weights.items() if w != 0}
-                loss = weighted_sum(knowledge(student, self.teacher, batch, list(active)), active)
+                with hardware.autocast():
+                    loss = weighted_sum(knowledge(student, teacher, batch, list(active)), active)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                hardware.backward(loss)
                 if settings.gradient_clip_val:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in parameters], settings.gradient_clip_val)
+                    hardware.clip_gradients(trained, optimizer, settings.gradient_clip_val)
                 optimizer.step()
                 scheduler.step()
-            ce_after = mean_cross_entropy(student, self.reward_rows, self.data, self.device)
+            ce_after = mean_cross_entropy(student, self.reward_rows, self.data, hardware)
             exploration = exploration_reward(action, previous, settings.action, settings.threshold)
             reward = phase_reward(ce_before, ce_after, exploration, settings.beta)
             record.append({"phase": phase, "action": [round(float(a), 6) for a in action], "reward": reward,
@@ -241,10 +249,12 @@ class AgentStage:
         return record
 
     def _state(self, student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return selection_state(student, self.teacher.cls(batch, self.teacher_cls_layer), batch)
+        with self.hardware.autocast():
+            return selection_state(student, self.teacher.cls(batch, self.teacher_cls_layer), batch)
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        """The batch with its rows of the teacher's cached signals, on the stage's device."""
+        return self.hardware.to_device({**batch, **self.teacher.rows(batch)})
 
 
 def _adamw(named: Sequence[tuple[str, nn.Parameter]], settings: StageSettings) -> torch.optim.Optimizer:
@@ -260,6 +270,9 @@ def trained_agent(stage: AgentStage, store: Path, key: str) -> tuple[DDPGAgent, 
     """The stored agent of `key`, or train it (once across processes; resumable) and store it."""
     info = _stored_info(store)
     if info is not None:
+        return _load_agent(stage, store), dict(info, from_cache=True)
+    if not is_global_zero():  # DDP: the first process trains the agent, the others read it
+        info = wait_for_rank_zero(store, lambda: _stored_info(store))
         return _load_agent(stage, store), dict(info, from_cache=True)
     with exclusive_lock(store.with_name(store.name + ".lock")):
         info = _stored_info(store)

@@ -32,10 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, PreTrainedModel
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 from transformers.utils.hub import cached_file
+
+from kdexp.hardware import Hardware
+from kdexp.losses.precision import full_precision
+from kdexp.model_internals import model_inputs
+from kdexp.smoothing.heads import head_parameters, masked_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,9 @@ def load_mlm_teacher(
             teacher_name=str(name_or_path),
         )
     with _own_missing_weights_report():
-        model, loading_info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+        model, loading_info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True,
+                                                                   dtype=torch.float32)
+    masked_lm_head(model)  # refuses, in one line, a family whose head kdexp cannot read
     missing_keys = sorted(loading_info["missing_keys"])
     if missing_keys:
         raise MissingMLMHeadError(_missing_weights_message(name_or_path, missing_keys, model.base_model_prefix))
@@ -193,7 +200,7 @@ def _has_tokenizer_files(name_or_path: str | os.PathLike) -> bool:
 class MLMAdaptation:
     """Result of :func:`adapt_mlm_head`: the MLM, the tokenizer it was trained with, and its metrics."""
 
-    model: BertForMaskedLM
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -307,36 +314,45 @@ def _tokenize(texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, max_len
     )
 
 
-def masked_lm_loss_and_predictions(model: BertForMaskedLM, batch: MaskedBatch) -> tuple[Tensor, Tensor]:
+def masked_lm_loss_and_predictions(model: PreTrainedModel, batch: MaskedBatch) -> tuple[Tensor, Tensor]:
     """Cross-entropy at the masked positions, and the model's predictions there.
 
     The vocabulary projection runs only on the masked positions (about 15% of the
     tokens): it is the most expensive part of the MLM head.
     """
-    hidden_states = model.bert(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
-    ).last_hidden_state
+    inputs = model_inputs({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                           "token_type_ids": batch.token_type_ids}, model.base_model)
+    hidden_states = model.base_model(**inputs).last_hidden_state
     targets = batch.labels != IGNORED_LABEL
-    logits = model.cls(hidden_states[targets])
+    logits = masked_lm_head(model)(hidden_states[targets])
     labels = batch.labels[targets]
-    return F.cross_entropy(logits, labels), logits.argmax(dim=-1)
+    return masked_token_cross_entropy(logits, labels), logits.argmax(dim=-1)
 
 
-def _move(batch: MaskedBatch, device: torch.device) -> MaskedBatch:
-    token_type_ids = batch.token_type_ids.to(device) if batch.token_type_ids is not None else None
-    return MaskedBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device), token_type_ids)
+@full_precision
+def masked_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """CE over the vocabulary, in float32 also under mixed precision."""
+    return F.cross_entropy(logits, labels)
+
+
+def _move(batch: MaskedBatch, hardware: Hardware) -> MaskedBatch:
+    token_type_ids = hardware.to_device(batch.token_type_ids) if batch.token_type_ids is not None else None
+    return MaskedBatch(hardware.to_device(batch.input_ids), hardware.to_device(batch.attention_mask),
+                       hardware.to_device(batch.labels), token_type_ids)
 
 
 @torch.no_grad()
-def evaluate_masked_lm(model: BertForMaskedLM, batches: Sequence[MaskedBatch]) -> dict[str, float | int]:
+def evaluate_masked_lm(model: PreTrainedModel, batches: Sequence[MaskedBatch],
+                       hardware: Hardware | None = None) -> dict[str, float | int]:
     """Masked-token accuracy and mean cross-entropy over fixed masked batches (all masked positions)."""
+    hardware = hardware or Hardware()
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     correct, total, loss_sum = 0, 0, 0.0
     for batch in batches:
-        batch = _move(batch, device)
-        loss, predictions = masked_lm_loss_and_predictions(model, batch)
+        batch = _move(batch, hardware)
+        with hardware.autocast():
+            loss, predictions = masked_lm_loss_and_predictions(model, batch)
         labels = batch.labels[batch.labels != IGNORED_LABEL]
         correct += int((predictions == labels).sum())
         total += labels.numel()
@@ -359,13 +375,14 @@ def adapt_mlm_head(
     mask_prob: float = 0.15,
     heldout_fraction: float = 0.1,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    hardware: Hardware | None = None,
     log_every: int = 50,
     eval_every: int | None = None,
 ) -> MLMAdaptation:
-    """The MLM adaptation stage: give a BERT encoder that has no MLM head a trained one.
+    """The MLM adaptation stage: give an encoder that has no MLM head a trained one.
 
-    Builds ``BertForMaskedLM`` from ``encoder_path``; head weights absent from the
+    Builds the family's ``*ForMaskedLM`` from ``encoder_path`` (BERT, RoBERTa, ELECTRA,
+    DistilBERT: `kdexp.smoothing.heads`), on ``hardware`` (default: the CPU, float32); head weights absent from the
     checkpoint are initialised fresh (deliberately, since they are trained next), while
     any missing encoder weight is an error. Trains the head (``cls.predictions.transform``
     and the output bias; the decoder stays tied to the word embeddings) with AdamW at
@@ -389,24 +406,26 @@ def adapt_mlm_head(
     ``eval_every`` steps (its evaluation time is not counted in ``train_seconds``).
     """
     _check_adaptation_settings(texts, tokenizer, steps, batch_size, mask_prob, heldout_fraction)
-    device = torch.device(device)
+    hardware = hardware or Hardware()
+    device = hardware.device
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         model, head_initialisation = _masked_lm_from_encoder(encoder_path, tokenizer)
-        model.to(device)
+        model = hardware.to_device(model)
         heldout, train = _split_heldout(texts, tokenizer, max_length, heldout_fraction, seed)
         heldout_batches = _fixed_masked_batches(heldout, tokenizer, batch_size, mask_prob, seed)
-        initial = evaluate_masked_lm(model, heldout_batches)
+        initial = evaluate_masked_lm(model, heldout_batches, hardware)
 
-        optimizer = torch.optim.AdamW(_parameter_groups(model, train_encoder, learning_rate, encoder_learning_rate))
+        optimizer = hardware.optimizer(
+            torch.optim.AdamW(_parameter_groups(model, train_encoder, learning_rate, encoder_learning_rate)))
         curve: list[list[float]] = []
         eval_seconds = [0.0]
 
         def evaluate_during_training(step: int) -> None:
             if eval_every and step % eval_every == 0 and step < steps:
                 eval_started = time.perf_counter()
-                values = evaluate_masked_lm(model, heldout_batches)
+                values = evaluate_masked_lm(model, heldout_batches, hardware)
                 curve.append([step, values["masked_token_accuracy"], values["masked_lm_loss"]])
                 logger.info("MLM adaptation step %d: held-out masked-token accuracy %.4f", step, curve[-1][1])
                 eval_seconds[0] += time.perf_counter() - eval_started
@@ -414,10 +433,10 @@ def adapt_mlm_head(
         training_started = time.perf_counter()
         train_losses = _train_masked_lm(
             model, train, tokenizer, optimizer, steps, batch_size, mask_prob, train_encoder,
-            torch.Generator().manual_seed(seed + 1), log_every, evaluate_during_training,
+            torch.Generator().manual_seed(seed + 1), log_every, evaluate_during_training, hardware,
         )
         train_seconds = time.perf_counter() - training_started - eval_seconds[0]
-        final = evaluate_masked_lm(model, heldout_batches)
+        final = evaluate_masked_lm(model, heldout_batches, hardware)
 
     model.requires_grad_(True)
     model.eval()
@@ -491,15 +510,18 @@ def _check_adaptation_settings(
 
 def _masked_lm_from_encoder(
     encoder_path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase
-) -> tuple[BertForMaskedLM, str]:
+) -> tuple[PreTrainedModel, str]:
     with _own_missing_weights_report():
-        model, loading_info = BertForMaskedLM.from_pretrained(encoder_path, output_loading_info=True)
+        model, loading_info = AutoModelForMaskedLM.from_pretrained(encoder_path, output_loading_info=True,
+                                                                   dtype=torch.float32)
+    masked_lm_head(model)  # a family without a head kdexp can read is refused here, in one line
     missing_keys = sorted(loading_info["missing_keys"])
     missing_encoder_keys = [key for key in missing_keys if key.startswith(f"{model.base_model_prefix}.")]
     if missing_encoder_keys:
         raise ValueError(
-            f"'{encoder_path}' is not a complete BERT encoder: missing {', '.join(missing_encoder_keys)}. "
-            "The MLM adaptation stage trains only a head on top of a pre-trained encoder."
+            f"'{encoder_path}' is not a complete {model.config.model_type} encoder: missing "
+            f"{', '.join(missing_encoder_keys)}. The MLM adaptation stage trains only a head on top of a "
+            "pre-trained encoder."
         )
     if model.config.vocab_size < len(tokenizer):
         raise VocabularyMismatchError(
@@ -512,21 +534,19 @@ def _masked_lm_from_encoder(
 
 
 def _parameter_groups(
-    model: BertForMaskedLM, train_encoder: bool, learning_rate: float, encoder_learning_rate: float
+    model: PreTrainedModel, train_encoder: bool, learning_rate: float, encoder_learning_rate: float
 ) -> list[dict]:
-    encoder_parameters = list(model.bert.parameters())
-    encoder_ids = {id(parameter) for parameter in encoder_parameters}
+    encoder_parameters = list(model.base_model.parameters())
     # The decoder weight is the word-embedding matrix (tied), so it belongs to the encoder.
-    head_parameters = [parameter for parameter in model.cls.parameters() if id(parameter) not in encoder_ids]
-    model.bert.requires_grad_(train_encoder)
-    groups = [{"params": head_parameters, "lr": learning_rate}]
+    model.base_model.requires_grad_(train_encoder)
+    groups = [{"params": head_parameters(model), "lr": learning_rate}]
     if train_encoder:
         groups.append({"params": encoder_parameters, "lr": encoder_learning_rate})
     return groups
 
 
 def _train_masked_lm(
-    model: BertForMaskedLM,
+    model: PreTrainedModel,
     train: _TokenizedTexts,
     tokenizer: PreTrainedTokenizerBase,
     optimizer: torch.optim.Optimizer,
@@ -537,9 +557,10 @@ def _train_masked_lm(
     generator: torch.Generator,
     log_every: int,
     after_step: Callable[[int], None] | None = None,
+    hardware: Hardware | None = None,
 ) -> list[float]:
     """Plain loop: sample batches epoch by epoch, mask afresh each time, one AdamW step per batch."""
-    device = next(model.parameters()).device
+    hardware = hardware or Hardware()
     # A frozen encoder runs without dropout, so the head learns the features it will see at use.
     model.train(train_encoder)
     batch_size = min(batch_size, len(train))
@@ -550,10 +571,11 @@ def _train_masked_lm(
         if step % batches_per_epoch == 0:
             order = torch.randperm(len(train), generator=generator).tolist()
         start = (step % batches_per_epoch) * batch_size
-        batch = _move(train.masked_batch(order[start:start + batch_size], tokenizer, mask_prob, generator), device)
-        loss, _ = masked_lm_loss_and_predictions(model, batch)
+        batch = _move(train.masked_batch(order[start:start + batch_size], tokenizer, mask_prob, generator), hardware)
+        with hardware.autocast():
+            loss, _ = masked_lm_loss_and_predictions(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        hardware.backward(loss)
         optimizer.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:

@@ -24,8 +24,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from kdexp.cache import atomic_directory, atomic_write_json, cache_key, load_or_compute, load_tensors, save_tensors
+from kdexp.cache import (
+    atomic_directory,
+    atomic_write_json,
+    cache_key,
+    load_or_compute,
+    load_or_compute_together,
+    load_tensors,
+    save_tensors,
+)
 from kdexp.data import DataSource, content_fingerprint, load_split, tokenizer_fingerprint
+from kdexp.hardware import Hardware
 from kdexp.inference import PassBatching, length_sorted_loader
 from kdexp.models import model_fingerprint, resolve_model_path
 from kdexp.smoothing.mlm import MissingMLMHeadError, adapt_mlm_head, load_mlm_teacher
@@ -147,9 +156,11 @@ def prepare_mlm_teacher(run: "RunContext", settings: MLMSettings) -> MLMTeacher:
 
 
 def adaptation_key(
-    encoder_path: str, task_name: str, texts_fingerprint: str, tokenizer: Any, adapt: MLMAdaptSettings, max_length: int
+    encoder_path: str, task_name: str, texts_fingerprint: str, tokenizer: Any, adapt: MLMAdaptSettings, max_length: int,
+    precision: str = "32-true",
 ) -> str:
-    """The key of one MLM adaptation: encoder weights, task, training texts, tokenizer, hyper-parameters, seed."""
+    """The key of one MLM adaptation: encoder weights, task, training texts, tokenizer, hyper-parameters, seed,
+    and the precision it trains in (left out at 32-true, so keys made before the option hold)."""
     return cache_key(
         kind="mlm_adaptation",
         encoder=model_fingerprint(encoder_path),
@@ -157,6 +168,7 @@ def adaptation_key(
         texts=texts_fingerprint,
         tokenizer=tokenizer_fingerprint(tokenizer),
         hyperparameters=adapt.key_parts(max_length),
+        **({} if precision == "32-true" else {"precision": precision}),
     )
 
 
@@ -166,7 +178,7 @@ def adaptation_store(cache_dir: str | Path, task_name: str, key: str) -> Path:
 
 def run_adaptation(
     store: Path, key: str, task_name: str, encoder_path: str, texts: list[Any], texts_fingerprint: str,
-    tokenizer: Any, adapt: MLMAdaptSettings, max_length: int, device: Any = "cpu", **extra: Any,
+    tokenizer: Any, adapt: MLMAdaptSettings, max_length: int, hardware: Hardware | None = None, **extra: Any,
 ) -> None:
     """Run the adaptation stage and store its model, tokenizer and metrics atomically under ``store``."""
     log.info("MLM adaptation of %s on %d %s texts (key %s), in %s", encoder_path, len(texts), task_name, key, store)
@@ -184,7 +196,7 @@ def run_adaptation(
         mask_prob=adapt.mask_prob,
         heldout_fraction=adapt.heldout_fraction,
         seed=adapt.seed,
-        device=device,
+        hardware=hardware,
         **extra,
     )
     with atomic_directory(store) as tmp:
@@ -209,7 +221,8 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
     task = run.task
     max_length = int(adapt.max_length or run.data.max_length)
     texts, texts_fingerprint = _adaptation_texts(run, adapt)
-    key = adaptation_key(encoder_path, task.name, texts_fingerprint, run.data.tokenizer, adapt, max_length)
+    key = adaptation_key(encoder_path, task.name, texts_fingerprint, run.data.tokenizer, adapt, max_length,
+                         run.hardware.precision)
     store = adaptation_store(run.data.cache_dir, task.name, key)
 
     def load() -> dict[str, Any] | None:
@@ -221,7 +234,7 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
     def adapt_and_store() -> dict[str, Any]:
         run_adaptation(
             store, key, task.name, encoder_path, texts, texts_fingerprint, run.data.tokenizer, adapt, max_length,
-            run.teacher.device,
+            run.hardware.single_device(),
         )
         return json.loads((store / MLM_INFO_FILE).read_text())
 
@@ -250,10 +263,11 @@ def cached_topk_store(
     split = run.task.train_split
     tokenized = run.data.tokenized[split]
     data_key = run.data.keys[split]
-    device = run.teacher.device
+    hardware = run.hardware
     batching = PassBatching(run.teacher.eval_tokens_per_batch, eval_batch_size)
+    precision = {} if hardware.precision == "32-true" else {"precision": hardware.pass_precision}
     key = cache_key(kind="mlm_topk", mlm=mlm.key, data=data_key, temperature=float(temperature), top_k=int(top_k),
-                    **batching.key_parts())
+                    **batching.key_parts(), **precision)
     path = topk_store_path(run.data.cache_dir, key)
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     expected = {"key": key, "rows": len(lengths), "tokens": sum(lengths), "top_k": int(top_k)}
@@ -267,18 +281,19 @@ def cached_topk_store(
 
     def compute() -> TopKTokenStore:
         started = time.perf_counter()
-        model = mlm.model.to(device)
-        loader = length_sorted_loader(tokenized, run.data.pad_token_id, batching)
-        store = build_topk_store(model, loader, lengths, top_k, temperature, device)
+        model = hardware.to_device(mlm.model)
+        loader = length_sorted_loader(tokenized, run.data.pad_token_id, batching, hardware=hardware)
+        store = build_topk_store(model, loader, lengths, top_k, temperature, hardware)
         mlm.model.to("cpu")
-        save_tensors(path, store.tensors(), dict(expected, vocab_size=store.vocab_size))
-        log.info(
-            "MLM top-%d distributions of %d rows (%d tokens, %.1f MB) computed in %.1fs and stored in %s",
-            top_k, len(lengths), sum(lengths), store.nbytes / 1e6, time.perf_counter() - started, path,
-        )
+        log.info("MLM top-%d distributions of %d rows (%d tokens, %.1f MB) computed in %.1fs", top_k, len(lengths),
+                 sum(lengths), store.nbytes / 1e6, time.perf_counter() - started)
         return store
 
-    return load_or_compute(path, load, compute)
+    def save(store: TopKTokenStore) -> None:
+        save_tensors(path, store.tensors(), dict(expected, vocab_size=store.vocab_size))
+        log.info("MLM top-%d distributions stored in %s", top_k, path)
+
+    return load_or_compute_together(path, load, compute, save, hardware)
 
 
 def choose_distribution_source(

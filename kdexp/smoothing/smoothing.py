@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdexp.losses.precision import full_precision
+
 
 @dataclass(frozen=True)
 class TokenDistributions:
@@ -73,6 +75,7 @@ class TokenDistributions:
         return dense.scatter_add(-1, self.token_ids, self.probs)
 
 
+@full_precision
 def mlm_token_distributions(
     mlm_logits: Tensor, temperature: float = 1.0, top_k: int | None = None
 ) -> TokenDistributions:
@@ -141,6 +144,7 @@ def smooth_token_distributions(
     )
 
 
+@full_precision
 def smoothed_inputs_embeds(smoothed: TokenDistributions, word_embeddings_weight: Tensor) -> Tensor:
     """``e_t = p_t . W``: ``[B, L, H]`` input embeddings from the student's word-embedding matrix ``W``.
 
@@ -168,6 +172,7 @@ def smoothed_inputs_embeds(smoothed: TokenDistributions, word_embeddings_weight:
     return embeds.reshape(*positions_shape, hidden_size)
 
 
+@full_precision
 def topk_retained_mass(mlm_logits: Tensor, top_k: int, temperature: float = 1.0) -> Tensor:
     """``m_t``: the probability mass ``q_t`` gives its ``top_k`` most probable tokens, ``[B, L]``."""
     q = (mlm_logits.float() / temperature).softmax(dim=-1)

@@ -27,6 +27,9 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from kdexp.hardware import Hardware
+from kdexp.model_internals import model_inputs
+from kdexp.smoothing.heads import masked_lm_head
 from kdexp.smoothing.smoothing import TokenDistributions, mlm_token_distributions
 
 BYTES_PER_TOKEN_AND_K = 2 + 4  # float16 probability + int32 token id
@@ -50,19 +53,14 @@ def topk_distributions_at(
 ) -> TokenDistributions:
     """Top-k ``q_t`` at the ``P`` selected positions, as sparse ``[1, P, k]`` distributions.
 
-    For a BERT-style MLM the vocabulary projection runs ``chunk_size`` positions at a time,
+    The vocabulary projection (`kdexp.smoothing.heads`) runs ``chunk_size`` positions at a time,
     so the peak is ``chunk_size x |V|`` logits (125 MB for 1,024 x 30,522), not ``P x |V|``
     (500 MB for a batch of 32 x 128 tokens).
     """
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        inputs["token_type_ids"] = token_type_ids
-    head = getattr(mlm, "cls", None)
-    base = getattr(mlm, getattr(mlm, "base_model_prefix", ""), None)
-    if head is None or base is None:
-        logits = mlm(**inputs).logits[positions]
-        return mlm_token_distributions(logits.unsqueeze(0), temperature, top_k)
-    hidden_states = base(**inputs).last_hidden_state[positions]
+    inputs = model_inputs({"input_ids": input_ids, "attention_mask": attention_mask,
+                           "token_type_ids": token_type_ids}, mlm.base_model)
+    head = masked_lm_head(mlm)
+    hidden_states = mlm.base_model(**inputs).last_hidden_state[positions]
     parts = [
         mlm_token_distributions(head(hidden_states[start:start + chunk_size]).unsqueeze(0), temperature, top_k)
         for start in range(0, hidden_states.shape[0], chunk_size)
@@ -140,42 +138,47 @@ def build_topk_store(
     lengths: list[int],
     top_k: int,
     temperature: float = 1.0,
-    device: torch.device | str = "cpu",
+    hardware: Hardware | None = None,
 ) -> TopKTokenStore:
     """Run the MLM over ``batches`` (with ``idx``, ``input_ids``, ``attention_mask``) and keep top-k ``q_t``.
 
-    ``lengths[i]`` is the number of real tokens of row ``i``; every row must come in one batch.
+    ``lengths[i]`` is the number of real tokens of row ``i``; every row must come in one batch
+    (under DDP: in one batch of one process, `kdexp.inference.length_sorted_loader` with the
+    same ``hardware``; the rows are put back together on every process).
     """
-    device = torch.device(device)
+    hardware = hardware or Hardware()
     lengths_tensor = torch.tensor(lengths, dtype=torch.long)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
     offsets[1:] = lengths_tensor.cumsum(0)
     total = int(offsets[-1])
     probs = torch.zeros(total, top_k, dtype=torch.float16)
     token_ids = torch.zeros(total, top_k, dtype=torch.int32)
-    filled = torch.zeros(len(lengths), dtype=torch.bool)
-    vocab_size = None
-    for batch in batches:
-        attention_mask = batch["attention_mask"]
-        real = attention_mask.bool()
-        if not torch.equal(real.sum(dim=1), lengths_tensor[batch["idx"]]):
-            raise ValueError("a batch's real-token counts differ from the lengths given for its rows")
-        q = topk_distributions_at(
-            mlm,
-            batch["input_ids"].to(device),
-            attention_mask.to(device),
-            batch["token_type_ids"].to(device) if "token_type_ids" in batch else None,
-            real.to(device),
-            top_k,
-            temperature,
-        )
-        vocab_size = q.vocab_size
-        # Rows of the batch in order, each row's real tokens left to right: the store's layout.
-        starts = offsets[batch["idx"]]
-        target = (starts.unsqueeze(1) + torch.arange(real.shape[1])).masked_select(real)
-        probs[target] = q.probs[0].cpu().half()
-        token_ids[target] = q.token_ids[0].cpu().int()
-        filled[batch["idx"]] = True
-    if not filled.all() or vocab_size is None:
-        raise ValueError(f"the batches covered {int(filled.sum())} of {len(lengths)} rows")
+    filled = torch.zeros(len(lengths), dtype=torch.int32)
+    vocab_size = int(mlm.config.vocab_size)
+    with hardware.inference():
+        for batch in batches:
+            attention_mask = batch["attention_mask"]
+            real = attention_mask.bool()
+            if not torch.equal(real.sum(dim=1), lengths_tensor[batch["idx"]]):
+                raise ValueError("a batch's real-token counts differ from the lengths given for its rows")
+            q = topk_distributions_at(
+                mlm,
+                hardware.to_device(batch["input_ids"]),
+                hardware.to_device(attention_mask),
+                hardware.to_device(batch["token_type_ids"]) if "token_type_ids" in batch else None,
+                hardware.to_device(real),
+                top_k,
+                temperature,
+            )
+            vocab_size = q.vocab_size
+            # Rows of the batch in order, each row's real tokens left to right: the store's layout.
+            starts = offsets[batch["idx"]]
+            target = (starts.unsqueeze(1) + torch.arange(real.shape[1])).masked_select(real)
+            probs[target] = q.probs[0].cpu().half()
+            token_ids[target] = q.token_ids[0].cpu().int()
+            filled[batch["idx"]] = 1
+    for rows in (probs, token_ids, filled):
+        hardware.combine_rows(rows)
+    if not bool((filled == 1).all()):
+        raise ValueError(f"the batches covered {int((filled > 0).sum())} of {len(lengths)} rows")
     return TopKTokenStore(offsets, probs, token_ids, vocab_size)

@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +28,7 @@ from omegaconf import DictConfig
 from kdexp.data import make_loader
 from kdexp.losses import task_loss
 from kdexp.methods.base import DistillationModule
+from kdexp.model_internals import model_inputs
 from kdexp.models import build_student
 from kdexp.context import RunContext
 from kdexp.run import build_context, build_module, compose_config, student_source, trainer_options
@@ -116,20 +116,18 @@ def bare_loop_examples_per_second(context: RunContext) -> float:
     from transformers import get_linear_schedule_with_warmup
 
     cfg = context.cfg
-    device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu")
+    device = context.hardware.device
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
     optimizer = adamw_as_kdexp(student.named_parameters(), cfg.optim)
     loader = make_loader(context.data.train, context.data, cfg.data.batch_size, True, cfg.seed)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * len(loader)), len(loader))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and "bf16" in str(cfg.trainer.precision)
-                else nullcontext())
     examples = 0
     start = time.perf_counter()
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast:
-            logits = student(**DistillationModule.model_inputs(batch)).logits
+        with context.hardware.autocast():
+            logits = student(**model_inputs(batch, student)).logits
         loss = task_loss(logits, batch["labels"], context.task.is_regression)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.trainer.get("gradient_clip_val") or float("inf"))

@@ -59,7 +59,7 @@ RATIOS = [
 
 
 def _device(context: RunContext) -> torch.device:
-    return torch.device("cuda" if context.cfg.trainer.accelerator == "gpu" and torch.cuda.is_available() else "cpu")
+    return context.hardware.device
 
 
 def _method_options(context: RunContext) -> InternalOptions:
@@ -98,7 +98,7 @@ def bare_internal_loop_examples_per_second(context: RunContext) -> float:
     optimizer = adamw_as_kdexp([*student.named_parameters(), *projections.named_parameters()], cfg.optim)
     loader = make_loader(context.data.train, context.data, cfg.data.batch_size, True, cfg.seed)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * len(loader)), len(loader))
-    parameters = [p for _, p in named]
+    parameters = [*student.parameters(), *projections.parameters()]
     clip = cfg.trainer.get("gradient_clip_val") or float("inf")
     examples = 0
     start = time.perf_counter()

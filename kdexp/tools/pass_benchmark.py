@@ -69,7 +69,7 @@ def benchmark(overrides: list[str], repeats: int, num_queries: int) -> dict[str,
     context, _, _ = build_context(compose_config(["logger=none", "method=finetune", *overrides]), Path("."))
     teacher, data = context.teacher, context.data
     tokenized = data.train
-    model = teacher.load_model().to(teacher.device)
+    model = teacher.load_model()
     queries: list[Query] = []
     for original, copies in zip(examples_of(data.raw[context.task.train_split], context.task),
                                 augment_examples(examples_of(data.raw[context.task.train_split], context.task),
@@ -102,7 +102,7 @@ def benchmark(overrides: list[str], repeats: int, num_queries: int) -> dict[str,
     }
     return {"overrides": overrides, "repeats": repeats, "rows": len(tokenized), "queries": len(queries),
             "rows_per_second": medians, "samples": samples, "ratios": ratios, "agreement": agree,
-            "threads": torch.get_num_threads(), "device": str(teacher.device)}
+            "threads": torch.get_num_threads(), "device": str(teacher.hardware.device)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,7 @@ import torch
 
 from kdexp.context import RunContext
 from kdexp.data import make_loader
-from kdexp.methods.base import DistillationModule
+from kdexp.model_internals import model_inputs
 from kdexp.run import build_context, build_module, compose_config
 from kdexp.tools.benchmark import adamw_as_kdexp, lightning_examples_per_second
 
@@ -55,7 +55,7 @@ def dev_accuracy(student: torch.nn.Module, context: RunContext) -> float:
     student.eval()
     correct = total = 0
     for batch in loader:
-        logits = student(**DistillationModule.model_inputs(batch)).logits
+        logits = student(**model_inputs(batch, student)).logits
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         total += len(batch["labels"])
     student.train(was_training)

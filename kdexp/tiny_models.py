@@ -1,0 +1,81 @@
+"""Tiny random encoders of every supported family, with a word-level tokenizer, built offline in seconds.
+
+For `kdexp-check` (a preflight that must not download anything) and the tests; never for results.
+A family is BERT, RoBERTa, ELECTRA or DistilBERT: the same word-level vocabulary, each family's
+own architecture (its layer layout, attention, first-token representation and MLM head), and the
+inputs its real tokenizers give (no segment ids for RoBERTa and DistilBERT).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertTokenizer,
+    DistilBertConfig,
+    ElectraConfig,
+    PretrainedConfig,
+    RobertaConfig,
+)
+
+FAMILIES = ("bert", "roberta", "electra", "distilbert")
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Families whose real tokenizers give no segment ids (RoBERTa has one segment embedding, DistilBERT none).
+WITHOUT_SEGMENTS = ("roberta", "distilbert")
+
+
+def vocabulary_of(texts: Iterable[str], size: int = 2000) -> list[str]:
+    """The special tokens, then the ``size`` most frequent lower-cased words and punctuation marks."""
+    counts = Counter(word for text in texts for word in re.findall(r"\w+|[^\w\s]", text.lower()))
+    return [*SPECIAL_TOKENS, *(word for word, _ in counts.most_common(size) if word not in SPECIAL_TOKENS)]
+
+
+def word_tokenizer(vocabulary: list[str], family: str = "bert") -> Any:
+    """A whole-word tokenizer over ``vocabulary`` giving the inputs ``family``'s own tokenizers give."""
+    check_family(family)
+    names = ["input_ids", "attention_mask"] + ([] if family in WITHOUT_SEGMENTS else ["token_type_ids"])
+    return BertTokenizer(vocab={word: i for i, word in enumerate(vocabulary)}, model_input_names=names)
+
+
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family '{family}': use one of {', '.join(FAMILIES)}")
+
+
+def tiny_config(family: str, vocab_size: int, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 2,
+                intermediate_size: int = 64, max_length: int = 128, num_labels: int = 2) -> PretrainedConfig:
+    """A small config of ``family`` (pad id 0, as in `word_tokenizer`'s vocabulary)."""
+    check_family(family)
+    common: dict[str, Any] = {"vocab_size": vocab_size, "num_labels": num_labels, "pad_token_id": 0}
+    if family == "distilbert":
+        return DistilBertConfig(dim=hidden_size, n_layers=num_layers, n_heads=num_heads, hidden_dim=intermediate_size,
+                                max_position_embeddings=max_length, **common)
+    sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+             "intermediate_size": intermediate_size}
+    if family == "roberta":  # positions start after the padding index
+        return RobertaConfig(max_position_embeddings=max_length + 2, type_vocab_size=1, bos_token_id=2,
+                             eos_token_id=3, **sizes, **common)
+    if family == "electra":
+        return ElectraConfig(embedding_size=hidden_size, max_position_embeddings=max_length, **sizes, **common)
+    return BertConfig(max_position_embeddings=max_length, **sizes, **common)
+
+
+def save_tiny_model(folder: Path, family: str, vocabulary: list[str], num_labels: int = 2, seed: int = 0,
+                    head: str = "classifier", **sizes: Any) -> Path:
+    """A random ``family`` model (a sequence ``classifier`` or a ``masked_lm``) and its tokenizer in ``folder``."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, len(vocabulary), num_labels=num_labels, **sizes)
+    auto = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}[head]
+    model = auto.from_config(config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    word_tokenizer(vocabulary, family).save_pretrained(folder)
+    return folder

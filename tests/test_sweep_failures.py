@@ -1,0 +1,141 @@
+"""Sweeps go on: every job is checked before the first starts, and a job that fails at run time is
+recorded (failed.json) while the others run to their results; the sweep then lists it and exits 1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+
+from kdexp.config import CONFIG_DIR
+from kdexp.run_folder import FAILED_FILE, LockHolder
+from kdexp.sweep import check_jobs, failed_jobs, job_name, record_failure, sweep_jobs
+from kdexp.train import SWEEP_CALLBACK, with_sweep_callback
+from tests.test_reproducibility import tiny_args
+
+FAULT = {"KDEXP_FAULT_AT": "train_batch:job=0:epoch=0:batch=1", "KDEXP_FAULT_ACTION": "raise"}
+
+
+def sweep(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env_vars)
+    for name in ("KDEXP_FAULT_AT", "KDEXP_FAULT_ACTION"):
+        if name not in env_vars:
+            env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "kdexp.train", "-m", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+def sweep_args(model: Path, glue: Path, tmp_path: Path, *extra: str) -> list[str]:
+    args = tiny_args(model, glue, tmp_path / "cache", tmp_path / "unused", "method=vanilla_kd", "trainer.max_epochs=1")
+    return [*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra]
+
+
+# --------------------------------------------------------------------------- checked before the first job
+
+
+@pytest.mark.parametrize("swept,line", [
+    (["data.max_length=32,65"],
+     "job #1 (data.max_length=65) of the sweep: data.max_length=65 is above the 64 positions of teacher.name_or_path="),
+    (["++method.alpha=0.5", "method=vanilla_kd,finetune"],
+     "job #1 (method=finetune) of the sweep: method 'finetune' takes no options; got method.alpha."),
+    (["method=vanilla_kd,nosuch"], "job #1 (method=nosuch) of the sweep: In 'config': Could not find 'method/nosuch'."),
+])
+def test_a_bad_value_in_the_second_job_stops_the_sweep_before_the_first_trains(
+    swept: list[str], line: str, tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    proc = sweep(sweep_args(tiny_model_dir, glue_dir, tmp_path, *swept), tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [error] = [x for x in proc.stderr.splitlines() if x.startswith("kdexp-train: error:")]
+    assert error.startswith(f"kdexp-train: error: {line}") and "No job has started" in error
+    assert not (tmp_path / "sweep").exists()  # no job folder, no lock left behind
+    assert not (tmp_path / "cache").exists()  # no teacher trained
+
+
+def test_the_jobs_are_those_the_basic_sweeper_launches() -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        def master(*overrides: str):
+            return GlobalHydra.instance().hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN,
+                                                               with_log_configuration=False)
+
+        jobs = sweep_jobs(master("seed=1,2", "method=finetune,vanilla_kd"))
+        assert jobs == [["seed=1", "method=finetune"], ["seed=1", "method=vanilla_kd"],
+                        ["seed=2", "method=finetune"], ["seed=2", "method=vanilla_kd"]]
+        assert job_name(3, jobs[3], jobs) == "job #3 (seed=2 method=vanilla_kd)"
+        from_params = sweep_jobs(master("experiment=dbkd_cpu", "seed=4"))  # hydra.sweeper.params, seed from the command
+        assert len(from_params) == 8 and {job[1] for job in from_params} == {"seed=4"}
+        assert job_name(0, ["seed=1"], [["seed=1"]]) == "job #0"
+
+
+def test_a_sweeper_that_samples_as_it_goes_is_not_prechecked(caplog: pytest.LogCaptureFixture) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        master = GlobalHydra.instance().hydra.compose_config(
+            "config", ["hparams_search=vanilla_kd", "task=rte"], run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+        with caplog.at_level(logging.INFO, logger="kdexp.sweep"):
+            assert sweep_jobs(master) is None and check_jobs(master) is None
+    assert "OptunaSweeper chooses its values as it goes: each job checks its config when it starts." in caplog.text
+
+
+# --------------------------------------------------------------------------- a job that fails at run time
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_a_job_that_fails_at_run_time_is_recorded_and_the_sweep_goes_on(
+    launcher: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    args = sweep_args(tiny_model_dir, glue_dir, tmp_path, *launcher, "seed=1,2")
+    failing, other = tmp_path / "sweep" / "0_sst2_vanilla_kd_seed1", tmp_path / "sweep" / "1_sst2_vanilla_kd_seed2"
+    proc = sweep(args, tmp_path, **FAULT)
+    assert proc.returncode == 1, proc.stderr[-5000:]
+
+    assert json.loads((other / "results.json").read_text())["seed"] == 2  # the sweep went on
+    assert not (failing / "results.json").exists()
+    record = json.loads((failing / FAILED_FILE).read_text())
+    error = f"InjectedFault: injected fault at train_batch (KDEXP_FAULT_AT={FAULT['KDEXP_FAULT_AT']})"
+    assert record["error"] == error and record["job"] == 0 and "seed=1" in record["overrides"]
+    assert "kdexp/faults.py:" in record["last_frame"] and record["last_frame"].endswith(" in _act")
+    summary = proc.stderr[proc.stderr.index("kdexp-train: 1 job(s) of the sweep failed"):].splitlines()
+    assert summary[1:] == [f"  {failing}: {error}"]
+    assert not (tmp_path / "sweep" / ".kdexp-sweep.lock").exists()
+
+    # launched again (the bug fixed): the failed job runs, the finished one is not trained again
+    other_results = (other / "results.json").read_text()
+    again = sweep(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert json.loads((failing / "results.json").read_text())["seed"] == 1
+    assert not (failing / FAILED_FILE).exists()
+    assert (other / "results.json").read_text() == other_results
+    assert "this run is finished; not training again" in again.stdout + again.stderr
+
+
+def test_only_this_sweeps_failures_are_listed(tmp_path: Path) -> None:
+    this = LockHolder("host-a", 11, "2025-01-01T10:00:00+00:00")
+    earlier = LockHolder("host-a", 7, "2024-12-31T10:00:00+00:00")
+    (tmp_path / ".kdexp-sweep.lock").write_text(json.dumps(earlier.__dict__))
+    record_failure(tmp_path / "3_old", ValueError("from an earlier sweep\nmore"), 3, ["seed=3"], tmp_path)
+    (tmp_path / ".kdexp-sweep.lock").write_text(json.dumps(this.__dict__))
+    try:
+        raise KeyError("k")
+    except KeyError as err:
+        record_failure(tmp_path / "0_new", err, 0, ["seed=1"], tmp_path)
+    [(folder, record)] = failed_jobs(tmp_path, this)
+    assert folder == tmp_path / "0_new" and record["error"] == "KeyError: 'k'"
+    assert record["last_frame"].endswith("in test_only_this_sweeps_failures_are_listed")
+    assert json.loads((tmp_path / "3_old" / FAILED_FILE).read_text())["error"] == "ValueError: from an earlier sweep"
+
+
+def test_the_sweep_callback_goes_next_to_the_other_overrides() -> None:
+    assert with_sweep_callback(["kdexp-train", "a=1", "-m"]) == ["kdexp-train", SWEEP_CALLBACK, "a=1", "-m"]
+    assert with_sweep_callback(["kdexp-train", "-m", "a=1,2"]) == ["kdexp-train", "-m", SWEEP_CALLBACK, "a=1,2"]
+    assert with_sweep_callback(["kdexp-train", "--cfg", "job"]) == ["kdexp-train", SWEEP_CALLBACK, "--cfg", "job"]
+    assert with_sweep_callback(["kdexp-train", "-m", SWEEP_CALLBACK]) == ["kdexp-train", "-m", SWEEP_CALLBACK]
+    assert with_sweep_callback(["kdexp-train", "--shell-completion", "query=x"]) == [
+        "kdexp-train", "--shell-completion", "query=x"]
