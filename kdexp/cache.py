@@ -110,13 +110,15 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
 def load_tensors(path: str | Path, expected_meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """Load tensors saved by `save_tensors`, or None when missing, unreadable or mismatched.
 
-    A corrupt or mismatched entry is reported and removed, so that the caller recomputes it.
+    The tensors are memory-mapped from the file: a [CLS] cache or an MLM store of a full-size task is
+    read from disk as rows are used, not copied into memory. A corrupt or mismatched entry is reported
+    and removed, so that the caller recomputes it.
     """
     path = Path(path)
     if not path.exists():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         meta, tensors = payload["meta"], payload["tensors"]
     except Exception as err:  # a truncated or foreign file
         log.warning("Cache entry %s is unreadable (%s); recomputing it.", path, err)

@@ -32,6 +32,7 @@ NON_RESULT_KEYS: tuple[str, ...] = (
     "data.num_workers", "data.eval_batch_size", "teacher.eval_batch_size", "teacher.eval_tokens_per_batch",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "method.queries.batch_size", "method.mlm.eval_batch_size",
+    "checkpoint.",  # when step checkpoints are written: a resumed run ends as an uninterrupted one
 )
 
 
@@ -41,7 +42,7 @@ NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by
                                   "method.kd_form": "hinton", "method.smoothing_form": "others",
                                   "method.final_alpha": None, "method.attention_heads": "mean",
                                   "method.mlm.adapt.passes": None, "teacher.dtype": "float32",
-                                  "student.dtype": "float32"}
+                                  "student.dtype": "float32", "data.hub_dataset": "nyu-mll/glue"}
 NEUTRAL_VALUES["task.allow_empty_text"] = False  # own files: empty texts refused, as before the key existed
 
 # Weights dtypes a model may be loaded in (kdexp.models.MODEL_DTYPES).
@@ -102,6 +103,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8)
 class DataSchema:
     source: str = MISSING
     glue_dir: Optional[str] = None
+    hub_dataset: str = "nyu-mll/glue"  # a Hub id, or a local folder in that dataset's layout (kdexp.hub_folder)
     max_length: int = MISSING
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
@@ -260,6 +262,22 @@ class TaskSchema:
 
 
 @dataclass
+class CheckpointSchema:
+    """The `checkpoint` block: how often long loops (training, the teacher's fine-tuning, the MLM
+    adaptation) write their resumable step checkpoint besides epoch boundaries (kdexp.preemption)."""
+
+    every_n_steps: Optional[int] = None
+    every_minutes: Optional[float] = 30.0
+
+    def check(self) -> None:
+        steps, minutes = self.every_n_steps, self.every_minutes
+        require(steps is None or steps >= 1, "checkpoint.every_n_steps", steps,
+                "a positive number of optimiser steps (e.g. 1000), or null for none")
+        require(minutes is None or minutes > 0, "checkpoint.every_minutes", minutes,
+                "a positive number of minutes (e.g. 30), or null for none")
+
+
+@dataclass
 class RunSchema:
     """The top level of a composed config (the `method` and `trainer` groups are checked separately)."""
 
@@ -269,6 +287,7 @@ class RunSchema:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     method: Any = MISSING
     trainer: Any = MISSING
     seed: int = MISSING
@@ -277,7 +296,7 @@ class RunSchema:
     keep_checkpoints: bool = False
 
     def check(self) -> None:
-        for part in (self.task, self.data, self.optim, self.teacher, self.student, self.logger):
+        for part in (self.task, self.data, self.optim, self.teacher, self.student, self.logger, self.checkpoint):
             part.check()
 
 

@@ -7,7 +7,9 @@ happens there:
 
 - `kill` (the default): SIGKILL, with no clean-up, as a power loss or the OOM killer would;
 - `raise`: an `InjectedFault` exception, as a bug in the code would;
-- `wait:<file>`: block until `<file>` exists (a test holds the run there, e.g. to launch a second one).
+- `wait:<file>`: block until `<file>` exists (a test holds the run there, e.g. to launch a second one);
+- `signal:<NAME>` (`signal:TERM`, `signal:USR1`, `signal:INT`): the process sends itself that signal, as
+  a scheduler pre-empting it would (kdexp.preemption), and goes on.
 
 Unset, `maybe_fail` costs one dictionary lookup.
 """
@@ -52,6 +54,10 @@ def _act(point: str) -> None:
         release = action.partition(":")[2]
         while not os.path.exists(release):
             time.sleep(0.1)
+        return
+    if action.startswith("signal:"):
+        name = action.partition(":")[2].upper()
+        os.kill(os.getpid(), getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))
         return
     os.kill(os.getpid(), signal.SIGKILL)
 

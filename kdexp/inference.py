@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from kdexp.data import pad_batch
+from kdexp.data import pad_batch, row_lengths
 
 if TYPE_CHECKING:
     from kdexp.hardware import Hardware
@@ -40,13 +41,15 @@ class PassBatching:
         return {"pass": "length_sorted", "tokens_per_batch": self.tokens_per_batch, "max_rows": self.max_rows}
 
 
-def length_sorted_batches(lengths: Sequence[int], batching: PassBatching) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batching: PassBatching) -> list[list[int]]:
     """Row indices in batches of similar length, longest first (a batch too big fails at once).
 
     Each batch holds as many rows as fit ``rows × longest <= tokens_per_batch`` and
     ``rows <= max_rows``, and at least one row.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = np.lexsort((np.arange(len(sizes)), -sizes)).tolist()  # longest first, then by row
+    lengths = sizes.tolist()
     batches: list[list[int]] = []
     current: list[int] = []
     for row in order:
@@ -67,8 +70,7 @@ def length_sorted_loader(tokenized: Any, pad_token_id: int, batching: PassBatchi
     With ``hardware`` of several processes, this process's share of the batches (`Hardware.shard`):
     the same batches, so each row's result is the one a single process computes.
     """
-    lengths = [len(ids) for ids in tokenized["input_ids"]]
-    batches = length_sorted_batches(lengths, batching)
+    batches = length_sorted_batches(row_lengths(tokenized), batching)
     return torch.utils.data.DataLoader(
         tokenized,
         batch_sampler=hardware.shard(batches) if hardware is not None else batches,

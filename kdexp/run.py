@@ -19,6 +19,7 @@ from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_g
 from kdexp.loggers import build_loggers, finish_loggers
 from kdexp.methods.base import DistillationModule, OptimConfig
 from kdexp.models import build_student, count_parameters, load_tokenizer, model_depth, model_max_positions, resolve_model_path
+from kdexp.preemption import CheckpointEvery, forward_to_launched
 from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable
 from kdexp.seeding import derive_seed, seed_all
 from kdexp.tasks import GlueTask, custom_task, get_task
@@ -139,10 +140,10 @@ def build_context(cfg: DictConfig, run_dir: Path, hardware: Hardware | None = No
     """
     task, method_cls, method_options = check_run(cfg)
     hardware = hardware or Hardware.from_trainer(trainer_options(cfg))
-    source = DataSource.from_config(cfg.data.source, cfg.data.glue_dir)
+    source = DataSource.from_data_config(cfg.data)
     cache_dir = Path(to_absolute_path(cfg.cache_dir))
     teacher = prepare_teacher(teacher_spec(cfg), task, source, cfg.data.max_length, trainer_options(cfg), cache_dir,
-                              hardware)
+                              hardware, CheckpointEvery.from_config(cfg.get("checkpoint")))
     tokenizer = teacher.tokenizer if cfg.student.init != "pretrained" else load_tokenizer(
         resolve_model_path(cfg.student.name_or_path, "student.name_or_path"), "student.name_or_path"
     )
@@ -202,6 +203,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
 
     hardware = Hardware.from_trainer(trainer_options(cfg))
     hardware.launch()  # several devices: every process from here on, so that every stage can use them all
+    forward_to_launched(hardware)  # a stop signal this process alone gets reaches them too (kdexp.preemption)
     context, method_cls, method_options = build_context(cfg, run_dir, hardware)
     module = build_module(context, method_cls, method_options)
     task, data, teacher = context.task, context.data, context.teacher
@@ -223,7 +225,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
     started = time.perf_counter()
     try:
         result = fit(module, datamodule, trainer_options(cfg), run_dir, seed=cfg.seed, identity=identity,
-                     loggers=loggers or False, metrics_csv=run_dir / "metrics.csv", resume=cfg.resume)
+                     loggers=loggers or False, metrics_csv=run_dir / "metrics.csv", resume=cfg.resume,
+                     checkpoints=CheckpointEvery.from_config(cfg.get("checkpoint")))
     except BaseException:
         finish_loggers(loggers, failed=True)
         raise

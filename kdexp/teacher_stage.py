@@ -29,6 +29,7 @@ from kdexp.hardware import Hardware
 from kdexp.methods.base import OptimConfig
 from kdexp.methods.finetune import Finetune
 from kdexp.models import count_parameters, file_digest, load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from kdexp.preemption import CheckpointEvery
 from kdexp.seeding import seed_all
 from kdexp.tasks import GlueTask
 from kdexp.teacher import Teacher
@@ -81,10 +82,13 @@ def prepare_teacher(
     trainer_cfg: dict[str, Any],
     cache_dir: Path,
     hardware: Hardware,
+    checkpoints: CheckpointEvery | None = None,
 ) -> Teacher:
     """Return the fine-tuned teacher for `task`, fine-tuning it first if no stored copy has its key.
 
     Under DDP global rank 0 fine-tunes it (on its own device); the other processes wait for it.
+    `checkpoints` (the run's `checkpoint.*`): when the fine-tuning writes step checkpoints, in
+    `<store>.partial/checkpoints` (they decide nothing in the teacher: not in its key).
     """
     path = resolve_model_path(spec.name_or_path, "teacher.name_or_path")
     tokenizer = load_tokenizer(path, "teacher.name_or_path")
@@ -114,7 +118,8 @@ def prepare_teacher(
                 log.info("Reusing teacher %s (trained by another process meanwhile)", store)
             else:
                 options = teacher_trainer_options(spec, trainer_cfg)
-                _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store)
+                _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store,
+                                  checkpoints)
                 info = stored_teacher_info(store)
                 assert info is not None, f"the teacher stage did not publish {store}"
     return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, hardware, info, spec.eval_batch_size,
@@ -170,8 +175,10 @@ def _finetune_teacher(
     trainer_options: dict[str, Any],
     cache_dir: Path,
     store: Path,
+    checkpoints: CheckpointEvery | None = None,
 ) -> None:
-    """Fine-tune in `<store>.partial` (resumable), then rename it into place when complete."""
+    """Fine-tune in `<store>.partial` (resumable, from its last epoch or step checkpoint), then rename it
+    into place when complete."""
     partial = store.with_name(store.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     log.info("Fine-tuning teacher %s on %s (key %s) in %s", path, task.name, key, partial)
@@ -182,7 +189,7 @@ def _finetune_teacher(
     module = Finetune(model, task, optim)
     datamodule = GlueDataModule(data, spec.batch_size, spec.eval_batch_size, spec.seed)
     result = fit(module, datamodule, trainer_options, partial, seed=spec.seed, identity=key,
-                 metrics_csv=partial / "metrics.csv", fault_prefix="teacher_")
+                 metrics_csv=partial / "metrics.csv", fault_prefix="teacher_", checkpoints=checkpoints)
     module.student.save_pretrained(partial / "model")
     tokenizer.save_pretrained(partial / "model")
     shutil.rmtree(partial / "checkpoints", ignore_errors=True)

@@ -10,12 +10,18 @@ holds stops in one line). Every launch carries the sweep callback `kdexp.sweep.S
 (`hydra.callbacks.kdexp_sweep`): under `-m` it holds the sweep folder, checks every job's config
 before the first starts, and lists the failed jobs at the end (exit status 1), while a failed job
 is recorded in its folder (`failed.json`) and the sweep goes on.
+
+SIGTERM, SIGUSR1 and SIGINT (a scheduler's pre-emption, Ctrl+C) stop a run at its next batch
+boundary with a step checkpoint (kdexp.preemption): one line says what was saved and how to
+resume, and the exit status is 128 + the signal's number (143, 138, 130), a sweep's included;
+rerunning the same command resumes. Under SLURM, SIGUSR1 also requeues the job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp import faults
+from kdexp import faults, preemption
 from kdexp.config import CONFIG_DIR
 from kdexp.errors import KdexpError
 from kdexp.run_folder import FAILED_FILE, RunFolder
@@ -128,15 +134,49 @@ def sweep_guarded() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_app(cfg: DictConfig) -> float | None:
-    if sweep_guarded():
-        return run_sweep_job(cfg)
+    preemption.install()
     try:
-        return run_job(cfg)
-    except KdexpError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"kdexp-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if sweep_guarded():
+            return run_sweep_job(cfg)
+        try:
+            return run_job(cfg)
+        except KdexpError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"kdexp-train: error: {err}", file=sys.stderr)
+            sys.exit(2)
+    except preemption.Preempted as stop:
+        sys.exit(report_stop(stop))
+
+
+def report_stop(stop: preemption.Preempted) -> int:
+    """The one line a stop signal ends a run with, and its exit status (kdexp.preemption).
+
+    Only the first process reports; the other DDP processes exit with status 0, so that Lightning's
+    watcher of the processes it launched does not kill the first before it has reported.
+    """
+    if not preemption.is_first_process():
+        return 0
+    name = preemption.signal_name(stop.signum)
+    saved = f"saved {stop.saved}" if stop.saved else "nothing in progress needed saving"
+    requeued = preemption.requeue_slurm_job() if stop.signum == signal.SIGUSR1 else None
+    line = f"kdexp-train: stopped by {name}: {saved}; {resume_hint()}"
+    line += f"; SLURM job {requeued} requeued" if requeued else ""
+    print(f"{line} (exit status {stop.exit_status}).", file=sys.stderr, flush=True)
+    return stop.exit_status
+
+
+def resume_hint() -> str:
+    """How to resume: the same command, naming the run's folder where the command left it to Hydra's
+    default (a new time-stamped folder each launch)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        key, folder = "hydra.sweep.dir", str(Path(hydra_cfg.runtime.cwd) / str(hydra_cfg.sweep.dir))
+    else:
+        key, folder = "hydra.run.dir", str(hydra_cfg.runtime.output_dir)
+    if any(override.lstrip("+").split("=", 1)[0] == key for override in hydra_cfg.overrides.hydra):
+        return "rerun the same command to resume"
+    return f"rerun the same command with {key}={folder} to resume"
 
 
 def with_sweep_callback(argv: list[str]) -> list[str]:

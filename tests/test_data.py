@@ -181,7 +181,7 @@ def test_split_of_blank_rows_is_refused_before_tokenising(tmp_path: Path) -> Non
 def test_empty_hub_split_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    monkeypatch.setattr(data_mod, "_hub_split", lambda task, split: datasets.Dataset.from_dict({"sentence": [], "label": []}))
+    monkeypatch.setattr(data_mod, "_hub_split", lambda task, split, hub_dataset: datasets.Dataset.from_dict({"sentence": [], "label": []}))
     with pytest.raises(DataError, match=r"hub:nyu-mll/glue/sst2 split 'train': no rows for task sst2; use data with rows"):
         load_split(get_task("sst2"), "train", DataSource(None))
 

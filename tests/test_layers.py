@@ -15,14 +15,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdexp"
 
 # Lowest first. A module may import modules of its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
-    ("kdexp", "kdexp.errors", "kdexp.seeding", "kdexp.faults", "kdexp.tasks", "kdexp.config", "kdexp.hardware"),
+    ("kdexp", "kdexp.errors", "kdexp.seeding", "kdexp.faults", "kdexp.tasks", "kdexp.config", "kdexp.hardware",
+     "kdexp.preemption"),
     ("kdexp.cache", "kdexp.data", "kdexp.inference", "kdexp.models", "kdexp.tiny_models", "kdexp.metrics", "kdexp.model_internals", "kdexp.phases",
      "kdexp.losses", "kdexp.context"),
     ("kdexp.teacher", "kdexp.decision", "kdexp.internal", "kdexp.smoothing", "kdexp.selection"),
     ("kdexp.methods",),
     ("kdexp.training",),
     ("kdexp.teacher_stage",),
-    ("kdexp.run",),
+    ("kdexp.run", "kdexp.hub_folder"),
     ("kdexp.report_formats", "kdexp.sweep"),
     ("kdexp.train", "kdexp.report", "kdexp.evaluate", "kdexp.preflight"),
     ("kdexp.tools",),

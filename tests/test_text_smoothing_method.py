@@ -324,7 +324,8 @@ def test_checkpoint_without_mlm_head_and_adaptation_disabled_is_refused_before_t
     import kdexp.run as run_mod
 
     monkeypatch.setattr(run_mod, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
-    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=text_smoothing", "method.mlm.adapt.enabled=false")
+    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=text_smoothing", "method.mlm.adapt.enabled=false",
+                   "method.top_k=8")
     with pytest.raises(MissingMLMHeadError, match=r"Missing MLM head weights: cls\.predictions.*method\.mlm\.adapt\.enabled=true"):
         run(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / "results.json").exists()

@@ -20,12 +20,18 @@ every method that needs decisions:
   its answers (its tokenizer and the maximum length) to the augmentation key. The metadata
   also records how long the stage took when it ran (``augment_seconds``, ``query_seconds``).
 
+Both are made `CHUNK_ROWS` rows at a time (the copies written as they are made, the queries of a
+chunk tokenised and answered together), so the stage's memory does not grow with the split:
+MNLI with ``N = 10`` is 3.9M queries. Answered chunks are kept next to the entry
+(``<key>.pt.partial/``) until the table is stored, so a killed stage resumes from its last chunk.
+
 ``batch_size`` changes only speed, so it is not part of the keys.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import time
@@ -35,16 +41,21 @@ from typing import Any
 
 import datasets
 import torch
+from datasets.arrow_writer import ArrowWriter
 
 from kdexp.cache import atomic_directory, cache_key, load_or_compute_together, load_tensors, save_tensors, wait_for_rank_zero
-from kdexp.data import content_fingerprint
+from kdexp.data import arrow_column, content_fingerprint
 from kdexp.decision.eda import EDAConfig, augment, augment_copies, augment_pair, authors_rates, clean_text, example_random
 from kdexp.decision.teacher import DecisionTeacher, Query
 from kdexp.decision.wordnet import DEFAULT_WORDNET_PATH, PARTS_OF_SPEECH, shared_wordnet
+from kdexp.faults import maybe_fail
 from kdexp.hardware import is_global_zero
 from kdexp.tasks import GlueTask
 
 log = logging.getLogger(__name__)
+
+# Rows per chunk of the query stage (each with N queries): what bounds its memory at any size.
+CHUNK_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -138,19 +149,20 @@ def decision_counts(decisions: torch.Tensor, num_labels: int) -> torch.Tensor:
 
 def examples_of(ds: datasets.Dataset, task: GlueTask) -> list[Query]:
     """The inputs of a raw split: texts, or ``(text_a, text_b)`` pairs for two-sentence tasks."""
-    columns = [ds[name] for name in task.text_fields]
+    columns = [arrow_column(ds, name).to_pylist() for name in task.text_fields]
     if len(columns) == 1:
         return list(columns[0])
     return list(zip(*columns))
 
 
-def augment_examples(examples: list[Query], config: QueryConfig) -> list[list[Query]]:
-    """The ``N - 1`` EDA copies of each example; example ``i`` uses ``example_random(seed, i)``."""
+def augment_examples(examples: list[Query], config: QueryConfig, first_index: int = 0) -> list[list[Query]]:
+    """The ``N - 1`` EDA copies of each example; example ``i`` (counted from ``first_index``: a chunk of a
+    split) uses ``example_random(seed, i)``."""
     if config.num_copies == 0:
         return [[] for _ in examples]
     wordnet = shared_wordnet() if config.eda.needs_wordnet else None
     copies: list[list[Query]] = []
-    for index, example in enumerate(examples):
+    for index, example in enumerate(examples, start=first_index):
         rng = example_random(config.seed, index)
         if config.eda.style == "authors":
             sides = [_authors_side_copies(text, config, index, side, rng, wordnet)
@@ -214,48 +226,66 @@ def augmentation_key(ds: datasets.Dataset, task: GlueTask, config: QueryConfig) 
     )
 
 
-def decisions_key(teacher: DecisionTeacher, augmentation: str) -> str:
-    return cache_key(kind="decisions", teacher=teacher.key, answers=teacher.identity, augmentation=augmentation)
+def decisions_key(teacher: DecisionTeacher, augmentation: str, rows: int = 0) -> str:
+    """The key of a decisions table. Past one chunk the batch plan is per chunk, which may change a float's
+    last bits and so a near-tie's answer: the chunk size is then part of the key."""
+    chunks = {"chunk_rows": CHUNK_ROWS} if rows > CHUNK_ROWS else {}
+    return cache_key(kind="decisions", teacher=teacher.key, answers=teacher.identity, augmentation=augmentation,
+                     **chunks)
 
 
-def _copies_dataset(copies: list[list[Query]], task: GlueTask) -> datasets.Dataset:
+def _copies_columns(copies: list[list[Query]], task: GlueTask, first_row: int) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {name: [] for name in task.text_fields}
     columns["row"], columns["copy"] = [], []
-    for row, row_copies in enumerate(copies):
+    for row, row_copies in enumerate(copies, start=first_row):
         for number, copy in enumerate(row_copies, start=1):
             texts = (copy,) if isinstance(copy, str) else copy
             for name, text in zip(task.text_fields, texts):
                 columns[name].append(text)
             columns["row"].append(row)
             columns["copy"].append(number)
-    features = datasets.Features(
-        {**{name: datasets.Value("string") for name in task.text_fields},
-         "row": datasets.Value("int64"), "copy": datasets.Value("int64")}
-    )
-    return datasets.Dataset.from_dict(columns, features=features)
+    return columns
 
 
-def _load_or_augment(
-    ds: datasets.Dataset, task: GlueTask, config: QueryConfig, cache_dir: Path
-) -> tuple[str, Path, list[list[Query]] | None, float]:
-    """The copies' key and folder; the copies themselves when they had to be made (else None)."""
+def _copies_features(task: GlueTask) -> datasets.Features:
+    return datasets.Features({**{name: datasets.Value("string") for name in task.text_fields},
+                              "row": datasets.Value("int64"), "copy": datasets.Value("int64")})
+
+
+def row_chunks(rows: int, chunk_rows: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``chunk_rows`` (default `CHUNK_ROWS`) rows covering ``rows``."""
+    size = chunk_rows or CHUNK_ROWS
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def _load_or_augment(ds: datasets.Dataset, task: GlueTask, config: QueryConfig, cache_dir: Path) -> tuple[str, Path, float]:
+    """The copies' key and folder (made now if missing, chunk by chunk), and the seconds making them took."""
     key = augmentation_key(ds, task, config)
     path = cache_dir / "decision" / "augmented" / key
     expected_rows = len(ds) * config.num_copies
     if _stored_copies(path, expected_rows, report=True):
         log.info("Reusing augmented copies %s", path)
-        return key, path, None, 0.0
+        return key, path, 0.0
     if not is_global_zero():  # DDP: the first process augments, the others read its copies
         wait_for_rank_zero(path, lambda: _stored_copies(path, expected_rows) or None)
-        return key, path, None, 0.0
+        return key, path, 0.0
     start = time.perf_counter()
-    copies = augment_examples(examples_of(ds, task), config)
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrow_file = path.with_name(f".{key}.{os.getpid()}.arrow.tmp")
+    try:
+        with ArrowWriter(features=_copies_features(task), path=str(arrow_file)) as writer:
+            for first, stop in row_chunks(len(ds)):  # a chunk of copies in memory at a time, written as it is made
+                chunk = augment_examples(examples_of(ds.select(range(first, stop)), task), config, first)
+                writer.write_batch(_copies_columns(chunk, task, first))
+            writer.finalize()
+        with atomic_directory(path) as tmp:
+            datasets.Dataset.from_file(str(arrow_file)).save_to_disk(str(tmp))
+    finally:
+        arrow_file.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     log.info("EDA: %d copies of %d examples in %.1fs", config.num_copies, len(ds), seconds)
-    shutil.rmtree(path, ignore_errors=True)
-    with atomic_directory(path) as tmp:
-        _copies_dataset(copies, task).save_to_disk(str(tmp))
-    return key, path, copies, seconds
+    return key, path, seconds
 
 
 def _stored_copies(path: Path, expected_rows: int, report: bool = False) -> bool:
@@ -270,12 +300,6 @@ def _stored_copies(path: Path, expected_rows: int, report: bool = False) -> bool
         return False
 
 
-def _copies_from_dataset(path: Path, task: GlueTask, num_examples: int, num_copies: int) -> list[list[Query]]:
-    ds = datasets.load_from_disk(str(path))
-    flat = examples_of(ds, task)
-    return [flat[i * num_copies : (i + 1) * num_copies] for i in range(num_examples)]
-
-
 def query_decisions(
     teacher: DecisionTeacher,
     ds: datasets.Dataset,
@@ -285,12 +309,15 @@ def query_decisions(
 ) -> DecisionQueries:
     """The teacher's decisions on the ``N`` queries of every row of the raw split ``ds`` (cached).
 
-    A cache hit makes no teacher query (and does not even load the teacher's model).
+    A cache hit makes no teacher query (and does not even load the teacher's model). The queries
+    are asked chunk by chunk (`CHUNK_ROWS` rows, ``N`` queries each), so memory is bounded at any
+    size, and each answered chunk is kept (``<entry>.partial/``) until the whole table is stored:
+    a killed stage resumes from its last chunk.
     """
     if task.is_regression:
         raise ValueError(f"decision queries need a classification task; {task.name} is regression")
-    aug_key, copies_path, copies, augment_seconds = _load_or_augment(ds, task, config, Path(cache_dir))
-    key = decisions_key(teacher, aug_key)
+    aug_key, copies_path, augment_seconds = _load_or_augment(ds, task, config, Path(cache_dir))
+    key = decisions_key(teacher, aug_key, len(ds))
     path = Path(cache_dir) / "signals" / "decisions" / f"{key}.pt"
     expected = {"key": key, "rows": len(ds), "num_queries": config.num_queries, "num_labels": teacher.num_labels}
 
@@ -309,31 +336,60 @@ def query_decisions(
         return None
 
     def query() -> DecisionQueries:
-        return _query(teacher, ds, task, config, copies, copies_path, key, aug_key, augment_seconds)
+        decisions, seconds = _answer_in_chunks(teacher, ds, task, config, copies_path, chunk_folder(path))
+        return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, seconds)
 
     def store(queries: DecisionQueries) -> None:
         meta = dict(expected, augment_seconds=queries.augment_seconds, query_seconds=queries.query_seconds)
         save_tensors(path, {"decisions": queries.decisions, "counts": queries.counts}, meta)
+        shutil.rmtree(chunk_folder(path), ignore_errors=True)
 
     return load_or_compute_together(path, load, query, store, teacher.hardware)
 
 
-def _query(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueTask, config: QueryConfig, copies: Any,
-           copies_path: Path, key: str, aug_key: str, augment_seconds: float) -> DecisionQueries:
-    if copies is None:
-        copies = _copies_from_dataset(copies_path, task, len(ds), config.num_copies)
-    originals = examples_of(ds, task)
-    flat: list[Query] = []
-    for original, row_copies in zip(originals, copies):
-        flat.append(original_query(original, config))
-        flat.extend(row_copies)
-    log.info("Querying the teacher: %d examples x %d queries = %d decisions", len(ds), config.num_queries, len(flat))
-    start = time.perf_counter()
-    decisions = teacher.decide(flat).reshape(len(ds), config.num_queries)
-    query_seconds = time.perf_counter() - start
-    log.info("Teacher decisions: %d queries in %.1fs (%.2f ms per query, %.1f ms per example)", len(flat),
-             query_seconds, 1000 * query_seconds / max(len(flat), 1), 1000 * query_seconds / max(len(ds), 1))
-    return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, query_seconds)
+def chunk_folder(path: Path) -> Path:
+    """Where the answered chunks of a decisions entry wait until the whole table is stored."""
+    return path.with_name(path.name + ".partial")
+
+
+def _chunk_queries(ds: datasets.Dataset, copies: datasets.Dataset, task: GlueTask, config: QueryConfig, start: int,
+                   stop: int) -> list[Query]:
+    """The ``N`` queries of rows ``start..stop``, row after row: the original, then its copies."""
+    originals = examples_of(ds.select(range(start, stop)), task)
+    row_copies = examples_of(copies.select(range(start * config.num_copies, stop * config.num_copies)), task)
+    queries: list[Query] = []
+    for offset, original in enumerate(originals):
+        queries.append(original_query(original, config))
+        queries.extend(row_copies[offset * config.num_copies:(offset + 1) * config.num_copies])
+    return queries
+
+
+def _answer_in_chunks(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueTask, config: QueryConfig,
+                      copies_path: Path, partial: Path) -> tuple[torch.Tensor, float]:
+    """``[n, N]`` decisions, chunk by chunk; chunks answered by an earlier (killed) attempt are read back."""
+    hardware = teacher.hardware
+    copies = datasets.load_from_disk(str(copies_path))
+    decisions = torch.zeros(len(ds), config.num_queries, dtype=torch.long)
+    seconds = 0.0
+    log.info("Querying the teacher: %d examples x %d queries = %d decisions", len(ds), config.num_queries,
+             len(ds) * config.num_queries)
+    for start, stop in row_chunks(len(ds)):
+        chunk_file = partial / f"rows-{start}-{stop}.pt"
+        expected = {"rows": [start, stop], "num_queries": config.num_queries}
+        answered = load_tensors(chunk_file, expected)
+        if hardware.all_true(answered is not None):
+            decisions[start:stop] = answered["decisions"]  # type: ignore[index]
+            continue
+        began = time.perf_counter()
+        answers = teacher.decide(_chunk_queries(ds, copies, task, config, start, stop))
+        decisions[start:stop] = answers.reshape(stop - start, config.num_queries)
+        seconds += time.perf_counter() - began
+        if hardware.is_global_zero:
+            save_tensors(chunk_file, {"decisions": decisions[start:stop].clone()}, expected)
+        maybe_fail("query_chunk", start=start)
+    log.info("Teacher decisions: %d queries in %.1fs (%.2f ms per query)", len(ds) * config.num_queries, seconds,
+             1000 * seconds / max(len(ds) * config.num_queries, 1))
+    return decisions, seconds
 
 
 def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = None) -> dict[str, Any]:

@@ -60,13 +60,12 @@ def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_tok
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     optimizer = hardware.optimizer(optimizer)
-    examples = [tokenized[i] for i in range(rows)]
     for epoch in range(settings.epochs):
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(derive_seed(settings.seed, "epoch", epoch)))
         losses = []
         for start in range(0, rows, settings.batch_size):
             chosen = order[start:start + settings.batch_size].tolist()
-            batch = hardware.to_device(pad_batch([examples[r] for r in chosen], pad_token_id))
+            batch = hardware.to_device(pad_batch(rows_of(tokenized, chosen), pad_token_id))
             with hardware.autocast():
                 logits = model(**model_inputs(batch, model)).logits
             loss = cross_entropy(logits, hardware.to_device(labels[chosen]))
@@ -75,10 +74,16 @@ def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_tok
             hardware.clip_gradients(model, optimizer, 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         log.info("Surrogate epoch %d/%d: mean CE with the teacher's decisions %.4f", epoch + 1, settings.epochs,
                  sum(losses) / len(losses))
     return model.eval()
+
+
+def rows_of(tokenized, indices: list[int]) -> list[dict]:
+    """Rows `indices` of a tokenised split, read as one batch (the split is never held in memory whole)."""
+    columns = tokenized[indices]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 @full_precision

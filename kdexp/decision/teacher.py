@@ -7,17 +7,20 @@ The model, its tokenizer and every float it computes stay inside a closure built
 :func:`_make_decider`; the object has ``__slots__`` and no attribute that holds the model or
 logits, so the methods that receive it cannot read logits by accident.
 
-Queries are tokenised with the teacher's own tokenizer (truncated to ``max_length``), all at
-once, then run in length-sorted batches under a token budget (`kdexp.inference`) and padded
-per batch; the answers are returned in the order of the input.
+Queries are tokenised with the teacher's own tokenizer (truncated to ``max_length``) and packed
+flat (`EncodedQueries`, a few bytes a token), then run in length-sorted batches under a token
+budget (`kdexp.inference`) and padded per batch; the answers are returned in the order of the input.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from kdexp.hardware import Hardware
@@ -30,6 +33,60 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Query = str | tuple[str, str]
+
+
+# Queries tokenised per call of the tokenizer: its Python lists live only this long.
+ENCODE_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class EncodedQueries:
+    """Tokenised queries packed flat: row ``i``'s token ids are ``ids[offsets[i]:offsets[i + 1]]`` (and its
+    segment ids in ``segments``, for models that take them). 5 bytes a token, where the tokenizer's Python
+    lists take about 100: MNLI's 3.9M queries of one DBKD stage fit in memory chunk by chunk."""
+
+    ids: np.ndarray
+    segments: np.ndarray | None
+    offsets: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch(self, rows: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` padded to the longest: ``input_ids``, ``attention_mask`` (and ``token_type_ids``)."""
+        lengths = self.lengths[list(rows)]
+        input_ids = np.full((len(rows), int(lengths.max())), pad_token_id, dtype=np.int64)
+        segments = np.zeros_like(input_ids) if self.segments is not None else None
+        for slot, row in enumerate(rows):
+            start, stop = self.offsets[row], self.offsets[row + 1]
+            input_ids[slot, : stop - start] = self.ids[start:stop]
+            if segments is not None:
+                segments[slot, : stop - start] = self.segments[start:stop]  # type: ignore[index]
+        batch = {"input_ids": torch.from_numpy(input_ids),
+                 "attention_mask": torch.from_numpy((np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64))}
+        if segments is not None:
+            batch["token_type_ids"] = torch.from_numpy(segments)
+        return batch
+
+
+def encode_queries(tokenizer: Any, queries: Sequence[Query], max_length: int, with_segments: bool) -> EncodedQueries:
+    """Tokenise ``queries`` (texts or pairs, truncated to ``max_length``), `ENCODE_BATCH` at a time, packed flat."""
+    ids: list[np.ndarray] = []
+    segments: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    for start in range(0, len(queries), ENCODE_BATCH):
+        part = queries[start:start + ENCODE_BATCH]
+        texts = [part] if isinstance(part[0], str) else [[q[0] for q in part], [q[1] for q in part]]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                            return_token_type_ids=with_segments)
+        lengths.append(np.fromiter(map(len, encoded["input_ids"]), dtype=np.int64, count=len(part)))
+        ids.append(np.fromiter(itertools.chain.from_iterable(encoded["input_ids"]), dtype=np.int32))
+        if with_segments:
+            segments.append(np.fromiter(itertools.chain.from_iterable(encoded["token_type_ids"]), dtype=np.int8))
+    offsets = np.zeros(len(queries) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return EncodedQueries(np.concatenate(ids), np.concatenate(segments) if with_segments else None, offsets)
 
 
 def _make_decider(
@@ -54,19 +111,13 @@ def _make_decider(
         out = torch.zeros(len(queries), dtype=torch.long)
         if not queries:
             return out
-        if isinstance(queries[0], str):
-            encoded = tokenizer(queries, truncation=True, max_length=max_length)
-        else:
-            encoded = tokenizer([q[0] for q in queries], [q[1] for q in queries], truncation=True,
-                                max_length=max_length)
-        encoded = {k: v for k, v in encoded.items() if k in forward_arguments(type(model))}
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        plan = hardware.shard(length_sorted_batches(lengths, batching))
+        encoded = encode_queries(tokenizer, queries, max_length, "token_type_ids" in forward_arguments(type(model)))
+        plan = hardware.shard(length_sorted_batches(encoded.lengths, batching))
         progress = PassProgress(f"teacher decisions ({len(queries)} queries)", sum(len(rows) for rows in plan))
         with hardware.inference():
             for rows in plan:
-                batch = tokenizer.pad({k: [v[r] for r in rows] for k, v in encoded.items()}, return_tensors="pt")
-                out[torch.tensor(rows)] = model(**hardware.to_device(dict(batch))).logits.argmax(dim=-1).cpu()
+                batch = hardware.to_device(encoded.batch(rows, tokenizer.pad_token_id or 0))
+                out[torch.tensor(rows)] = model(**batch).logits.argmax(dim=-1).cpu()
                 progress.update(len(rows))
         progress.close()
         return hardware.combine_rows(out)

@@ -58,13 +58,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
 from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.config import require
-from kdexp.data import tokenize_split
+from kdexp.data import arrow_column, tokenize_split
 from kdexp.decision.estimator import ZERO_COUNT_RULES, estimate_logits_from_counts
 from kdexp.decision.eda import EDA_STYLES
 from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
@@ -506,10 +507,11 @@ class DecisionHardAug(DecisionDistillation):
             copies = decided.copies()
             if use < num_copies:
                 copies = copies.filter(lambda batch: [c <= use for c in batch["copy"]], batched=True)
-            labels = decided.decisions[copies["row"], copies["copy"]]
-            raw = copies.remove_columns(["row", "copy"]).add_column("label", labels.tolist())
+            rows, numbers = (torch.from_numpy(arrow_column(copies, name).to_numpy()) for name in ("row", "copy"))
+            labels = decided.decisions[rows, numbers]
+            raw = copies.remove_columns(["row", "copy"]).add_column("label", labels.numpy())
             tokenized, copies_key = tokenize_split(raw, task, data.tokenizer, data.max_length, data.cache_dir)
-            tokenized = tokenized.remove_columns("idx").add_column("idx", list(range(n, n + len(tokenized))))
+            tokenized = tokenized.remove_columns("idx").add_column("idx", np.arange(n, n + len(tokenized)))
             if tokenized.features != original.features:
                 tokenized = tokenized.cast(original.features)
             train = datasets.concatenate_datasets([original, tokenized])

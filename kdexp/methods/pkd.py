@@ -7,8 +7,9 @@ patient-teacher term over the matched layers' [CLS] vectors (``kdexp.losses.pati
 
 ``M`` matched layers, ``D`` the teacher width: the reduction of the authors' code
 (``F.mse_loss`` over ``[B, M, D]``, intersun/PKD-for-BERT-Model-Compression ``src/KD_loss.py``),
-against which their ``beta`` grid {10, 100, 500, 1000} is set. For STS-B the soft term is the
-MSE to the teacher's prediction (as `vanilla_kd`).
+against which their ``beta`` grid {10, 100, 500, 1000} is set. The soft term is the toolkit's
+batch-mean KL (as `vanilla_kd`); the authors' ``KLDivLoss(reduction="mean")`` also divides by the
+number of classes. For STS-B the soft term is the MSE to the teacher's prediction.
 
 Layer map (``layer_map``): ``skip`` (PKD-Skip, the paper's better variant): the uniform map
 ``m(j) = (j+1)·L_T/L_S − 1`` over every student layer but the last (whose [CLS] feeds the

@@ -28,6 +28,7 @@ import torch
 from omegaconf import MISSING
 
 from kdexp.config import require
+from kdexp.data import row_lengths
 from kdexp.errors import ConfigError
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
 from kdexp.methods.base import DistillationModule
@@ -130,7 +131,7 @@ class TextSmoothing(DistillationModule):
             raise ConfigError(f"method.top_k={options.top_k} is more than the {vocabulary} tokens of the vocabulary: "
                               f"use method.top_k={vocabulary} or less, or null (the exact distribution).")
         split = run.task.train_split
-        num_tokens = sum(len(ids) for ids in run.data.tokenized[split]["input_ids"])
+        num_tokens = int(row_lengths(run.data.tokenized[split]).sum())
         source, why = choose_distribution_source(options.distributions, options.top_k, num_tokens,
                                                  options.cache_max_bytes)
         mlm_teacher = prepare_mlm_teacher(run, options.mlm)

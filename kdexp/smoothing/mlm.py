@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,11 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 from transformers.utils.hub import cached_file
 
+from kdexp.faults import maybe_fail
 from kdexp.hardware import Hardware
 from kdexp.losses.precision import full_precision
 from kdexp.model_internals import model_inputs
+from kdexp.preemption import CheckpointClock, CheckpointEvery, Preempted, deferring, stop_requested
 from kdexp.smoothing.heads import head_parameters, masked_lm_head
 
 logger = logging.getLogger(__name__)
@@ -378,6 +380,7 @@ def adapt_mlm_head(
     hardware: Hardware | None = None,
     log_every: int = 50,
     eval_every: int | None = None,
+    checkpoints: "AdaptationCheckpoints | None" = None,
 ) -> MLMAdaptation:
     """The MLM adaptation stage: give an encoder that has no MLM head a trained one.
 
@@ -404,6 +407,11 @@ def adapt_mlm_head(
     last ``log_every`` steps), ``train_seconds``, and the settings used. With ``eval_every``,
     also ``heldout_curve``: ``[step, accuracy, loss]`` on the held-out texts every
     ``eval_every`` steps (its evaluation time is not counted in ``train_seconds``).
+
+    With ``checkpoints`` the training loop saves a step checkpoint (model, optimiser, generator
+    states, losses, curve) when one is due and when a stop signal arrives (then it raises
+    `Preempted`), and a later call with the same checkpoints resumes from it: the adapted model
+    is the one an uninterrupted adaptation gives.
     """
     _check_adaptation_settings(texts, tokenizer, steps, batch_size, mask_prob, heldout_fraction)
     hardware = hardware or Hardware()
@@ -419,23 +427,19 @@ def adapt_mlm_head(
 
         optimizer = hardware.optimizer(
             torch.optim.AdamW(_parameter_groups(model, train_encoder, learning_rate, encoder_learning_rate)))
-        curve: list[list[float]] = []
-        eval_seconds = [0.0]
+        progress = AdaptationProgress()
 
         def evaluate_during_training(step: int) -> None:
             if eval_every and step % eval_every == 0 and step < steps:
-                eval_started = time.perf_counter()
                 values = evaluate_masked_lm(model, heldout_batches, hardware)
-                curve.append([step, values["masked_token_accuracy"], values["masked_lm_loss"]])
-                logger.info("MLM adaptation step %d: held-out masked-token accuracy %.4f", step, curve[-1][1])
-                eval_seconds[0] += time.perf_counter() - eval_started
+                progress.curve.append([step, values["masked_token_accuracy"], values["masked_lm_loss"]])
+                logger.info("MLM adaptation step %d: held-out masked-token accuracy %.4f", step, progress.curve[-1][1])
 
-        training_started = time.perf_counter()
         train_losses = _train_masked_lm(
             model, train, tokenizer, optimizer, steps, batch_size, mask_prob, train_encoder,
-            torch.Generator().manual_seed(seed + 1), log_every, evaluate_during_training, hardware,
+            torch.Generator().manual_seed(seed + 1), log_every, evaluate_during_training, hardware, checkpoints,
+            progress,
         )
-        train_seconds = time.perf_counter() - training_started - eval_seconds[0]
         final = evaluate_masked_lm(model, heldout_batches, hardware)
 
     model.requires_grad_(True)
@@ -450,7 +454,7 @@ def adapt_mlm_head(
         "heldout_masked_tokens": final["masked_tokens"],
         "train_examples": len(train),
         "final_train_loss": sum(recent_losses) / len(recent_losses),
-        "train_seconds": train_seconds,
+        "train_seconds": progress.train_seconds,
         "total_seconds": time.perf_counter() - started,
         "steps": steps,
         "batch_size": batch_size,
@@ -464,7 +468,7 @@ def adapt_mlm_head(
         "encoder_path": str(encoder_path),
     }
     if eval_every:
-        metrics["heldout_curve"] = curve
+        metrics["heldout_curve"] = progress.curve
     return MLMAdaptation(model, tokenizer, metrics)
 
 
@@ -545,6 +549,28 @@ def _parameter_groups(
     return groups
 
 
+@dataclass
+class AdaptationProgress:
+    """What the adaptation loop has done (kept in its step checkpoints): steps, their losses, the held-out
+    curve (``[step, accuracy, loss]``), and the seconds spent in training steps (evaluations excluded)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    curve: list[list[float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdaptationCheckpoints:
+    """Where the adaptation loop keeps its step checkpoint (``path``, replaced atomically), the adaptation
+    it belongs to (``identity``: a checkpoint of another is set aside, never resumed), and when one is
+    written besides at a stop signal (``every``: steps or minutes, kdexp.preemption)."""
+
+    path: Path
+    identity: str
+    every: CheckpointEvery = field(default_factory=CheckpointEvery)
+
+
 def _train_masked_lm(
     model: PreTrainedModel,
     train: _TokenizedTexts,
@@ -558,30 +584,140 @@ def _train_masked_lm(
     log_every: int,
     after_step: Callable[[int], None] | None = None,
     hardware: Hardware | None = None,
+    checkpoints: AdaptationCheckpoints | None = None,
+    progress: AdaptationProgress | None = None,
 ) -> list[float]:
-    """Plain loop: sample batches epoch by epoch, mask afresh each time, one AdamW step per batch."""
+    """Plain loop: sample batches epoch by epoch, mask afresh each time, one AdamW step per batch.
+
+    With ``checkpoints`` it resumes from their step checkpoint when there is one, and writes one
+    before a step when due, and when a stop signal arrived (then it raises `Preempted`).
+    """
     hardware = hardware or Hardware()
+    progress = progress if progress is not None else AdaptationProgress()
     # A frozen encoder runs without dropout, so the head learns the features it will see at use.
     model.train(train_encoder)
     batch_size = min(batch_size, len(train))
     batches_per_epoch = len(train) // batch_size
-    losses: list[float] = []
-    order: list[int] = []
-    for step in range(steps):
-        if step % batches_per_epoch == 0:
-            order = torch.randperm(len(train), generator=generator).tolist()
-        start = (step % batches_per_epoch) * batch_size
-        batch = _move(train.masked_batch(order[start:start + batch_size], tokenizer, mask_prob, generator), hardware)
-        with hardware.autocast():
-            loss, _ = masked_lm_loss_and_predictions(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        hardware.backward(loss)
-        optimizer.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            logger.info("MLM adaptation step %d/%d: loss %.4f", step + 1, steps, sum(losses[-log_every:]) / log_every)
-        if after_step is not None:
-            after_step(step + 1)
+    saver = _AdaptationSaver(checkpoints, model, optimizer, generator, hardware, progress) if checkpoints else None
+    order = saver.resume() if saver is not None else []
+    with deferring() if saver is not None else nullcontext():
+        for step in range(progress.step, steps):
+            if saver is not None:
+                saver.at_boundary(order)
+            maybe_fail("mlm_adapt_step", step=step)
+            started = time.perf_counter()
+            if step % batches_per_epoch == 0:
+                order = torch.randperm(len(train), generator=generator).tolist()
+            start = (step % batches_per_epoch) * batch_size
+            rows = order[start:start + batch_size]
+            batch = _move(train.masked_batch(rows, tokenizer, mask_prob, generator), hardware)
+            with hardware.autocast():
+                loss, _ = masked_lm_loss_and_predictions(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            hardware.backward(loss)
+            optimizer.step()
+            progress.losses.append(loss.item())
+            progress.step = step + 1
+            progress.train_seconds += time.perf_counter() - started
+            if log_every and (step + 1) % log_every == 0:
+                recent = progress.losses[-log_every:]
+                logger.info("MLM adaptation step %d/%d: loss %.4f", step + 1, steps, sum(recent) / log_every)
+            if after_step is not None:
+                after_step(step + 1)
+        if saver is not None:
+            saver.at_end(order)
+    losses = progress.losses
     if not math.isfinite(losses[-1]):
         raise FloatingPointError(f"MLM adaptation diverged (loss {losses[-1]}): lower learning_rate")
     return losses
+
+
+class _AdaptationSaver:
+    """The adaptation loop's step checkpoints: the model, optimiser (and fp16 loss scaler), the masking
+    generator, the global generators (dropout), the epoch's text order and the progress."""
+
+    def __init__(self, checkpoints: AdaptationCheckpoints, model: PreTrainedModel, optimizer: Any,
+                 generator: torch.Generator, hardware: Hardware, progress: AdaptationProgress):
+        self.checkpoints = checkpoints
+        self.path = Path(checkpoints.path)
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.hardware, self.progress = hardware, progress
+        self.clock = CheckpointClock(checkpoints.every)
+        self.resumed_step: int | None = None
+        self.last_saved: str | None = None
+
+    def resume(self) -> list[int]:
+        """Load the step checkpoint if there is one for this adaptation; the text order of its epoch."""
+        state = self._read()
+        if state is None:
+            return []
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.hardware.fabric.strategy.precision.load_state_dict(state["precision"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.hardware.device)
+        saved = state["progress"]
+        self.progress.step, self.progress.train_seconds = int(saved["step"]), float(saved["train_seconds"])
+        self.progress.losses[:] = [float(x) for x in saved["losses"]]
+        self.progress.curve[:] = [list(point) for point in saved["curve"]]
+        self.resumed_step = self.progress.step
+        self.last_saved = f"the MLM adaptation's checkpoint at step {self.progress.step} in {self.path}"
+        logger.info("MLM adaptation: resuming from %s at step %d", self.path, self.progress.step)
+        return [int(i) for i in state["order"]]
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # cut short by a kill during a save that was not atomic, a disk error
+            logger.warning("%s is unreadable (%s); adapting from the start.", self.path, err)
+            self.path.rename(self.path.with_name(self.path.name + ".corrupt"))
+            return None
+        if state.get("identity") != self.checkpoints.identity:
+            logger.warning("%s belongs to another adaptation; adapting from the start.", self.path)
+            self.path.rename(self.path.with_name(self.path.name + ".other"))
+            return None
+        return state
+
+    def at_boundary(self, order: list[int]) -> None:
+        """Before a step: save when due or stopped (not where the run starts or resumed); stop if signalled."""
+        step = self.progress.step
+        stop = stop_requested()
+        if (stop or self.clock.due(step)) and step > 0 and step != self.resumed_step:
+            self._save(order)
+        if stop:
+            raise Preempted(stop, self.last_saved)
+
+    def at_end(self, order: list[int]) -> None:
+        """After the last step: a signal that came during it stops here, with every step saved."""
+        stop = stop_requested()
+        if stop:
+            if self.progress.step != self.resumed_step:
+                self._save(order)
+            raise Preempted(stop, self.last_saved)
+
+    def _save(self, order: list[int]) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if self.hardware.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.hardware.device)
+        progress = self.progress
+        state = {
+            "identity": self.checkpoints.identity,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "precision": self.hardware.fabric.strategy.precision.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": rng,
+            "order": list(order),
+            "progress": {"step": progress.step, "losses": list(progress.losses), "curve": list(progress.curve),
+                         "train_seconds": progress.train_seconds},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        self.clock.saved()
+        self.last_saved = f"an MLM adaptation checkpoint at step {progress.step} in {self.path}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,11 +34,12 @@ from kdexp.cache import (
     load_tensors,
     save_tensors,
 )
-from kdexp.data import DataSource, content_fingerprint, load_split, tokenizer_fingerprint
+from kdexp.data import DataSource, content_fingerprint, load_split, row_lengths, tokenizer_fingerprint
 from kdexp.hardware import Hardware
 from kdexp.inference import PassBatching, length_sorted_loader
 from kdexp.models import model_fingerprint, resolve_model_path
-from kdexp.smoothing.mlm import MissingMLMHeadError, adapt_mlm_head, load_mlm_teacher
+from kdexp.preemption import CheckpointEvery
+from kdexp.smoothing.mlm import AdaptationCheckpoints, MissingMLMHeadError, adapt_mlm_head, load_mlm_teacher
 from kdexp.smoothing.store import TopKTokenStore, build_topk_store, store_bytes
 
 if TYPE_CHECKING:
@@ -125,7 +127,7 @@ def _adaptation_texts(run: "RunContext", settings: MLMAdaptSettings) -> tuple[li
     if settings.max_texts is None:
         raw = run.data.raw[task.train_split]
     else:
-        source = DataSource.from_config(run.cfg.data.source, run.cfg.data.glue_dir)
+        source = DataSource.from_data_config(run.cfg.data)
         raw = load_split(task, task.train_split, source, int(settings.max_texts))
     columns = [list(raw[name]) for name in task.text_fields]
     texts = list(zip(*columns)) if len(columns) > 1 else columns[0]
@@ -178,11 +180,17 @@ def adaptation_store(cache_dir: str | Path, task_name: str, key: str) -> Path:
 
 def run_adaptation(
     store: Path, key: str, task_name: str, encoder_path: str, texts: list[Any], texts_fingerprint: str,
-    tokenizer: Any, adapt: MLMAdaptSettings, max_length: int, hardware: Hardware | None = None, **extra: Any,
+    tokenizer: Any, adapt: MLMAdaptSettings, max_length: int, hardware: Hardware | None = None,
+    checkpoints: CheckpointEvery | None = None, **extra: Any,
 ) -> None:
-    """Run the adaptation stage and store its model, tokenizer and metrics atomically under ``store``."""
+    """Run the adaptation stage and store its model, tokenizer and metrics atomically under ``store``.
+
+    Its step checkpoint lives in ``<store>.partial`` (written when `checkpoints` says and at a stop
+    signal): a run stopped there resumes from it, to the same adapted MLM; removed once stored.
+    """
     log.info("MLM adaptation of %s on %d %s texts (key %s), in %s", encoder_path, len(texts), task_name, key, store)
     started = time.perf_counter()
+    partial = store.with_name(store.name + ".partial")
     adaptation = adapt_mlm_head(
         encoder_path,
         texts,
@@ -197,6 +205,7 @@ def run_adaptation(
         heldout_fraction=adapt.heldout_fraction,
         seed=adapt.seed,
         hardware=hardware,
+        checkpoints=AdaptationCheckpoints(partial / "adaptation.ckpt", key, checkpoints or CheckpointEvery()),
         **extra,
     )
     with atomic_directory(store) as tmp:
@@ -214,6 +223,7 @@ def run_adaptation(
                 "seconds": time.perf_counter() - started,
             },
         )
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSettings) -> MLMTeacher:
@@ -234,7 +244,7 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
     def adapt_and_store() -> dict[str, Any]:
         run_adaptation(
             store, key, task.name, encoder_path, texts, texts_fingerprint, run.data.tokenizer, adapt, max_length,
-            run.hardware.single_device(),
+            run.hardware.single_device(), CheckpointEvery.from_config(run.cfg.get("checkpoint")),
         )
         return json.loads((store / MLM_INFO_FILE).read_text())
 
@@ -269,7 +279,7 @@ def cached_topk_store(
     key = cache_key(kind="mlm_topk", mlm=mlm.key, data=data_key, temperature=float(temperature), top_k=int(top_k),
                     **batching.key_parts(), **precision)
     path = topk_store_path(run.data.cache_dir, key)
-    lengths = [len(ids) for ids in tokenized["input_ids"]]
+    lengths = row_lengths(tokenized).tolist()
     expected = {"key": key, "rows": len(lengths), "tokens": sum(lengths), "top_k": int(top_k)}
 
     def load() -> TopKTokenStore | None:

@@ -1,0 +1,225 @@
+"""The framework's own cost at full size: each stage's time and peak memory on an MNLI-sized pair task.
+
+    python -m kdexp.tools.scale_benchmark --rows 50000,100000,400000 --out outputs/bench/scale
+
+For each size, a stand-in MNLI of that many training rows (`kdexp.hub_folder`, real GLUE sentence
+pairs from `--glue-dir`) is read through the Hub code, and a tiny random BERT teacher and student
+(`kdexp.tiny_models`) make the models' share of the cost negligible, so what is measured is kdexp:
+
+    load          the split through `datasets.load_dataset` from the Hub-layout folder
+    fingerprint   the content fingerprint of the split (part of every cache key)
+    tokenise      tokenising the split into the cache (cold)
+    logits        the teacher's logits on every row (cold)
+    queries       DBKD's query stage, N = 10 (EDA copies and the teacher's decisions; cold)
+    topk          the text-smoothing top-k store (k = 8: a store of 48 bytes per token; cold)
+    epoch         one vanilla_kd training epoch, batch 32, through `kdexp.run.run`
+    warm_data     loading and tokenising again from the warm cache
+
+Each stage runs in a fresh process (its prerequisites come from the cache the earlier stages
+filled), so its peak RSS (`wait4`) is its own. Writes `scale.json` and `scale.md` (seconds, peak
+RSS in MB, and seconds per 1,000 rows to read the scaling) under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STAGES = ("load", "fingerprint", "tokenise", "logits", "queries", "topk", "epoch", "warm_data")
+MAX_LENGTH = 64
+
+
+def shared_glue_dir() -> Path:
+    return Path(__file__).resolve().parents[3] / "shared" / "glue_data"
+
+
+# --------------------------------------------------------------------------- the workspace of one size
+
+
+def prepare(workdir: Path, glue_dir: Path, rows: int) -> None:
+    """The Hub-layout MNLI stand-in of `rows` training rows and the tiny teacher, MLM and its tokenizer."""
+    from kdexp.hub_folder import write_hub_folder
+    from kdexp.tiny_models import save_tiny_model, vocabulary_of
+
+    if not (workdir / "glue_hub" / "README.md").exists():
+        write_hub_folder(glue_dir, workdir / "glue_hub", ("mnli",), rows=rows)
+    if not (workdir / "teacher" / "config.json").exists():
+        texts = (glue_dir / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:20000]
+        vocabulary = vocabulary_of((line.split("\t")[0] for line in texts), 3000)
+        save_tiny_model(workdir / "teacher", "bert", vocabulary, num_labels=3, max_length=MAX_LENGTH)
+        save_tiny_model(workdir / "mlm", "bert", vocabulary, head="masked_lm", max_length=MAX_LENGTH)
+
+
+def _environment(workdir: Path) -> dict[str, str]:
+    return dict(os.environ, HF_DATASETS_CACHE=str(workdir / "hf-datasets"), HF_HUB_OFFLINE="1",
+                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", KDEXP_CACHE_DIR=str(workdir / "cache"))
+
+
+# --------------------------------------------------------------------------- the stages (one per process)
+
+
+def _task_and_source(workdir: Path) -> tuple[Any, Any]:
+    from kdexp.data import DataSource
+    from kdexp.tasks import get_task
+
+    return get_task("mnli"), DataSource(None, str(workdir / "glue_hub"))
+
+
+def _train_split(workdir: Path) -> Any:
+    from kdexp.data import load_split
+
+    task, source = _task_and_source(workdir)
+    return load_split(task, task.train_split, source)
+
+
+def _tokenised(workdir: Path) -> Any:
+    from kdexp.data import load_task_data
+    from kdexp.models import load_tokenizer
+
+    task, source = _task_and_source(workdir)
+    return load_task_data(task, source, load_tokenizer(str(workdir / "teacher")), MAX_LENGTH, workdir / "cache")
+
+
+def _teacher(workdir: Path) -> Any:
+    from kdexp.hardware import Hardware
+    from kdexp.models import load_tokenizer
+    from kdexp.teacher import Teacher
+
+    task, _ = _task_and_source(workdir)
+    return Teacher(str(workdir / "teacher"), "tiny-teacher", task, load_tokenizer(str(workdir / "teacher")),
+                   workdir / "cache", Hardware())
+
+
+def run_stage(stage: str, workdir: Path) -> None:
+    """One stage, timed inside the process (imports excluded); prints `seconds=<s>`."""
+    import torch
+
+    from kdexp.data import content_fingerprint
+
+    torch.manual_seed(0)
+    task, _ = _task_and_source(workdir)
+    inputs: dict[str, Any] = {}
+    if stage == "fingerprint":
+        inputs["raw"] = _train_split(workdir)
+    if stage in ("logits", "queries", "topk"):
+        inputs["data"] = _tokenised(workdir)
+    started = time.perf_counter()
+    if stage == "load":
+        _train_split(workdir)
+    elif stage == "fingerprint":
+        content_fingerprint(inputs["raw"], tuple(task.text_fields) + ("label",))
+    elif stage in ("tokenise", "warm_data"):
+        _tokenised(workdir)
+    elif stage == "logits":
+        _teacher(workdir).logits(inputs["data"], task.train_split)
+    elif stage == "queries":
+        _queries(workdir, inputs["data"])
+    elif stage == "topk":
+        _topk(workdir, inputs["data"])
+    elif stage == "epoch":
+        print(f"seconds={_epoch(workdir)}")
+        return
+    print(f"seconds={time.perf_counter() - started}")
+
+
+def _queries(workdir: Path, data: Any) -> None:
+    from kdexp.decision.queries import QueryConfig, query_decisions
+    from kdexp.decision.teacher import DecisionTeacher
+
+    task = data.task
+    query_decisions(DecisionTeacher.from_teacher(_teacher(workdir), MAX_LENGTH), data.raw[task.train_split], task,
+                    QueryConfig(num_queries=10), workdir / "cache")
+
+
+def _topk(workdir: Path, data: Any) -> None:
+    from kdexp.data import row_lengths
+    from kdexp.inference import PassBatching, length_sorted_loader
+    from kdexp.smoothing.mlm import load_mlm_teacher
+    from kdexp.smoothing.store import build_topk_store
+
+    loader = length_sorted_loader(data.train, data.pad_token_id, PassBatching())
+    build_topk_store(load_mlm_teacher(str(workdir / "mlm")), loader, row_lengths(data.train).tolist(), 8)
+
+
+def _epoch(workdir: Path) -> float:
+    from kdexp.run import compose_config, run
+
+    cfg = compose_config([
+        "task=mnli", "method=vanilla_kd", "data.source=hub", f"data.hub_dataset={workdir / 'glue_hub'}",
+        f"teacher.name_or_path={workdir / 'teacher'}", "teacher.finetuned=true", "student=first_layers",
+        "student.num_layers=2", f"data.max_length={MAX_LENGTH}", "data.max_eval_samples=2000", "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false", "logger=none", f"cache_dir={workdir / 'cache'}"])
+    return float(run(cfg, workdir / "run", overrides=[])["train_seconds"])
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure_stage(stage: str, workdir: Path) -> dict[str, float]:
+    """Run `stage` in a fresh process: its seconds (as the stage reports them) and its peak RSS (`wait4`)."""
+    out_file, err_file = workdir / f"{stage}.out", workdir / f"{stage}.err"
+    with open(out_file, "w") as out, open(err_file, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kdexp.tools.scale_benchmark", "--stage", stage,
+                                 "--workdir", str(workdir)], env=_environment(workdir), stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"stage {stage} failed:\n{err_file.read_text()[-3000:]}")
+    line = next(line for line in out_file.read_text().splitlines() if line.startswith("seconds="))
+    return {"seconds": float(line.split("=")[1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def measure_size(rows: int, root: Path, glue_dir: Path, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    workdir = root / f"rows-{rows}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    prepare(workdir, glue_dir, rows)
+    return {stage: measure_stage(stage, workdir) for stage in stages}
+
+
+def markdown(results: dict[int, dict[str, dict[str, float]]]) -> str:
+    sizes = sorted(results)
+    header = "| stage | " + " | ".join(f"{n:,} rows: s / peak RSS MB / s per 1k rows" for n in sizes) + " |"
+    lines = [header, "|" + "---|" * (len(sizes) + 1)]
+    for stage in STAGES:
+        if stage not in results[sizes[0]]:
+            continue
+        cells = [f"{results[n][stage]['seconds']:.1f} / {results[n][stage]['peak_rss_mb']:.0f} / "
+                 f"{1000 * results[n][stage]['seconds'] / n:.3f}" for n in sizes]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdexp.tools.scale_benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="50000,100000,400000", help="training rows, comma-separated")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench/scale"))
+    parser.add_argument("--glue-dir", type=Path, default=Path(os.environ.get("GLUE_DIR") or shared_glue_dir()))
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.stage:  # one stage, in its own process (see measure_stage)
+        run_stage(args.stage, args.workdir)
+        return
+    import torch
+
+    results = {}
+    for rows in (int(n) for n in args.rows.split(",")):
+        results[rows] = measure_size(rows, args.out / "work", args.glue_dir.resolve(), tuple(args.stages.split(",")))
+        print(f"{rows} rows: " + ", ".join(f"{s} {v['seconds']:.1f}s {v['peak_rss_mb']:.0f}MB"
+                                            for s, v in results[rows].items()), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "results": results}
+    (args.out / "scale.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "scale.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

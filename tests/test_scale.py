@@ -1,0 +1,104 @@
+"""Full size at bounded cost: fingerprints and lengths without per-row Python, DBKD queries in chunks that
+resume after a kill."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from kdexp.data import DataSource, content_fingerprint, load_split, row_lengths, tokenize_split
+from kdexp.decision import queries as queries_module
+from kdexp.decision.queries import QueryConfig, query_decisions
+from kdexp.decision.teacher import DecisionTeacher
+from kdexp.tasks import get_task
+
+
+def row_by_row_digest(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:
+    """The fingerprint as a plain loop over the rows computes it (the reference)."""
+    digest = hashlib.sha256()
+    for column in columns:
+        digest.update(column.encode())
+        for row in range(len(ds)):
+            digest.update(repr(ds[row][column]).encode())
+            digest.update(b"\x00")
+    return digest.hexdigest()[:20]
+
+
+def test_the_fingerprint_is_the_row_by_row_digest_also_of_a_selection() -> None:
+    texts = ["plain", "it's \"quoted\"", "tab\there", "naïve café", "", "x" * 300, "new\nline"]
+    ds = datasets.Dataset.from_dict({"sentence": texts, "label": list(range(len(texts)))})
+    for view in (ds, ds.select([5, 1, 3]), ds.shuffle(seed=0)):
+        assert content_fingerprint(view, ("sentence", "label")) == row_by_row_digest(view, ("sentence", "label"))
+
+
+def test_row_lengths_are_the_token_counts(glue_dir: Path, tmp_path: Path) -> None:
+    from conftest import tiny_tokenizer
+
+    task = get_task("rte")
+    tokenized, _ = tokenize_split(load_split(task, "train", DataSource(glue_dir)), task, tiny_tokenizer(), 32,
+                                  tmp_path / "cache")
+    for view in (tokenized, tokenized.select([3, 0, 7])):
+        assert row_lengths(view).tolist() == [len(view[i]["input_ids"]) for i in range(len(view))]
+
+
+# --------------------------------------------------------------------------- the query stage in chunks
+
+
+def counting_teacher(answered: list[int], fail_on_call: int | None = None) -> DecisionTeacher:
+    """A black box whose answer depends on the query's text (words mod 2); it can fail on its n-th call."""
+
+    def decide(batch):
+        if fail_on_call is not None and len(answered) == fail_on_call:
+            raise RuntimeError("killed")
+        answered.append(len(batch))
+        words = [len(q.split()) if isinstance(q, str) else len(q[0].split()) + 2 * len(q[1].split()) for q in batch]
+        return torch.tensor([w % 2 for w in words], dtype=torch.long)
+
+    return DecisionTeacher(decide, key="counting", num_labels=2, identity={"rule": "words mod 2"})
+
+
+def test_queries_in_chunks_equal_one_pass_and_a_killed_stage_resumes_from_its_last_chunk(
+        glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = get_task("rte")
+    ds = load_split(task, "train", DataSource(glue_dir))
+    config = QueryConfig(num_queries=4, seed=3)
+    whole = query_decisions(counting_teacher([]), ds, task, config, tmp_path / "one-chunk")
+
+    monkeypatch.setattr(queries_module, "CHUNK_ROWS", 5)  # 12 rows: chunks of 5, 5 and 2
+    with pytest.raises(RuntimeError, match="killed"):
+        query_decisions(counting_teacher([], fail_on_call=2), ds, task, config, tmp_path / "chunks")
+    partial = next((tmp_path / "chunks" / "signals" / "decisions").glob("*.partial"))
+    assert sorted(p.name for p in partial.iterdir()) == ["rows-0-5.pt", "rows-5-10.pt"]
+
+    answered: list[int] = []
+    resumed = query_decisions(counting_teacher(answered), ds, task, config, tmp_path / "chunks")
+    assert answered == [2 * config.num_queries]  # only the last chunk was asked
+    assert torch.equal(resumed.decisions, whole.decisions) and resumed.key != whole.key  # the plan is in the key
+    assert not partial.exists()  # the chunks go once the table is stored
+    copies = [datasets.load_from_disk(str(q.copies_path)).to_dict() for q in (whole, resumed)]
+    assert copies[0] == copies[1]  # the copies made in chunks are the ones made at once
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_packed_queries_pad_to_what_the_tokenizer_pads(pairs: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import SENTENCES, tiny_tokenizer
+    from kdexp.decision import teacher as teacher_module
+    from kdexp.decision.teacher import encode_queries
+
+    monkeypatch.setattr(teacher_module, "ENCODE_BATCH", 5)  # several tokenizer calls
+    tokenizer = tiny_tokenizer()
+    queries = list(zip(SENTENCES, SENTENCES[::-1])) if pairs else list(SENTENCES)
+    encoded = encode_queries(tokenizer, queries, 8, with_segments=pairs)
+    for rows in ([0, 1, 2], [11, 3, 7, 5], list(range(12))):
+        chosen = [queries[r] for r in rows]
+        texts = [chosen] if not pairs else [[q[0] for q in chosen], [q[1] for q in chosen]]
+        expected = tokenizer(*texts, truncation=True, max_length=8, padding=True, return_tensors="pt")
+        batch = encoded.batch(rows, tokenizer.pad_token_id)
+        assert set(batch) == ({"input_ids", "attention_mask", "token_type_ids"} if pairs else
+                              {"input_ids", "attention_mask"})
+        for name, value in batch.items():
+            assert torch.equal(value, expected[name]), name
