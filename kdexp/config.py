@@ -42,7 +42,8 @@ NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by
                                   "method.kd_form": "hinton", "method.smoothing_form": "others",
                                   "method.final_alpha": None, "method.attention_heads": "mean",
                                   "method.mlm.adapt.passes": None, "teacher.dtype": "float32",
-                                  "student.dtype": "float32", "data.hub_dataset": "nyu-mll/glue"}
+                                  "student.dtype": "float32", "data.hub_dataset": "nyu-mll/glue",
+                                  "data.mrc_dir": None, "task.doc_stride": 128, "task.dev_articles": None}
 NEUTRAL_VALUES["task.allow_empty_text"] = False  # own files: empty texts refused, as before the key existed
 
 # Weights dtypes a model may be loaded in (kdexp.models.MODEL_DTYPES).
@@ -104,6 +105,7 @@ class DataSchema:
     source: str = MISSING
     glue_dir: Optional[str] = None
     hub_dataset: str = "nyu-mll/glue"  # a Hub id, or a local folder in that dataset's layout (kdexp.hub_folder)
+    mrc_dir: Optional[str] = None  # machine reading comprehension: the official releases (dream/, race/, squad*/)
     max_length: int = MISSING
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
@@ -242,14 +244,27 @@ class TaskSchema:
     regression: bool = False
     metric: Optional[str] = None  # null: accuracy (classification) or combined_score (regression)
     allow_empty_text: bool = False  # own files: keep rows with an empty text (counted) instead of refusing them
+    doc_stride: int = 128  # extractive QA: tokens shared by consecutive windows of a long passage
+    dev_articles: Optional[list[str]] = None  # extractive QA from one file: the articles (titles) of the dev split
 
     @property
     def is_custom(self) -> bool:
         return self.train_file is not None
 
+    @property
+    def is_mrc(self) -> bool:
+        from kdexp.tasks import MRC_TASKS
+
+        return self.name in MRC_TASKS
+
     def check(self) -> None:
         from kdexp.tasks import CUSTOM_METRICS, TASKS
 
+        require(self.doc_stride >= 1, "task.doc_stride", self.doc_stride, "a positive number of tokens (run_qa: 128)")
+        if self.is_mrc:  # its own files in the release's format (task.train_file / dev_file), or MRC_DIR / the Hub
+            require(self.train_file is None or bool(self.dev_file or self.dev_articles), "task.dev_file",
+                    self.dev_file, "the dev file (or task.dev_articles, to take the dev split from train_file)")
+            return
         if not self.is_custom:
             require(self.name in TASKS, "task.name", self.name, "one of " + " ".join(TASKS) + ", or task=custom")
             return

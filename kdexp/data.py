@@ -28,9 +28,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kdexp.cache import atomic_directory, cache_key, wait_for_rank_zero
+from kdexp import families
 from kdexp.hardware import is_global_zero
 from kdexp.errors import DataError
-from kdexp.tasks import GlueTask, TsvLayout
+from kdexp.tasks import CLASSIFICATION, EXTRACTIVE_QA, MULTIPLE_CHOICE, GlueTask, TsvLayout
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,17 @@ class DataSource:
     glue_dir: Path | None
     hub_dataset: str = HUB_DATASET
     embedded_fallback: bool = False
+    mrc_dir: Path | None = None  # machine reading comprehension: the official releases (dream/, race/, squad*/)
 
     @classmethod
-    def from_config(cls, source: str, glue_dir: str | None, hub_dataset: str | None = None) -> "DataSource":
+    def from_config(cls, source: str, glue_dir: str | None, hub_dataset: str | None = None,
+                    mrc_dir: str | None = None) -> "DataSource":
         glue_dir = glue_dir or os.environ.get("GLUE_DIR") or None
         hub_dataset = hub_dataset or HUB_DATASET
+        mrc = mrc_dir or os.environ.get("MRC_DIR") or None
+        mrc_path = Path(mrc).expanduser().resolve() if mrc and source != "hub" else None
+        if mrc_path is not None and not mrc_path.is_dir():
+            raise DataError(f"MRC folder '{mrc}' (data.mrc_dir / MRC_DIR) does not exist.")
         if source == "hub":
             return cls(None, hub_dataset)
         if source not in ("auto", "local"):
@@ -74,16 +81,16 @@ class DataSource:
                     "data.source=local needs a GLUE folder: set data.glue_dir=<path> or the "
                     "GLUE_DIR environment variable (e.g. GLUE_DIR=../shared/glue_data)."
                 )
-            return cls(None, hub_dataset, embedded_fallback=True)
+            return cls(None, hub_dataset, embedded_fallback=True, mrc_dir=mrc_path)
         path = Path(glue_dir).expanduser().resolve()
         if not path.is_dir():
             raise DataError(f"GLUE folder '{glue_dir}' (data.glue_dir / GLUE_DIR) does not exist.")
-        return cls(path, hub_dataset)
+        return cls(path, hub_dataset, mrc_dir=mrc_path)
 
     @classmethod
     def from_data_config(cls, data: Any) -> "DataSource":
-        """The source of a run's `data` group (`source`, `glue_dir`, `hub_dataset`)."""
-        return cls.from_config(data.source, data.glue_dir, data.get("hub_dataset"))
+        """The source of a run's `data` group (`source`, `glue_dir`, `hub_dataset`, `mrc_dir`)."""
+        return cls.from_config(data.source, data.glue_dir, data.get("hub_dataset"), data.get("mrc_dir"))
 
     @property
     def description(self) -> str:
@@ -421,9 +428,25 @@ def _hub_split(task: GlueTask, split: str, hub_dataset: str = HUB_DATASET) -> da
     return ds.remove_columns([c for c in ds.column_names if c not in keep])
 
 
+def _hub_load(name: str, config: str | None, split: str) -> datasets.Dataset:
+    """`datasets.load_dataset` of a Hub dataset, its unreachability one line naming where else data comes from."""
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except _hub_unreachable_errors() as err:
+        cause = " ".join(str(err).split())[:200] or type(err).__name__
+        raise HubUnreachable(
+            f"The Hugging Face Hub could not be reached for {name} ({cause}); set MRC_DIR=<folder> or data.mrc_dir="
+            "<folder> holding the official release (e.g. ../shared/mrc_data), or task.train_file / task.dev_file."
+        ) from err
+
+
 def _source_split(task: GlueTask, split: str, source: DataSource) -> datasets.Dataset:
     """A split from the GLUE folder or the Hub dataset; with `embedded_fallback`, from the shipped slice when
-    the Hub cannot give it."""
+    the Hub cannot give it. Machine reading comprehension: own files, the official release under MRC_DIR,
+    or the task's Hub dataset (kdexp.families)."""
+    if task.family != CLASSIFICATION:
+        local = families.read_local_split(task, split, source.mrc_dir)
+        return local if local is not None else families.read_hub_split(task, split, _hub_load)
     if source.glue_dir is not None:
         return _local_split(task, split, source.glue_dir)
     try:
@@ -465,7 +488,7 @@ def load_split(
     `samples_key` names the config key of `max_samples` in errors (default: the `data.` key for the split).
     """
     check_max_samples(max_samples, samples_key or _max_samples_key(task, split))
-    if task.files:
+    if task.files and task.family == CLASSIFICATION:
         ds = file_split(task, split)
     else:
         ds = _source_split(task, split, source)
@@ -507,8 +530,15 @@ def content_fingerprint(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:
 
 
 def row_lengths(tokenized: datasets.Dataset) -> np.ndarray:
-    """The number of tokens of every row of a tokenised split (Arrow's list lengths: no row materialised)."""
-    return pc.list_value_length(arrow_column(tokenized, "input_ids")).to_numpy().astype(np.int64)
+    """The number of tokens of every row of a tokenised split (Arrow's list lengths: no row materialised); a
+    multiple-choice row of C sequences counts as a batch does, C times its longest."""
+    column = arrow_column(tokenized, "input_ids")
+    lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+    if not pa.types.is_list(column.type.value_type):
+        return lengths
+    inner = pc.list_value_length(pc.list_flatten(column)).to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.maximum.reduceat(inner, starts) * lengths if len(inner) else lengths
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -523,15 +553,37 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return tokenizer._kdexp_fingerprint
 
 
-def tokenized_key(ds: datasets.Dataset, task: GlueTask, tokenizer: PreTrainedTokenizerBase, max_length: int) -> str:
-    """The cache key of a tokenised split: its content, the tokenizer and the maximum length."""
-    columns = tuple(task.text_fields) + (("label",) if "label" in ds.column_names else ())
+# The columns besides the text fields that a row of a family's raw split holds.
+FAMILY_COLUMNS = {CLASSIFICATION: ("label",), MULTIPLE_CHOICE: ("choices", "label"), EXTRACTIVE_QA: ("id", "answers")}
+
+
+@dataclass(frozen=True)
+class InputForm:
+    """How rows become model inputs besides the tokenizer and the length: a multiple-choice row as option
+    `pairs` or one `prompt` (decoder LMs); extractive QA's window stride."""
+
+    form: str = "pairs"
+    doc_stride: int = 128
+
+    def key_parts(self, task: GlueTask) -> dict[str, Any]:
+        if task.family == MULTIPLE_CHOICE:
+            return {"form": self.form}
+        if task.family == EXTRACTIVE_QA:
+            return {"doc_stride": self.doc_stride}
+        return {}  # classification: keys made before families existed stay valid
+
+
+def tokenized_key(ds: datasets.Dataset, task: GlueTask, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                  inputs: InputForm | None = None) -> str:
+    """The cache key of a tokenised split: its content, the tokenizer, the maximum length (and input form)."""
+    columns = tuple(task.text_fields) + tuple(c for c in FAMILY_COLUMNS[task.family] if c in ds.column_names)
     return cache_key(
         kind="tokenized",
         task=task.name,
         content=content_fingerprint(ds, columns),
         tokenizer=tokenizer_fingerprint(tokenizer),
         max_length=max_length,
+        **(inputs or InputForm()).key_parts(task),
     )
 
 
@@ -541,13 +593,16 @@ def tokenize_split(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     cache_dir: Path,
+    inputs: InputForm | None = None,
 ) -> tuple[datasets.Dataset, str]:
     """Tokenise once; later calls with the same inputs load the cached result. Returns (data, key).
 
     The result has the model inputs, `labels` and `idx` (the row number, used to look up
-    cached teacher signals for the rows of a batch).
+    cached teacher signals for the rows of a batch). For extractive QA a row is a window of an
+    example (`example_index`), so there may be more rows than examples.
     """
-    key = tokenized_key(ds, task, tokenizer, max_length)
+    inputs = inputs or InputForm()
+    key = tokenized_key(ds, task, tokenizer, max_length, inputs)
     target = cache_dir / "tokenized" / key
     stored = _stored_tokenized(target)
     if stored is not None:
@@ -555,14 +610,16 @@ def tokenize_split(
     if not is_global_zero():  # DDP: the first process tokenises, the others read its copy
         return wait_for_rank_zero(target, lambda: _stored_tokenized(target, set_aside=False)), key
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [batch[f] for f in task.text_fields]
-        enc = tokenizer(*texts, truncation=True, max_length=max_length)
-        if "label" in batch:
-            enc["labels"] = batch["label"]
-        return enc
+    make_inputs = families.featurizer(task, tokenizer, max_length, inputs.form, inputs.doc_stride)
 
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}")
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        encoded = make_inputs(batch)
+        if "example_index" in encoded:  # windows name their example within the batch: make it the split's row
+            encoded["example_index"] = [indices[i] for i in encoded["example_index"]]
+        return encoded
+
+    tokenized = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
+                       desc=f"tokenize {task.name}")
     tokenized = tokenized.add_column("idx", np.arange(len(tokenized)))
     with atomic_directory(target) as tmp:
         tokenized.save_to_disk(str(tmp))
@@ -583,22 +640,28 @@ def _stored_tokenized(target: Path, set_aside: bool = True) -> datasets.Dataset 
 
 
 def pad_batch(examples: list[dict[str, Any]], pad_token_id: int, regression: bool = False) -> dict[str, torch.Tensor]:
-    """Collate examples into tensors padded to the longest sequence of the batch."""
-    longest = max(len(e["input_ids"]) for e in examples)
+    """Collate examples into tensors padded to the longest sequence of the batch: ``[B, L]``, or ``[B, C, L]``
+    for multiple-choice rows (one sequence per option); extractive QA's windows also bring ``context_mask``
+    and their ``example_index``."""
     batch: dict[str, torch.Tensor] = {}
-    for name in MODEL_INPUTS:
+    per_option = isinstance(examples[0]["input_ids"][0], list)
+    sequences = [seq for e in examples for seq in (e["input_ids"] if per_option else [e["input_ids"]])]
+    longest = max(len(seq) for seq in sequences)
+    for name in (*MODEL_INPUTS, "context_mask"):
         if name not in examples[0]:
             continue
         pad_value = pad_token_id if name == "input_ids" else 0
-        rows = torch.full((len(examples), longest), pad_value, dtype=torch.long)
-        for i, e in enumerate(examples):
-            values = e[name]
-            rows[i, : len(values)] = torch.as_tensor(values, dtype=torch.long)
-        batch[name] = rows
+        values = [seq for e in examples for seq in (e[name] if per_option else [e[name]])]
+        rows = torch.full((len(values), longest), pad_value, dtype=torch.long)
+        for i, row in enumerate(values):
+            rows[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        batch[name] = rows.view(len(examples), -1, longest) if per_option else rows
     if "labels" in examples[0]:
         dtype = torch.float32 if regression else torch.long
         batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=dtype)
     batch["idx"] = torch.tensor([e["idx"] for e in examples], dtype=torch.long)
+    if "example_index" in examples[0]:
+        batch["example_index"] = torch.tensor([e["example_index"] for e in examples], dtype=torch.long)
     return batch
 
 
@@ -616,6 +679,7 @@ class TaskData:
     tokenizer: PreTrainedTokenizerBase
     max_length: int
     cache_dir: Path
+    inputs: InputForm = InputForm()
 
     @property
     def pad_token_id(self) -> int:
@@ -638,16 +702,18 @@ def load_task_data(
     cache_dir: Path,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    inputs: InputForm | None = None,
 ) -> TaskData:
     check_max_samples(max_train_samples, "data.max_train_samples")
     check_max_samples(max_eval_samples, "data.max_eval_samples")
+    inputs = inputs or InputForm()
     raw = {task.train_split: load_split(task, task.train_split, source, max_train_samples)}
     for split in task.eval_splits:
         raw[split] = load_split(task, split, source, max_eval_samples)
     tokenized, keys = {}, {}
     for name, ds in raw.items():
-        tokenized[name], keys[name] = tokenize_split(ds, task, tokenizer, max_length, cache_dir)
-    return TaskData(task, raw, tokenized, keys, tokenizer, max_length, cache_dir)
+        tokenized[name], keys[name] = tokenize_split(ds, task, tokenizer, max_length, cache_dir, inputs)
+    return TaskData(task, raw, tokenized, keys, tokenizer, max_length, cache_dir, inputs)
 
 
 def make_loader(

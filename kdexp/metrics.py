@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassMatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-from kdexp.tasks import GlueTask
+from kdexp.families.extractive_qa import QAMetrics
+from kdexp.tasks import EXTRACTIVE_QA, GlueTask
 
 
 def _base_metric(name: str, num_labels: int) -> Metric:
@@ -45,6 +49,12 @@ class GlueMetrics(torch.nn.Module):
         else:
             self.collection.update(logits.argmax(dim=-1), labels.long())
 
+    def update_batch(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
+        self.update(logits, batch["labels"])
+
+    def compute_split(self, data: Any = None, split: str | None = None) -> dict[str, float]:
+        return self.compute()
+
     def compute(self) -> dict[str, float]:
         values = {k: float(v) for k, v in self.collection.compute().items()}
         if "combined_score" in self.task.metrics:
@@ -53,6 +63,23 @@ class GlueMetrics(torch.nn.Module):
 
     def reset(self) -> None:
         self.collection.reset()
+
+
+class SpanMetrics(QAMetrics):
+    """Extractive QA's EM and F1, scored on whole examples of the split (`compute_split`)."""
+
+    def update_batch(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
+        self.update(logits, batch)
+
+    def compute_split(self, data: Any = None, split: str | None = None) -> dict[str, float]:
+        if data is None or split is None:
+            raise RuntimeError("extractive QA is scored on whole examples: give the split's data")
+        return self.compute_on(data.raw[split], data.tokenized[split])
+
+
+def task_metrics(task: GlueTask) -> torch.nn.Module:
+    """The metrics of one eval split of `task`: `update_batch(logits, batch)`, `compute_split(data, split)`, `reset()`."""
+    return SpanMetrics(task) if task.family == EXTRACTIVE_QA else GlueMetrics(task)
 
 
 def main_metric(task: GlueTask, metrics: dict[str, float]) -> float:

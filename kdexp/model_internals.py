@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import eager_mask
 
+from kdexp.families import output_logits
+
 PRE_DROPOUT_EAGER = "kdexp_eager_pre_dropout"
 
 MODEL_INPUT_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
@@ -241,11 +243,8 @@ def forward_with_internals(
             raise RuntimeError(f"{type(model).__name__} returned no attentions under eager attention")
     else:
         outputs = model(**inputs, output_hidden_states=need_hidden_states, output_attentions=False, return_dict=True)
-    logits = getattr(outputs, "logits", None)
-    if logits is None:
-        raise TypeError(f"{type(model).__name__} output has no logits; use a model with a task head")
     return ModelInternals(
-        logits=logits,
+        logits=output_logits(outputs, batch),
         hidden_states=tuple(outputs.hidden_states) if need_hidden_states else None,
         attentions=tuple(outputs.attentions) if need_attentions else None,
     )

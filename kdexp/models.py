@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+from kdexp import families
+from kdexp.families.label_words import LabelWordChoiceModel
 from kdexp.errors import ModelError
-from kdexp.tasks import GlueTask
+from kdexp.tasks import CLASSIFICATION, GlueTask
 
 MINILM_ALIAS = "minilm-l6"
 
@@ -173,6 +175,9 @@ def load_tokenizer(name_or_path: str, key: str = "name_or_path") -> Any:
 
 
 def _label_config(task: GlueTask) -> dict[str, Any]:
+    """The head's label settings of a classification task (other families' heads have their own shape)."""
+    if task.family != CLASSIFICATION:
+        return {}
     if task.is_regression:
         return {"num_labels": 1, "problem_type": "regression"}
     names = task.label_names
@@ -198,28 +203,22 @@ def load_classifier(
     name_or_path: str, task: GlueTask, attn_implementation: str = "sdpa", require_head: bool = False,
     dtype: str = "float32",
 ) -> PreTrainedModel:
-    """A sequence classifier for `task`, its weights in `dtype` (float32 unless a key says otherwise,
-    whatever dtype the checkpoint was saved in: mixed precision needs float32 master weights).
+    """The model of `task`'s family (`kdexp.families`: a sequence classifier, a multiple-choice or QA model,
+    or a decoder LM answering through label words), its weights in `dtype` (float32 unless a key says
+    otherwise, whatever dtype the checkpoint was saved in: mixed precision needs float32 master weights).
 
     From a pre-trained checkpoint a new head is initialised (also when the stored head has
     another number of labels). With `require_head` (a fine-tuned teacher) the checkpoint's
     own head must be there and fit the task, or loading fails.
     """
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path,
-        attn_implementation=attn_implementation,
-        ignore_mismatched_sizes=not require_head,
-        output_loading_info=True,
-        dtype=model_dtype(dtype),
-        **_label_config(task),
-    )
-    if require_head:
-        missing = [k for k in info["missing_keys"] if "classifier" in k or "score" in k]
-        if missing:
-            raise ModelError(
-                f"'{name_or_path}' has no classification head for {task.name} (missing {missing}): it is not "
-                f"fine-tuned. Use teacher.finetuned=false to fine-tune it first."
-            )
+    config = AutoConfig.from_pretrained(name_or_path)
+    model, missing = families.load_head_model(name_or_path, task, config, model_dtype(dtype), attn_implementation,
+                                              require_head, _label_config(task))
+    if require_head and missing:
+        raise ModelError(
+            f"'{name_or_path}' has no {task.family.replace('_', '-')} head for {task.name} (missing {missing}): it is "
+            f"not fine-tuned. Use teacher.finetuned=false to fine-tune it first."
+        )
     return model
 
 
@@ -237,7 +236,7 @@ def uniform_layer_indices(num_student_layers: int, num_teacher_layers: int) -> l
 
 # Where the transformer blocks of each supported encoder family sit in its state dict.
 LAYER_PREFIXES = ("bert.encoder.layer.", "roberta.encoder.layer.", "electra.encoder.layer.",
-                  "distilbert.transformer.layer.", "encoder.layer.", "transformer.layer.")
+                  "distilbert.transformer.layer.", "encoder.layer.", "transformer.layer.", "transformer.h.")
 
 
 def _layer_prefix(state: dict[str, torch.Tensor]) -> str:
@@ -251,6 +250,8 @@ def _layer_prefix(state: dict[str, torch.Tensor]) -> str:
 
 def select_layers(source: PreTrainedModel, indices: list[int]) -> PreTrainedModel:
     """A copy of `source` keeping only the encoder layers at `indices` (embeddings and head kept)."""
+    if isinstance(source, LabelWordChoiceModel):  # a decoder answering through label words: cut its LM
+        return source.with_lm(select_layers(source.lm, indices))
     num_source_layers = source.config.num_hidden_layers
     if not indices or max(indices) >= num_source_layers or min(indices) < 0:
         raise ModelError(
@@ -312,8 +313,7 @@ def build_student(spec: Any, teacher_path: str, task: GlueTask) -> PreTrainedMod
                 f"student.hidden_size={config.hidden_size} is not divisible by "
                 f"student.num_attention_heads={config.num_attention_heads}."
             )
-        return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa",
-                                                              dtype=model_dtype(spec.get("dtype", "float32")))
+        return families.new_head_model(task, config, "sdpa", model_dtype(spec.get("dtype", "float32")), teacher_path)
     raise ModelError(
         f"student.init='{init}' is unknown: use first_layers, every_nth_layer, pretrained or random."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.cache import atomic_write_json
 from kdexp.config import CONFIG_DIR, config_hash, merged_onto, validate_config
-from kdexp.data import DataSource, TaskData, labels_in, load_task_data
+from kdexp import families
+from kdexp.data import DataSource, InputForm, TaskData, labels_in, load_task_data
 from kdexp.errors import ConfigError, ModelError
 from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_gpu
 from kdexp.loggers import build_loggers, finish_loggers
@@ -22,7 +24,7 @@ from kdexp.models import build_student, count_parameters, load_tokenizer, model_
 from kdexp.preemption import CheckpointEvery, forward_to_launched
 from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable
 from kdexp.seeding import derive_seed, seed_all
-from kdexp.tasks import GlueTask, custom_task, get_task
+from kdexp.tasks import MRC_TASKS, GlueTask, custom_task, get_task
 from kdexp.context import RunContext
 from kdexp.teacher import Teacher
 from kdexp.teacher_stage import TeacherSpec, prepare_teacher
@@ -100,6 +102,15 @@ def check_against_models(cfg: DictConfig) -> None:
                           f"layers; use student.num_layers between 1 and {depth}.")
 
 
+def student_config(cfg: DictConfig, teacher: Teacher) -> Any:
+    """The config of the model the student is built from (the data is tokenised the way it reads it)."""
+    from transformers import AutoConfig
+
+    if cfg.student.init == "pretrained":
+        return AutoConfig.from_pretrained(resolve_model_path(cfg.student.name_or_path, "student.name_or_path"))
+    return AutoConfig.from_pretrained(student_source(cfg, teacher))
+
+
 def student_source(cfg: DictConfig, teacher: Teacher) -> str:
     if cfg.student.get("from_finetuned_teacher", False):
         return teacher.path
@@ -107,7 +118,10 @@ def student_source(cfg: DictConfig, teacher: Teacher) -> str:
 
 
 def task_from_config(task_cfg: DictConfig) -> GlueTask:
-    """A GLUE task by name, or the user's own files (`task=custom`)."""
+    """A GLUE or MRC task by name, an MRC task on one's own files in its release's format, or the user's own
+    files (`task=custom`)."""
+    if task_cfg.name in MRC_TASKS:
+        return mrc_task(task_cfg)
     if task_cfg.get("train_file") is None:
         return get_task(task_cfg.name)
     train_file, dev_file = (to_absolute_path(task_cfg[key]) for key in ("train_file", "dev_file"))
@@ -118,6 +132,18 @@ def task_from_config(task_cfg: DictConfig) -> GlueTask:
     metric = task_cfg.metric or ("combined_score" if regression else "accuracy")
     return custom_task(task_cfg.name, train_file, dev_file, tuple(task_cfg.text_columns), task_cfg.label_column,
                        labels, regression, metric, bool(task_cfg.get("allow_empty_text", False)))
+
+
+def mrc_task(task_cfg: DictConfig) -> GlueTask:
+    """An MRC task; with `task.train_file`, read from one's own files (the dev split: `task.dev_file`, or the
+    `task.dev_articles` of the training file)."""
+    task = get_task(task_cfg.name)
+    articles = tuple(task_cfg.get("dev_articles") or ())
+    if task_cfg.get("train_file") is None:
+        return task
+    train_file = to_absolute_path(task_cfg.train_file)
+    dev_file = to_absolute_path(task_cfg.dev_file) if task_cfg.get("dev_file") else train_file
+    return replace(task, files={"train": train_file, "validation": dev_file}, dev_articles=articles)
 
 
 def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]:
@@ -143,12 +169,15 @@ def build_context(cfg: DictConfig, run_dir: Path, hardware: Hardware | None = No
     source = DataSource.from_data_config(cfg.data)
     cache_dir = Path(to_absolute_path(cfg.cache_dir))
     teacher = prepare_teacher(teacher_spec(cfg), task, source, cfg.data.max_length, trainer_options(cfg), cache_dir,
-                              hardware, CheckpointEvery.from_config(cfg.get("checkpoint")))
+                              hardware, CheckpointEvery.from_config(cfg.get("checkpoint")),
+                              int(cfg.task.get("doc_stride", 128)))
     tokenizer = teacher.tokenizer if cfg.student.init != "pretrained" else load_tokenizer(
         resolve_model_path(cfg.student.name_or_path, "student.name_or_path"), "student.name_or_path"
     )
+    inputs = InputForm(families.input_form(student_config(cfg, teacher)), int(cfg.task.get("doc_stride", 128)))
     data = load_task_data(
-        task, source, tokenizer, cfg.data.max_length, cache_dir, cfg.data.max_train_samples, cfg.data.max_eval_samples
+        task, source, tokenizer, cfg.data.max_length, cache_dir, cfg.data.max_train_samples, cfg.data.max_eval_samples,
+        inputs,
     )
     seed_all(derive_seed(cfg.seed, "student"))
     student = build_student(cfg.student, student_source(cfg, teacher), task)

@@ -23,12 +23,21 @@ class TsvLayout:
     extra_files: tuple[str, ...] = ()  # more files with the same layout, concatenated
 
 
+# Task families (kdexp.families): what a row is, and what a model outputs for it.
+CLASSIFICATION = "classification"  # a text or a text pair -> one label (or a score: regression)
+MULTIPLE_CHOICE = "multiple_choice"  # a passage, a question and C options -> one of the options
+EXTRACTIVE_QA = "extractive_qa"  # a question and a passage -> a span of the passage (or none: SQuAD 2.0)
+FAMILIES = (CLASSIFICATION, MULTIPLE_CHOICE, EXTRACTIVE_QA)
+
+
 @dataclass(frozen=True)
 class GlueTask:
+    """A task: a family, its columns, labels and metrics, and where its data is (Hub and local files)."""
+
     name: str
     hub_config: str
-    text_fields: tuple[str, ...]  # Hub column names, one or two sentences
-    label_names: tuple[str, ...] | None  # None for regression
+    text_fields: tuple[str, ...]  # column names: the sentence(s); MC: passage and question; QA: question and passage
+    label_names: tuple[str, ...] | None  # None for regression (and extractive QA); MC: one name per option
     main_metric: str
     metrics: tuple[str, ...]
     train_split: str = "train"
@@ -37,18 +46,31 @@ class GlueTask:
     local_layouts: dict[str, TsvLayout] = field(default_factory=dict)
     # TSV label strings when they are words rather than the label ids themselves.
     local_label_values: tuple[str, ...] | None = None
-    # A user's own data (task=custom): split -> CSV/TSV/JSONL file, and the label column in it.
+    # A user's own data (task=custom, or task.train_file/dev_file of an MRC task): split -> file, label column.
     files: dict[str, str] = field(default_factory=dict)
     label_column: str = "label"
     allow_empty_text: bool = False  # own files: keep rows whose text is empty (else refused with file:line)
+    family: str = CLASSIFICATION
+    hub_dataset: str | None = None  # MRC tasks: their own Hub dataset (GLUE tasks: data.hub_dataset)
+    local_files: dict[str, str] = field(default_factory=dict)  # MRC tasks: split -> file under MRC_DIR/<local_dir>
+    with_no_answer: bool = False  # extractive QA: some questions have no answer in the passage (SQuAD 2.0)
+    dev_articles: tuple[str, ...] = ()  # extractive QA from one file: the articles (titles) that are the dev split
 
     @property
     def is_regression(self) -> bool:
-        return self.label_names is None
+        return self.family == CLASSIFICATION and self.label_names is None
 
     @property
     def num_labels(self) -> int:
+        """Classes, options (multiple choice), or 2 for extractive QA (its start and end distributions)."""
+        if self.family == EXTRACTIVE_QA:
+            return 2
         return 1 if self.label_names is None else len(self.label_names)
+
+    def output_shape(self, max_length: int) -> tuple[int, ...]:
+        """The shape of a model's output for one row: ``(C,)``, or ``(2, max_length)`` for extractive QA
+        (start and end logits over the row's tokens)."""
+        return (2, max_length) if self.family == EXTRACTIVE_QA else (self.num_labels,)
 
 
 def _binary(pos: str = "1", neg: str = "0") -> tuple[str, str]:
@@ -191,6 +213,38 @@ TASKS: dict[str, GlueTask] = {
         local_label_values=_binary(),
     ),
 }
+
+
+def _choices(count: int) -> tuple[str, ...]:
+    return tuple("ABCDEFGH"[:count])
+
+
+# Machine reading comprehension: DREAM and RACE (multiple choice), SQuAD v1.1 and v2.0 (extractive QA).
+# Local files (MRC_DIR / data.mrc_dir) are the official releases' formats; the Hub datasets are named.
+MRC_TASKS: dict[str, GlueTask] = {
+    "dream": GlueTask(
+        name="dream", hub_config="", text_fields=("context", "question"), label_names=_choices(3),
+        main_metric="accuracy", metrics=("accuracy",), family=MULTIPLE_CHOICE, hub_dataset="dream",
+        local_dir="dream", local_files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
+    ),
+    "race": GlueTask(
+        name="race", hub_config="all", text_fields=("context", "question"), label_names=_choices(4),
+        main_metric="accuracy", metrics=("accuracy",), family=MULTIPLE_CHOICE, hub_dataset="ehovy/race",
+        local_dir="race", local_files={"train": "train", "validation": "dev", "test": "test"},
+    ),
+    "squad": GlueTask(
+        name="squad", hub_config="", text_fields=("question", "context"), label_names=None,
+        main_metric="f1", metrics=("exact_match", "f1"), family=EXTRACTIVE_QA, hub_dataset="rajpurkar/squad",
+        local_dir="squad", local_files={"train": "train-v1.1.json", "validation": "dev-v1.1.json"},
+    ),
+    "squad_v2": GlueTask(
+        name="squad_v2", hub_config="", text_fields=("question", "context"), label_names=None,
+        main_metric="f1", metrics=("exact_match", "f1"), family=EXTRACTIVE_QA, hub_dataset="rajpurkar/squad_v2",
+        local_dir="squad_v2", local_files={"train": "train-v2.0.json", "validation": "dev-v2.0.json"},
+        with_no_answer=True,
+    ),
+}
+TASKS.update(MRC_TASKS)
 
 
 CUSTOM_METRICS = {

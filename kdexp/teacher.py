@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
+from kdexp import families
 from kdexp.cache import cache_key, load_or_compute_together, load_tensors, save_tensors
-from kdexp.data import TaskData, tokenize_split, tokenizer_fingerprint
+from kdexp.data import InputForm, TaskData, tokenize_split, tokenizer_fingerprint
+from kdexp.families import output_logits
+from kdexp.families.extractive_qa import MASKED_LOGIT, QAMetrics
 from kdexp.hardware import Hardware
 from kdexp.inference import PassBatching, PassProgress, length_sorted_loader
-from kdexp.metrics import GlueMetrics, eval_prefix
+from kdexp.metrics import eval_prefix, task_metrics
 from kdexp.model_internals import ModelInternals, forward_with_internals, model_inputs, truncated_encoder
 from kdexp.models import count_parameters, load_classifier
 from kdexp.tasks import GlueTask
@@ -65,25 +68,32 @@ class Teacher:
     def shares_tokenizer_with(self, data: TaskData) -> bool:
         return tokenizer_fingerprint(self.tokenizer) == tokenizer_fingerprint(data.tokenizer)
 
+    def input_form(self, data: TaskData) -> InputForm:
+        """How the teacher reads rows (a decoder reads multiple choice as a prompt; `kdexp.families`)."""
+        return replace(data.inputs, form=families.input_form(AutoConfig.from_pretrained(self.path)))
+
     def _teacher_view(self, data: TaskData, split: str) -> tuple[Any, str]:
         """The split tokenised the teacher's way (the run's own tokenisation when they agree)."""
-        if self.shares_tokenizer_with(data):
+        inputs = self.input_form(data)
+        if self.shares_tokenizer_with(data) and inputs == data.inputs:
             return data.tokenized[split], data.keys[split]
-        return tokenize_split(data.raw[split], self.task, self.tokenizer, data.max_length, data.cache_dir)
+        return tokenize_split(data.raw[split], self.task, self.tokenizer, data.max_length, data.cache_dir, inputs)
 
     def logits(self, data: TaskData, split: str) -> torch.Tensor:
-        """Teacher logits for every row of `split` (row i = `idx` i), computed once and cached."""
+        """Teacher logits for every row of `split` (row i = `idx` i), computed once and cached: ``[N, C]``, or
+        ``[N, 2, max_length]`` for extractive QA's windows (positions past a window's end masked)."""
         tokenized, data_key = self._teacher_view(data, split)
         key = cache_key(kind="teacher_logits", teacher=self.key, data=data_key, **self.pass_key_parts())
         path = self.cache_dir / "signals" / "teacher_logits" / f"{key}.pt"
         expected = {"key": key, "rows": len(tokenized), "num_labels": self.task.num_labels}
+        shape = (len(tokenized), *self.task.output_shape(data.max_length))
 
         def load() -> torch.Tensor | None:
             cached = load_tensors(path, expected)
             if cached is None:
                 return None
             logits = cached["logits"]
-            if logits.shape == (len(tokenized), self.task.num_labels) and torch.isfinite(logits).all():
+            if logits.shape == shape and torch.isfinite(logits).all():
                 return logits
             log.warning("Cached teacher logits %s have the wrong shape or values; recomputing.", path)
             return None
@@ -99,25 +109,35 @@ class Teacher:
     def _compute_logits(self, tokenized: Any, data: TaskData) -> torch.Tensor:
         hardware = self.hardware
         model = hardware.to_device(self.load_model())
-        out = torch.zeros(len(tokenized), self.task.num_labels)
+        shape = self.task.output_shape(data.max_length)
+        out = torch.zeros(len(tokenized), *shape)
         loader = length_sorted_loader(tokenized, data.pad_token_id, self.batching, hardware=hardware)
         progress = PassProgress(f"teacher logits ({len(tokenized)} rows)", len(tokenized) // hardware.world_size)
         with hardware.inference():
             for batch in loader:
-                out[batch["idx"]] = model(**hardware.to_device(model_inputs(batch, model))).logits.float().cpu()
+                logits = output_logits(model(**hardware.to_device(model_inputs(batch, model))), hardware.to_device(batch))
+                out[batch["idx"]] = full_rows(logits.float().cpu(), shape)
                 progress.update(len(batch["idx"]))
         progress.close()
         return hardware.combine_rows(out)
 
     def dev_metrics(self, data: TaskData) -> dict[str, float]:
-        """The teacher's GLUE metrics on the run's dev splits, from the cached logits."""
+        """The teacher's metrics on the run's dev splits, from the cached logits."""
         results: dict[str, float] = {}
         for split in data.eval_splits:
-            metrics = GlueMetrics(self.task)
-            labels = torch.tensor(data.raw[split]["label"])
-            metrics.update(self.logits(data, split), labels)
+            metrics = task_metrics(self.task)
+            tokenized, _ = self._teacher_view(data, split)
+            logits = self.logits(data, split)
+            for start in range(0, len(tokenized), 1024):
+                rows = tokenized.select(range(start, min(start + 1024, len(tokenized))))
+                batch = {"idx": torch.as_tensor(rows["idx"]), "labels": torch.as_tensor(rows["labels"])}
+                metrics.update_batch(logits[batch["idx"]], batch)
             prefix = eval_prefix(self.task, split)
-            results.update({f"{prefix}/{k}": v for k, v in metrics.compute().items()})
+            if isinstance(metrics, QAMetrics):  # scored on the teacher's own windows of the examples
+                values = metrics.compute_on(data.raw[split], tokenized)
+            else:
+                values = metrics.compute_split(data, split)
+            results.update({f"{prefix}/{k}": v for k, v in values.items()})
         return results
 
     @property
@@ -164,6 +184,16 @@ class Teacher:
             log.info("Cached teacher [CLS] vectors of layers %s for %d rows (%s)", layers, len(tokenized), path)
 
         return load_or_compute_together(path, load, compute, store, self.hardware)
+
+
+def full_rows(logits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A batch's logits as whole rows of the cache: extractive QA's ``[B, 2, L]`` padded to ``max_length`` with
+    `MASKED_LOGIT` (each row complete, so rows from several processes add up exactly)."""
+    if logits.shape[1:] == shape:
+        return logits
+    rows = torch.full((logits.shape[0], *shape), MASKED_LOGIT)
+    rows[..., : logits.shape[-1]] = logits
+    return rows
 
 
 class TeacherSignals(nn.Module):
@@ -228,7 +258,8 @@ class TeacherSignals(nn.Module):
     def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's logits for the rows of `batch`: from the cache, or a live forward."""
         if self.cached_logits is not None:
-            return batch_rows(batch, "teacher_logits", self.cached_logits)
+            logits = batch_rows(batch, "teacher_logits", self.cached_logits)
+            return logits[..., : batch["input_ids"].shape[-1]] if logits.dim() == 3 else logits  # QA: the batch's length
         return self.internals(dict(batch), need_attentions=False, output_hidden_states=False).logits
 
     @torch.no_grad()
@@ -239,7 +270,8 @@ class TeacherSignals(nn.Module):
         if self.model is None:
             raise RuntimeError("this signal needs a live teacher forward, but the method was built without the model")
         if not output_hidden_states:
-            return ModelInternals(logits=self.model(**model_inputs(batch, self.model)).logits, hidden_states=None, attentions=None)
+            logits = output_logits(self.model(**model_inputs(batch, self.model)), batch)
+            return ModelInternals(logits=logits, hidden_states=None, attentions=None)
         with truncated_encoder(self.model, depth):
             return forward_with_internals(self.model, batch, need_attentions=need_attentions)
 

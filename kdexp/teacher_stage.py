@@ -24,7 +24,10 @@ from typing import Any
 
 from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
 from kdexp.config import TeacherSchema as TeacherSpec
-from kdexp.data import DataSource, load_split, load_task_data, tokenized_key
+from transformers import AutoConfig
+
+from kdexp import families
+from kdexp.data import DataSource, InputForm, load_split, load_task_data, tokenized_key
 from kdexp.hardware import Hardware
 from kdexp.methods.base import OptimConfig
 from kdexp.methods.finetune import Finetune
@@ -83,6 +86,7 @@ def prepare_teacher(
     cache_dir: Path,
     hardware: Hardware,
     checkpoints: CheckpointEvery | None = None,
+    doc_stride: int = 128,
 ) -> Teacher:
     """Return the fine-tuned teacher for `task`, fine-tuning it first if no stored copy has its key.
 
@@ -99,11 +103,12 @@ def prepare_teacher(
         return Teacher(path, key, task, tokenizer, cache_dir, hardware, {"finetuned_by": "user"}, spec.eval_batch_size,
                        spec.eval_tokens_per_batch, spec.dtype)
 
+    inputs = InputForm(families.input_form(AutoConfig.from_pretrained(path)), doc_stride)
     train_raw = load_split(task, task.train_split, source, spec.max_train_samples, "teacher.max_train_samples")
-    data_keys = {task.train_split: tokenized_key(train_raw, task, tokenizer, max_length)}
+    data_keys = {task.train_split: tokenized_key(train_raw, task, tokenizer, max_length, inputs)}
     for split in task.eval_splits:
         dev_raw = load_split(task, split, source, spec.max_eval_samples, "teacher.max_eval_samples")
-        data_keys[split] = tokenized_key(dev_raw, task, tokenizer, max_length)
+        data_keys[split] = tokenized_key(dev_raw, task, tokenizer, max_length, inputs)
     key = teacher_key(spec, task, model_fp, data_keys, max_length, precision)
     store = cache_dir / "teachers" / f"{task.name}-{key}"
     info = stored_teacher_info(store, set_aside=False)
@@ -119,7 +124,7 @@ def prepare_teacher(
             else:
                 options = teacher_trainer_options(spec, trainer_cfg)
                 _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store,
-                                  checkpoints)
+                                  checkpoints, inputs)
                 info = stored_teacher_info(store)
                 assert info is not None, f"the teacher stage did not publish {store}"
     return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, hardware, info, spec.eval_batch_size,
@@ -176,13 +181,15 @@ def _finetune_teacher(
     cache_dir: Path,
     store: Path,
     checkpoints: CheckpointEvery | None = None,
+    inputs: InputForm | None = None,
 ) -> None:
     """Fine-tune in `<store>.partial` (resumable, from its last epoch or step checkpoint), then rename it
     into place when complete."""
     partial = store.with_name(store.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     log.info("Fine-tuning teacher %s on %s (key %s) in %s", path, task.name, key, partial)
-    data = load_task_data(task, source, tokenizer, max_length, cache_dir, spec.max_train_samples, spec.max_eval_samples)
+    data = load_task_data(task, source, tokenizer, max_length, cache_dir, spec.max_train_samples, spec.max_eval_samples,
+                          inputs)
     seed_all(spec.seed)
     model = load_classifier(path, task)
     optim = OptimConfig(spec.learning_rate, spec.weight_decay, spec.warmup_ratio)

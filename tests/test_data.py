@@ -36,7 +36,9 @@ def test_label_values_are_mapped_to_hub_label_ids(glue_dir: Path) -> None:
 
 
 def test_every_glue_task_is_registered_with_its_metrics() -> None:
-    assert set(TASKS) == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    glue = {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
+    assert set(TASKS) == glue | {"dream", "race", "squad", "squad_v2"}
+    assert {name for name, task in TASKS.items() if task.family == "classification"} == glue
     assert get_task("mnli").eval_splits == ("validation_matched", "validation_mismatched")
     assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
     assert get_task("mrpc").main_metric == "combined_score"

@@ -46,7 +46,7 @@ def test_logits_pass_equals_each_row_run_alone_in_row_order(tiny_model_dir: Path
     encoded = tokenizer(texts)
     tokenized = datasets.Dataset.from_dict({**encoded, "idx": list(range(len(texts)))})
     teacher = tiny_teacher(tiny_model_dir, tmp_path, tokens=48, rows=8)
-    logits = teacher._compute_logits(tokenized, SimpleNamespace(pad_token_id=tokenizer.pad_token_id))
+    logits = teacher._compute_logits(tokenized, SimpleNamespace(pad_token_id=tokenizer.pad_token_id, max_length=64))
 
     model = teacher.load_model()
     with torch.no_grad():

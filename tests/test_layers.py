@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdexp"
 LAYERS: list[tuple[str, ...]] = [
     ("kdexp", "kdexp.errors", "kdexp.seeding", "kdexp.faults", "kdexp.tasks", "kdexp.config", "kdexp.hardware",
      "kdexp.preemption"),
-    ("kdexp.cache", "kdexp.data", "kdexp.inference", "kdexp.models", "kdexp.tiny_models", "kdexp.metrics", "kdexp.model_internals", "kdexp.phases",
+    ("kdexp.cache", "kdexp.data", "kdexp.inference", "kdexp.models", "kdexp.tiny_models", "kdexp.families", "kdexp.metrics", "kdexp.model_internals", "kdexp.phases",
      "kdexp.losses", "kdexp.context"),
     ("kdexp.teacher", "kdexp.decision", "kdexp.internal", "kdexp.smoothing", "kdexp.selection"),
     ("kdexp.methods",),

@@ -45,12 +45,12 @@ from datasets.arrow_writer import ArrowWriter
 
 from kdexp.cache import atomic_directory, cache_key, load_or_compute_together, load_tensors, save_tensors, wait_for_rank_zero
 from kdexp.data import arrow_column, content_fingerprint
-from kdexp.decision.eda import EDAConfig, augment, augment_copies, augment_pair, authors_rates, clean_text, example_random
+from kdexp.decision.eda import EDAConfig, augment, augment_copies, authors_rates, clean_text, example_random
 from kdexp.decision.teacher import DecisionTeacher, Query
 from kdexp.decision.wordnet import DEFAULT_WORDNET_PATH, PARTS_OF_SPEECH, shared_wordnet
 from kdexp.faults import maybe_fail
 from kdexp.hardware import is_global_zero
-from kdexp.tasks import GlueTask
+from kdexp.tasks import MULTIPLE_CHOICE, GlueTask
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,21 @@ def decision_counts(decisions: torch.Tensor, num_labels: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(decisions.long(), num_labels).sum(dim=1)
 
 
+def query_fields(task: GlueTask) -> list[str]:
+    """The texts of a query, as columns: the text fields; multiple choice adds one column per option
+    (``choice_0``, ...), so that EDA changes the passage, the question and the options (the authors' way)."""
+    if task.family == MULTIPLE_CHOICE:
+        return [*task.text_fields, *(f"choice_{i}" for i in range(task.num_labels))]
+    return list(task.text_fields)
+
+
 def examples_of(ds: datasets.Dataset, task: GlueTask) -> list[Query]:
-    """The inputs of a raw split: texts, or ``(text_a, text_b)`` pairs for two-sentence tasks."""
-    columns = [arrow_column(ds, name).to_pylist() for name in task.text_fields]
+    """The inputs of a raw split (or of its copies): texts, ``(text_a, text_b)`` pairs, or for multiple choice
+    ``(passage, question, option, ...)`` tuples."""
+    if task.family == MULTIPLE_CHOICE and "choices" in ds.column_names:
+        base = [arrow_column(ds, name).to_pylist() for name in task.text_fields]
+        return [(*texts, *choices) for *texts, choices in zip(*base, arrow_column(ds, "choices").to_pylist())]
+    columns = [arrow_column(ds, name).to_pylist() for name in query_fields(task)]
     if len(columns) == 1:
         return list(columns[0])
     return list(zip(*columns))
@@ -170,8 +182,8 @@ def augment_examples(examples: list[Query], config: QueryConfig, first_index: in
             copies.append(sides[0] if isinstance(example, str) else list(zip(*sides)))
         elif isinstance(example, str):
             copies.append(list(augment(example, config.num_copies, rng, config.eda, wordnet)))
-        else:
-            copies.append(list(augment_pair(example[0], example[1], config.num_copies, rng, config.eda, wordnet)))
+        else:  # each text augmented on its own, in order (for a pair: `augment_pair`)
+            copies.append(list(zip(*(augment(text, config.num_copies, rng, config.eda, wordnet) for text in example))))
     return copies
 
 
@@ -217,7 +229,7 @@ def augmentation_key(ds: datasets.Dataset, task: GlueTask, config: QueryConfig) 
     return cache_key(
         kind="eda_copies",
         task=task.name,
-        content=content_fingerprint(ds, tuple(task.text_fields)),
+        content=content_fingerprint(ds, tuple(task.text_fields) + (("choices",) if "choices" in ds.column_names else ())),
         rows=len(ds),
         eda=_eda_key(config.eda),
         num_queries=config.num_queries,
@@ -234,13 +246,23 @@ def decisions_key(teacher: DecisionTeacher, augmentation: str, rows: int = 0) ->
                      **chunks)
 
 
+def copies_as_raw(copies: datasets.Dataset, task: GlueTask) -> datasets.Dataset:
+    """Augmented copies in the raw split's columns (without ``row`` and ``copy``): for multiple choice the
+    options' columns become the ``choices`` list again."""
+    copies = copies.remove_columns(["row", "copy"])
+    if task.family != MULTIPLE_CHOICE:
+        return copies
+    options = [f"choice_{i}" for i in range(task.num_labels)]
+    return copies.map(lambda row: {"choices": [row[name] for name in options]}, remove_columns=options)
+
+
 def _copies_columns(copies: list[list[Query]], task: GlueTask, first_row: int) -> dict[str, list[Any]]:
-    columns: dict[str, list[Any]] = {name: [] for name in task.text_fields}
+    columns: dict[str, list[Any]] = {name: [] for name in query_fields(task)}
     columns["row"], columns["copy"] = [], []
     for row, row_copies in enumerate(copies, start=first_row):
         for number, copy in enumerate(row_copies, start=1):
             texts = (copy,) if isinstance(copy, str) else copy
-            for name, text in zip(task.text_fields, texts):
+            for name, text in zip(query_fields(task), texts):
                 columns[name].append(text)
             columns["row"].append(row)
             columns["copy"].append(number)
@@ -248,7 +270,7 @@ def _copies_columns(copies: list[list[Query]], task: GlueTask, first_row: int) -
 
 
 def _copies_features(task: GlueTask) -> datasets.Features:
-    return datasets.Features({**{name: datasets.Value("string") for name in task.text_fields},
+    return datasets.Features({**{name: datasets.Value("string") for name in query_fields(task)},
                               "row": datasets.Value("int64"), "copy": datasets.Value("int64")})
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdexp.data import pad_batch
+from kdexp.families import output_logits
 from kdexp.hardware import Hardware
 from kdexp.inference import PassBatching, PassProgress, length_sorted_loader
 from kdexp.losses.precision import full_precision
@@ -67,7 +68,7 @@ def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_tok
             chosen = order[start:start + settings.batch_size].tolist()
             batch = hardware.to_device(pad_batch(rows_of(tokenized, chosen), pad_token_id))
             with hardware.autocast():
-                logits = model(**model_inputs(batch, model)).logits
+                logits = output_logits(model(**model_inputs(batch, model)), batch)
             loss = cross_entropy(logits, hardware.to_device(labels[chosen]))
             optimizer.zero_grad()
             hardware.backward(loss)
@@ -99,7 +100,8 @@ def logits_of(model: nn.Module, tokenized, pad_token_id: int, num_labels: int, h
     progress = PassProgress(f"surrogate logits ({len(tokenized)} rows)", len(tokenized))
     with hardware.inference():
         for batch in length_sorted_loader(tokenized, pad_token_id, batching):
-            out[batch["idx"]] = model(**hardware.to_device(model_inputs(batch, model))).logits.float().cpu()
+            batch = hardware.to_device(batch)
+            out[batch["idx"].cpu()] = output_logits(model(**model_inputs(batch, model)), batch).float().cpu()
             progress.update(len(batch["idx"]))
     progress.close()
     return out

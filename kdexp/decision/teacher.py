@@ -23,16 +23,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from transformers import AutoConfig
+
+from kdexp import families
+from kdexp.families import multiple_choice, output_logits
 from kdexp.hardware import Hardware
 from kdexp.inference import PassBatching, PassProgress, length_sorted_batches
 from kdexp.model_internals import forward_arguments
+from kdexp.tasks import MULTIPLE_CHOICE, GlueTask
 
 if TYPE_CHECKING:
     from kdexp.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
-Query = str | tuple[str, str]
+Query = str | tuple[str, ...]  # a text, a pair, or (passage, question, option, ...) for multiple choice
 
 
 # Queries tokenised per call of the tokenizer: its Python lists live only this long.
@@ -41,52 +46,85 @@ ENCODE_BATCH = 8192
 
 @dataclass(frozen=True)
 class EncodedQueries:
-    """Tokenised queries packed flat: row ``i``'s token ids are ``ids[offsets[i]:offsets[i + 1]]`` (and its
-    segment ids in ``segments``, for models that take them). 5 bytes a token, where the tokenizer's Python
-    lists take about 100: MNLI's 3.9M queries of one DBKD stage fit in memory chunk by chunk."""
+    """Tokenised queries packed flat: sequence ``j``'s token ids are ``ids[offsets[j]:offsets[j + 1]]`` (and its
+    segment ids in ``segments``, for models that take them); query ``i`` is sequences ``i·per_query`` to
+    ``(i + 1)·per_query - 1`` (a multiple-choice query read by an encoder is one sequence per option). 5 bytes
+    a token, where the tokenizer's Python lists take about 100: MNLI's 3.9M queries of one DBKD stage fit
+    in memory chunk by chunk."""
 
     ids: np.ndarray
     segments: np.ndarray | None
     offsets: np.ndarray
+    per_query: int = 1
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Each query's tokens as a batch counts them: its sequences times the longest of them."""
+        longest = np.diff(self.offsets).reshape(-1, self.per_query).max(axis=1)
+        return longest * self.per_query
 
     def batch(self, rows: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-        """Rows ``rows`` padded to the longest: ``input_ids``, ``attention_mask`` (and ``token_type_ids``)."""
-        lengths = self.lengths[list(rows)]
-        input_ids = np.full((len(rows), int(lengths.max())), pad_token_id, dtype=np.int64)
+        """Queries ``rows`` padded to the longest sequence: ``input_ids``, ``attention_mask`` (and
+        ``token_type_ids``), ``[B, L]`` or ``[B, C, L]``."""
+        sequences = [row * self.per_query + k for row in rows for k in range(self.per_query)]
+        lengths = np.diff(self.offsets)[sequences]
+        input_ids = np.full((len(sequences), int(lengths.max())), pad_token_id, dtype=np.int64)
         segments = np.zeros_like(input_ids) if self.segments is not None else None
-        for slot, row in enumerate(rows):
-            start, stop = self.offsets[row], self.offsets[row + 1]
+        for slot, sequence in enumerate(sequences):
+            start, stop = self.offsets[sequence], self.offsets[sequence + 1]
             input_ids[slot, : stop - start] = self.ids[start:stop]
             if segments is not None:
                 segments[slot, : stop - start] = self.segments[start:stop]  # type: ignore[index]
-        batch = {"input_ids": torch.from_numpy(input_ids),
-                 "attention_mask": torch.from_numpy((np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64))}
+        batch = {"input_ids": input_ids, "attention_mask": (np.arange(input_ids.shape[1]) < lengths[:, None])}
         if segments is not None:
-            batch["token_type_ids"] = torch.from_numpy(segments)
-        return batch
+            batch["token_type_ids"] = segments
+        shape = (len(rows), self.per_query, -1) if self.per_query > 1 else (len(rows), -1)
+        return {name: torch.from_numpy(values.astype(np.int64)).view(*shape) for name, values in batch.items()}
 
 
-def encode_queries(tokenizer: Any, queries: Sequence[Query], max_length: int, with_segments: bool) -> EncodedQueries:
-    """Tokenise ``queries`` (texts or pairs, truncated to ``max_length``), `ENCODE_BATCH` at a time, packed flat."""
+def query_tokenizer(tokenizer: Any, max_length: int, with_segments: bool, task: GlueTask | None,
+                    form: str = "pairs") -> tuple[Callable[[Sequence[Query]], dict[str, list]], int]:
+    """How a chunk of queries is tokenised (texts, pairs; multiple choice: one sequence per option, or one
+    prompt), and the number of sequences per query."""
+    if task is not None and task.family == MULTIPLE_CHOICE:
+        def as_rows(part: Sequence[Query]) -> dict[str, list]:
+            return {"context": [q[0] for q in part], "question": [q[1] for q in part],
+                    "choices": [list(q[2:]) for q in part], "label": [0] * len(part)}
+
+        if form == "prompt":
+            return (lambda part: multiple_choice.prompts(as_rows(part), tokenizer, max_length)), 1
+
+        def option_sequences(part: Sequence[Query]) -> dict[str, list]:
+            encoded = multiple_choice.option_pairs(as_rows(part), tokenizer, max_length)
+            return {name: [seq for row in encoded[name] for seq in row] for name in ("input_ids", "token_type_ids")
+                    if name in encoded}
+
+        return option_sequences, task.num_labels
+
+    def texts_or_pairs(part: Sequence[Query]) -> dict[str, list]:
+        texts = [part] if isinstance(part[0], str) else [[q[0] for q in part], [q[1] for q in part]]
+        return tokenizer(*texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                         return_token_type_ids=with_segments)
+
+    return texts_or_pairs, 1
+
+
+def encode_queries(tokenizer: Any, queries: Sequence[Query], max_length: int, with_segments: bool,
+                   task: GlueTask | None = None, form: str = "pairs") -> EncodedQueries:
+    """Tokenise ``queries`` (`query_tokenizer`), `ENCODE_BATCH` at a time, packed flat."""
+    tokenize, per_query = query_tokenizer(tokenizer, max_length, with_segments, task, form)
     ids: list[np.ndarray] = []
     segments: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
     for start in range(0, len(queries), ENCODE_BATCH):
-        part = queries[start:start + ENCODE_BATCH]
-        texts = [part] if isinstance(part[0], str) else [[q[0] for q in part], [q[1] for q in part]]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length, return_attention_mask=False,
-                            return_token_type_ids=with_segments)
-        lengths.append(np.fromiter(map(len, encoded["input_ids"]), dtype=np.int64, count=len(part)))
+        encoded = tokenize(queries[start:start + ENCODE_BATCH])
+        lengths.append(np.fromiter(map(len, encoded["input_ids"]), dtype=np.int64, count=len(encoded["input_ids"])))
         ids.append(np.fromiter(itertools.chain.from_iterable(encoded["input_ids"]), dtype=np.int32))
-        if with_segments:
+        if with_segments and "token_type_ids" in encoded:
             segments.append(np.fromiter(itertools.chain.from_iterable(encoded["token_type_ids"]), dtype=np.int8))
-    offsets = np.zeros(len(queries) + 1, dtype=np.int64)
+    offsets = np.zeros(len(queries) * per_query + 1, dtype=np.int64)
     np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    return EncodedQueries(np.concatenate(ids), np.concatenate(segments) if with_segments else None, offsets)
+    return EncodedQueries(np.concatenate(ids), np.concatenate(segments) if segments else None, offsets, per_query)
 
 
 def _make_decider(
@@ -95,6 +133,8 @@ def _make_decider(
     max_length: int,
     batching: PassBatching,
     hardware: Hardware,
+    task: GlueTask | None = None,
+    form: str = "pairs",
 ) -> Callable[[Sequence[Query]], torch.Tensor]:
     """A function ``queries -> LongTensor`` of top-1 labels; the model is loaded on first use.
 
@@ -111,13 +151,14 @@ def _make_decider(
         out = torch.zeros(len(queries), dtype=torch.long)
         if not queries:
             return out
-        encoded = encode_queries(tokenizer, queries, max_length, "token_type_ids" in forward_arguments(type(model)))
+        with_segments = "token_type_ids" in forward_arguments(type(model))
+        encoded = encode_queries(tokenizer, queries, max_length, with_segments, task, form)
         plan = hardware.shard(length_sorted_batches(encoded.lengths, batching))
         progress = PassProgress(f"teacher decisions ({len(queries)} queries)", sum(len(rows) for rows in plan))
         with hardware.inference():
             for rows in plan:
                 batch = hardware.to_device(encoded.batch(rows, tokenizer.pad_token_id or 0))
-                out[torch.tensor(rows)] = model(**batch).logits.argmax(dim=-1).cpu()
+                out[torch.tensor(rows)] = output_logits(model(**batch), batch).argmax(dim=-1).cpu()
                 progress.update(len(rows))
         progress.close()
         return hardware.combine_rows(out)
@@ -154,9 +195,12 @@ class DecisionTeacher:
         from kdexp.data import tokenizer_fingerprint
 
         batching = PassBatching(teacher.eval_tokens_per_batch, batch_size or teacher.eval_batch_size)
-        decide_fn = _make_decider(teacher.load_model, teacher.tokenizer, max_length, batching, teacher.hardware)
+        form = families.input_form(AutoConfig.from_pretrained(teacher.path))
+        decide_fn = _make_decider(teacher.load_model, teacher.tokenizer, max_length, batching, teacher.hardware,
+                                  teacher.task, form)
         identity = {"tokenizer": tokenizer_fingerprint(teacher.tokenizer), "max_length": max_length,
-                    **teacher.pass_key_parts(), **batching.key_parts()}
+                    **teacher.pass_key_parts(), **batching.key_parts(),
+                    **({"form": form} if teacher.task.family == MULTIPLE_CHOICE else {})}
         return cls(decide_fn, teacher.key, teacher.task.num_labels, identity, teacher.hardware)
 
     def decide(self, queries: Sequence[Query]) -> torch.Tensor:

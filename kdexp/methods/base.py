@@ -20,10 +20,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup, get_scheduler
 
 from kdexp.losses import task_loss, weighted_sum
-from kdexp.metrics import GlueMetrics, eval_prefix
+from kdexp.families import output_logits
+from kdexp.metrics import eval_prefix, task_metrics
 from kdexp.model_internals import model_inputs
 from kdexp.phases import PhaseSchedule, phase_lr_factor
-from kdexp.tasks import GlueTask
+from kdexp.errors import ConfigError
+from kdexp.tasks import FAMILIES, GlueTask
 
 if TYPE_CHECKING:
     from kdexp.context import RunContext
@@ -65,7 +67,7 @@ class DistillationModule(pl.LightningModule):
         self.task = task
         self.optim = optim or OptimConfig()
         self.teacher = teacher
-        self.eval_metrics = torch.nn.ModuleList([GlueMetrics(task) for _ in task.eval_splits])
+        self.eval_metrics = torch.nn.ModuleList([task_metrics(task) for _ in task.eval_splits])
         self.phases: PhaseSchedule | None = None
         self.lr_per_phase = False  # restart warm-up + linear decay at each phase
         self._phase_loss_sum: torch.Tensor | float = 0.0
@@ -74,9 +76,18 @@ class DistillationModule(pl.LightningModule):
         self._total_steps = 1
         self._last_phase_step = -1
 
+    # The task families the method's losses apply to (kdexp.families): classification, multiple choice,
+    # extractive QA. A task of another family is refused in one line before any work.
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+
     @classmethod
     def check_task(cls, task: GlueTask) -> None:
-        """Refuse, before any training, a task the method cannot do (override to restrict)."""
+        """Refuse, before any training, a task the method cannot do (override to restrict further)."""
+        if task.family not in cls.families:
+            names = ", ".join(f.replace("_", " ") for f in cls.families)
+            raise ConfigError(f"method '{cls.__name__}' does not apply to {task.name} ({task.family.replace('_', ' ')}): "
+                              f"its losses are defined for {names} tasks. Use finetune, vanilla_kd or text_smoothing "
+                              "(and dbkd for multiple choice) on this task.")
 
     @classmethod
     def check_config(cls, cfg: Any, task: GlueTask) -> None:
@@ -95,7 +106,8 @@ class DistillationModule(pl.LightningModule):
         return model_inputs(batch, self.student)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.student(**self.model_inputs(batch)).logits
+        """The student's logits in its task family's form (kdexp.families): ``[B, C]`` or ``[B, 2, L]``."""
+        return output_logits(self.student(**self.model_inputs(batch)), batch)
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return task_loss(logits, labels, self.task.is_regression)
@@ -141,11 +153,12 @@ class DistillationModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
-        self.eval_metrics[dataloader_idx].update(logits.float(), batch["labels"])
+        self.eval_metrics[dataloader_idx].update_batch(logits.float(), batch)
 
     def on_validation_epoch_end(self) -> None:
+        data = getattr(self.trainer.datamodule, "data", None) if self._trainer is not None else None
         for split, metrics in zip(self.task.eval_splits, self.eval_metrics):
-            values = metrics.compute()
+            values = metrics.compute_split(data, split)
             metrics.reset()
             prefix = eval_prefix(self.task, split)
             self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=prefix == "val")

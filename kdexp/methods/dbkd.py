@@ -68,13 +68,14 @@ from kdexp.config import require
 from kdexp.data import arrow_column, tokenize_split
 from kdexp.decision.estimator import ZERO_COUNT_RULES, estimate_logits_from_counts
 from kdexp.decision.eda import EDA_STYLES
-from kdexp.decision.queries import DecisionQueries, QueryConfig, decision_statistics, query_decisions
+from kdexp.decision.queries import DecisionQueries, QueryConfig, copies_as_raw, decision_statistics, query_decisions
 from kdexp.decision.surrogate import SurrogateSettings, logits_of, state_fingerprint, train_surrogate
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.losses import soft_target_kd
 from kdexp.losses.precision import full_precision
 from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
+from kdexp.tasks import CLASSIFICATION, MULTIPLE_CHOICE
 from kdexp.teacher import batch_rows
 
 if TYPE_CHECKING:
@@ -226,6 +227,8 @@ class DecisionDistillation(DistillationModule):
             rows at or above it are extra examples without a gold term (``decision_hard_aug``).
     """
 
+    families = (CLASSIFICATION, MULTIPLE_CHOICE)
+
     method_name: ClassVar[str] = "decision"
     Options = DecisionOptions
 
@@ -247,6 +250,7 @@ class DecisionDistillation(DistillationModule):
 
     @classmethod
     def check_task(cls, task: "GlueTask") -> None:
+        super().check_task(task)
         if task.is_regression:
             raise ConfigError(
                 f"method '{cls.method_name}' is not defined for the regression task {task.name}: decision-based "
@@ -509,7 +513,7 @@ class DecisionHardAug(DecisionDistillation):
                 copies = copies.filter(lambda batch: [c <= use for c in batch["copy"]], batched=True)
             rows, numbers = (torch.from_numpy(arrow_column(copies, name).to_numpy()) for name in ("row", "copy"))
             labels = decided.decisions[rows, numbers]
-            raw = copies.remove_columns(["row", "copy"]).add_column("label", labels.numpy())
+            raw = copies_as_raw(copies, task).add_column("label", labels.numpy())
             tokenized, copies_key = tokenize_split(raw, task, data.tokenizer, data.max_length, data.cache_dir)
             tokenized = tokenized.remove_columns("idx").add_column("idx", np.arange(n, n + len(tokenized)))
             if tokenized.features != original.features:

@@ -47,6 +47,7 @@ from kdexp.internal.losses import InternalProjections
 from kdexp.losses import kd_terms, layer_output
 from kdexp.losses.features import hidden_cosine_loss
 from kdexp.methods.base import DistillationModule
+from kdexp.tasks import CLASSIFICATION
 from kdexp.methods.pkd import known_layer_counts
 from kdexp.model_internals import forward_with_internals
 from kdexp.teacher import TeacherSignals
@@ -85,6 +86,8 @@ class DistilBertKDOptions:
 
 class DistilBertKD(DistillationModule):
     """Task CE, soft cross-entropy with the teacher, and the hidden-state cosine loss at aligned layers."""
+
+    families = (CLASSIFICATION,)
 
     Options = DistilBertKDOptions
 

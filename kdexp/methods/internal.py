@@ -39,6 +39,7 @@ from kdexp.internal.stages import ALGORITHMS, StageSchedule, num_internal_stages
 from kdexp.losses import hinton_weights, kd_terms
 from kdexp.losses.features import ATTENTION_HEAD_REDUCTIONS
 from kdexp.methods.base import DistillationModule
+from kdexp.tasks import CLASSIFICATION
 from kdexp.model_internals import ModelInternals, forward_with_internals, truncated_encoder
 from kdexp.teacher import TeacherSignals
 
@@ -111,6 +112,8 @@ class InternalOptions:
 
 class InternalDistillation(DistillationModule):
     """``all`` / ``pid`` / ``sid`` internal-representation distillation, ending with soft-label KD."""
+
+    families = (CLASSIFICATION,)
 
     Options = InternalOptions
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from kdexp.config import require
 from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
+from kdexp.tasks import CLASSIFICATION
 from kdexp.phases import PhaseSchedule
 from kdexp.seeding import derive_seed
 from kdexp.selection.agent import KNOWLEDGE_KINDS, DDPGAgent, DDPGConfig
@@ -118,6 +119,8 @@ class KnowledgeSelectionOptions:
 
 class KnowledgeSelection(DistillationModule):
     """The student's loss weighted phase by phase by a policy over the four kinds of knowledge."""
+
+    families = (CLASSIFICATION,)
 
     Options = KnowledgeSelectionOptions
 

@@ -42,6 +42,7 @@ from kdexp.internal.layer_map import LayerPair, parse_layer_map, uniform_layer_m
 from kdexp.internal.losses import InternalProjections
 from kdexp.losses import hinton_weights, kd_terms, layer_output, patience_loss
 from kdexp.methods.base import DistillationModule
+from kdexp.tasks import CLASSIFICATION
 from kdexp.methods.internal import CLS_CACHE_MAX_BYTES, CLS_CACHE_MODES
 from kdexp.model_internals import forward_with_internals
 from kdexp.models import model_depth, resolve_model_path
@@ -115,6 +116,8 @@ class PKDOptions:
 
 class PKD(DistillationModule):
     """Soft-label KD plus the patient-teacher loss on the matched layers' normalised [CLS] vectors."""
+
+    families = (CLASSIFICATION,)
 
     Options = PKDOptions
 

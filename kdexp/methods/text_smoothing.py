@@ -30,9 +30,12 @@ from omegaconf import MISSING
 from kdexp.config import require
 from kdexp.data import row_lengths
 from kdexp.errors import ConfigError
+from kdexp.families import output_logits
+from kdexp.families.label_words import is_causal_lm
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
 from kdexp.methods.base import DistillationModule
 from kdexp.model_internals import model_inputs
+from kdexp.tasks import MULTIPLE_CHOICE
 from kdexp.smoothing import mlm_token_distributions, smooth_token_distributions, smoothed_inputs_embeds, special_or_padding_mask
 from kdexp.smoothing.mlm_teacher import (
     DISTRIBUTION_SOURCES,
@@ -132,8 +135,17 @@ class TextSmoothing(DistillationModule):
                               f"use method.top_k={vocabulary} or less, or null (the exact distribution).")
         split = run.task.train_split
         num_tokens = int(row_lengths(run.data.tokenized[split]).sum())
+        if is_causal_lm(run.student.config):
+            raise ConfigError("text smoothing mixes a masked LM's word distributions into the student's input: a "
+                              "decoder LM student has no MLM of its vocabulary; use an encoder student (BERT, RoBERTa, "
+                              "ELECTRA, DistilBERT) for text smoothing.")
+        if run.task.family == MULTIPLE_CHOICE and options.distributions == "cached":
+            raise ConfigError("method.distributions=cached: a multiple-choice row is one sequence per option, and the "
+                              "store holds one sequence per row; use method.distributions=live or auto (live).")
         source, why = choose_distribution_source(options.distributions, options.top_k, num_tokens,
                                                  options.cache_max_bytes)
+        if run.task.family == MULTIPLE_CHOICE:
+            source, why = "live", "multiple choice: one sequence per option, computed in the step"
         mlm_teacher = prepare_mlm_teacher(run, options.mlm)
         log.info("MLM distributions: %s (%s)", source, why)
         _write_run_record(run, mlm_teacher, source, why, options.top_k, num_tokens)
@@ -175,13 +187,15 @@ class TextSmoothing(DistillationModule):
             return TokenDistributions(q.probs.to(batch["input_ids"].device), q.token_ids.to(batch["input_ids"].device),
                                       q.vocab_size)
         mlm = self._mlm[0]
-        inputs = model_inputs(batch, mlm)
+        # The MLM reads sequences: a multiple-choice row's [C, L] options are C of them (row-major, as `real` is).
+        sequences = {k: v.reshape(-1, v.shape[-1]) for k, v in model_inputs(batch, mlm).items()}
         if self.options.top_k is None:
-            return mlm_token_distributions(mlm(**inputs).logits, self.options.temperature)
+            q_dense = mlm_token_distributions(mlm(**sequences).logits, self.options.temperature)
+            return TokenDistributions(q_dense.probs.view(*batch["input_ids"].shape, -1), None, q_dense.vocab_size)
         real = batch["attention_mask"].bool()
         q = topk_distributions_at(
-            mlm, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), real, self.options.top_k,
-            self.options.temperature,
+            mlm, sequences["input_ids"], sequences["attention_mask"], sequences.get("token_type_ids"),
+            real.reshape(-1, real.shape[-1]), self.options.top_k, self.options.temperature,
         )
         probs = q.probs.new_zeros(*real.shape, self.options.top_k)
         token_ids = q.token_ids.new_zeros(*real.shape, self.options.top_k)
@@ -197,7 +211,7 @@ class TextSmoothing(DistillationModule):
 
     def forward_smoothed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in self.model_inputs(batch).items() if k != "input_ids"}
-        return self.student(inputs_embeds=self.smoothed_embeddings(batch), **inputs).logits
+        return output_logits(self.student(inputs_embeds=self.smoothed_embeddings(batch), **inputs), batch)
 
     # ------------------------------------------------------------------ losses
 

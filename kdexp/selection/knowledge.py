@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from kdexp.families import output_logits
 from kdexp.internal.layer_map import LayerPair, resolve_layer_map
 from kdexp.losses import Projections, fsp_loss, hidden_mse, output_kd, task_loss
 from kdexp.model_internals import forward_with_internals, model_inputs
@@ -60,7 +61,7 @@ class KnowledgeTerms(nn.Module):
             raise ValueError(f"unknown knowledge kinds {sorted(unknown)}; known: {KNOWLEDGE_KINDS}")
         internal = "feak" in kinds or "relk" in kinds
         out = forward_with_internals(student, dict(batch), need_attentions=False) if internal else None
-        logits = out.logits if out is not None else student(**model_inputs(batch, student)).logits
+        logits = out.logits if out is not None else output_logits(student(**model_inputs(batch, student)), batch)
         terms: dict[str, Tensor] = {}
         if "fink" in kinds:
             terms["fink"] = task_loss(logits, batch["labels"], self.regression)

@@ -41,6 +41,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
 from kdexp.data import TaskData, pad_batch
+from kdexp.families import output_logits
 from kdexp.faults import maybe_fail
 from kdexp.hardware import Hardware, is_global_zero
 from kdexp.losses import task_loss, weighted_sum
@@ -142,7 +143,7 @@ def mean_cross_entropy(student: nn.Module, rows: Any, data: TaskData, hardware: 
     for batch in loader:
         batch = hardware.to_device(batch)
         with hardware.autocast():
-            logits = student(**model_inputs(batch, student)).logits
+            logits = output_logits(student(**model_inputs(batch, student)), batch)
         total += float(task_loss(logits, batch["labels"], data.task.is_regression)) * len(batch["labels"])
         count += len(batch["labels"])
     student.train(was_training)
