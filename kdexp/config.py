@@ -216,6 +216,8 @@ class StudentSchema:
 
 @dataclass
 class LoggerSchema:
+    """`logger=csv|wandb|tensorboard|none` (conf/logger): where the step history goes besides metrics.csv."""
+
     type: str = MISSING
     project: Optional[str] = None
     entity: Optional[str] = None
@@ -226,7 +228,8 @@ class LoggerSchema:
     log_model: bool = False
 
     def check(self) -> None:
-        require(self.type in ("csv", "wandb", "none"), "logger.type", self.type, "csv, wandb or none")
+        require(self.type in ("csv", "wandb", "tensorboard", "none"), "logger.type", self.type,
+                "csv, wandb, tensorboard or none")
         require(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode", self.mode,
                 "auto, online, offline or disabled")
 

@@ -1,4 +1,10 @@
-"""Experiment loggers: Lightning's CSV logger, wandb (offline when no account or server), or none."""
+"""Experiment loggers: Lightning's CSV logger, wandb (offline when no account or server), TensorBoard, or none.
+
+TensorBoard (`logger=tensorboard`) writes event files into `<run>/tensorboard`: through Lightning's
+TensorBoardLogger when the `tensorboard` (or `tensorboardX`) package is installed, else through
+`scalar_event_logger` below, which writes the same scalar events itself (TFRecord framing, the
+`Event`/`Summary` protobuf messages encoded by hand), so the option needs no extra package.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import logging
 import netrc
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +52,9 @@ def build_loggers(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, 
         return [_resumable_csv_logger(run_dir)]
     if kind == "wandb":
         return [_wandb_logger(logger_cfg, run_dir, run_name, job_type, group, config, tags or [])]
-    raise ValueError(f"logger.type='{kind}' is unknown: use csv, wandb or none.")
+    if kind == "tensorboard":
+        return [tensorboard_logger(run_dir)]
+    raise ValueError(f"logger.type='{kind}' is unknown: use csv, wandb, tensorboard or none.")
 
 
 def _wandb_run_id(run_dir: Path) -> str:
@@ -156,6 +165,162 @@ def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, 
             raise
         log.warning("wandb could not start online (%s); logging offline: `wandb sync %s/wandb` uploads it.", err, run_dir)
         return make("offline")
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_logger(run_dir: Path) -> Any:
+    """TensorBoard event files in `<run>/tensorboard`: Lightning's TensorBoardLogger when `tensorboard` or
+    `tensorboardX` is installed, else `scalar_event_logger` (the same scalars, written without either).
+
+    A resumed run adds an event file beside the first one, so steps logged after the checkpoint and before
+    the kill may appear twice; `<run>/metrics.csv` (one row per epoch) stays the exact record."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="", default_hp_metric=False)
+    return scalar_event_logger(run_dir / TENSORBOARD_DIR)
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of TFRecord files."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC, the data, the data's masked CRC (little endian)."""
+    import struct
+
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # an int64 below 0 as its two's complement
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | 0x80 if value else low)
+        if not value:
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def event_record(wall_time: float, step: int = 0, scalars: Mapping[str, float] | None = None,
+                 file_version: str | None = None) -> bytes:
+    """A TensorBoard `Event` (wall_time = 1, step = 2, file_version = 3, summary = 5) as one TFRecord; each
+    scalar is a `Summary.Value` (tag = 1, simple_value = 2), as `SummaryWriter.add_scalar` writes it."""
+    import struct
+
+    event = b"\x09" + struct.pack("<d", wall_time)
+    if step:
+        event += b"\x10" + _varint(step)
+    if file_version is not None:
+        event += _length_delimited(3, file_version.encode())
+    if scalars:
+        values = b"".join(_length_delimited(1, _length_delimited(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+                          for tag, value in scalars.items())
+        event += _length_delimited(5, values)
+    return tfrecord(event)
+
+
+def scalar_event_logger(log_dir: Path) -> Any:
+    """A Lightning logger writing TensorBoard scalar events (`events.out.tfevents.*`) into `log_dir` without
+    the tensorboard package: one file per process, global rank 0 only, flushed at every checkpoint (`save`)
+    and at the end. Every logged number is a scalar of its own tag (`train/loss`, `val/accuracy`)."""
+    import socket
+    import time
+
+    from pytorch_lightning.loggers.logger import Logger
+
+    class ScalarEventLogger(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self._file: Any = None
+            self._path: Path | None = None  # reopened after `finalize` (Lightning finalizes before a last evaluation)
+
+        @property
+        def name(self) -> str:
+            return TENSORBOARD_DIR
+
+        @property
+        def version(self) -> str:
+            return ""
+
+        @property
+        def log_dir(self) -> str:
+            return str(log_dir)
+
+        @property
+        def save_dir(self) -> str:
+            return str(Path(log_dir).parent)
+
+        def _events(self) -> Any:
+            if self._file is None and self._path is not None:
+                self._file = open(self._path, "ab")
+            if self._file is None:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                now = time.time()
+                name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(2)}"
+                self._path = Path(log_dir) / name
+                self._file = open(self._path, "ab")
+                self._file.write(event_record(now, file_version="brain.Event:2"))
+            return self._file
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            """Nothing: the run's config is `<run>/config.yaml`."""
+
+        def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+            if not is_global_zero():
+                return
+            scalars = {}
+            for tag, value in metrics.items():
+                try:
+                    scalars[tag] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            if scalars:
+                self._events().write(event_record(time.time(), int(step or 0), scalars))
+
+        def save(self) -> None:
+            if self._file is not None:
+                self._file.flush()
+
+        def finalize(self, status: str) -> None:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    return ScalarEventLogger()
 
 
 SUMMARY_FIELDS = ("task", "method", "seed", "main_metric", "metrics", "teacher_metrics", "teacher_key", "student_params",

@@ -65,7 +65,7 @@ from kdexp.report_formats import (
     to_svg,
 )
 from kdexp.report_plots import matplotlib_available, write_plots
-from kdexp.tasks import TASKS, GlueTask
+from kdexp.tasks import EXTRACTIVE_QA, TASKS, GlueTask
 
 RESULTS_FILE = "results.json"
 # The column, the row's method and the seed themselves: never part of a row label.
@@ -516,6 +516,7 @@ def refuse_duplicates(results: dict[Path, dict[str, Any]]) -> None:
 SPLIT_COLUMNS = {"validation_matched": "m", "validation_mismatched": "mm"}
 # Tasks scored by both (MRPC, QQP): the papers give both, not their mean (`combined_score`).
 BOTH_METRICS = (("acc", "accuracy", "accuracy"), ("f1", "f1", "F1"))
+QA_METRICS = (("em", "exact_match", "EM"), ("f1", "f1", "F1"))
 
 
 def _split_prefix(task: GlueTask, split: str) -> str:
@@ -537,6 +538,8 @@ def task_columns(task: str) -> list[Column]:
         return [Column(f"{task}-{SPLIT_COLUMNS.get(split, split)}", task, f"{_split_prefix(glue, split)}/{glue.main_metric}",
                        f"{task}-{SPLIT_COLUMNS.get(split, split)} ({_metric_words(glue.main_metric)})")
                 for split in glue.eval_splits]
+    if glue.family == EXTRACTIVE_QA:  # SQuAD: exact match and F1, as the papers give them
+        return [Column(f"{task}-{short}", task, f"val/{metric}", f"{task} ({title})") for short, metric, title in QA_METRICS]
     if all(metric in glue.metrics for _, metric, _ in BOTH_METRICS):
         return [Column(f"{task}-{short}", task, f"val/{metric}", f"{task} ({title})") for short, metric, title in BOTH_METRICS]
     return [Column(task, task, None, f"{task} ({_metric_words(glue.main_metric)})")]

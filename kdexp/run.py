@@ -12,7 +12,7 @@ from typing import Any
 from hydra.utils import get_class, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp.cache import atomic_write_json
+from kdexp.cache import atomic_write_json, atomic_write_text, cache_for_run, replaced_directory
 from kdexp.config import CONFIG_DIR, config_hash, merged_onto, validate_config
 from kdexp import families
 from kdexp.data import DataSource, InputForm, TaskData, labels_in, load_task_data
@@ -157,17 +157,18 @@ def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]
     return task, method_cls, method_options
 
 
-def build_context(cfg: DictConfig, run_dir: Path, hardware: Hardware | None = None
+def build_context(cfg: DictConfig, run_dir: Path, hardware: Hardware | None = None, cache_dir: Path | None = None
                   ) -> tuple[RunContext, type[DistillationModule], Any]:
     """Everything before training: checks, teacher stage, data, student; fails before any training.
 
     `hardware` (default: from `cfg.trainer`) is where every stage runs; under DDP its processes
-    run this together (`Hardware.launch` first).
+    run this together (`Hardware.launch` first). `cache_dir` (default: `cfg.cache_dir`) is the folder
+    the cache stages use (`kdexp.cache.cache_for_run`).
     """
     task, method_cls, method_options = check_run(cfg)
     hardware = hardware or Hardware.from_trainer(trainer_options(cfg))
     source = DataSource.from_data_config(cfg.data)
-    cache_dir = Path(to_absolute_path(cfg.cache_dir))
+    cache_dir = cache_dir or Path(to_absolute_path(cfg.cache_dir))
     teacher = prepare_teacher(teacher_spec(cfg), task, source, cfg.data.max_length, trainer_options(cfg), cache_dir,
                               hardware, CheckpointEvery.from_config(cfg.get("checkpoint")),
                               int(cfg.task.get("doc_stride", 128)))
@@ -228,12 +229,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
     folder.claim()  # one owner per run folder (kdexp-train has claimed it already; a no-op then)
     if is_global_zero():  # the DDP processes a launch starts check nothing: the first has
         check_writable(run_dir, "hydra.run.dir")
-        check_writable(Path(to_absolute_path(cfg.cache_dir)), "cache_dir")
+    # a read-only cache_dir is read through an overlay that takes the entries it lacks (one line says where)
+    cache_dir = cache_for_run(Path(to_absolute_path(cfg.cache_dir)), run_dir, announce=is_global_zero())
 
     hardware = Hardware.from_trainer(trainer_options(cfg))
     hardware.launch()  # several devices: every process from here on, so that every stage can use them all
     forward_to_launched(hardware)  # a stop signal this process alone gets reaches them too (kdexp.preemption)
-    context, method_cls, method_options = build_context(cfg, run_dir, hardware)
+    context, method_cls, method_options = build_context(cfg, run_dir, hardware, cache_dir)
     module = build_module(context, method_cls, method_options)
     task, data, teacher = context.task, context.data, context.teacher
     teacher_metrics = teacher.dev_metrics(data)  # every DDP process takes part in the pass (if not cached)
@@ -244,7 +246,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
         run_dir.mkdir(parents=True, exist_ok=True)
         if not folder.config_file.exists():
             folder.keep_hydra_files()
-        OmegaConf.save(cfg, folder.config_file, resolve=True)
+        atomic_write_text(folder.config_file, OmegaConf.to_yaml(cfg, resolve=True))
     run_name = f"{task.name}-{cfg.method.name}-seed{cfg.seed}"
     tags = [f"task:{task.name}", f"method:{cfg.method.name}"] + ([f"experiment:{experiment}"] if experiment else [])
     loggers = build_loggers(cfg.logger, run_dir, run_name, cfg.method.name, experiment or sweep_group, resolved,  # type: ignore[arg-type]
@@ -263,8 +265,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
     if result.global_rank != 0:  # a DDP process besides the first: the first writes the run's files
         return {"metrics": result.best_metrics, "main_metric": task.main_metric}
     student_dir = run_dir / "student"
-    module.student.save_pretrained(student_dir)
-    data.tokenizer.save_pretrained(student_dir)
+    with replaced_directory(student_dir) as partial:  # whole or absent; files follow the umask
+        module.student.save_pretrained(partial)
+        data.tokenizer.save_pretrained(partial)
     results = {
         "task": task.name,
         "method": cfg.method.name,

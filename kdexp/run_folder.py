@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from kdexp.config import config_differences, config_hash
 from kdexp.hardware import is_global_zero
-from kdexp.errors import ConfigError
+from kdexp.errors import ConfigError, name_folder, os_failure, write_refusal
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,13 @@ FAILED_FILE = "failed.json"  # a sweep job that failed: its one-line error (kdex
 
 
 def check_writable(folder: Path, key: str) -> None:
-    """Refuse, before any work, a folder that cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"{key}={folder}: cannot write there ({err.strerror or err}); choose a writable folder.") from None
+    """Refuse, before any work, a folder that cannot be created or written (a probe file is tried: root
+    ignores permission bits), in one line (`OSFailure`) naming it and what would work; `key` is the
+    setting that chose it, named in that line and in any later OS failure under the folder."""
+    name_folder(folder, key)
+    refusal = write_refusal(folder, key)
+    if refusal is not None:
+        raise os_failure(refusal.errno or errno.EACCES, folder, refusal.strerror) from None
 
 
 class RunFolder:
@@ -234,12 +233,21 @@ class FolderLock:
         """Remove the lock file, then unlock: a launch that opened the file meanwhile sees it gone and retries."""
         if self.handle is None:
             if LockHolder.read(self.lock_file) == self.holder:
-                self.lock_file.unlink(missing_ok=True)
+                _remove_lock_file(self.lock_file)
             return
         if _same_file(self.handle, self.lock_file):
-            self.lock_file.unlink(missing_ok=True)
+            _remove_lock_file(self.lock_file)
         self.handle.close()
         self.handle = None
+
+
+def _remove_lock_file(lock_file: Path) -> None:
+    """Remove a lock file being released. A folder that refuses it (made read-only meanwhile) keeps it, named
+    as this process's: the next launch takes it over, and the error that ended the run is the one reported."""
+    try:
+        lock_file.unlink(missing_ok=True)
+    except OSError as err:
+        log.warning("%s could not be removed (%s); the next launch takes it over.", lock_file, err.strerror or err)
 
 
 def acquire_folder_lock(folder: Path, lock_name: str, instead: str) -> FolderLock:

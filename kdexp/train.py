@@ -15,6 +15,10 @@ SIGTERM, SIGUSR1 and SIGINT (a scheduler's pre-emption, Ctrl+C) stop a run at it
 boundary with a step checkpoint (kdexp.preemption): one line says what was saved and how to
 resume, and the exit status is 128 + the signal's number (143, 138, 130), a sweep's included;
 rerunning the same command resumes. Under SLURM, SIGUSR1 also requeues the job.
+
+A refusal of the operating system to write (no space left, permission denied, a read-only file
+system), wherever the run writes (its folder, the cache, Lightning's checkpoints, Hydra's own files),
+is a `kdexp.errors.OSFailure`: one line naming the path and what would work, exit status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp import faults, preemption
 from kdexp.config import CONFIG_DIR
-from kdexp.errors import KdexpError
+from kdexp.errors import KdexpError, os_failure_of, os_failures_reported
 from kdexp.run_folder import FAILED_FILE, RunFolder
 from kdexp.sweep import refuse_ddp_in_a_sweep
 
@@ -62,11 +66,12 @@ def run_job(cfg: DictConfig) -> float:
     """Claim the run's folder (before the heavy imports: Hydra has just written its files there), then run."""
     hydra_cfg = HydraConfig.get()
     folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
-    folder.claim("hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir")
-    try:
-        return _run_claimed(cfg, folder.path)
-    finally:
-        folder.release()
+    with os_failures_reported():  # an OS refusal to write, anywhere in the run: one line naming the path
+        folder.claim("hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir")
+        try:
+            return _run_claimed(cfg, folder.path)
+        finally:
+            folder.release()
 
 
 def lease_a_gpu_for_parallel_jobs(cfg: DictConfig, launcher: DictConfig) -> Any:
@@ -213,9 +218,37 @@ def _parsed_overrides(args: list[str]) -> list[str] | None:
         return None
 
 
+def report_os_failures_of_hydra() -> None:
+    """Hydra writes before the run starts (the run folder, `.hydra/`, the job's log file) and would print an
+    OS error there as a traceback with exit status 1: print it as the same one line as in the run, exit 2.
+
+    Wraps Hydra's `run_and_report` (hydra._internal.utils, Hydra 1.3), which every launch goes through."""
+    import hydra._internal.utils as hydra_utils
+
+    report = hydra_utils.run_and_report
+    if getattr(report, "reports_os_failures", False):
+        return
+
+    def run_and_report(func: Any) -> Any:
+        def reporting_os_failures() -> Any:
+            try:
+                return func()
+            except Exception as err:
+                failure = os_failure_of(err)
+                if failure is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"kdexp-train: error: {failure}", file=sys.stderr, flush=True)
+                sys.exit(2)
+        return report(reporting_os_failures)
+
+    run_and_report.reports_os_failures = True  # type: ignore[attr-defined]
+    hydra_utils.run_and_report = run_and_report
+
+
 def main() -> None:
     """`kdexp-train`: the Hydra app, with `kdexp.sweep.SweepGuard` among its callbacks."""
     sys.argv = with_sweep_callback(sys.argv)
+    report_os_failures_of_hydra()
     hydra_app()
 
 

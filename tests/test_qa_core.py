@@ -240,7 +240,7 @@ def test_windows_refuse_a_stride_that_leaves_no_room_and_a_question_that_fills_t
                 "answers": [{"text": [], "answer_start": []}]}
     with pytest.raises(ConfigError, match="doc_stride=13"):  # 16 - 3 special - 2 question = 11 passage tokens
         qa_features(examples, word_tokenizer, 16, 13, with_positions=False)
-    with pytest.raises(ConfigError, match="raise max_length"):
+    with pytest.raises(ConfigError, match="raise data.max_length"):
         qa_features({**examples, "question": ["river " * 20]}, word_tokenizer, 16, 0, with_positions=False)
     features = qa_features(examples, word_tokenizer, 16, 10, with_positions=False)
     assert "start_positions" not in features and len(features["input_ids"]) > 1

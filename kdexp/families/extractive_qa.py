@@ -63,7 +63,8 @@ def span_logits(start_logits: torch.Tensor, end_logits: torch.Tensor, context_ma
 
 
 class QAMetrics(torch.nn.Module):
-    """EM and F1 (×100, the official SQuAD normalisation) of one dev split, from the windows' logits.
+    """EM and F1 (the official SQuAD normalisation; as fractions, like every metric a run writes: a report
+    shows them ×100) of one dev split, from the windows' logits.
 
     `update` keeps each window's logits by its row (``idx``); `compute` needs the split's examples
     and windows (`kdexp.data.TaskData`) to join windows into examples and spans into text.
@@ -94,8 +95,8 @@ class QAMetrics(torch.nn.Module):
         predictions = qa_core.postprocess_predictions(
             examples, features, starts, ends, version_2_with_negative=self.task.with_no_answer)
         references = {row["id"]: row["answers"]["text"] for row in examples}
-        values = qa_core.squad_metrics(predictions, references)
-        return {k: float(v) for k, v in values.items() if k in ("exact_match", "f1")}
+        values = qa_core.squad_metrics(predictions, references)  # x100, as the official script prints them
+        return {k: float(v) / 100 for k, v in values.items() if k in ("exact_match", "f1")}  # fractions, as GLUE's
 
     def reset(self) -> None:
         self.logits = {}

@@ -3,12 +3,15 @@
 The student reads, besides the original input, a *smoothed* input whose token at position
 ``t`` is ``p_t = lam·q_t + (1 - lam)·onehot(x_t)``, ``q_t = softmax(MLM(x)_t / tau)`` from a
 frozen MLM sharing the student's vocabulary, embedded as ``p_t · W``. Special tokens and
-padding stay one-hot; at inference the student reads one-hot input. The maths is in
+padding stay one-hot; at inference the student reads one-hot input. A multiple-choice row is one
+sequence per option (smoothed with live MLM distributions); extractive QA smooths the question and
+the passage of each window. The maths is in
 :mod:`kdexp.smoothing`, the MLM and its cached top-k distributions in
 :mod:`kdexp.smoothing.mlm_teacher`.
 
-- ``schedule: two_steps`` (default; the authors' code): per batch, one optimiser step on the
-  smoothed input's loss, then one on the original's, by manual optimisation: the run's AdamW and
+- ``schedule: two_steps`` (default; the authors' code): per batch, two optimiser steps, one on each
+  input's loss, in ``step_order`` (default ``original_first``, as the authors' code: the original
+  input's step, then the smoothed input's), by manual optimisation: the run's AdamW and
   linear schedule (stepped once per batch, so warm-up and decay span the run as for the other
   methods; ``trainer.global_step`` counts 2 per batch), and the trainer's gradient clipping
   applied by hand to each step (Lightning refuses ``gradient_clip_val`` with manual

@@ -1,0 +1,178 @@
+"""Machine reading comprehension: multiple choice (DREAM, RACE, own files; encoders and GPT-2 through label
+words) and extractive QA (SQuAD), read, turned into inputs, scored, and run through the methods."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import SPECIAL, WORDS
+from kdexp.data import pad_batch
+from kdexp.decision.teacher import DecisionTeacher
+from kdexp.errors import ConfigError, DataError
+from kdexp.families import multiple_choice
+from kdexp.families.label_words import LabelWordChoiceModel, label_word_ids, off_label_fraction
+from kdexp.run import compose_config, run
+from kdexp.tiny_models import save_tiny_model, vocabulary_of
+
+MRC = Path(__file__).resolve().parents[2] / "shared" / "mrc_data"
+SQUAD_SUBSET = MRC / "squad_v2_subset" / "dev-v2.0-subset.json"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_dream_is_read_with_its_published_sizes_and_answers_as_option_indices() -> None:
+    sizes = {"train": 6116, "dev": 2040, "test": 2041}
+    for split, size in sizes.items():
+        ds = multiple_choice.read_dream_json(MRC / "dream" / f"{split}.json")
+        assert len(ds) == size and set(ds["label"]) == {0, 1, 2}
+    raw = json.loads((MRC / "dream" / "dev.json").read_text())
+    first = raw[0][1][0]
+    ds = multiple_choice.read_dream_json(MRC / "dream" / "dev.json")
+    assert ds[0]["choices"] == first["choice"] and ds[0]["choices"][ds[0]["label"]] == first["answer"]
+    assert ds[0]["context"] == "\n".join(raw[0][0])
+
+
+def test_own_multiple_choice_files_take_an_index_a_letter_or_the_text_and_refuse_the_rest(tmp_path: Path) -> None:
+    rows = [{"context": "c", "question": "q", "choices": ["x", "y", "z"], "label": label} for label in (2, "B", "x")]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert multiple_choice.read_own_file(path, 3)["label"] == [2, 1, 0]
+    path.write_text(json.dumps({"context": "c", "question": "q", "choices": ["x", "y", "z"], "label": "w"}) + "\n")
+    with pytest.raises(DataError, match=r"mc.jsonl:1: the answer 'w' is none of the options"):
+        multiple_choice.read_own_file(path, 3)
+
+
+# --------------------------------------------------------------------------- model inputs
+
+
+def test_option_pairs_give_one_sequence_per_option_and_batch_as_rows_by_options() -> None:
+    from conftest import tiny_tokenizer
+
+    batch = {"context": ["the movie is good", "a bad film"], "question": ["is it", "was it"],
+             "choices": [["good", "bad", "dull"], ["fun", "great", "awful"]], "label": [0, 2]}
+    encoded = multiple_choice.option_pairs(batch, tiny_tokenizer(), 16)
+    assert [len(row) for row in encoded["input_ids"]] == [3, 3] and encoded["labels"] == [0, 2]
+    rows = [{name: encoded[name][i] for name in encoded} | {"idx": i} for i in range(2)]
+    collated = pad_batch(rows, 0)
+    assert collated["input_ids"].shape[:2] == (2, 3) and collated["attention_mask"].shape == collated["input_ids"].shape
+    tokens = tiny_tokenizer().convert_ids_to_tokens(collated["input_ids"][0, 1].tolist())
+    assert tokens[: tokens.index("[SEP]") + 1] == ["[CLS]", "the", "movie", "is", "good", "[SEP]"]
+    assert "bad" in tokens  # the second option follows the question
+
+
+def test_a_prompt_keeps_question_options_and_answer_and_cuts_the_passage_from_its_start(tmp_path: Path) -> None:
+    folder = save_tiny_model(tmp_path / "gpt2", "gpt2", [*SPECIAL, *WORDS], head="causal_lm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    long_passage = " ".join(["the movie is good"] * 40)
+    batch = {"context": [long_passage], "question": ["is it good"], "choices": [["yes", "no", "dull"]], "label": [1]}
+    encoded = multiple_choice.prompts(batch, tokenizer, 32)
+    ids = encoded["input_ids"][0]
+    text = tokenizer.decode(ids)
+    assert len(ids) == 32 and text.endswith("Question : is it good Options : A. yes B. no C. dull Answer :")
+    assert "Context" not in text  # the passage's start (and its label) went first
+
+
+# --------------------------------------------------------------------------- a decoder answering through label words
+
+
+def test_a_tiny_gpt2_decision_teacher_decides_through_its_label_words_only(tmp_path: Path) -> None:
+    folder = save_tiny_model(tmp_path / "gpt2", "gpt2", [*SPECIAL, *WORDS], head="causal_lm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+    words = label_word_ids(tokenizer, multiple_choice.label_words(3))
+    # The LM's favourite next token is no label word: a large bias on another token.
+    with torch.no_grad():
+        head = lm.get_output_embeddings()
+        if head.bias is None:
+            head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        head.bias[tokenizer.convert_tokens_to_ids("movie")] = 50.0
+    model = LabelWordChoiceModel(lm, words).eval()
+    queries = [("the movie is good", "is it", "good", "bad", "dull"), ("a bad film", "was it", "fun", "great", "awful"),
+               ("it is fun", "is it", "not fun", "fun", "dull")]
+    batch = multiple_choice.prompts({"context": [q[0] for q in queries], "question": [q[1] for q in queries],
+                                     "choices": [list(q[2:]) for q in queries], "label": [0] * 3}, tokenizer, 48)
+    rows = [{"input_ids": ids, "attention_mask": mask, "idx": i}
+            for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"]))]
+    with torch.no_grad():
+        output = model(**{k: v for k, v in pad_batch(rows, 0).items() if k != "idx"})
+    assert off_label_fraction(output.next_token_logits, model.word_ids) == 1.0  # the top token is never a label word
+    expected = output.next_token_logits[:, words].argmax(-1)  # the rule: the label word with the highest logit
+    assert torch.equal(output.logits.argmax(-1), expected)
+
+    from kdexp.decision.teacher import _make_decider
+    from kdexp.hardware import Hardware
+    from kdexp.inference import PassBatching
+    from kdexp.tasks import get_task
+
+    decide = _make_decider(lambda: model, tokenizer, 48, PassBatching(), Hardware(), get_task("dream"), "prompt")
+    decisions = DecisionTeacher(decide, "gpt2", 3).decide(queries)
+    assert torch.equal(decisions, expected)
+
+
+# --------------------------------------------------------------------------- whole runs on tiny models
+
+
+@pytest.fixture(scope="module")
+def mrc_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mrc-models")
+    texts = [json.dumps(item) for item in json.loads((MRC / "dream" / "train.json").read_text())[:300]]
+    squad = json.loads(SQUAD_SUBSET.read_text())
+    texts += [p["context"] + " " + q["question"] for a in squad["data"] for p in a["paragraphs"] for q in p["qas"]]
+    vocabulary = vocabulary_of(texts, 4000)
+    return {name: save_tiny_model(root / name, family, vocabulary, head=head, max_length=160)
+            for name, family, head in (("mc", "bert", "multiple_choice"), ("qa", "bert", "question_answering"),
+                                       ("gpt2", "gpt2", "causal_lm"))}
+
+
+def mrc_run(tmp_path: Path, model: Path, *overrides: str) -> dict:
+    cfg = compose_config([f"teacher.name_or_path={model}", "teacher.epochs=1", "student.num_layers=2",
+                          "data.max_train_samples=32", "data.max_eval_samples=16", "data.batch_size=8",
+                          "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
+                          f"cache_dir={tmp_path / 'cache'}", f"data.mrc_dir={MRC}", *overrides])
+    return run(cfg, tmp_path / "run")
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+@pytest.mark.parametrize("method, model, extra", [
+    ("vanilla_kd", "mc", []), ("dbkd", "mc", ["method.queries.num_queries=3"]),
+    ("text_smoothing", "mc", ["method.mlm.adapt.steps=2", "method.top_k=8"]),
+    ("dbkd", "gpt2", ["method.queries.num_queries=3"]), ("vanilla_kd", "gpt2", []),
+])
+def test_dream_runs_each_method_and_reports_accuracy(tmp_path: Path, mrc_models: dict, method: str, model: str,
+                                                     extra: list[str]) -> None:
+    results = mrc_run(tmp_path, mrc_models[model], "task=dream", f"method={method}", *extra)
+    assert 0.0 <= results["metrics"]["val/accuracy"] <= 1.0 and "val/accuracy" in results["teacher_metrics"]
+    if method == "dbkd":
+        assert results["method_info"]["teacher_queries"] == 32 * 3
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+@pytest.mark.parametrize("method, extra", [("vanilla_kd", []),
+                                           ("text_smoothing", ["method.mlm.adapt.steps=2", "method.top_k=8"])])
+def test_the_squad_subset_split_by_article_runs_and_reports_em_and_f1(tmp_path: Path, mrc_models: dict, method: str,
+                                                                     extra: list[str]) -> None:
+    results = mrc_run(tmp_path, mrc_models["qa"], "task=squad_v2", f"method={method}", f"task.train_file={SQUAD_SUBSET}",
+                      "task.dev_articles=[Normans]", "data.max_length=128", "task.doc_stride=32", *extra)
+    assert {"val/exact_match", "val/f1"} <= set(results["metrics"])
+    assert 0.0 <= results["metrics"]["val/exact_match"] <= results["metrics"]["val/f1"] <= 1.0  # fractions
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+@pytest.mark.parametrize("task, method, model, message", [
+    ("dream", "internal_all", "mc", "does not apply to dream"),
+    ("squad_v2", "dbkd", "qa", "does not apply to squad_v2"),
+    ("dream", "text_smoothing", "gpt2", "a decoder LM student has no MLM"),
+])
+def test_a_method_that_does_not_apply_is_refused_in_one_line(tmp_path: Path, mrc_models: dict, task: str, method: str,
+                                                             model: str, message: str) -> None:
+    extra = [f"task.train_file={SQUAD_SUBSET}", "task.dev_articles=[Normans]"] if task == "squad_v2" else []
+    with pytest.raises(ConfigError, match=message) as err:
+        mrc_run(tmp_path, mrc_models[model], f"task={task}", f"method={method}", *extra)
+    assert "\n" not in str(err.value)
