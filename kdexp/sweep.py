@@ -85,11 +85,67 @@ class SweepGuard(Callback):
         folder = sweep_folder(config)
         failures = failed_jobs(folder, folder_holder(folder, SWEEP_LOCK_FILE))
         release_folder(folder, SWEEP_LOCK_FILE)
+        if str(OmegaConf.select(config, "logger.type")) == "wandb":
+            log_sweep_summary(folder, config)
         if failures:
             lines = [f"  {job_dir}: {record.get('error')}" for job_dir, record in failures]
             _stop(f"kdexp-train: {len(failures)} job(s) of the sweep failed (each folder has {FAILED_FILE}; launch "
                   "the same sweep again to run them again: with resume=true its finished jobs are not trained "
                   "again):\n" + "\n".join(lines), status=1)
+
+
+SUMMARY_COLUMNS = ("row", "column", "task", "metric", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
+                   "diff_ci_high", "p_permutation", "p_t", "n_pairs", "significant")
+
+
+def summary_baseline(records: list[dict[str, Any]]) -> str | None:
+    """The row a sweep's summary compares every other with: vanilla_kd, else finetune, when the sweep ran it."""
+    rows = {record["row"] for record in records}
+    return next((name for name in ("vanilla_kd", "finetune") if name in rows), None)
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """The report's cells, one row each (`kdexp.report.table_records`), in `SUMMARY_COLUMNS` order."""
+    return [[record["row"], column, *(stats.get(name) for name in SUMMARY_COLUMNS[2:])]
+            for record in records for column, stats in record["cells"].items()]
+
+
+def log_sweep_summary(folder: Path, config: DictConfig) -> None:
+    """A wandb run of the sweep's group holding the report's figures: every cell's n, mean, std and 95% CI, and
+    each method's paired difference from vanilla_kd (else finetune) with its CI and tests, as `kdexp-report
+    --baseline` prints them. A problem here is logged, never raised: the sweep's results are on disk."""
+    try:
+        from kdexp.report import find_runs, load_results, table_records
+
+        results = list(load_results(find_runs(folder).results).values())
+        if not results:
+            return
+        plain = table_records(results)
+        baseline = summary_baseline(plain)
+        records = table_records(results, baseline=baseline) if baseline else plain
+        _write_wandb_summary(folder, config, records, baseline)
+    except Exception as err:  # noqa: BLE001 - the summary is a convenience; the report reads the files
+        log.warning("The sweep's wandb summary was not written (%s); kdexp-report %s gives the same table.", err, folder)
+
+
+def _write_wandb_summary(folder: Path, config: DictConfig, records: list[dict[str, Any]], baseline: str | None) -> None:
+    import wandb
+
+    from kdexp.loggers import wandb_mode
+
+    logger = config.logger
+    group = logger.get("group") or "/".join(folder.parts[-2:])
+    run = wandb.init(project=logger.get("project"), entity=logger.get("entity"), group=group, job_type="sweep-summary",
+                     name=f"summary {group}", dir=str(folder), mode=wandb_mode(logger.get("mode", "auto")),
+                     config={"sweep_dir": str(folder), "baseline": baseline}, reinit="finish_previous")
+    rows = summary_rows(records)
+    run.log({"report": wandb.Table(columns=list(SUMMARY_COLUMNS), data=rows)})
+    for row in rows:
+        stats = dict(zip(SUMMARY_COLUMNS, row))
+        for name in ("n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high", "p_permutation"):
+            if stats[name] is not None:
+                run.summary[f"{stats['row']}/{stats['column']}/{name}"] = stats[name]
+    run.finish()
 
 
 def _let_go(folder: Path) -> None:

@@ -95,12 +95,12 @@ def test_every_key_of_a_method_config_is_a_field_of_its_options_and_on_its_page(
 
 
 def shell_blocks(text: str) -> list[str]:
-    return re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, flags=re.S)
+    return re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S)
 
 
 def kdexp_train_commands(text: str, variables: dict[str, str] | None = None) -> list[str]:
     """Every command line of the code blocks of `text` that runs kdexp-train (continuations joined, comments
-    and leading `VAR=value` assignments dropped), with the shell variables `NAME="..."` set earlier in the
+    and what precedes `kdexp-train` dropped: `VAR=value`, `time`), with the shell variables `NAME="..."` set earlier in the
     same block, or given in `variables`, expanded."""
     commands = []
     for block in shell_blocks(text):
@@ -114,10 +114,8 @@ def kdexp_train_commands(text: str, variables: dict[str, str] | None = None) -> 
             for name, value in names.items():
                 line = line.replace("$" + name, value)
             words = shlex.split(line) if "kdexp-train" in line and not line.startswith("#") else []
-            while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
-                words.pop(0)
-            if words and words[0] == "kdexp-train":
-                commands.append(shlex.join(words))
+            if "kdexp-train" in words:  # after `VAR=value`, `time`, `env ...`: the command itself
+                commands.append(shlex.join(words[words.index("kdexp-train"):]))
     return commands
 
 
@@ -184,6 +182,7 @@ def test_every_kdexp_train_command_of_the_readme_composes(command: str) -> None:
 
 def test_the_command_parser_sees_sweeps_and_continuations() -> None:
     text = "```bash\nGLUE_DIR=x kdexp-train -m task=rte,mrpc \\\n  method=finetune hydra/launcher=joblib  # note\n```\n"
+    assert not kdexp_train_commands("```text\ntrain.py  kdexp-train (the Hydra app)\n```\n")  # not a shell block
     [command] = kdexp_train_commands(text)
     assert compositions(command) == [["task=rte", "method=finetune"], ["task=mrpc", "method=finetune"]]
     assert split_sweep("[[0,1],[1,3]],last") == ["[[0,1],[1,3]]", "last"]

@@ -24,8 +24,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("kdexp.training",),
     ("kdexp.teacher_stage",),
     ("kdexp.run", "kdexp.hub_folder"),
-    ("kdexp.report_formats", "kdexp.sweep"),
-    ("kdexp.train", "kdexp.report", "kdexp.evaluate", "kdexp.preflight"),
+    ("kdexp.report_formats",),
+    ("kdexp.report", "kdexp.evaluate", "kdexp.preflight"),
+    ("kdexp.sweep",),
+    ("kdexp.train",),
     ("kdexp.tools",),
 ]
 
