@@ -128,12 +128,14 @@ class DataSchema:
 
 
 @dataclass
-class OptimSchema:
-    learning_rate: float = MISSING
-    weight_decay: float = MISSING
-    warmup_ratio: float = MISSING
-    adam_epsilon: float = MISSING
-    lr_scheduler: str = "linear"
+class OptimConfig:
+    """The `optim` group: AdamW with warm-up and decay (the BERT recipe), for every method and the teacher stage."""
+
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "linear"  # linear: warm-up then linear decay (BERT); cosine; constant; constant_with_warmup
 
     def check(self) -> None:
         require(self.lr_scheduler in ("linear", "cosine", "constant", "constant_with_warmup"), "optim.lr_scheduler",
@@ -304,7 +306,7 @@ class RunSchema:
     student: StudentSchema = field(default_factory=StudentSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     data: DataSchema = field(default_factory=DataSchema)
-    optim: OptimSchema = field(default_factory=OptimSchema)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     method: Any = MISSING
     trainer: Any = MISSING

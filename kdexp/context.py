@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from kdexp.data import TaskData
     from kdexp.hardware import Hardware
-    from kdexp.methods.base import OptimConfig
+    from kdexp.config import OptimConfig
     from kdexp.tasks import GlueTask
     from kdexp.teacher import Teacher
 

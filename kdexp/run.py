@@ -13,13 +13,13 @@ from hydra.utils import get_class, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from kdexp.cache import atomic_write_json, atomic_write_text, cache_for_run, replaced_directory
-from kdexp.config import CONFIG_DIR, config_hash, merged_onto, validate_config
+from kdexp.config import OptimConfig, CONFIG_DIR, config_hash, merged_onto, validate_config
 from kdexp import families
 from kdexp.data import DataSource, InputForm, TaskData, labels_in, load_task_data
 from kdexp.errors import ConfigError, ModelError
 from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_gpu
 from kdexp.loggers import build_loggers, finish_loggers
-from kdexp.methods.base import DistillationModule, OptimConfig
+from kdexp.methods.base import DistillationModule
 from kdexp.models import build_student, count_parameters, load_tokenizer, model_depth, model_max_positions, resolve_model_path
 from kdexp.preemption import CheckpointEvery, forward_to_launched
 from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable

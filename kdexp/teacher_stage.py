@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
-from kdexp.config import TeacherSchema as TeacherSpec
+from kdexp.config import OptimConfig, TeacherSchema as TeacherSpec
 from transformers import AutoConfig
 
 from kdexp import families
 from kdexp.data import DataSource, InputForm, load_split, load_task_data, tokenized_key
 from kdexp.hardware import Hardware
-from kdexp.methods.base import OptimConfig
 from kdexp.methods.finetune import Finetune
 from kdexp.models import count_parameters, file_digest, load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
 from kdexp.preemption import CheckpointEvery

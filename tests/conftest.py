@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,13 @@ WORDS = (
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def tiny_tokenizer() -> BertTokenizer:
-    return BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)})
+def tiny_tokenizer(words: list[str] = WORDS) -> BertTokenizer:
+    """A whole-word tokenizer: the special tokens, then `words`."""
+    return BertTokenizer(vocab={w: i for i, w in enumerate(SPECIAL + list(words))})
 
 
 def tiny_bert_config(num_layers: int = 4, num_labels: int = 2, **overrides) -> BertConfig:
+    """A 32-wide BERT over `tiny_tokenizer`'s vocabulary (any field overridable)."""
     values = dict(
         vocab_size=len(SPECIAL) + len(WORDS),
         hidden_size=32,
@@ -37,6 +40,16 @@ def tiny_bert_config(num_layers: int = 4, num_labels: int = 2, **overrides) -> B
     )
     values.update(overrides)
     return BertConfig(**values)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread (restored afterwards): tiny models gain nothing from threads, and on a shared
+    2-core machine contended thread pools make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from kdexp.decision.queries import (
     query_decisions,
 )
 from kdexp.decision.teacher import DecisionTeacher
-from kdexp.methods.base import OptimConfig
+from kdexp.config import OptimConfig
 from kdexp.methods.dbkd import (
     DBKD,
     DecisionDistillation,

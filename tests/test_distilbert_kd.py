@@ -19,7 +19,7 @@ from transformers import BertForSequenceClassification
 from kdexp.errors import ConfigError, KdexpError
 from kdexp.internal.layer_map import LayerPair
 from kdexp.losses import hidden_cosine_loss
-from kdexp.methods.base import OptimConfig
+from kdexp.config import OptimConfig
 from kdexp.methods.distilbert_kd import DistilBertKD, distilbert_layer_map
 from kdexp.run import compose_config, method_options, resolve_method
 from kdexp.tasks import get_task

@@ -22,7 +22,7 @@ from transformers import BertForSequenceClassification
 import kdexp.methods.internal as internal_mod
 import kdexp.teacher as teacher_mod
 from kdexp.internal import LayerPair
-from kdexp.methods.base import OptimConfig
+from kdexp.config import OptimConfig
 from kdexp.methods.internal import InternalConfigError, InternalDistillation
 from kdexp.model_internals import forward_with_internals, truncated_encoder
 from kdexp.run import ConfigError, build_context, compose_config, method_options, run

@@ -124,7 +124,7 @@ def test_vanilla_kd_forms_weight_ce_as_hinton_or_as_the_dbkd_authors(kd_form: st
 
     from transformers import BertForSequenceClassification
 
-    from kdexp.methods.base import OptimConfig
+    from kdexp.config import OptimConfig
     from kdexp.methods.vanilla_kd import VanillaKD
     from kdexp.run import method_options
     from kdexp.tasks import get_task

@@ -20,7 +20,8 @@ from kdexp.smoothing import (
 )
 from kdexp.smoothing.mlm import mask_tokens
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+from conftest import tiny_tokenizer as shared_tiny_tokenizer
+
 WORDS = [f"w{i}" for i in range(12)]
 HEAD_KEYS = [
     "cls.predictions.bias",
@@ -31,18 +32,11 @@ HEAD_KEYS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and on a shared 2-core machine
-    # contended thread pools make them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_tokenizer(words: list[str] = WORDS) -> BertTokenizer:
-    return BertTokenizer(vocab={token: i for i, token in enumerate(SPECIAL_TOKENS + words)})
+    return shared_tiny_tokenizer(words)
 
 
 def tiny_config(tokenizer: BertTokenizer, **overrides) -> BertConfig:

@@ -8,7 +8,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from kdexp.methods.base import DistillationModule, OptimConfig
+from kdexp.config import OptimConfig
+from kdexp.methods.base import DistillationModule
 from kdexp.phases import PhaseSchedule, phase_lr_factor
 from kdexp.tasks import get_task
 from kdexp.training import EpochSeed, ResumePoint
@@ -124,7 +125,8 @@ def test_a_resumed_run_is_in_the_same_phase(tmp_path) -> None:
 
 
 def test_the_learning_rate_schedulers_against_their_formulas() -> None:
-    from kdexp.methods.base import OptimConfig, lr_schedule
+    from kdexp.config import OptimConfig
+    from kdexp.methods.base import lr_schedule
 
     import math
 

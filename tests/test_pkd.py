@@ -18,7 +18,7 @@ from transformers import BertForSequenceClassification
 from kdexp.errors import ConfigError
 from kdexp.internal.layer_map import LayerPair
 from kdexp.losses import patience_loss
-from kdexp.methods.base import OptimConfig
+from kdexp.config import OptimConfig
 from kdexp.methods.pkd import PKD, pkd_layer_map
 from kdexp.run import compose_config, method_options, resolve_method
 from kdexp.tasks import get_task

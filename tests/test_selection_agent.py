@@ -48,15 +48,6 @@ def clone_generator(generator: torch.Generator) -> torch.Generator:
     return clone
 
 
-@pytest.fixture
-def single_thread():
-    """One intra-op thread for the training tests (shared cores), restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def saved_and_loaded(state: dict) -> dict:
     stream = io.BytesIO()
     torch.save(state, stream)

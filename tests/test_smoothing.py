@@ -21,36 +21,20 @@ from kdexp.smoothing import (
     topk_retained_mass,
 )
 from tests.conftest import tiny_tokenizer
+from conftest import tiny_bert_config as shared_tiny_bert_config
 
 VOCAB_SIZE = 40
 PAD_ID, CLS_ID, SEP_ID = 0, 2, 3
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and on a shared 2-core machine
-    # contended thread pools make them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_bert_config(**overrides) -> BertConfig:
-    settings = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        type_vocab_size=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
-    settings.update(overrides)
-    return BertConfig(**settings)
+    """The shared tiny BERT, narrower, without dropout, over this module's vocabulary size."""
+    settings = dict(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, max_position_embeddings=32,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return shared_tiny_bert_config(num_layers=2, num_labels=3, **{**settings, **overrides})
 
 
 def sentence_pair_batch() -> dict[str, torch.Tensor]:

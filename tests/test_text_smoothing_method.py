@@ -35,16 +35,15 @@ from tests.test_pipeline import tiny_cfg
 SPECIAL_IDS = tiny_tokenizer().all_special_ids
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads; on a shared 2-core machine they lose a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def quiet_lightning_notices() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

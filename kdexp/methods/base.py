@@ -11,7 +11,6 @@ and keeps the phase state in checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytorch_lightning as pl
@@ -24,6 +23,7 @@ from kdexp.families import output_logits
 from kdexp.metrics import eval_prefix, task_metrics
 from kdexp.model_internals import model_inputs
 from kdexp.phases import PhaseSchedule, phase_lr_factor
+from kdexp.config import OptimConfig
 from kdexp.errors import ConfigError
 from kdexp.tasks import FAMILIES, GlueTask
 
@@ -35,15 +35,6 @@ PHASES_CHECKPOINT_KEY = "phases"
 
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers.get_scheduler names
-
-
-@dataclass
-class OptimConfig:
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "linear"  # linear: warm-up then linear decay (BERT); cosine; constant; constant_with_warmup
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> Any:
