@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
 
-from kdexp.errors import WRITE_PROBE, OSFailure, name_folder, os_failures_reported, write_refusal
+from kdexp.errors import (
+    WRITE_PROBE,
+    OSFailure,
+    name_folder,
+    os_failures_reported,
+    write_refusal,
+)
 from kdexp.faults import file_point, maybe_fail
 from kdexp.hardware import is_global_zero
 from kdexp.seeding import preserved_rng
@@ -277,8 +283,7 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
     path = Path(path)
     with os_failures_reported(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")
-    with handle:
+    with os_failures_reported(path), open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -16,9 +16,9 @@ import errno as errnos
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from kdexp.faults import maybe_fail
 
@@ -75,6 +75,8 @@ def _key_of(path: str) -> str | None:
     holders = [folder for folder in _folder_keys if folder == target or folder in target.parents]
     if holders:
         return _folder_keys[max(holders, key=lambda folder: len(folder.parts))]
+    if target.parent == Path(tempfile.gettempdir()).absolute():  # a library's temporary file (Lightning's checkpoints)
+        return "TMPDIR"
     return None
 
 
@@ -82,7 +84,9 @@ def _elsewhere(path: str | None) -> str:
     key = _key_of(path) if path else None
     if key is not None:
         return f"choose another folder with {key}=<folder>"
-    return "choose another folder with hydra.run.dir=<folder> (the run's files) or cache_dir=<folder> (the cache)"
+    temporary = "" if path else ", TMPDIR=<folder> (temporary files)"
+    return (f"choose another folder with hydra.run.dir=<folder> (the run's files) or cache_dir=<folder> (the cache)"
+            f"{temporary}")
 
 
 def _remedy(code: int, path: str | None) -> str:

@@ -17,11 +17,11 @@ happens there:
 The points of the OS-error tests, each with `file` (the name of the file or folder written), `dir` (the
 name of the folder holding it) and `path`:
 
-- `write`: kdexp's own atomic writes (kdexp.cache: `atomic_write_text`/`_json`, `save_tensors`,
-  `atomic_directory`, `replaced_directory`, `publish_folder`), once part of the content is in the
+- `write`: kdexp's own atomic writes (kdexp.cache: `atomic_write_text`/`_json`, `atomic_torch_save`,
+  `save_tensors`, `atomic_directory`, `replaced_directory`, `publish_folder`), once the content is in the
   temporary file or folder and before it is renamed into place (`write:file=results.json`,
   `write:dir=teacher_logits`);
-- `write_probe`: the probe that tells whether a folder can be written (kdexp.cache.write_refusal), with
+- `write_probe`: the probe that tells whether a folder can be written (kdexp.errors.write_refusal), with
   `key`, the setting that chose the folder (`write_probe:key=cache_dir`);
 - `open`: any file a library opens for writing, or renames onto, from Python (an audit hook installed
   when this module is imported with `KDEXP_FAULT_AT=open:...`): Lightning's checkpoints
@@ -67,8 +67,8 @@ def _matches(spec: str, point: str, where: dict[str, object]) -> bool:
 def injected_os_error(action: str, where: dict[str, object]) -> OSError:
     """The `OSError` of `oserror:<ERRNO>`, naming the point's `path` (as the OS names the file it refused)."""
     name = action.partition(":")[2].upper()
-    code = getattr(errno, name, None)
-    if not isinstance(code, int):
+    code = {label: number for number, label in errno.errorcode.items()}.get(name)
+    if code is None:
         raise ValueError(f"{ACTION_VAR}={action}: {name} is not an errno name; use e.g. oserror:ENOSPC")
     path = where.get("path")
     return OSError(code, os.strerror(code), None if path is None else str(path))

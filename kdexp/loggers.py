@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kdexp.cache import atomic_write_text
 from kdexp.hardware import is_global_zero
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def _resumable_csv_logger(run_dir: Path) -> Any:
     those of later epochs, and rows without an epoch (the learning rate) from `step` on.
     """
     import csv
+    import io
 
     from pytorch_lightning.loggers import CSVLogger
     from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -110,10 +112,11 @@ def _resumable_csv_logger(run_dir: Path) -> Any:
                 path.unlink()
                 self.metrics_keys = []
                 return
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            out = io.StringIO(newline="")
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(path, out.getvalue())
             self.metrics_keys = sorted(fields)
 
     class ResumableCSVLogger(CSVLogger):

@@ -29,6 +29,7 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from kdexp.cache import atomic_write_text
+from kdexp.errors import os_failures_reported
 from kdexp.data import TaskData, make_loader, pad_batch, row_lengths
 from kdexp.faults import maybe_fail
 from kdexp.methods.base import DistillationModule
@@ -217,12 +218,22 @@ class ResumePoint(pl.Callback):
             checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"] = False
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        for callback in trainer.checkpoint_callbacks:  # a best file a killed run deleted after saving a newer one
-            if isinstance(callback, ModelCheckpoint) and callback.best_model_path and not Path(callback.best_model_path).exists():
-                log.warning("The best checkpoint %s is gone; the best epoch is chosen again from here on.",
-                            callback.best_model_path)
-                callback.best_model_path, callback.best_model_score, callback.best_k_models = "", None, {}
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+                self._forget_unreadable_best(callback, trainer.is_global_zero)
         self.clock.saved()  # minutes count from the start of training in this process
+
+    @staticmethod
+    def _forget_unreadable_best(callback: ModelCheckpoint, is_global_zero: bool) -> None:
+        """A best file a killed run deleted after saving a newer one, or one a full disk cut short (Lightning
+        moves it in from TMPDIR, a copy across file systems), is set aside and the best epoch chosen again."""
+        best = Path(callback.best_model_path)
+        if best.exists() and read_checkpoint(best) is not None:
+            return
+        if best.exists() and is_global_zero:
+            best.rename(best.with_name(best.name + ".corrupt"))
+        log.warning("The best checkpoint %s is gone or unreadable; the best epoch is chosen again from here on.", best)
+        callback.best_model_path, callback.best_model_score, callback.best_k_models = "", None, {}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -272,9 +283,16 @@ class ResumePoint(pl.Callback):
         for logger in trainer.loggers:
             logger.save()  # the step log as far as this checkpoint (see ResumableCSVLogger)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+        try:
+            with os_failures_reported(self.path):
+                trainer.save_checkpoint(tmp, weights_only=False)
+                if trainer.is_global_zero:
+                    os.replace(tmp, self.path)
+        except BaseException:
+            # Lightning moves its file in from TMPDIR; across file systems that move is a copy a full disk can cut short
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+            raise
         self.clock.saved()
         self.last_saved = what
 

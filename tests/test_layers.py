@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdexp"
 # Lowest first. A module may import modules of its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
     ("kdexp", "kdexp.conf", "kdexp.errors", "kdexp.seeding", "kdexp.faults", "kdexp.tasks", "kdexp.config",
-     "kdexp.hardware", "kdexp.preemption", "kdexp.run_folder", "kdexp.loggers"),
+     "kdexp.hardware", "kdexp.preemption", "kdexp.run_folder"),
     ("kdexp.cache", "kdexp.data", "kdexp.inference", "kdexp.models", "kdexp.tiny_models", "kdexp.families", "kdexp.metrics", "kdexp.model_internals", "kdexp.phases",
-     "kdexp.losses", "kdexp.context"),
+     "kdexp.losses", "kdexp.context", "kdexp.loggers"),
     ("kdexp.teacher", "kdexp.decision", "kdexp.internal", "kdexp.smoothing", "kdexp.selection"),
     ("kdexp.methods",),
     ("kdexp.training",),

@@ -29,8 +29,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kdexp.cache import (atomic_directory, atomic_write_json, atomic_write_text, publish_folder, replaced_directory,
-                         save_tensors)
+from kdexp.cache import (
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    publish_folder,
+    replaced_directory,
+    save_tensors,
+)
 from kdexp.errors import OSFailure, name_folder, os_failure_of
 from tests.test_reproducibility import assert_same_run, finished, killed, tiny_args
 from tests.test_step_checkpoints import RUN, straight
@@ -62,7 +68,7 @@ def launch(args: list[str], cwd: Path, fault: str | None = None, action: str | N
     if action:
         env["KDEXP_FAULT_ACTION"] = action
     return subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=600, umask=umask)
+                          text=True, timeout=600, umask=umask, check=False)
 
 
 def error_line(proc: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -125,9 +131,9 @@ def immutable(folder: Path, recursive: bool = False) -> Iterator[None]:
     """`folder` (and all it holds, with `recursive`) made immutable with chattr, which refuses root too;
     the test is skipped where chattr is not allowed."""
     flag = ["-R"] if recursive else []
-    made = subprocess.run(["chattr", *flag, "+i", str(folder)], capture_output=True, text=True)
+    made = subprocess.run(["chattr", *flag, "+i", str(folder)], capture_output=True, text=True, check=False)
     if made.returncode != 0:
-        subprocess.run(["chattr", "-R", "-i", str(folder)], capture_output=True)
+        subprocess.run(["chattr", "-R", "-i", str(folder)], capture_output=True, check=False)
         pytest.skip(f"chattr +i is not allowed here ({made.stderr.strip()})")
     try:
         yield
@@ -230,6 +236,10 @@ def test_errors_that_wrap_an_os_error_are_recognised_and_others_are_not(tmp_path
     assert os_failure_of(sibling, tmp_path / "x.pt").path == str(tmp_path / "x.pt")
     elsewhere = OSError(errno.EACCES, "Permission denied", "/data/train.tsv")
     assert os_failure_of(elsewhere, tmp_path / "x.pt").path == "/data/train.tsv"
+    name_folder(tmp_path / "run", "hydra.run.dir")
+    unnamed = str(os_failure_of(OSError(errno.ENOSPC, "No space left on device")))  # Lightning's write to TMPDIR
+    assert unnamed.startswith("a write failed (the error names no path; this run writes under ")
+    assert f"{tmp_path / 'run'} (hydra.run.dir)" in unnamed and unnamed.endswith("TMPDIR=<folder> (temporary files).")
     for other in (FileNotFoundError(errno.ENOENT, "No such file", "/x"), RuntimeError("Permission denied"),
                   RuntimeError("CUDA error: out of memory")):
         assert os_failure_of(other) is None

@@ -237,3 +237,25 @@ def test_the_step_log_keeps_the_rows_before_a_step_checkpoint_and_drops_the_late
     logger.log_metrics({"train/loss": 0.45, "epoch": 1}, step=3)
     logger.save()
     assert log.read_text().splitlines()[-1] == "1,,3,0.45,"
+
+
+def test_a_best_checkpoint_cut_short_is_set_aside_and_a_whole_one_kept(tmp_path: Path) -> None:
+    """Lightning moves `best-*.ckpt` in from TMPDIR, a copy across file systems that a full disk can cut
+    short: on resume such a file is set aside (`.corrupt`) and the best epoch chosen again; a whole one stays."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from kdexp.training import ResumePoint
+
+    whole, cut = tmp_path / "best-whole.ckpt", tmp_path / "best-cut.ckpt"
+    torch.save({"epoch": 1, "state_dict": {"w": torch.ones(64)}}, whole)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    for path, readable in ((whole, True), (cut, False)):
+        callback = ModelCheckpoint(dirpath=tmp_path)
+        callback.best_model_path, callback.best_model_score = str(path), torch.tensor(0.5)
+        callback.best_k_models = {str(path): torch.tensor(0.5)}
+        ResumePoint._forget_unreadable_best(callback, is_global_zero=True)
+        assert (callback.best_model_path == str(path)) is readable
+        assert path.exists() is readable
+        assert path.with_name(path.name + ".corrupt").exists() is not readable
+        if not readable:
+            assert callback.best_model_score is None and callback.best_k_models == {}

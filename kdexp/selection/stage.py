@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
+from kdexp.cache import atomic_torch_save, atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
 from kdexp.data import TaskData, pad_batch
 from kdexp.families import output_logits
 from kdexp.faults import maybe_fail
@@ -316,13 +316,12 @@ def _train_and_store(stage: AgentStage, store: Path, key: str) -> None:
         started = time.perf_counter()
         history.append(stage.run_episode(episode))
         seconds += time.perf_counter() - started
-        tmp = progress_file.with_name(PROGRESS_FILE + ".tmp")
-        torch.save({"agent": stage.agent.state_dict(), "history": json.dumps(history), "seconds": seconds}, tmp)
-        os.replace(tmp, progress_file)
+        atomic_torch_save(progress_file,
+                          {"agent": stage.agent.state_dict(), "history": json.dumps(history), "seconds": seconds})
         rewards = [phase["reward"] for phase in history[-1]]
         log.info("Agent stage: episode %d/%d, mean reward %.4f, %.1fs", episode + 1, stage.settings.episodes,
                  sum(rewards) / len(rewards), time.perf_counter() - started)
-    torch.save(stage.agent.state_dict(), partial_dir / AGENT_FILE)
+    atomic_torch_save(partial_dir / AGENT_FILE, stage.agent.state_dict())
     atomic_write_json(partial_dir / INFO_FILE, {
         "key": key, "episodes": stage.settings.episodes, "seconds": seconds, "history": history,
         "reward_split": stage.settings.reward_split, "reward_rows": len(stage.reward_rows),

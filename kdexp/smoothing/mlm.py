@@ -37,6 +37,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 from transformers.utils.hub import cached_file
 
+from kdexp.cache import atomic_torch_save
 from kdexp.faults import maybe_fail
 from kdexp.hardware import Hardware
 from kdexp.losses.precision import full_precision
@@ -716,8 +717,6 @@ class _AdaptationSaver:
                          "train_seconds": progress.train_seconds},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_torch_save(self.path, state)
         self.clock.saved()
         self.last_saved = f"an MLM adaptation checkpoint at step {progress.step} in {self.path}"
