@@ -314,14 +314,20 @@ def load_or_compute(path: str | Path, load: Callable[[], T | None], compute: Cal
             return compute()
 
 
-def load_or_compute_together(path: str | Path, load: Callable[[], T | None], compute: Callable[[], T],
-                             store: Callable[[T], None], hardware: "Hardware") -> T:
+def load_or_compute_together(
+    path: str | Path,
+    load: Callable[[], T | None],
+    compute: Callable[[], T],
+    store: Callable[[T], None],
+    hardware: "Hardware",
+) -> T:
     """`load_or_compute` for a pass that every DDP process takes part in.
 
     `compute()` runs in every process (each does its share of the batches and returns the whole
     result, `Hardware.combine_rows`), unless every process finds the entry; global rank 0 then
     `store`s it. With one process this is `load_or_compute` with `store` after `compute`.
     """
+
     def compute_and_store() -> T:
         value = compute()
         store(value)
@@ -412,8 +418,10 @@ def _overlay_line(cache_dir: Path, refusal: OSError, overlay: Path, linked: int 
     instead = f"{overlay} instead ({CACHE_FALLBACK_ENV}=<folder> chooses another)"
     if linked is None:
         return f"cache_dir={cache_dir} cannot be created ({_reason(refusal)}): this run writes its cache to {instead}."
-    return (f"cache_dir={cache_dir} cannot be written ({_reason(refusal)}): this run reads the entries it holds "
-            f"({linked} files) and writes any it lacks to {instead}.")
+    return (
+        f"cache_dir={cache_dir} cannot be written ({_reason(refusal)}): this run reads the entries it holds "
+        f"({linked} files) and writes any it lacks to {instead}."
+    )
 
 
 def _reason(err: OSError) -> str:
@@ -422,10 +430,13 @@ def _reason(err: OSError) -> str:
 
 def _no_writable_cache(cache_dir: Path, refusal: OSError, overlay: Path, overlay_refusal: OSError) -> OSFailure:
     code = overlay_refusal.errno or refusal.errno or 0
-    return OSFailure(f"cache_dir={cache_dir} cannot be written ({_reason(refusal)}), nor can the fallback cache "
-                     f"{overlay} ({_reason(overlay_refusal)}); set {CACHE_FALLBACK_ENV}=<a writable folder> to read "
-                     f"{cache_dir} and write what it lacks there, or choose a writable cache_dir=<folder>.",
-                     code, str(overlay))
+    return OSFailure(
+        f"cache_dir={cache_dir} cannot be written ({_reason(refusal)}), nor can the fallback cache "
+        f"{overlay} ({_reason(overlay_refusal)}); set {CACHE_FALLBACK_ENV}=<a writable folder> to read "
+        f"{cache_dir} and write what it lacks there, or choose a writable cache_dir=<folder>.",
+        code,
+        str(overlay),
+    )
 
 
 def _is_temporary(name: str) -> bool:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Optional, TypeVar, get_type_hints
 
 from omegaconf import MISSING, OmegaConf
@@ -28,22 +28,42 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 # Keys (exact, or a prefix ending in ".") that cannot change a run's numbers.
 NON_RESULT_KEYS: tuple[str, ...] = (
-    "hydra.", "logger", "logger.", "cache_dir", "resume", "keep_checkpoints",
-    "data.num_workers", "data.eval_batch_size", "teacher.eval_batch_size", "teacher.eval_tokens_per_batch",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-    "method.queries.batch_size", "method.mlm.eval_batch_size",
+    "hydra.",
+    "logger",
+    "logger.",
+    "cache_dir",
+    "resume",
+    "keep_checkpoints",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "teacher.eval_batch_size",
+    "teacher.eval_tokens_per_batch",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "method.queries.batch_size",
+    "method.mlm.eval_batch_size",
     "checkpoint.",  # when step checkpoints are written: a resumed run ends as an uninterrupted one
 )
 
 
 # Keys added after runs were made, with the value that means "as before": a config holding one at
 # this value decides the same result as a config without it (so older run folders still match).
-NEUTRAL_VALUES: dict[str, Any] = {"optim.lr_scheduler": "linear", "data.group_by_length": False,
-                                  "method.kd_form": "hinton", "method.smoothing_form": "others",
-                                  "method.final_alpha": None, "method.attention_heads": "mean",
-                                  "method.mlm.adapt.passes": None, "teacher.dtype": "float32",
-                                  "student.dtype": "float32", "data.hub_dataset": "nyu-mll/glue",
-                                  "data.mrc_dir": None, "task.doc_stride": 128, "task.dev_articles": None}
+NEUTRAL_VALUES: dict[str, Any] = {
+    "optim.lr_scheduler": "linear",
+    "data.group_by_length": False,
+    "method.kd_form": "hinton",
+    "method.smoothing_form": "others",
+    "method.final_alpha": None,
+    "method.attention_heads": "mean",
+    "method.mlm.adapt.passes": None,
+    "teacher.dtype": "float32",
+    "student.dtype": "float32",
+    "data.hub_dataset": "nyu-mll/glue",
+    "data.mrc_dir": None,
+    "task.doc_stride": 128,
+    "task.dev_articles": None,
+}
 NEUTRAL_VALUES["task.allow_empty_text"] = False  # own files: empty texts refused, as before the key existed
 
 # Weights dtypes a model may be loaded in (kdexp.models.MODEL_DTYPES).
@@ -72,8 +92,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def result_config(resolved: dict[str, Any]) -> dict[str, Any]:
     """The flattened result-deciding part of a resolved config (a plain dict)."""
-    return {k: v for k, v in sorted(flatten(resolved).items())
-            if is_result_key(k) and not (k in NEUTRAL_VALUES and NEUTRAL_VALUES[k] == v)}
+    return {
+        k: v
+        for k, v in sorted(flatten(resolved).items())
+        if is_result_key(k) and not (k in NEUTRAL_VALUES and NEUTRAL_VALUES[k] == v)
+    }
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
@@ -85,8 +108,11 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 8)
     """`key: old -> new` for every result key that differs (at most `limit`, then a count)."""
     a, b = result_config(old), result_config(new)
     missing = object()
-    lines = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    lines = [
+        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
@@ -123,8 +149,12 @@ class DataSchema:
         require(self.batch_size > 0, "data.batch_size", self.batch_size, "a positive batch size")
         require(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size, "a positive batch size")
         workers = self.num_workers
-        require(workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
-                "data.num_workers", workers, "auto, or 0 or more worker processes")
+        require(
+            workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
+            "data.num_workers",
+            workers,
+            "auto, or 0 or more worker processes",
+        )
 
 
 @dataclass
@@ -138,9 +168,15 @@ class OptimConfig:
     lr_scheduler: str = "linear"  # linear: warm-up then linear decay (BERT); cosine; constant; constant_with_warmup
 
     def check(self) -> None:
-        require(self.lr_scheduler in ("linear", "cosine", "constant", "constant_with_warmup"), "optim.lr_scheduler",
-                self.lr_scheduler, "linear, cosine, constant or constant_with_warmup")
-        require(self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "a positive learning rate (e.g. 5e-5)")
+        require(
+            self.lr_scheduler in ("linear", "cosine", "constant", "constant_with_warmup"),
+            "optim.lr_scheduler",
+            self.lr_scheduler,
+            "linear, cosine, constant or constant_with_warmup",
+        )
+        require(
+            self.learning_rate > 0, "optim.learning_rate", self.learning_rate, "a positive learning rate (e.g. 5e-5)"
+        )
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "0 or more")
         require(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         require(self.adam_epsilon > 0, "optim.adam_epsilon", self.adam_epsilon, "a small positive number")
@@ -171,8 +207,12 @@ class TeacherSchema:
         require(self.epochs >= 1, "teacher.epochs", self.epochs, "at least 1 epoch")
         require(self.batch_size > 0, "teacher.batch_size", self.batch_size, "a positive batch size")
         require(self.eval_batch_size > 0, "teacher.eval_batch_size", self.eval_batch_size, "a positive batch size")
-        require(self.eval_tokens_per_batch > 0, "teacher.eval_tokens_per_batch", self.eval_tokens_per_batch,
-                "a positive number of tokens")
+        require(
+            self.eval_tokens_per_batch > 0,
+            "teacher.eval_tokens_per_batch",
+            self.eval_tokens_per_batch,
+            "a positive number of tokens",
+        )
         require(self.weight_decay >= 0, "teacher.weight_decay", self.weight_decay, "0 or more")
         require(0 <= self.warmup_ratio < 1, "teacher.warmup_ratio", self.warmup_ratio, "a fraction in [0, 1)")
         clip = self.gradient_clip_val
@@ -206,14 +246,22 @@ class StudentSchema:
         require(self.dtype in WEIGHT_DTYPES, "student.dtype", self.dtype, " or ".join(WEIGHT_DTYPES))
         require(self.init in STUDENT_INITS, "student.init", self.init, "one of " + ", ".join(STUDENT_INITS))
         if self.init in ("first_layers", "every_nth_layer"):
-            require(self.num_layers is not None and self.num_layers >= 1, "student.num_layers", self.num_layers,
-                    "at least 1 layer")
+            require(
+                self.num_layers is not None and self.num_layers >= 1,
+                "student.num_layers",
+                self.num_layers,
+                "at least 1 layer",
+            )
         if self.init == "pretrained":
-            require(bool(self.name_or_path), "student.name_or_path", self.name_or_path, "a Hub id or a checkpoint folder")
+            require(
+                bool(self.name_or_path), "student.name_or_path", self.name_or_path, "a Hub id or a checkpoint folder"
+            )
         if self.init == "random":
             for key in STUDENT_INITS["random"]:
                 value = getattr(self, key)
-                require(value is None or value >= 1, f"student.{key}", value, "a positive size, or null for the teacher's")
+                require(
+                    value is None or value >= 1, f"student.{key}", value, "a positive size, or null for the teacher's"
+                )
 
 
 @dataclass
@@ -230,10 +278,18 @@ class LoggerSchema:
     log_model: bool = False
 
     def check(self) -> None:
-        require(self.type in ("csv", "wandb", "tensorboard", "none"), "logger.type", self.type,
-                "csv, wandb, tensorboard or none")
-        require(self.mode in ("auto", "online", "offline", "disabled"), "logger.mode", self.mode,
-                "auto, online, offline or disabled")
+        require(
+            self.type in ("csv", "wandb", "tensorboard", "none"),
+            "logger.type",
+            self.type,
+            "csv, wandb, tensorboard or none",
+        )
+        require(
+            self.mode in ("auto", "online", "offline", "disabled"),
+            "logger.mode",
+            self.mode,
+            "auto, online, offline or disabled",
+        )
 
 
 @dataclass
@@ -267,17 +323,31 @@ class TaskSchema:
 
         require(self.doc_stride >= 1, "task.doc_stride", self.doc_stride, "a positive number of tokens (run_qa: 128)")
         if self.is_mrc:  # its own files in the release's format (task.train_file / dev_file), or MRC_DIR / the Hub
-            require(self.train_file is None or bool(self.dev_file or self.dev_articles), "task.dev_file",
-                    self.dev_file, "the dev file (or task.dev_articles, to take the dev split from train_file)")
+            require(
+                self.train_file is None or bool(self.dev_file or self.dev_articles),
+                "task.dev_file",
+                self.dev_file,
+                "the dev file (or task.dev_articles, to take the dev split from train_file)",
+            )
             return
         if not self.is_custom:
             require(self.name in TASKS, "task.name", self.name, "one of " + " ".join(TASKS) + ", or task=custom")
             return
-        require(bool(self.dev_file), "task.dev_file", self.dev_file, "a labelled CSV/TSV/JSONL file for model selection")
-        require(1 <= len(self.text_columns) <= 2, "task.text_columns", list(self.text_columns),
-                "one column (text) or two (a sentence pair)")
-        require(self.metric is None or self.metric in CUSTOM_METRICS[self.regression], "task.metric", self.metric,
-                "null or one of " + ", ".join(CUSTOM_METRICS[self.regression]))
+        require(
+            bool(self.dev_file), "task.dev_file", self.dev_file, "a labelled CSV/TSV/JSONL file for model selection"
+        )
+        require(
+            1 <= len(self.text_columns) <= 2,
+            "task.text_columns",
+            list(self.text_columns),
+            "one column (text) or two (a sentence pair)",
+        )
+        require(
+            self.metric is None or self.metric in CUSTOM_METRICS[self.regression],
+            "task.metric",
+            self.metric,
+            "null or one of " + ", ".join(CUSTOM_METRICS[self.regression]),
+        )
         require(self.labels is None or len(self.labels) >= 2, "task.labels", self.labels, "null or two or more labels")
 
 
@@ -291,10 +361,18 @@ class CheckpointSchema:
 
     def check(self) -> None:
         steps, minutes = self.every_n_steps, self.every_minutes
-        require(steps is None or steps >= 1, "checkpoint.every_n_steps", steps,
-                "a positive number of optimiser steps (e.g. 1000), or null for none")
-        require(minutes is None or minutes > 0, "checkpoint.every_minutes", minutes,
-                "a positive number of minutes (e.g. 30), or null for none")
+        require(
+            steps is None or steps >= 1,
+            "checkpoint.every_n_steps",
+            steps,
+            "a positive number of optimiser steps (e.g. 1000), or null for none",
+        )
+        require(
+            minutes is None or minutes > 0,
+            "checkpoint.every_minutes",
+            minutes,
+            "a positive number of minutes (e.g. 30), or null for none",
+        )
 
 
 @dataclass
@@ -364,8 +442,20 @@ def _valid_keys(schema: type, path: str) -> list[str]:
     return sorted(f.name for f in fields(node))
 
 
-PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
-              "transformer-engine-float16", "64", "32", "16", "bf16")
+PRECISIONS = (
+    "64-true",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "64",
+    "32",
+    "16",
+    "bf16",
+)
 
 
 def check_trainer(trainer: dict[str, Any]) -> None:
@@ -377,38 +467,60 @@ def check_trainer(trainer: dict[str, Any]) -> None:
     valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "callbacks", "logger"}
     for key in trainer:
         if key not in valid:
-            raise ConfigError(f"trainer.{key} is not an argument of pytorch_lightning.Trainer; valid keys include "
-                              "accelerator, devices, precision, max_epochs, gradient_clip_val, accumulate_grad_batches, "
-                              "limit_train_batches, limit_val_batches.")
+            raise ConfigError(
+                f"trainer.{key} is not an argument of pytorch_lightning.Trainer; valid keys include "
+                "accelerator, devices, precision, max_epochs, gradient_clip_val, accumulate_grad_batches, "
+                "limit_train_batches, limit_val_batches."
+            )
     if trainer.get("fast_dev_run"):
-        raise ConfigError("trainer.fast_dev_run skips the checkpoints and files a run leaves; use debug=fast (a few "
-                          "batches, one epoch, its own cache) or debug=overfit instead.")
+        raise ConfigError(
+            "trainer.fast_dev_run skips the checkpoints and files a run leaves; use debug=fast (a few "
+            "batches, one epoch, its own cache) or debug=overfit instead."
+        )
     if trainer.get("max_steps", -1) not in (-1, None):
-        raise ConfigError(f"trainer.max_steps={trainer['max_steps']}: kdexp trains and resumes by whole epochs; set "
-                          "trainer.max_epochs (and data.max_train_samples for a shorter epoch).")
+        raise ConfigError(
+            f"trainer.max_steps={trainer['max_steps']}: kdexp trains and resumes by whole epochs; set "
+            "trainer.max_epochs (and data.max_train_samples for a shorter epoch)."
+        )
     if trainer.get("enable_checkpointing") is False:
-        raise ConfigError("trainer.enable_checkpointing=false: a run keeps its best epoch and resumes from checkpoints; "
-                          "leave it on (keep_checkpoints=false removes them when the run is finished).")
+        raise ConfigError(
+            "trainer.enable_checkpointing=false: a run keeps its best epoch and resumes from checkpoints; "
+            "leave it on (keep_checkpoints=false removes them when the run is finished)."
+        )
     epochs = trainer.get("max_epochs")
-    require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1, "trainer.max_epochs", epochs,
-            "a whole number of epochs, at least 1")
+    require(
+        isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+        "trainer.max_epochs",
+        epochs,
+        "a whole number of epochs, at least 1",
+    )
     precision = trainer.get("precision", "32-true")
     require(str(precision) in PRECISIONS, "trainer.precision", precision, "one of " + ", ".join(PRECISIONS[:6]))
     clip = trainer.get("gradient_clip_val")
-    require(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val", clip,
-            "0 or more, or null")
+    require(
+        clip is None or (isinstance(clip, (int, float)) and clip >= 0),
+        "trainer.gradient_clip_val",
+        clip,
+        "0 or more, or null",
+    )
     accumulate = trainer.get("accumulate_grad_batches", 1)
     require(isinstance(accumulate, int) and accumulate >= 1, "trainer.accumulate_grad_batches", accumulate, "1 or more")
     for key in ("limit_train_batches", "limit_val_batches"):
         value = trainer.get(key)
-        require(value is None or (isinstance(value, (int, float)) and value > 0), f"trainer.{key}", value,
-                "a positive number of batches or a fraction in (0, 1]")
+        require(
+            value is None or (isinstance(value, (int, float)) and value > 0),
+            f"trainer.{key}",
+            value,
+            "a positive number of batches or a fraction in (0, 1]",
+        )
 
 
 def validate_config(cfg: Any) -> RunSchema:
     """Check every group of a composed run config before any work; returns it typed (method and trainer as dicts)."""
     validated = merged_onto(RunSchema, cfg)
     validated.check()
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if OmegaConf.is_config(cfg.trainer) else dict(cfg.trainer)
+    trainer = (
+        OmegaConf.to_container(cfg.trainer, resolve=True) if OmegaConf.is_config(cfg.trainer) else dict(cfg.trainer)
+    )
     check_trainer(trainer)  # type: ignore[arg-type]
     return validated

@@ -11,9 +11,9 @@ from kdexp.cache import atomic_write_json
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from kdexp.config import OptimConfig
     from kdexp.data import TaskData
     from kdexp.hardware import Hardware
-    from kdexp.config import OptimConfig
     from kdexp.tasks import GlueTask
     from kdexp.teacher import Teacher
 

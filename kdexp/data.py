@@ -27,10 +27,10 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kdexp.cache import atomic_directory, cache_key, wait_for_rank_zero
 from kdexp import families
-from kdexp.hardware import is_global_zero
+from kdexp.cache import atomic_directory, cache_key, wait_for_rank_zero
 from kdexp.errors import DataError
+from kdexp.hardware import is_global_zero
 from kdexp.tasks import CLASSIFICATION, EXTRACTIVE_QA, MULTIPLE_CHOICE, GlueTask, TsvLayout
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ class DataSource:
     mrc_dir: Path | None = None  # machine reading comprehension: the official releases (dream/, race/, squad*/)
 
     @classmethod
-    def from_config(cls, source: str, glue_dir: str | None, hub_dataset: str | None = None,
-                    mrc_dir: str | None = None) -> "DataSource":
+    def from_config(
+        cls, source: str, glue_dir: str | None, hub_dataset: str | None = None, mrc_dir: str | None = None
+    ) -> "DataSource":
         glue_dir = glue_dir or os.environ.get("GLUE_DIR") or None
         hub_dataset = hub_dataset or HUB_DATASET
         mrc = mrc_dir or os.environ.get("MRC_DIR") or None
@@ -112,10 +113,13 @@ def _label_to_id(task: GlueTask, raw: str, path: Path, line_no: int) -> float | 
         try:
             value = float(raw)
         except ValueError:
-            raise DataError(f"{path}:{line_no}: label '{raw}' is not a number (task {task.name} is regression).") from None
+            raise DataError(
+                f"{path}:{line_no}: label '{raw}' is not a number (task {task.name} is regression)."
+            ) from None
         if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite: no training target
-            raise DataError(f"{path}:{line_no}: label '{raw}' is not a finite number; give every row a score, or "
-                            "drop the row.")
+            raise DataError(
+                f"{path}:{line_no}: label '{raw}' is not a finite number; give every row a score, or drop the row."
+            )
         return value
     values = task.local_label_values or tuple(str(i) for i in range(task.num_labels))
     if raw not in values and raw.isdigit() and int(raw) < task.num_labels:
@@ -124,15 +128,16 @@ def _label_to_id(task: GlueTask, raw: str, path: Path, line_no: int) -> float | 
         raise DataError(_missing_label_message(path, line_no, raw))
     if raw not in values:
         raise DataError(
-            f"{path}:{line_no}: label '{raw}' is not in the label set of task {task.name} "
-            f"({', '.join(values)})."
+            f"{path}:{line_no}: label '{raw}' is not in the label set of task {task.name} ({', '.join(values)})."
         )
     return values.index(raw)
 
 
 def _missing_label_message(path: Path, line_no: int, raw: str) -> str:
-    return (f"{path}:{line_no}: the label is '{raw}', a missing value; give every row a label, or drop the row "
-            f"(or list '{raw}' in task.labels if it is a class).")
+    return (
+        f"{path}:{line_no}: the label is '{raw}', a missing value; give every row a label, or drop the row "
+        f"(or list '{raw}' in task.labels if it is a class)."
+    )
 
 
 def _column_index(header: list[str] | None, column: str | int, path: Path) -> int:
@@ -148,7 +153,7 @@ def read_utf8_text(path: Path) -> str:
     """The file's text (without a byte-order mark); a `DataError` names the line of the first bad byte."""
     raw = path.read_bytes()
     if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -244,7 +249,9 @@ def read_table_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """`read_table`'s rows, each with the line of the file it starts on (for errors that name it)."""
     path = Path(path)
     if path.suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unknown table format; use a .csv, .tsv or .jsonl file with a header / one JSON object per line.")
+        raise DataError(
+            f"{path}: unknown table format; use a .csv, .tsv or .jsonl file with a header / one JSON object per line."
+        )
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
     try:
@@ -267,8 +274,10 @@ def _json_lines(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number}: not a JSON object ({err.msg}).") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: not a JSON object (a {type(row).__name__}); write one object per "
-                            'line, e.g. {"text": "...", "label": "..."}.')
+            raise DataError(
+                f"{path}:{number}: not a JSON object (a {type(row).__name__}); write one object per "
+                'line, e.g. {"text": "...", "label": "..."}.'
+            )
         rows.append((number, row))
     return rows
 
@@ -324,15 +333,18 @@ def _check_columns(path: Path, rows: list[tuple[int, dict[str, Any]]], needed: l
     missing = [c for c in needed if c not in present]
     if missing:
         line, row = rows[0]
-        raise DataError(f"{path}:{line}: no column {missing} (columns: {list(row)}); set "
-                        "task.text_columns / task.label_column to the file's names.")
+        raise DataError(
+            f"{path}:{line}: no column {missing} (columns: {list(row)}); set "
+            "task.text_columns / task.label_column to the file's names."
+        )
 
 
 def _label_cell(row: dict[str, Any], column: str, path: Path, line: int) -> str:
     """The row's label as written; a missing key, JSON null or empty cell is refused with file:line."""
     if column not in row:
-        raise DataError(f"{path}:{line}: the row has no '{column}' (its label); give every row a label, or drop "
-                        "the row.")
+        raise DataError(
+            f"{path}:{line}: the row has no '{column}' (its label); give every row a label, or drop the row."
+        )
     value = row[column]
     if value is None:
         raise DataError(f"{path}:{line}: the label ('{column}') is null; give every row a label, or drop the row.")
@@ -347,8 +359,10 @@ def _text_cell(row: dict[str, Any], column: str, path: Path, line: int, allow_em
     value = row.get(column)
     text = "" if value is None else str(value)
     if not text.strip() and not allow_empty:
-        raise DataError(f"{path}:{line}: the text in column '{column}' is empty; fill it in or drop the row, or set "
-                        "task.allow_empty_text=true to keep such rows.")
+        raise DataError(
+            f"{path}:{line}: the text in column '{column}' is empty; fill it in or drop the row, or set "
+            "task.allow_empty_text=true to keep such rows."
+        )
     return text
 
 
@@ -454,9 +468,14 @@ def _source_split(task: GlueTask, split: str, source: DataSource) -> datasets.Da
     except HubUnreachable:
         if not (source.embedded_fallback and task.name in EMBEDDED_TASKS):
             raise
-    log.warning("%s/%s: no GLUE_DIR is set and the Hub cannot be reached: using the %s slice shipped with kdexp "
-                "(%s; set GLUE_DIR or data.source=hub for the whole task).", task.name, split, task.local_dir,
-                EMBEDDED_GLUE_DIR / "README.md")
+    log.warning(
+        "%s/%s: no GLUE_DIR is set and the Hub cannot be reached: using the %s slice shipped with kdexp "
+        "(%s; set GLUE_DIR or data.source=hub for the whole task).",
+        task.name,
+        split,
+        task.local_dir,
+        EMBEDDED_GLUE_DIR / "README.md",
+    )
     return _local_split(task, split, EMBEDDED_GLUE_DIR)
 
 
@@ -573,8 +592,13 @@ class InputForm:
         return {}  # classification: keys made before families existed stay valid
 
 
-def tokenized_key(ds: datasets.Dataset, task: GlueTask, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                  inputs: InputForm | None = None) -> str:
+def tokenized_key(
+    ds: datasets.Dataset,
+    task: GlueTask,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    inputs: InputForm | None = None,
+) -> str:
     """The cache key of a tokenised split: its content, the tokenizer, the maximum length (and input form)."""
     columns = tuple(task.text_fields) + tuple(c for c in FAMILY_COLUMNS[task.family] if c in ds.column_names)
     return cache_key(
@@ -618,8 +642,9 @@ def tokenize_split(
             encoded["example_index"] = [indices[i] for i in encoded["example_index"]]
         return encoded
 
-    tokenized = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
-                       desc=f"tokenize {task.name}")
+    tokenized = ds.map(
+        encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}"
+    )
     tokenized = tokenized.add_column("idx", np.arange(len(tokenized)))
     with atomic_directory(target) as tmp:
         tokenized.save_to_disk(str(tmp))
@@ -717,7 +742,12 @@ def load_task_data(
 
 
 def make_loader(
-    ds: datasets.Dataset, data: TaskData, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+    ds: datasets.Dataset,
+    data: TaskData,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None

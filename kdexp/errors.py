@@ -85,8 +85,10 @@ def _elsewhere(path: str | None) -> str:
     if key is not None:
         return f"choose another folder with {key}=<folder>"
     temporary = "" if path else ", TMPDIR=<folder> (temporary files)"
-    return (f"choose another folder with hydra.run.dir=<folder> (the run's files) or cache_dir=<folder> (the cache)"
-            f"{temporary}")
+    return (
+        f"choose another folder with hydra.run.dir=<folder> (the run's files) or cache_dir=<folder> (the cache)"
+        f"{temporary}"
+    )
 
 
 def _remedy(code: int, path: str | None) -> str:

@@ -70,8 +70,16 @@ def own_task(task_cfg: dict[str, Any], model_config: Any) -> Any:
     regression = bool(task_cfg["regression"])
     labels = None if regression else tuple(model_config.id2label[i] for i in range(model_config.num_labels))
     metric = task_cfg.get("metric") or ("combined_score" if regression else "accuracy")
-    return custom_task(task_cfg["name"], task_cfg["train_file"], task_cfg["dev_file"], tuple(task_cfg["text_columns"]),
-                       task_cfg["label_column"], labels, regression, metric)
+    return custom_task(
+        task_cfg["name"],
+        task_cfg["train_file"],
+        task_cfg["dev_file"],
+        tuple(task_cfg["text_columns"]),
+        task_cfg["label_column"],
+        labels,
+        regression,
+        metric,
+    )
 
 
 def rows_of(task: Any, path: Path) -> Any:
@@ -83,13 +91,18 @@ def rows_of(task: Any, path: Path) -> Any:
     columns = tuple(task.text_fields)
     if not set(columns) <= set(header):
         columns = ("text",) if len(task.text_fields) == 1 else PAIR_ALIASES
-    file_task = replace(task, files={"file": str(path)}, text_fields=columns,
-                        label_column=task.label_column if task.files else "label")
+    file_task = replace(
+        task, files={"file": str(path)}, text_fields=columns, label_column=task.label_column if task.files else "label"
+    )
     dataset = file_split(file_task, "file")
-    return dataset.rename_columns(dict(zip(columns, task.text_fields))) if columns != tuple(task.text_fields) else dataset
+    return (
+        dataset.rename_columns(dict(zip(columns, task.text_fields))) if columns != tuple(task.text_fields) else dataset
+    )
 
 
-def score(model: Any, tokenizer: Any, task: Any, dataset: Any, max_length: int, batch_size: int = 64) -> dict[str, float]:
+def score(
+    model: Any, tokenizer: Any, task: Any, dataset: Any, max_length: int, batch_size: int = 64
+) -> dict[str, float]:
     """The task's metrics of `model` on `dataset` (columns: the task's text fields and `label`)."""
     import torch
 
@@ -98,7 +111,7 @@ def score(model: Any, tokenizer: Any, task: Any, dataset: Any, max_length: int, 
     metrics = GlueMetrics(task)
     with torch.inference_mode():
         for start in range(0, len(dataset), batch_size):
-            rows = dataset[start:start + batch_size]
+            rows = dataset[start : start + batch_size]
             texts = [rows[field] for field in task.text_fields]
             inputs = tokenizer(*texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             dtype = torch.float32 if task.is_regression else torch.long
@@ -109,8 +122,11 @@ def score(model: Any, tokenizer: Any, task: Any, dataset: Any, max_length: int, 
 def eval_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kdexp-eval", description="Score a saved student with its task's metrics.")
     parser.add_argument("path", type=Path, help="a run folder (with results.json) or a student folder")
-    parser.add_argument("assignments", nargs="*", help="task=<name> split=validation file=<labelled file> "
-                        "data.glue_dir=<folder> batch_size=64")
+    parser.add_argument(
+        "assignments",
+        nargs="*",
+        help="task=<name> split=validation file=<labelled file> data.glue_dir=<folder> batch_size=64",
+    )
     args = parser.parse_args(argv)
     try:
         options = parse_assignments(args.assignments)
@@ -157,17 +173,25 @@ def predict(model: Any, tokenizer: Any, task: Any, path: Path, max_length: int, 
     from kdexp.data import read_table
 
     rows = read_table(path)
-    columns = list(task.text_fields) if rows and set(task.text_fields) <= set(rows[0]) else (
-        ["text"] if len(task.text_fields) == 1 else list(PAIR_ALIASES))
+    columns = (
+        list(task.text_fields)
+        if rows and set(task.text_fields) <= set(rows[0])
+        else (["text"] if len(task.text_fields) == 1 else list(PAIR_ALIASES))
+    )
     missing = [c for c in columns if rows and c not in rows[0]]
     if missing:
         raise KdexpError(f"{path}: no column {missing}; name the text column(s) {list(task.text_fields)} or {columns}")
     predictions = []
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            inputs = tokenizer(*[[str(r[c]) for r in chunk] for c in columns], truncation=True, max_length=max_length,
-                               padding=True, return_tensors="pt")
+            chunk = rows[start : start + batch_size]
+            inputs = tokenizer(
+                *[[str(r[c]) for r in chunk] for c in columns],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
             logits = model(**inputs).logits.float()
             for row, row_logits in zip(chunk, logits):
                 predictions.append(_prediction(task, row_logits, {c: row[c] for c in columns}))

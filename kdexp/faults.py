@@ -112,7 +112,8 @@ def _written_path(event: str, args: tuple) -> str | None:
     if event == "open":
         path, mode, flags = args
         writing = (isinstance(mode, str) and any(c in mode for c in "wxa+")) or (
-            isinstance(flags, int) and bool(flags & _WRITE_FLAGS))
+            isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
+        )
     elif event == "os.rename":  # os.rename and os.replace
         path, writing = args[1], True
     else:

@@ -98,14 +98,20 @@ class HardwareSpec:
     def check(self) -> None:
         """One-line refusals of what no stage can run, before any work."""
         if self.precision not in SUPPORTED_PRECISIONS:
-            raise ConfigError(f"trainer.precision={self.precision} is not supported by kdexp's stages: use "
-                              f"{', '.join(SUPPORTED_PRECISIONS)}.")
+            raise ConfigError(
+                f"trainer.precision={self.precision} is not supported by kdexp's stages: use "
+                f"{', '.join(SUPPORTED_PRECISIONS)}."
+            )
         if self.precision == "16-mixed" and self.accelerator == "cpu":
-            raise ConfigError("trainer.precision=16-mixed needs a GPU (fp16 autocast does not run on CPU): use "
-                              "trainer.precision=bf16-mixed or 32-true on CPU.")
+            raise ConfigError(
+                "trainer.precision=16-mixed needs a GPU (fp16 autocast does not run on CPU): use "
+                "trainer.precision=bf16-mixed or 32-true on CPU."
+            )
         if self.strategy not in SCRIPT_LAUNCHED_STRATEGIES:
-            raise ConfigError(f"trainer.strategy={self.strategy}: kdexp starts its DDP processes with Lightning's "
-                              f"script launcher, shared by every stage; use one of {', '.join(SCRIPT_LAUNCHED_STRATEGIES)}.")
+            raise ConfigError(
+                f"trainer.strategy={self.strategy}: kdexp starts its DDP processes with Lightning's "
+                f"script launcher, shared by every stage; use one of {', '.join(SCRIPT_LAUNCHED_STRATEGIES)}."
+            )
 
     def fabric_strategy(self) -> str:
         return "ddp" if self.strategy.startswith("ddp") else self.strategy
@@ -130,8 +136,13 @@ class Hardware:
         from lightning_fabric import Fabric
 
         spec = self.spec
-        fabric = Fabric(accelerator=spec.accelerator, devices=spec.devices, strategy=spec.fabric_strategy(),
-                        precision=spec.precision, num_nodes=spec.num_nodes)  # type: ignore[arg-type]
+        fabric = Fabric(
+            accelerator=spec.accelerator,
+            devices=spec.devices,
+            strategy=spec.fabric_strategy(),
+            precision=spec.precision,
+            num_nodes=spec.num_nodes,
+        )  # type: ignore[arg-type]
         if fabric.world_size > 1 and _process_group_exists():
             fabric.launch()  # the processes run already (an earlier launch): join them, start none
         return fabric
@@ -211,7 +222,7 @@ class Hardware:
 
     def shard(self, batches: Sequence[T]) -> list[T]:
         """This process's share of a pass: every ``world_size``-th batch from its rank on."""
-        return list(batches[self.global_rank::self.world_size])
+        return list(batches[self.global_rank :: self.world_size])
 
     def combine_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Put together a tensor whose rows each process filled for its own batches (zeros elsewhere).
@@ -223,9 +234,9 @@ class Hardware:
             return rows
         flat = rows.view(-1)
         for start in range(0, flat.numel(), COMBINE_CHUNK_ELEMENTS):
-            chunk = self.to_device(flat[start:start + COMBINE_CHUNK_ELEMENTS].clone())
+            chunk = self.to_device(flat[start : start + COMBINE_CHUNK_ELEMENTS].clone())
             torch.distributed.all_reduce(chunk, op=torch.distributed.ReduceOp.SUM)
-            flat[start:start + chunk.numel()] = chunk.to(flat.device)
+            flat[start : start + chunk.numel()] = chunk.to(flat.device)
         return rows
 
     def all_true(self, flag: bool) -> bool:
@@ -311,5 +322,9 @@ def with_leased_gpu(trainer: dict[str, Any]) -> dict[str, Any]:
 def sweep_job_devices(trainer: Mapping[str, Any], launcher_target: str, gpus: int) -> bool:
     """Whether a sweep job should lease one GPU: parallel jobs (joblib) of one GPU each (`trainer.devices=1`)
     on a machine with several. Each then trains on its own GPU instead of all on GPU 0."""
-    return ("joblib" in launcher_target and gpus > 1 and trainer.get("devices", 1) == 1
-            and str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto"))
+    return (
+        "joblib" in launcher_target
+        and gpus > 1
+        and trainer.get("devices", 1) == 1
+        and str(trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+    )

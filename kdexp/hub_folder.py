@@ -47,8 +47,13 @@ Pair = tuple[str, str, int]
 def hub_features(task: GlueTask) -> datasets.Features:
     """The Hub's columns for `task`: its text fields, `label` (class label, or float for STS-B), `idx`."""
     label = datasets.Value("float32") if task.is_regression else datasets.ClassLabel(names=list(task.label_names or ()))
-    return datasets.Features({**{name: datasets.Value("string") for name in task.text_fields}, "label": label,
-                              "idx": datasets.Value("int32")})
+    return datasets.Features(
+        {
+            **{name: datasets.Value("string") for name in task.text_fields},
+            "label": label,
+            "idx": datasets.Value("int32"),
+        }
+    )
 
 
 def _as_hub_split(task: GlueTask, rows: Iterable[Sequence]) -> datasets.Dataset:
@@ -111,16 +116,19 @@ def _mismatched_mnli(glue_dir: Path, rng: random.Random) -> list[Pair]:
 
 def _qqp_pairs(glue_dir: Path, split: str) -> list[Pair]:
     pairs = [(a, b, int(y)) for a, b, y in _pairs(glue_dir, "mrpc", split)]
-    pairs += [(a, b, 1 if score >= 4 else 0) for a, b, score in _pairs(glue_dir, "stsb", split)
-              if score >= 4 or score <= 2]
+    pairs += [
+        (a, b, 1 if score >= 4 else 0) for a, b, score in _pairs(glue_dir, "stsb", split) if score >= 4 or score <= 2
+    ]
     return pairs
 
 
 def _qnli_pairs(glue_dir: Path, split: str, rng: random.Random) -> list[Pair]:
     """QNLI labels (0 entailment, 1 not_entailment): a sentence's first half against itself or another."""
     sentences = _sentences(glue_dir, "sst2", "train" if split == "train" else "validation")
-    return [(_first_half(s), s if i % 2 == 0 else sentences[rng.randrange(len(sentences))], i % 2)
-            for i, s in enumerate(sentences)]
+    return [
+        (_first_half(s), s if i % 2 == 0 else sentences[rng.randrange(len(sentences))], i % 2)
+        for i, s in enumerate(sentences)
+    ]
 
 
 def _sized(pairs: list[Pair], rows: int | None, rng: random.Random) -> list[Pair]:
@@ -132,8 +140,9 @@ def _sized(pairs: list[Pair], rows: int | None, rng: random.Random) -> list[Pair
     return [shuffled[i % len(shuffled)] for i in range(rows)]
 
 
-def standin_splits(task_name: str, glue_dir: Path, rows: int | None = None, seed: int = 0
-                   ) -> dict[str, datasets.Dataset]:
+def standin_splits(
+    task_name: str, glue_dir: Path, rows: int | None = None, seed: int = 0
+) -> dict[str, datasets.Dataset]:
     """The stand-in of an MNLI, QQP or QNLI task (see the module docstring); `rows` training rows."""
     task, rng = TASKS[task_name], random.Random(f"{task_name}/{seed}")
     builders: dict[str, Callable[[str], list[Pair]]] = {
@@ -143,7 +152,9 @@ def standin_splits(task_name: str, glue_dir: Path, rows: int | None = None, seed
     }
     splits = {task.train_split: _as_hub_split(task, _sized(builders[task_name]("train"), rows, rng))}
     for split in task.eval_splits:
-        pairs = _mismatched_mnli(glue_dir, rng) if split == "validation_mismatched" else builders[task_name]("validation")
+        pairs = (
+            _mismatched_mnli(glue_dir, rng) if split == "validation_mismatched" else builders[task_name]("validation")
+        )
         splits[split] = _as_hub_split(task, _sized(pairs, None, rng))
     return splits
 
@@ -151,13 +162,22 @@ def standin_splits(task_name: str, glue_dir: Path, rows: int | None = None, seed
 # --------------------------------------------------------------------------- the folder
 
 
-def write_hub_folder(glue_dir: Path, out: Path, tasks: Sequence[str] = (*LOCAL_TASKS, *STANDIN_TASKS),
-                     rows: int | None = None, seed: int = 0) -> Path:
+def write_hub_folder(
+    glue_dir: Path,
+    out: Path,
+    tasks: Sequence[str] = (*LOCAL_TASKS, *STANDIN_TASKS),
+    rows: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Write `tasks` in the Hub's layout under `out` (stand-ins for MNLI, QQP, QNLI with `rows` training rows)."""
     out.mkdir(parents=True, exist_ok=True)
     configs = []
     for name in tasks:
-        splits = standin_splits(name, glue_dir, rows, seed) if name in STANDIN_TASKS else classic_splits(TASKS[name], glue_dir)
+        splits = (
+            standin_splits(name, glue_dir, rows, seed)
+            if name in STANDIN_TASKS
+            else classic_splits(TASKS[name], glue_dir)
+        )
         for split, ds in splits.items():
             ds.to_parquet(str(out / name / f"{split}-00000-of-00001.parquet"))
         configs.append((name, list(splits)))
@@ -170,16 +190,23 @@ def hub_readme(configs: list[tuple[str, list[str]]], glue_dir: Path, rows: int |
     for name, splits in configs:
         lines += [f"- config_name: {name}", "  data_files:"]
         lines += [f"  - split: {split}\n    path: {name}/{split}-*" for split in splits]
-    lines += ["---", "", "# GLUE in the layout of the Hub's nyu-mll/glue (written by kdexp.hub_folder)", "",
-              f"From the classic GLUE folder {glue_dir}; MNLI, QQP and QNLI are stand-ins built from its sentence "
-              f"pairs (training rows: {rows or 'all'}, seed {seed}), for testing and measuring only: see "
-              "`python -m kdexp.hub_folder --help`.", ""]
+    lines += [
+        "---",
+        "",
+        "# GLUE in the layout of the Hub's nyu-mll/glue (written by kdexp.hub_folder)",
+        "",
+        f"From the classic GLUE folder {glue_dir}; MNLI, QQP and QNLI are stand-ins built from its sentence "
+        f"pairs (training rows: {rows or 'all'}, seed {seed}), for testing and measuring only: see "
+        "`python -m kdexp.hub_folder --help`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdexp.hub_folder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kdexp.hub_folder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("glue_dir", type=Path, help="a classic GLUE folder (e.g. ../shared/glue_data)")
     parser.add_argument("out", type=Path, help="the folder to write (then: data.source=hub data.hub_dataset=<out>)")
     parser.add_argument("--tasks", default=",".join((*LOCAL_TASKS, *STANDIN_TASKS)))

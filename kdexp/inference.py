@@ -63,8 +63,13 @@ def length_sorted_batches(lengths: Sequence[int] | np.ndarray, batching: PassBat
     return batches
 
 
-def length_sorted_loader(tokenized: Any, pad_token_id: int, batching: PassBatching, regression: bool = False,
-                         hardware: "Hardware | None" = None) -> torch.utils.data.DataLoader:
+def length_sorted_loader(
+    tokenized: Any,
+    pad_token_id: int,
+    batching: PassBatching,
+    regression: bool = False,
+    hardware: "Hardware | None" = None,
+) -> torch.utils.data.DataLoader:
     """A loader over a tokenised split (with ``idx``) in length-sorted batches, padded per batch.
 
     With ``hardware`` of several processes, this process's share of the batches (`Hardware.shard`):
@@ -96,8 +101,14 @@ class PassProgress:
         if self.bar.disable and now - self.last_log > self.log_every_seconds:
             self.last_log = now
             rate = self.done / (now - self.started)
-            log.info("%s: %d / %d rows, %.0f rows/s, ETA %.0fs", self.name, self.done, self.total, rate,
-                     (self.total - self.done) / max(rate, 1e-9))
+            log.info(
+                "%s: %d / %d rows, %.0f rows/s, ETA %.0fs",
+                self.name,
+                self.done,
+                self.total,
+                rate,
+                (self.total - self.done) / max(rate, 1e-9),
+            )
 
     def close(self) -> float:
         """Ends the bar, logs the pass's speed, returns its seconds."""

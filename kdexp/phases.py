@@ -155,8 +155,9 @@ class PhaseSchedule:
         """Restore progress into a schedule built with the same unit and lengths (else ValueError)."""
         setup = (state["unit"], list(state["lengths"]), state["repeat"])
         if setup != (self.unit, list(self.lengths), self.repeat):
-            raise ValueError(f"saved phases {setup} do not match this schedule "
-                             f"{(self.unit, list(self.lengths), self.repeat)}")
+            raise ValueError(
+                f"saved phases {setup} do not match this schedule {(self.unit, list(self.lengths), self.repeat)}"
+            )
         if not self.repeat and not 0 <= state["index"] < len(self.lengths):
             raise ValueError(f"saved phase index {state['index']} out of range for {len(self.lengths)} phases")
         self.index = int(state["index"])
@@ -167,8 +168,9 @@ class PhaseSchedule:
         self._last_epoch = None if state["last_epoch"] is None else int(state["last_epoch"])
 
 
-def phase_lr_factor(step: int, schedule: PhaseSchedule, warmup_ratio: float, steps_per_epoch: int,
-                    total_steps: int) -> float:
+def phase_lr_factor(
+    step: int, schedule: PhaseSchedule, warmup_ratio: float, steps_per_epoch: int, total_steps: int
+) -> float:
     """Linear warm-up then linear decay over the current phase's steps (the BERT recipe, per phase)."""
     length = schedule.length_in_steps(steps_per_epoch, total_steps)
     warmup = int(warmup_ratio * length)

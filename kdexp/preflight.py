@@ -110,33 +110,75 @@ def tiny_teacher(folder: Path, family: str) -> Path:
     return model_dir
 
 
-def run_overrides(method: str, precision: str, accelerator: str, devices: int, workdir: Path,
-                  teacher_dir: Path | None, user: list[str]) -> list[str]:
+def run_overrides(
+    method: str,
+    precision: str,
+    accelerator: str,
+    devices: int,
+    workdir: Path,
+    teacher_dir: Path | None,
+    user: list[str],
+) -> list[str]:
     """The overrides of one check: a small slice of the data, the method's quick settings, the hardware."""
     from omegaconf import OmegaConf
 
     from kdexp.run import compose_config
 
     method_cfg = compose_config([f"method={method}"]).method
-    quick = [f"method.{key}={value}" for key, value in QUICK_METHOD_SETTINGS.items()
-             if OmegaConf.select(method_cfg, key) is not None]
-    models = [] if teacher_dir is None else [f"teacher.name_or_path={teacher_dir}", "teacher.finetuned=true",
-                                             "student=first_layers", "student.num_layers=2"]
+    quick = [
+        f"method.{key}={value}"
+        for key, value in QUICK_METHOD_SETTINGS.items()
+        if OmegaConf.select(method_cfg, key) is not None
+    ]
+    models = (
+        []
+        if teacher_dir is None
+        else [
+            f"teacher.name_or_path={teacher_dir}",
+            "teacher.finetuned=true",
+            "student=first_layers",
+            "student.num_layers=2",
+        ]
+    )
     strategy = ["++trainer.strategy=ddp_find_unused_parameters_true"] if devices > 1 else []  # as trainer=ddp
     return [
-        f"method={method}", "task=sst2", "data.source=local", f"data.glue_dir={EMBEDDED_GLUE}",
-        "data.max_train_samples=48", "data.max_eval_samples=16", "data.max_length=64", "data.batch_size=8",
-        "data.eval_batch_size=16", f"cache_dir={workdir / 'cache'}", "logger=none", "trainer.max_epochs=20",
-        f"trainer.accelerator={accelerator}", f"trainer.devices={devices}", f"trainer.precision={precision}",
-        "trainer.enable_progress_bar=false", "teacher.epochs=1", *strategy, *models, *quick, *user,
+        f"method={method}",
+        "task=sst2",
+        "data.source=local",
+        f"data.glue_dir={EMBEDDED_GLUE}",
+        "data.max_train_samples=48",
+        "data.max_eval_samples=16",
+        "data.max_length=64",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        f"cache_dir={workdir / 'cache'}",
+        "logger=none",
+        "trainer.max_epochs=20",
+        f"trainer.accelerator={accelerator}",
+        f"trainer.devices={devices}",
+        f"trainer.precision={precision}",
+        "trainer.enable_progress_bar=false",
+        "teacher.epochs=1",
+        *strategy,
+        *models,
+        *quick,
+        *user,
     ]
 
 
 # --------------------------------------------------------------------------- one check
 
 
-def check_method(method: str, precision: str, accelerator: str, devices: int, steps: int, workdir: Path,
-                 teacher_dir: Path | None, user_overrides: list[str]) -> CheckRow:
+def check_method(
+    method: str,
+    precision: str,
+    accelerator: str,
+    devices: int,
+    steps: int,
+    workdir: Path,
+    teacher_dir: Path | None,
+    user_overrides: list[str],
+) -> CheckRow:
     """Build `method` as a run does, compare its loss terms with float32, and train it `steps` steps."""
     from kdexp.hardware import Hardware
     from kdexp.run import build_context, build_module, compose_config, trainer_options
@@ -148,9 +190,18 @@ def check_method(method: str, precision: str, accelerator: str, devices: int, st
     terms, worst, max_diff = loss_terms_against_fp32(module, context, hardware)
     losses, seconds, device_ok = train_steps(module, context, trainer_options(cfg), steps)
     finite = bool(losses) and all(math.isfinite(loss) for loss in losses)
-    return CheckRow(method, precision, devices, hardware.all_true(finite), max_diff, worst,
-                    len(losses) / seconds if seconds > 0 else 0.0, peak_memory_mb(hardware),
-                    hardware.all_true(device_ok), terms)
+    return CheckRow(
+        method,
+        precision,
+        devices,
+        hardware.all_true(finite),
+        max_diff,
+        worst,
+        len(losses) / seconds if seconds > 0 else 0.0,
+        peak_memory_mb(hardware),
+        hardware.all_true(device_ok),
+        terms,
+    )
 
 
 def first_batch(context: Any, module: Any) -> dict[str, Any]:
@@ -164,8 +215,9 @@ def first_batch(context: Any, module: Any) -> dict[str, Any]:
     return batch
 
 
-def loss_terms_against_fp32(module: Any, context: Any, hardware: Any
-                            ) -> tuple[dict[str, dict[str, float]], str | None, float | None]:
+def loss_terms_against_fp32(
+    module: Any, context: Any, hardware: Any
+) -> tuple[dict[str, dict[str, float]], str | None, float | None]:
     """Each loss term on one batch in the run's precision, and the largest relative difference from float32
     (same weights, dropout off); no difference for 32-true."""
     import torch
@@ -194,14 +246,25 @@ def train_steps(module: Any, context: Any, trainer_cfg: dict[str, Any], steps: i
     from kdexp.training import GlueDataModule
 
     placement, recorder = DevicePlacement(), LossRecorder()
-    options = {key: trainer_cfg[key] for key in ("accelerator", "devices", "strategy", "precision")
-               if key in trainer_cfg}
-    trainer = pl.Trainer(**options, max_steps=steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         use_distributed_sampler=False, callbacks=[placement, recorder],
-                         gradient_clip_val=trainer_cfg.get("gradient_clip_val"))
-    datamodule = GlueDataModule(context.data, int(context.cfg.data.batch_size), int(context.cfg.data.eval_batch_size),
-                                int(context.cfg.seed), 0)
+    options = {
+        key: trainer_cfg[key] for key in ("accelerator", "devices", "strategy", "precision") if key in trainer_cfg
+    }
+    trainer = pl.Trainer(
+        **options,
+        max_steps=steps,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[placement, recorder],
+        gradient_clip_val=trainer_cfg.get("gradient_clip_val"),
+    )
+    datamodule = GlueDataModule(
+        context.data, int(context.cfg.data.batch_size), int(context.cfg.data.eval_batch_size), int(context.cfg.seed), 0
+    )
     trainer.fit(module, datamodule=datamodule)
     return recorder.losses, recorder.seconds, placement.ok
 
@@ -269,18 +332,32 @@ class LossRecorder(pl.Callback):
 
 
 def format_table(rows: list[CheckRow], hardware_name: str) -> str:
-    header = ("method", "precision", "devices", "finite loss", "max rel. diff vs fp32 (term)", "steps/s",
-              "peak MB", "device ok")
-    lines = [f"kdexp-check on {hardware_name}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    header = (
+        "method",
+        "precision",
+        "devices",
+        "finite loss",
+        "max rel. diff vs fp32 (term)",
+        "steps/s",
+        "peak MB",
+        "device ok",
+    )
+    lines = [
+        f"kdexp-check on {hardware_name}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for row in rows:
         if row.error is not None:
             lines.append(f"| {row.method} | {row.precision} | {row.devices} | ERROR: {row.error} | | | | |")
             continue
         diff = "–" if row.max_rel_diff_vs_fp32 is None else f"{row.max_rel_diff_vs_fp32:.2e} ({row.worst_term})"
-        lines.append(f"| {row.method} | {row.precision} | {row.devices} | {'yes' if row.finite_loss else 'NO'} | "
-                     f"{diff} | {row.steps_per_second:.2f} | {row.peak_memory_mb:.0f} | "
-                     f"{'yes' if row.device_ok else 'NO'} |")
+        lines.append(
+            f"| {row.method} | {row.precision} | {row.devices} | {'yes' if row.finite_loss else 'NO'} | "
+            f"{diff} | {row.steps_per_second:.2f} | {row.peak_memory_mb:.0f} | "
+            f"{'yes' if row.device_ok else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -311,8 +388,9 @@ def quiet_libraries() -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kdexp-check", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kdexp-check", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", default=None, help="comma-separated method configs (default: all of conf/method)")
     parser.add_argument("--precisions", default=None, help="comma-separated (default: all the device supports)")
     parser.add_argument("--devices", type=int, default=1, help="processes (DDP when 2 or more)")
@@ -321,7 +399,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="optimiser steps per method and precision")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--workdir", type=Path, default=None, help="models, cache and runs (default: a temp folder)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides: check the configured models instead of tiny ones")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides: check the configured models instead of tiny ones"
+    )
     return parser.parse_args(argv)
 
 
@@ -339,14 +419,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(method_names()))
     precisions = args.precisions.split(",") if args.precisions else supported_precisions(accelerator)
     if unknown or args.family not in FAMILIES:
-        print(f"kdexp-check: unknown method(s) {', '.join(unknown)} or family {args.family}; methods: "
-              f"{', '.join(method_names())}; families: {', '.join(FAMILIES)}", file=sys.stderr)
+        print(
+            f"kdexp-check: unknown method(s) {', '.join(unknown)} or family {args.family}; methods: "
+            f"{', '.join(method_names())}; families: {', '.join(FAMILIES)}",
+            file=sys.stderr,
+        )
         return 2
     # Set before the launch: the DDP processes it starts inherit it and share one cache and models.
     os.environ.setdefault(WORKDIR_ENV, str(args.workdir or tempfile.mkdtemp(prefix="kdexp-check-")))
     workdir = Path(os.environ[WORKDIR_ENV])
-    launcher = Hardware(HardwareSpec(accelerator=accelerator, devices=args.devices,
-                                     strategy="ddp" if args.devices > 1 else "auto"))
+    launcher = Hardware(
+        HardwareSpec(accelerator=accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto")
+    )
     launcher.launch()  # the DDP processes exist from here on; every check's Trainer joins them
     user_models = any(o.split("=")[0].startswith(("teacher", "student")) for o in args.overrides)
     teacher_dir = None if user_models else tiny_teacher(workdir, args.family)
@@ -354,11 +438,33 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         for precision in precisions:
             try:
-                rows.append(check_method(method, precision, accelerator, args.devices, args.steps, workdir,
-                                         teacher_dir, list(args.overrides)))
+                rows.append(
+                    check_method(
+                        method,
+                        precision,
+                        accelerator,
+                        args.devices,
+                        args.steps,
+                        workdir,
+                        teacher_dir,
+                        list(args.overrides),
+                    )
+                )
             except (KdexpError, RuntimeError, ValueError, TypeError) as err:
-                rows.append(CheckRow(method, precision, args.devices, False, None, None, 0.0, 0.0, False,
-                                     error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+                rows.append(
+                    CheckRow(
+                        method,
+                        precision,
+                        args.devices,
+                        False,
+                        None,
+                        None,
+                        0.0,
+                        0.0,
+                        False,
+                        error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                    )
+                )
     if not launcher.is_global_zero:
         return 0
     print(format_table(rows, hardware_name(accelerator)))

@@ -89,8 +89,10 @@ def _beta_continued_fraction(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     fraction = d
     for m in range(1, 1000):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -179,8 +181,9 @@ def sign_flip_p_value(differences: list[float], samples: int = 100_000, seed: in
             sums = [s + d for s in sums] + [s - d for s in sums]
         return sum(abs(s) >= observed - tolerance for s in sums) / len(sums)
     rng = random.Random(seed)
-    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in differences)) >= observed - tolerance
-               for _ in range(samples))
+    hits = sum(
+        abs(sum(d if rng.random() < 0.5 else -d for d in differences)) >= observed - tolerance for _ in range(samples)
+    )
     return (hits + 1) / (samples + 1)
 
 
@@ -202,8 +205,15 @@ class Difference:
 
     def as_dict(self) -> dict[str, Any]:
         low, high = self.ci or (None, None)
-        return {"diff": self.mean, "diff_ci_low": low, "diff_ci_high": high, "p_permutation": self.p_permutation,
-                "p_t": self.p_t, "n_pairs": self.n_pairs, "significant": self.significant}
+        return {
+            "diff": self.mean,
+            "diff_ci_low": low,
+            "diff_ci_high": high,
+            "p_permutation": self.p_permutation,
+            "p_t": self.p_t,
+            "n_pairs": self.n_pairs,
+            "significant": self.significant,
+        }
 
 
 def difference_statistics(differences: list[float]) -> Difference:
@@ -284,7 +294,9 @@ class Table:
 
     def marks(self) -> dict[str, set[str]]:
         """Row -> the column keys where its difference from the baseline is marked †."""
-        return {label: {k for k, d in by_column.items() if d.significant} for label, by_column in self.differences.items()}
+        return {
+            label: {k for k, d in by_column.items() if d.significant} for label, by_column in self.differences.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -382,8 +394,10 @@ def result_problem(result: Any) -> str | None:
         return f"a JSON {_json_type(result)}, not an object of results"
     version = result.get(SCHEMA_KEY, RESULTS_SCHEMA_VERSION)
     if version != RESULTS_SCHEMA_VERSION or isinstance(version, bool):
-        return (f"schema version {_shown(version)}: this kdexp-report reads version {RESULTS_SCHEMA_VERSION} "
-                f"(a results.json without `{SCHEMA_KEY}` is version {RESULTS_SCHEMA_VERSION})")
+        return (
+            f"schema version {_shown(version)}: this kdexp-report reads version {RESULTS_SCHEMA_VERSION} "
+            f"(a results.json without `{SCHEMA_KEY}` is version {RESULTS_SCHEMA_VERSION})"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in result]
     if missing:
         return f"lacks the required key{'s' * (len(missing) > 1)} {', '.join(missing)}"
@@ -423,7 +437,10 @@ def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         result = json.loads(text)
     except json.JSONDecodeError as err:
         if err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string"):
-            return None, f"truncated JSON: the file ends at line {text.count(chr(10)) + 1} before the JSON does ({err.msg})"
+            return (
+                None,
+                f"truncated JSON: the file ends at line {text.count(chr(10)) + 1} before the JSON does ({err.msg})",
+            )
         return None, f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
     except RecursionError:
         return None, "not valid JSON: nested too deeply"
@@ -504,9 +521,11 @@ def refuse_duplicates(results: dict[Path, dict[str, Any]]) -> None:
     for path, r in results.items():
         key = (r["task"], row_label(r, shown), r.get("teacher_key"), r["seed"])
         if key in seen:
-            raise SystemExit(f"{seen[key]} and {path} are the same experiment ({key[0]}, {key[1]}, teacher "
-                             f"{key[2]}, seed {key[3]}) run twice, not two seeds: pass only one of the folders, "
-                             "or remove one of the runs.")
+            raise SystemExit(
+                f"{seen[key]} and {path} are the same experiment ({key[0]}, {key[1]}, teacher "
+                f"{key[2]}, seed {key[3]}) run twice, not two seeds: pass only one of the folders, "
+                "or remove one of the runs."
+            )
         seen[key] = path
 
 
@@ -535,13 +554,24 @@ def task_columns(task: str) -> list[Column]:
     if glue is None:
         return [Column(task, task, None, task)]
     if len(glue.eval_splits) > 1:
-        return [Column(f"{task}-{SPLIT_COLUMNS.get(split, split)}", task, f"{_split_prefix(glue, split)}/{glue.main_metric}",
-                       f"{task}-{SPLIT_COLUMNS.get(split, split)} ({_metric_words(glue.main_metric)})")
-                for split in glue.eval_splits]
+        return [
+            Column(
+                f"{task}-{SPLIT_COLUMNS.get(split, split)}",
+                task,
+                f"{_split_prefix(glue, split)}/{glue.main_metric}",
+                f"{task}-{SPLIT_COLUMNS.get(split, split)} ({_metric_words(glue.main_metric)})",
+            )
+            for split in glue.eval_splits
+        ]
     if glue.family == EXTRACTIVE_QA:  # SQuAD: exact match and F1, as the papers give them
-        return [Column(f"{task}-{short}", task, f"val/{metric}", f"{task} ({title})") for short, metric, title in QA_METRICS]
+        return [
+            Column(f"{task}-{short}", task, f"val/{metric}", f"{task} ({title})") for short, metric, title in QA_METRICS
+        ]
     if all(metric in glue.metrics for _, metric, _ in BOTH_METRICS):
-        return [Column(f"{task}-{short}", task, f"val/{metric}", f"{task} ({title})") for short, metric, title in BOTH_METRICS]
+        return [
+            Column(f"{task}-{short}", task, f"val/{metric}", f"{task} ({title})")
+            for short, metric, title in BOTH_METRICS
+        ]
     return [Column(task, task, None, f"{task} ({_metric_words(glue.main_metric)})")]
 
 
@@ -620,8 +650,10 @@ def student_rows(results: list[dict[str, Any]], shown: set[str], columns: list[C
             score = column.value(r["metrics"], r["main_metric"])
             if score is not None:
                 scores[row_label(r, shown)][column.key][(r.get("teacher_key"), r["seed"])] = score
-    return {label: {c.key: _cell(scores[label][c.key]) for c in columns if c.key in scores[label]}
-            for label in sorted(scores)}
+    return {
+        label: {c.key: _cell(scores[label][c.key]) for c in columns if c.key in scores[label]}
+        for label in sorted(scores)
+    }
 
 
 def build_table(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, Cell]]]:
@@ -644,8 +676,9 @@ def _task_score(cells: Mapping[str, Cell], columns: list[Column]) -> float | Non
     return statistics.fmean(means) if means else None
 
 
-def select_on_dev(results: list[dict[str, Any]], columns: list[Column], rows: dict[str, dict[str, Cell]]
-                  ) -> tuple[dict[str, dict[str, Cell]], str]:
+def select_on_dev(
+    results: list[dict[str, Any]], columns: list[Column], rows: dict[str, dict[str, Cell]]
+) -> tuple[dict[str, dict[str, Cell]], str]:
     """Per method and task, the grid cell (row) with the best mean dev score: the DBKD paper's protocol.
 
     A method with several rows (a sweep over its options) becomes one row marked as selected;
@@ -671,8 +704,9 @@ def select_on_dev(results: list[dict[str, Any]], columns: list[Column], rows: di
         chosen: dict[str, Cell] = {}
         for task in dict.fromkeys(c.task for c in columns):
             task_columns_here = _columns_of(task, columns)
-            candidates = {g: score for g in grids[method]
-                          if (score := _task_score(rows[g], task_columns_here)) is not None}
+            candidates = {
+                g: score for g in grids[method] if (score := _task_score(rows[g], task_columns_here)) is not None
+            }
             if not candidates:
                 continue
             best = max(candidates, key=lambda g: candidates[g])
@@ -680,8 +714,14 @@ def select_on_dev(results: list[dict[str, Any]], columns: list[Column], rows: di
             listed = ", ".join(f"{g}: {score:.1f}" for g, score in candidates.items())
             lines.append(f"- {method}, {task}: chose {best} from {listed}")
         selected[method + SELECTED_MARK] = chosen
-    section = ("\nSelected on dev (per method and task, the grid cell with the best mean dev score; the "
-               "score shown is that cell's, so it is not a held-out score):\n" + "\n".join(lines) + "\n") if lines else ""
+    section = (
+        (
+            "\nSelected on dev (per method and task, the grid cell with the best mean dev score; the "
+            "score shown is that cell's, so it is not a held-out score):\n" + "\n".join(lines) + "\n"
+        )
+        if lines
+        else ""
+    )
     return selected, section
 
 
@@ -707,8 +747,11 @@ def compare_with_baseline(rows: dict[str, dict[str, Cell]], baseline: str) -> di
     """Every other method row's paired difference from the baseline row, per column both have."""
     check_baseline(baseline, rows)
     reference = rows[baseline]
-    return {label: {key: paired_difference(cell, reference[key]) for key, cell in cells.items() if key in reference}
-            for label, cells in rows.items() if label != baseline and not is_teacher_row(label)}
+    return {
+        label: {key: paired_difference(cell, reference[key]) for key, cell in cells.items() if key in reference}
+        for label, cells in rows.items()
+        if label != baseline and not is_teacher_row(label)
+    }
 
 
 def make_table(results: list[dict[str, Any]], select_on: str | None = None, baseline: str | None = None) -> Table:
@@ -728,12 +771,21 @@ def make_table(results: list[dict[str, Any]], select_on: str | None = None, base
 
 def _cell_record(cell: Cell, column: Column, main_metric: str) -> dict[str, Any]:
     low, high = cell.ci or (None, None)
-    return {"task": column.task, "metric": column.metric or f"val/{main_metric}", "title": column.title,
-            "n": cell.n, "mean": cell.mean, "std": cell.std, "ci_low": low, "ci_high": high}
+    return {
+        "task": column.task,
+        "metric": column.metric or f"val/{main_metric}",
+        "title": column.title,
+        "n": cell.n,
+        "mean": cell.mean,
+        "std": cell.std,
+        "ci_low": low,
+        "ci_high": high,
+    }
 
 
-def table_records(results: Iterable[Mapping[str, Any]], baseline: str | None = None,
-                  select_on: str | None = None) -> list[dict[str, Any]]:
+def table_records(
+    results: Iterable[Mapping[str, Any]], baseline: str | None = None, select_on: str | None = None
+) -> list[dict[str, Any]]:
     """The report's table as plain dicts (JSON-ready: numbers, strings, None), to log it elsewhere (wandb).
 
     `results`: the contents of results.json files (`load_results(...).values()`). One dict per row,
@@ -782,23 +834,35 @@ def markdown_cell(cell: Cell, teacher: bool = False, mark: bool = False) -> str:
 def to_markdown(table: Table, runs: int, with_average: bool = False) -> str:
     averages = average_column(table.keys, table.rows, table.task_of) if with_average else {}
     marks = table.marks()
-    header = "| method | " + " | ".join(c.title for c in table.columns) + (f" | {AVERAGE}" if with_average else "") + " |"
+    header = (
+        "| method | " + " | ".join(c.title for c in table.columns) + (f" | {AVERAGE}" if with_average else "") + " |"
+    )
     lines = [header, "|---" * (len(table.columns) + 1 + with_average) + "|"]
     for label, cells in table.rows.items():
-        values = [markdown_cell(cells[k], is_teacher_row(label), k in marks.get(label, set())) if k in cells else "–"
-                  for k in table.keys]
+        values = [
+            markdown_cell(cells[k], is_teacher_row(label), k in marks.get(label, set())) if k in cells else "–"
+            for k in table.keys
+        ]
         if with_average:
             values.append(f"{averages[label]:.1f}" if label in averages else "–")
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     seeds = sorted({c.n for label, cells in table.rows.items() if not is_teacher_row(label) for c in cells.values()})
     lines.append("")
-    lines.append(f"Dev-set scores ×100: mean ± std over seeds, [95% confidence interval of the mean] (Student t), "
-                 f"n seeds (n = {', '.join(map(str, seeds))}); {runs} runs. The teacher rows are the fine-tuned "
-                 "teachers on the same dev data."
-                 + (f" {AVERAGE}: the mean over tasks, a task with two columns counting once (their mean)."
-                    if with_average else "")
-                 + (f" {DAGGER}: the 95% CI of the paired difference from {table.baseline} excludes 0 (below)."
-                    if table.baseline is not None else ""))
+    lines.append(
+        f"Dev-set scores ×100: mean ± std over seeds, [95% confidence interval of the mean] (Student t), "
+        f"n seeds (n = {', '.join(map(str, seeds))}); {runs} runs. The teacher rows are the fine-tuned "
+        "teachers on the same dev data."
+        + (
+            f" {AVERAGE}: the mean over tasks, a task with two columns counting once (their mean)."
+            if with_average
+            else ""
+        )
+        + (
+            f" {DAGGER}: the 95% CI of the paired difference from {table.baseline} excludes 0 (below)."
+            if table.baseline is not None
+            else ""
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -809,20 +873,24 @@ def difference_text(difference: Difference | None) -> str:
     if difference.ci is None:
         return f"{difference.mean:+.1f} (1 shared seed: no CI, no test)"
     low, high = difference.ci
-    return (f"{difference.mean:+.1f}{DAGGER if difference.significant else ''} [{low:+.1f}, {high:+.1f}] "
-            f"p_perm={difference.p_permutation:.3g} p_t={difference.p_t:.3g} n={difference.n_pairs}")
+    return (
+        f"{difference.mean:+.1f}{DAGGER if difference.significant else ''} [{low:+.1f}, {high:+.1f}] "
+        f"p_perm={difference.p_permutation:.3g} p_t={difference.p_t:.3g} n={difference.n_pairs}"
+    )
 
 
 def baseline_section(table: Table) -> str:
     """The paired differences of every method row from the baseline row, as a Markdown table."""
     if table.baseline is None:
         return ""
-    lines = [f"\nPaired differences from {table.baseline} (row − {table.baseline}, ×100, over the seeds both ran: "
-             "same task, teacher and seed): mean difference [95% CI, paired t], two-sided p-values of the exact "
-             "sign-flip permutation test (p_perm, never below 2/2^n: 0.25 for 3 seeds) and of the paired t test "
-             f"(p_t), n pairs. {DAGGER}: the CI excludes 0.\n",
-             "| method | " + " | ".join(c.title for c in table.columns) + " |",
-             "|---" * (len(table.columns) + 1) + "|"]
+    lines = [
+        f"\nPaired differences from {table.baseline} (row − {table.baseline}, ×100, over the seeds both ran: "
+        "same task, teacher and seed): mean difference [95% CI, paired t], two-sided p-values of the exact "
+        "sign-flip permutation test (p_perm, never below 2/2^n: 0.25 for 3 seeds) and of the paired t test "
+        f"(p_t), n pairs. {DAGGER}: the CI excludes 0.\n",
+        "| method | " + " | ".join(c.title for c in table.columns) + " |",
+        "|---" * (len(table.columns) + 1) + "|",
+    ]
     for label, by_column in table.differences.items():
         lines.append(f"| {label} | " + " | ".join(difference_text(by_column.get(k)) for k in table.keys) + " |")
     return "\n".join(lines) + "\n"
@@ -847,8 +915,14 @@ def _difference_fields(difference: Difference | None) -> list[Any]:
     if difference is None:
         return ["", "", "", "", "", ""]
     low, high = difference.ci or (None, None)
-    return [_number(difference.mean), _number(low), _number(high), _number(difference.p_permutation, ".4g"),
-            _number(difference.p_t, ".4g"), difference.n_pairs]
+    return [
+        _number(difference.mean),
+        _number(low),
+        _number(high),
+        _number(difference.p_permutation, ".4g"),
+        _number(difference.p_t, ".4g"),
+        difference.n_pairs,
+    ]
 
 
 def write_csv(path: Path, table: Table) -> None:
@@ -857,8 +931,11 @@ def write_csv(path: Path, table: Table) -> None:
     names = STAT_COLUMNS + (DIFFERENCE_COLUMNS if table.baseline is not None else ())
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method"] + [f"{k}_{name}" for k in table.keys for name in names]
-                        + (["baseline"] if table.baseline is not None else []))
+        writer.writerow(
+            ["method"]
+            + [f"{k}_{name}" for k in table.keys for name in names]
+            + (["baseline"] if table.baseline is not None else [])
+        )
         for label, cells in table.rows.items():
             row: list[Any] = [label]
             for key in table.keys:
@@ -887,8 +964,14 @@ def damaged_section(lines: list[str]) -> str:
     return "\nresults.json files left out of the table (damaged):\n" + "".join(f"- {line}\n" for line in lines)
 
 
-def write_report(*folders: Path, out: Path | None = None, layout: str = "plain", reference: Path | None = None,
-                 select_on: str | None = None, baseline: str | None = None) -> Report:
+def write_report(
+    *folders: Path,
+    out: Path | None = None,
+    layout: str = "plain",
+    reference: Path | None = None,
+    select_on: str | None = None,
+    baseline: str | None = None,
+) -> Report:
     """Write report.md, report.csv, report.tex and report.svg (in `out`, default the first folder);
     refuse duplicates first. `layout="paper"` adds the Avg column; `reference` puts published
     numbers beside ours; `baseline` (a row) adds every other row's paired difference from it."""
@@ -896,9 +979,15 @@ def write_report(*folders: Path, out: Path | None = None, layout: str = "plain",
     results, damaged = read_results(runs.results)
     damaged_lines = [f"{path}: {problem}" for path, problem in damaged.items()]
     if not results:
-        raise SystemExit("\n".join(damaged_lines + [
-            f"No usable results.json under {', '.join(map(str, folders))} ({len(damaged)} damaged, {len(runs.unfinished)} "
-            "failed or unfinished runs): point kdexp-report at a run or sweep folder."]))
+        raise SystemExit(
+            "\n".join(
+                damaged_lines
+                + [
+                    f"No usable results.json under {', '.join(map(str, folders))} ({len(damaged)} damaged, {len(runs.unfinished)} "
+                    "failed or unfinished runs): point kdexp-report at a run or sweep folder."
+                ]
+            )
+        )
     refuse_duplicates(results)
     all_results = list(results.values())
     table = make_table(all_results, select_on, baseline)
@@ -914,46 +1003,109 @@ def write_report(*folders: Path, out: Path | None = None, layout: str = "plain",
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     write_csv(out / "report.csv", table)
-    note = (f"{DAGGER}: the 95% CI of the paired difference from {table.baseline} (same task, teacher and seed) "
-            "excludes 0") if table.baseline is not None else ""
-    (out / "report.tex").write_text(to_latex(table.keys, [c.title for c in table.columns], table.rows, with_average,
-                                             task_of=table.task_of, marks=table.marks(), note=note))
+    note = (
+        (
+            f"{DAGGER}: the 95% CI of the paired difference from {table.baseline} (same task, teacher and seed) "
+            "excludes 0"
+        )
+        if table.baseline is not None
+        else ""
+    )
+    (out / "report.tex").write_text(
+        to_latex(
+            table.keys,
+            [c.title for c in table.columns],
+            table.rows,
+            with_average,
+            task_of=table.task_of,
+            marks=table.marks(),
+            note=note,
+        )
+    )
     title = "dev scores ×100, mean ± std over seeds; dashed: teacher"
     (out / "report.svg").write_text(to_svg(table.keys, table.rows, title))
-    figures = write_plots(out, table.keys, table.rows, all_results, varying_overrides(all_results), row_label, title,
-                          line_tasks=table.tasks)
+    figures = write_plots(
+        out,
+        table.keys,
+        table.rows,
+        all_results,
+        varying_overrides(all_results),
+        row_label,
+        title,
+        line_tasks=table.tasks,
+    )
     return Report(markdown, unfinished, figures, damaged_lines)
 
 
-def report(*folders: Path, out: Path | None = None, layout: str = "plain", reference: Path | None = None,
-           select_on: str | None = None, baseline: str | None = None) -> str:
+def report(
+    *folders: Path,
+    out: Path | None = None,
+    layout: str = "plain",
+    reference: Path | None = None,
+    select_on: str | None = None,
+    baseline: str | None = None,
+) -> str:
     """The markdown of `write_report`."""
-    return write_report(*folders, out=out, layout=layout, reference=reference, select_on=select_on,
-                        baseline=baseline).markdown
+    return write_report(
+        *folders, out=out, layout=layout, reference=reference, select_on=select_on, baseline=baseline
+    ).markdown
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kdexp-report", description=__doc__.splitlines()[0])
-    parser.add_argument("folders", type=Path, nargs="+", metavar="folder",
-                        help="a sweep folder (outputs/multirun/<date>/<time>) or any folder of runs; several make one table")
-    parser.add_argument("--out", type=Path, default=None, help="where report.md and report.csv go (default: the first folder)")
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="exit with status 0 even if some runs have no results.json or a damaged one (they are "
-                             "still listed)")
-    parser.add_argument("--layout", choices=("plain", "paper"), default="plain",
-                        help="paper: an Avg column over the tasks (the papers' tables)")
-    parser.add_argument("--reference", type=Path, default=None,
-                        help="a YAML file of published numbers (source + values) to show beside ours")
-    parser.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown",
-                        help="what to print (all three files are written either way)")
-    parser.add_argument("--select-on", choices=("dev",), default=None,
-                        help="dev: per method and task, keep the grid cell (option values) with the best mean dev score")
-    parser.add_argument("--baseline", metavar="METHOD", default=None,
-                        help="a row of the table (as the table names it, e.g. finetune): every other row gets its "
-                             "paired difference from it over the seeds both ran, with a 95%% CI and p-values; † "
-                             "marks a CI that excludes 0")
-    parser.add_argument("--reference-template", type=Path, default=None,
-                        help="write an empty reference file for this table's tasks and methods, then stop")
+    parser.add_argument(
+        "folders",
+        type=Path,
+        nargs="+",
+        metavar="folder",
+        help="a sweep folder (outputs/multirun/<date>/<time>) or any folder of runs; several make one table",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where report.md and report.csv go (default: the first folder)"
+    )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="exit with status 0 even if some runs have no results.json or a damaged one (they are still listed)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("plain", "paper"),
+        default="plain",
+        help="paper: an Avg column over the tasks (the papers' tables)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="a YAML file of published numbers (source + values) to show beside ours",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("markdown", "csv", "latex"),
+        default="markdown",
+        help="what to print (all three files are written either way)",
+    )
+    parser.add_argument(
+        "--select-on",
+        choices=("dev",),
+        default=None,
+        help="dev: per method and task, keep the grid cell (option values) with the best mean dev score",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="METHOD",
+        default=None,
+        help="a row of the table (as the table names it, e.g. finetune): every other row gets its "
+        "paired difference from it over the seeds both ran, with a 95%% CI and p-values; † "
+        "marks a CI that excludes 0",
+    )
+    parser.add_argument(
+        "--reference-template",
+        type=Path,
+        default=None,
+        help="write an empty reference file for this table's tasks and methods, then stop",
+    )
     args = parser.parse_args(argv)
     for folder in args.folders:
         if not folder.is_dir():
@@ -965,8 +1117,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.reference_template}: fill in the source and the values you copy from it")
         return
     try:
-        written = write_report(*args.folders, out=args.out, layout=args.layout, reference=args.reference,
-                               select_on=args.select_on, baseline=args.baseline)
+        written = write_report(
+            *args.folders,
+            out=args.out,
+            layout=args.layout,
+            reference=args.reference,
+            select_on=args.select_on,
+            baseline=args.baseline,
+        )
     except UnknownBaseline as err:
         sys.stderr.write(f"kdexp-report: {err}\n")
         raise SystemExit(2) from None
@@ -975,17 +1133,26 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.folders[0]
     if not matplotlib_available():
         sys.stderr.write("kdexp-report: PNG and PDF figures need matplotlib: pip install 'kdexp[plots]'\n")
-    sys.stdout.write({"markdown": written.markdown, "csv": (out / "report.csv").read_text() if args.format == "csv" else "",
-                      "latex": (out / "report.tex").read_text() if args.format == "latex" else ""}[args.format])
+    sys.stdout.write(
+        {
+            "markdown": written.markdown,
+            "csv": (out / "report.csv").read_text() if args.format == "csv" else "",
+            "latex": (out / "report.tex").read_text() if args.format == "latex" else "",
+        }[args.format]
+    )
     for line in written.damaged:
         sys.stderr.write(f"kdexp-report: {line}\n")
     if written.damaged:
-        sys.stderr.write(f"kdexp-report: {len(written.damaged)} results.json file(s) left out of the table (damaged, "
-                         "as above); the table holds the other runs.\n")
+        sys.stderr.write(
+            f"kdexp-report: {len(written.damaged)} results.json file(s) left out of the table (damaged, "
+            "as above); the table holds the other runs.\n"
+        )
     if (written.unfinished or written.damaged) and not args.allow_missing:
         if written.unfinished:
-            sys.stderr.write(f"kdexp-report: {len(written.unfinished)} run(s) without results.json (failed or "
-                             "unfinished), listed under the table; pass --allow-missing to accept a table without them.\n")
+            sys.stderr.write(
+                f"kdexp-report: {len(written.unfinished)} run(s) without results.json (failed or "
+                "unfinished), listed under the table; pass --allow-missing to accept a table without them.\n"
+            )
         raise SystemExit(2)
 
 

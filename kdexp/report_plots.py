@@ -73,8 +73,9 @@ def bar_figure(tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]], tit
     return figure
 
 
-def numeric_sweeps(results: list[dict[str, Any]], shown: set[str], label_of: Any
-                   ) -> dict[str, dict[str, dict[str, list[tuple[float, float, float, int]]]]]:
+def numeric_sweeps(
+    results: list[dict[str, Any]], shown: set[str], label_of: Any
+) -> dict[str, dict[str, dict[str, list[tuple[float, float, float, int]]]]]:
     """option -> line label -> task -> [(value, mean, std, n)], for options swept over numbers.
 
     ``label_of(result, shown_keys)`` names a result's row; the line's label leaves the option out.
@@ -84,13 +85,22 @@ def numeric_sweeps(results: list[dict[str, Any]], shown: set[str], label_of: Any
         values = {_option_value(r, option) for r in results}
         if len(values) < 2 or any(_as_number(v) is None for v in values):
             continue
-        scores: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        scores: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list))
+        )
         for r in results:
             value = _as_number(_option_value(r, option))
-            scores[label_of(r, shown - {option})][r["task"]][value].append(100 * r["metrics"][f"val/{r['main_metric']}"])
+            scores[label_of(r, shown - {option})][r["task"]][value].append(
+                100 * r["metrics"][f"val/{r['main_metric']}"]
+            )
         sweeps[option] = {
-            label: {task: [(x, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-                           for x, v in sorted(points.items())] for task, points in by_task.items()}
+            label: {
+                task: [
+                    (x, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+                    for x, v in sorted(points.items())
+                ]
+                for task, points in by_task.items()
+            }
             for label, by_task in sorted(scores.items())
         }
     return sweeps
@@ -111,16 +121,23 @@ def _as_number(value: str | None) -> float | None:
         return None
 
 
-def line_figure(option: str, tasks: list[str], lines: Mapping[str, Mapping[str, list[tuple[float, float, float, int]]]]
-                ) -> Any:
+def line_figure(
+    option: str, tasks: list[str], lines: Mapping[str, Mapping[str, list[tuple[float, float, float, int]]]]
+) -> Any:
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(tasks), figsize=(1.5 + 3.5 * len(tasks), 3.8), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         for label, by_task in lines.items():
             points = by_task.get(task)
             if points:
-                axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                              marker="o", capsize=3, label=label)
+                axis.errorbar(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    yerr=[p[2] for p in points],
+                    marker="o",
+                    capsize=3,
+                    label=label,
+                )
         axis.set_title(task)
         axis.set_xlabel(option)
     axes[0][0].set_ylabel("dev score ×100")
@@ -138,9 +155,16 @@ def save(figure: Any, stem: Path) -> list[Path]:
     return paths
 
 
-def write_plots(out: Path, tasks: list[str], rows: Mapping[str, Mapping[str, CellLike]],
-                results: list[dict[str, Any]], shown: set[str], label_of: Any, title: str = "",
-                line_tasks: list[str] | None = None) -> list[Path]:
+def write_plots(
+    out: Path,
+    tasks: list[str],
+    rows: Mapping[str, Mapping[str, CellLike]],
+    results: list[dict[str, Any]],
+    shown: set[str],
+    label_of: Any,
+    title: str = "",
+    line_tasks: list[str] | None = None,
+) -> list[Path]:
     """Every figure of the report (empty when matplotlib is not installed): bars per column of the
     table (`tasks`: its column keys), lines per task (`line_tasks`, default `tasks`; main metric)."""
     if not matplotlib_available():

@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import replace
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp.cache import atomic_write_json, atomic_write_text, cache_for_run, replaced_directory
-from kdexp.config import OptimConfig, CONFIG_DIR, config_hash, merged_onto, validate_config
 from kdexp import families
-from kdexp.data import DataSource, InputForm, TaskData, labels_in, load_task_data
-from kdexp.errors import ConfigError, ModelError
+from kdexp.cache import atomic_write_json, atomic_write_text, cache_for_run, replaced_directory
+from kdexp.config import CONFIG_DIR, OptimConfig, config_hash, merged_onto, validate_config
+from kdexp.context import RunContext
+from kdexp.data import DataSource, InputForm, labels_in, load_task_data
+from kdexp.errors import ConfigError
 from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_gpu
 from kdexp.loggers import build_loggers, finish_loggers
 from kdexp.methods.base import DistillationModule
-from kdexp.models import build_student, count_parameters, load_tokenizer, model_depth, model_max_positions, resolve_model_path
+from kdexp.models import (
+    build_student,
+    count_parameters,
+    load_tokenizer,
+    model_depth,
+    model_max_positions,
+    resolve_model_path,
+)
 from kdexp.preemption import CheckpointEvery, forward_to_launched
 from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable
 from kdexp.seeding import derive_seed, seed_all
 from kdexp.tasks import MRC_TASKS, GlueTask, custom_task, get_task
-from kdexp.context import RunContext
 from kdexp.teacher import Teacher
 from kdexp.teacher_stage import TeacherSpec, prepare_teacher
 from kdexp.training import GlueDataModule, fit
@@ -94,12 +101,16 @@ def check_against_models(cfg: DictConfig) -> None:
     for key, path in paths.items():
         limit = model_max_positions(path)
         if limit is not None and cfg.data.max_length > limit:
-            raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {limit} positions of "
-                              f"{key}={path}; use data.max_length={limit} or less.")
+            raise ConfigError(
+                f"data.max_length={cfg.data.max_length} is above the {limit} positions of "
+                f"{key}={path}; use data.max_length={limit} or less."
+            )
     depth = model_depth(teacher_path)
     if cfg.student.init in ("first_layers", "every_nth_layer") and depth is not None and cfg.student.num_layers > depth:
-        raise ConfigError(f"student.num_layers={cfg.student.num_layers} cannot be taken from the teacher's {depth} "
-                          f"layers; use student.num_layers between 1 and {depth}.")
+        raise ConfigError(
+            f"student.num_layers={cfg.student.num_layers} cannot be taken from the teacher's {depth} "
+            f"layers; use student.num_layers between 1 and {depth}."
+        )
 
 
 def student_config(cfg: DictConfig, teacher: Teacher) -> Any:
@@ -128,10 +139,21 @@ def task_from_config(task_cfg: DictConfig) -> GlueTask:
     regression = bool(task_cfg.regression)
     labels = None
     if not regression:
-        labels = tuple(str(v) for v in task_cfg.labels) if task_cfg.labels else labels_in(train_file, task_cfg.label_column)
+        labels = (
+            tuple(str(v) for v in task_cfg.labels) if task_cfg.labels else labels_in(train_file, task_cfg.label_column)
+        )
     metric = task_cfg.metric or ("combined_score" if regression else "accuracy")
-    return custom_task(task_cfg.name, train_file, dev_file, tuple(task_cfg.text_columns), task_cfg.label_column,
-                       labels, regression, metric, bool(task_cfg.get("allow_empty_text", False)))
+    return custom_task(
+        task_cfg.name,
+        train_file,
+        dev_file,
+        tuple(task_cfg.text_columns),
+        task_cfg.label_column,
+        labels,
+        regression,
+        metric,
+        bool(task_cfg.get("allow_empty_text", False)),
+    )
 
 
 def mrc_task(task_cfg: DictConfig) -> GlueTask:
@@ -157,8 +179,9 @@ def check_run(cfg: DictConfig) -> tuple[GlueTask, type[DistillationModule], Any]
     return task, method_cls, method_options
 
 
-def build_context(cfg: DictConfig, run_dir: Path, hardware: Hardware | None = None, cache_dir: Path | None = None
-                  ) -> tuple[RunContext, type[DistillationModule], Any]:
+def build_context(
+    cfg: DictConfig, run_dir: Path, hardware: Hardware | None = None, cache_dir: Path | None = None
+) -> tuple[RunContext, type[DistillationModule], Any]:
     """Everything before training: checks, teacher stage, data, student; fails before any training.
 
     `hardware` (default: from `cfg.trainer`) is where every stage runs; under DDP its processes
@@ -169,15 +192,33 @@ def build_context(cfg: DictConfig, run_dir: Path, hardware: Hardware | None = No
     hardware = hardware or Hardware.from_trainer(trainer_options(cfg))
     source = DataSource.from_data_config(cfg.data)
     cache_dir = cache_dir or Path(to_absolute_path(cfg.cache_dir))
-    teacher = prepare_teacher(teacher_spec(cfg), task, source, cfg.data.max_length, trainer_options(cfg), cache_dir,
-                              hardware, CheckpointEvery.from_config(cfg.get("checkpoint")),
-                              int(cfg.task.get("doc_stride", 128)))
-    tokenizer = teacher.tokenizer if cfg.student.init != "pretrained" else load_tokenizer(
-        resolve_model_path(cfg.student.name_or_path, "student.name_or_path"), "student.name_or_path"
+    teacher = prepare_teacher(
+        teacher_spec(cfg),
+        task,
+        source,
+        cfg.data.max_length,
+        trainer_options(cfg),
+        cache_dir,
+        hardware,
+        CheckpointEvery.from_config(cfg.get("checkpoint")),
+        int(cfg.task.get("doc_stride", 128)),
+    )
+    tokenizer = (
+        teacher.tokenizer
+        if cfg.student.init != "pretrained"
+        else load_tokenizer(
+            resolve_model_path(cfg.student.name_or_path, "student.name_or_path"), "student.name_or_path"
+        )
     )
     inputs = InputForm(families.input_form(student_config(cfg, teacher)), int(cfg.task.get("doc_stride", 128)))
     data = load_task_data(
-        task, source, tokenizer, cfg.data.max_length, cache_dir, cfg.data.max_train_samples, cfg.data.max_eval_samples,
+        task,
+        source,
+        tokenizer,
+        cfg.data.max_length,
+        cache_dir,
+        cfg.data.max_train_samples,
+        cfg.data.max_eval_samples,
         inputs,
     )
     seed_all(derive_seed(cfg.seed, "student"))
@@ -209,8 +250,13 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return resolved
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sweep_group: str | None = None,
-        experiment: str | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    sweep_group: str | None = None,
+    experiment: str | None = None,
+) -> dict[str, Any]:
     """Train one student and write config.yaml, metrics.csv, student/ and results.json in `run_dir`.
 
     `sweep_group` and `experiment` name the wandb group (the experiment when one is used).
@@ -249,15 +295,37 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, swee
         atomic_write_text(folder.config_file, OmegaConf.to_yaml(cfg, resolve=True))
     run_name = f"{task.name}-{cfg.method.name}-seed{cfg.seed}"
     tags = [f"task:{task.name}", f"method:{cfg.method.name}"] + ([f"experiment:{experiment}"] if experiment else [])
-    loggers = build_loggers(cfg.logger, run_dir, run_name, cfg.method.name, experiment or sweep_group, resolved,  # type: ignore[arg-type]
-                            tags)
-    datamodule = GlueDataModule(data, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers,
-                                bool(cfg.data.get("group_by_length", False)))
+    loggers = build_loggers(
+        cfg.logger,
+        run_dir,
+        run_name,
+        cfg.method.name,
+        experiment or sweep_group,
+        resolved,  # type: ignore[arg-type]
+        tags,
+    )
+    datamodule = GlueDataModule(
+        data,
+        cfg.data.batch_size,
+        cfg.data.eval_batch_size,
+        cfg.seed,
+        cfg.data.num_workers,
+        bool(cfg.data.get("group_by_length", False)),
+    )
     started = time.perf_counter()
     try:
-        result = fit(module, datamodule, trainer_options(cfg), run_dir, seed=cfg.seed, identity=identity,
-                     loggers=loggers or False, metrics_csv=run_dir / "metrics.csv", resume=cfg.resume,
-                     checkpoints=CheckpointEvery.from_config(cfg.get("checkpoint")))
+        result = fit(
+            module,
+            datamodule,
+            trainer_options(cfg),
+            run_dir,
+            seed=cfg.seed,
+            identity=identity,
+            loggers=loggers or False,
+            metrics_csv=run_dir / "metrics.csv",
+            resume=cfg.resume,
+            checkpoints=CheckpointEvery.from_config(cfg.get("checkpoint")),
+        )
     except BaseException:
         finish_loggers(loggers, failed=True)
         raise

@@ -33,8 +33,8 @@ from typing import IO, Any
 from omegaconf import OmegaConf
 
 from kdexp.config import config_differences, config_hash
-from kdexp.hardware import is_global_zero
 from kdexp.errors import ConfigError, name_folder, os_failure, write_refusal
+from kdexp.hardware import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ class RunFolder:
         try:
             results = json.loads(self.results_file.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{self.results_file} is unreadable ({err}); move it away, or set resume=false to train "
-                              "this run again.") from None
+            raise ConfigError(
+                f"{self.results_file} is unreadable ({err}); move it away, or set resume=false to train this run again."
+            ) from None
         stored = results.get("config") or {}
         if config_hash(stored) != config_hash(resolved):  # hashed anew: kdexp versions may hash differently
             self._refuse("holds a finished run", stored, resolved)
@@ -112,8 +113,10 @@ class RunFolder:
 
         `key` is the config key that chose the folder, named in what would work instead.
         """
-        instead = (f"wait for it to end (a re-launch then resumes the run or returns its result), stop it, or "
-                   f"launch in another folder ({key}=<another folder>).")
+        instead = (
+            f"wait for it to end (a re-launch then resumes the run or returns its result), stop it, or "
+            f"launch in another folder ({key}=<another folder>)."
+        )
         try:
             claimed = claim_folder(self.path, LOCK_FILE, instead)
         except ConfigError:
@@ -307,10 +310,17 @@ def _lock_by_content(folder: Path, lock_file: Path, instead: str, err: OSError) 
     """Where the filesystem has no OS locks: the holder written in the file guards the folder."""
     holder, me = LockHolder.read(lock_file), LockHolder.this_process()
     if holder is not None and holder.pid != me.pid and not holder.is_gone():
-        raise ConfigError(_in_use(folder, holder, f"{instead} (no OS file locks here: if that process runs no "
-                                                  f"more, delete {lock_file})"))
-    log.warning("%s: the filesystem offers no file locks (%s); the folder is guarded by %s alone.",
-                folder, err.strerror or err, lock_file.name)
+        raise ConfigError(
+            _in_use(
+                folder, holder, f"{instead} (no OS file locks here: if that process runs no more, delete {lock_file})"
+            )
+        )
+    log.warning(
+        "%s: the filesystem offers no file locks (%s); the folder is guarded by %s alone.",
+        folder,
+        err.strerror or err,
+        lock_file.name,
+    )
     lock_file.write_text(json.dumps(asdict(me)) + "\n")
     return FolderLock(lock_file, None, me)
 

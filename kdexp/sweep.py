@@ -52,9 +52,11 @@ def refuse_ddp_in_a_sweep(cfg: DictConfig, mode: RunMode) -> None:
     """Lightning's DDP re-launches the script once per extra process: under -m it would re-run the sweep."""
     devices = cfg.trainer.get("devices", "auto")
     if mode == RunMode.MULTIRUN and devices != 1:
-        raise ConfigError(f"trainer.devices={devices} under -m: several devices mean DDP, which re-launches the script "
-                          "per device and would re-run the whole sweep. Launch DDP runs one at a time (without -m), "
-                          "or sweep with trainer.devices=1 per job (trainer=gpu) through hydra/launcher=joblib or slurm.")
+        raise ConfigError(
+            f"trainer.devices={devices} under -m: several devices mean DDP, which re-launches the script "
+            "per device and would re-run the whole sweep. Launch DDP runs one at a time (without -m), "
+            "or sweep with trainer.devices=1 per job (trainer=gpu) through hydra/launcher=joblib or slurm."
+        )
 
 
 SWEEP_LOCK_FILE = ".kdexp-sweep.lock"
@@ -89,13 +91,32 @@ class SweepGuard(Callback):
             log_sweep_summary(folder, config)
         if failures:
             lines = [f"  {job_dir}: {record.get('error')}" for job_dir, record in failures]
-            _stop(f"kdexp-train: {len(failures)} job(s) of the sweep failed (each folder has {FAILED_FILE}; launch "
-                  "the same sweep again to run them again: with resume=true its finished jobs are not trained "
-                  "again):\n" + "\n".join(lines), status=1)
+            _stop(
+                f"kdexp-train: {len(failures)} job(s) of the sweep failed (each folder has {FAILED_FILE}; launch "
+                "the same sweep again to run them again: with resume=true its finished jobs are not trained "
+                "again):\n" + "\n".join(lines),
+                status=1,
+            )
 
 
-SUMMARY_COLUMNS = ("row", "column", "task", "metric", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
-                   "diff_ci_high", "p_permutation", "p_t", "n_pairs", "significant")
+SUMMARY_COLUMNS = (
+    "row",
+    "column",
+    "task",
+    "metric",
+    "n",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "diff",
+    "diff_ci_low",
+    "diff_ci_high",
+    "p_permutation",
+    "p_t",
+    "n_pairs",
+    "significant",
+)
 
 
 def summary_baseline(records: list[dict[str, Any]]) -> str | None:
@@ -106,8 +127,11 @@ def summary_baseline(records: list[dict[str, Any]]) -> str | None:
 
 def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     """The report's cells, one row each (`kdexp.report.table_records`), in `SUMMARY_COLUMNS` order."""
-    return [[record["row"], column, *(stats.get(name) for name in SUMMARY_COLUMNS[2:])]
-            for record in records for column, stats in record["cells"].items()]
+    return [
+        [record["row"], column, *(stats.get(name) for name in SUMMARY_COLUMNS[2:])]
+        for record in records
+        for column, stats in record["cells"].items()
+    ]
 
 
 def log_sweep_summary(folder: Path, config: DictConfig) -> None:
@@ -125,7 +149,9 @@ def log_sweep_summary(folder: Path, config: DictConfig) -> None:
         records = table_records(results, baseline=baseline) if baseline else plain
         _write_wandb_summary(folder, config, records, baseline)
     except Exception as err:  # noqa: BLE001 - the summary is a convenience; the report reads the files
-        log.warning("The sweep's wandb summary was not written (%s); kdexp-report %s gives the same table.", err, folder)
+        log.warning(
+            "The sweep's wandb summary was not written (%s); kdexp-report %s gives the same table.", err, folder
+        )
 
 
 def _write_wandb_summary(folder: Path, config: DictConfig, records: list[dict[str, Any]], baseline: str | None) -> None:
@@ -135,9 +161,17 @@ def _write_wandb_summary(folder: Path, config: DictConfig, records: list[dict[st
 
     logger = config.logger
     group = logger.get("group") or "/".join(folder.parts[-2:])
-    run = wandb.init(project=logger.get("project"), entity=logger.get("entity"), group=group, job_type="sweep-summary",
-                     name=f"summary {group}", dir=str(folder), mode=wandb_mode(logger.get("mode", "auto")),
-                     config={"sweep_dir": str(folder), "baseline": baseline}, reinit="finish_previous")
+    run = wandb.init(
+        project=logger.get("project"),
+        entity=logger.get("entity"),
+        group=group,
+        job_type="sweep-summary",
+        name=f"summary {group}",
+        dir=str(folder),
+        mode=wandb_mode(logger.get("mode", "auto")),
+        config={"sweep_dir": str(folder), "baseline": baseline},
+        reinit="finish_previous",
+    )
     rows = summary_rows(records)
     run.log({"report": wandb.Table(columns=list(SUMMARY_COLUMNS), data=rows)})
     for row in rows:
@@ -175,8 +209,12 @@ def sweep_folder(config: DictConfig) -> Path:
 
 def claim_sweep_folder(folder: Path) -> None:
     """Hold the sweep folder for this sweep; a `ConfigError` names the live sweep that holds it."""
-    claim_folder(folder, SWEEP_LOCK_FILE, "wait for that sweep to end (a re-launch then runs only its unfinished "
-                                          "jobs), stop it, or launch in another folder (hydra.sweep.dir=<another folder>).")
+    claim_folder(
+        folder,
+        SWEEP_LOCK_FILE,
+        "wait for that sweep to end (a re-launch then runs only its unfinished "
+        "jobs), stop it, or launch in another folder (hydra.sweep.dir=<another folder>).",
+    )
 
 
 # --------------------------------------------------------------------------- checks before the first job
@@ -237,11 +275,16 @@ def _check_job(loader: Any, config: DictConfig, overrides: list[str], num: int, 
         refuse_ddp_in_a_sweep(job_cfg, RunMode.MULTIRUN)
         check_run(job_cfg)
     except (KdexpError, HydraException, OmegaConfBaseException) as err:
-        message = one_line_error(err) if isinstance(err, KdexpError) else (
-            str(err).strip().split("\n")[0] or type(err).__name__)
+        message = (
+            one_line_error(err)
+            if isinstance(err, KdexpError)
+            else (str(err).strip().split("\n")[0] or type(err).__name__)
+        )
         message = message.rstrip(".") + "."
-        raise ConfigError(f"{name} of the sweep: {message} No job has started; fix that job's value (or leave it "
-                          "out of the sweep) and launch again.") from None
+        raise ConfigError(
+            f"{name} of the sweep: {message} No job has started; fix that job's value (or leave it "
+            "out of the sweep) and launch again."
+        ) from None
     except Exception as err:
         raise RuntimeError(f"{name} of the sweep: its checks raised {type(err).__name__}") from err
 

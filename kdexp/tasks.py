@@ -162,9 +162,7 @@ TASKS: dict[str, GlueTask] = {
         local_layouts={
             "train": TsvLayout("train.tsv", ("sentence1", "sentence2"), "gold_label"),
             "validation_matched": TsvLayout("dev_matched.tsv", ("sentence1", "sentence2"), "gold_label"),
-            "validation_mismatched": TsvLayout(
-                "dev_mismatched.tsv", ("sentence1", "sentence2"), "gold_label"
-            ),
+            "validation_mismatched": TsvLayout("dev_mismatched.tsv", ("sentence1", "sentence2"), "gold_label"),
         },
         local_label_values=("entailment", "neutral", "contradiction"),
     ),
@@ -223,24 +221,52 @@ def _choices(count: int) -> tuple[str, ...]:
 # Local files (MRC_DIR / data.mrc_dir) are the official releases' formats; the Hub datasets are named.
 MRC_TASKS: dict[str, GlueTask] = {
     "dream": GlueTask(
-        name="dream", hub_config="", text_fields=("context", "question"), label_names=_choices(3),
-        main_metric="accuracy", metrics=("accuracy",), family=MULTIPLE_CHOICE, hub_dataset="dream",
-        local_dir="dream", local_files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
+        name="dream",
+        hub_config="",
+        text_fields=("context", "question"),
+        label_names=_choices(3),
+        main_metric="accuracy",
+        metrics=("accuracy",),
+        family=MULTIPLE_CHOICE,
+        hub_dataset="dream",
+        local_dir="dream",
+        local_files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
     ),
     "race": GlueTask(
-        name="race", hub_config="all", text_fields=("context", "question"), label_names=_choices(4),
-        main_metric="accuracy", metrics=("accuracy",), family=MULTIPLE_CHOICE, hub_dataset="ehovy/race",
-        local_dir="race", local_files={"train": "train", "validation": "dev", "test": "test"},
+        name="race",
+        hub_config="all",
+        text_fields=("context", "question"),
+        label_names=_choices(4),
+        main_metric="accuracy",
+        metrics=("accuracy",),
+        family=MULTIPLE_CHOICE,
+        hub_dataset="ehovy/race",
+        local_dir="race",
+        local_files={"train": "train", "validation": "dev", "test": "test"},
     ),
     "squad": GlueTask(
-        name="squad", hub_config="", text_fields=("question", "context"), label_names=None,
-        main_metric="f1", metrics=("exact_match", "f1"), family=EXTRACTIVE_QA, hub_dataset="rajpurkar/squad",
-        local_dir="squad", local_files={"train": "train-v1.1.json", "validation": "dev-v1.1.json"},
+        name="squad",
+        hub_config="",
+        text_fields=("question", "context"),
+        label_names=None,
+        main_metric="f1",
+        metrics=("exact_match", "f1"),
+        family=EXTRACTIVE_QA,
+        hub_dataset="rajpurkar/squad",
+        local_dir="squad",
+        local_files={"train": "train-v1.1.json", "validation": "dev-v1.1.json"},
     ),
     "squad_v2": GlueTask(
-        name="squad_v2", hub_config="", text_fields=("question", "context"), label_names=None,
-        main_metric="f1", metrics=("exact_match", "f1"), family=EXTRACTIVE_QA, hub_dataset="rajpurkar/squad_v2",
-        local_dir="squad_v2", local_files={"train": "train-v2.0.json", "validation": "dev-v2.0.json"},
+        name="squad_v2",
+        hub_config="",
+        text_fields=("question", "context"),
+        label_names=None,
+        main_metric="f1",
+        metrics=("exact_match", "f1"),
+        family=EXTRACTIVE_QA,
+        hub_dataset="rajpurkar/squad_v2",
+        local_dir="squad_v2",
+        local_files={"train": "train-v2.0.json", "validation": "dev-v2.0.json"},
         with_no_answer=True,
     ),
 }
@@ -253,8 +279,17 @@ CUSTOM_METRICS = {
 }
 
 
-def custom_task(name: str, train_file: str, dev_file: str, text_columns: tuple[str, ...], label_column: str,
-                labels: tuple[str, ...] | None, regression: bool, metric: str, allow_empty_text: bool = False) -> GlueTask:
+def custom_task(
+    name: str,
+    train_file: str,
+    dev_file: str,
+    text_columns: tuple[str, ...],
+    label_column: str,
+    labels: tuple[str, ...] | None,
+    regression: bool,
+    metric: str,
+    allow_empty_text: bool = False,
+) -> GlueTask:
     """A task on the user's own files. `labels`: the classes as the label column writes them (their
     order gives the ids); None for regression. `metric`: the main metric (accuracy is always reported).
     `allow_empty_text`: keep rows with an empty text (counted in the log) instead of refusing them."""
@@ -281,6 +316,5 @@ def get_task(name: str) -> GlueTask:
         return TASKS[name]
     except KeyError:
         raise ValueError(
-            f"Unknown GLUE task '{name}' (config key task.name). "
-            f"Known tasks: {', '.join(sorted(TASKS))}."
+            f"Unknown GLUE task '{name}' (config key task.name). Known tasks: {', '.join(sorted(TASKS))}."
         ) from None

@@ -115,7 +115,9 @@ class Teacher:
         progress = PassProgress(f"teacher logits ({len(tokenized)} rows)", len(tokenized) // hardware.world_size)
         with hardware.inference():
             for batch in loader:
-                logits = output_logits(model(**hardware.to_device(model_inputs(batch, model))), hardware.to_device(batch))
+                logits = output_logits(
+                    model(**hardware.to_device(model_inputs(batch, model))), hardware.to_device(batch)
+                )
                 out[batch["idx"]] = full_rows(logits.float().cpu(), shape)
                 progress.update(len(batch["idx"]))
         progress.close()
@@ -169,10 +171,14 @@ class Teacher:
             model = hardware.to_device(self.load_model())
             out = torch.zeros(len(tokenized), len(layers), model.config.hidden_size)
             loader = length_sorted_loader(tokenized, data.pad_token_id, self.batching, hardware=hardware)
-            progress = PassProgress(f"teacher [CLS] vectors ({len(tokenized)} rows)", len(tokenized) // hardware.world_size)
+            progress = PassProgress(
+                f"teacher [CLS] vectors ({len(tokenized)} rows)", len(tokenized) // hardware.world_size
+            )
             with truncated_encoder(model, max(layers) + 1), hardware.inference():
                 for batch in loader:
-                    hidden = forward_with_internals(model, hardware.to_device(batch), need_attentions=False).hidden_states
+                    hidden = forward_with_internals(
+                        model, hardware.to_device(batch), need_attentions=False
+                    ).hidden_states
                     assert hidden is not None
                     out[batch["idx"]] = torch.stack([hidden[m + 1][:, 0] for m in layers], dim=1).float().cpu()
                     progress.update(len(batch["idx"]))
@@ -210,8 +216,13 @@ class TeacherSignals(nn.Module):
         cls: ``[N, len(cls_layers), D_T]`` cached [CLS] vectors of ``cls_layers``.
     """
 
-    def __init__(self, logits: torch.Tensor | None = None, model: PreTrainedModel | None = None,
-                 cls: torch.Tensor | None = None, cls_layers: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        logits: torch.Tensor | None = None,
+        model: PreTrainedModel | None = None,
+        cls: torch.Tensor | None = None,
+        cls_layers: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         if logits is None and model is None and cls is None:
             raise ValueError("TeacherSignals needs cached logits, cached [CLS] vectors or a teacher model")
@@ -221,8 +232,14 @@ class TeacherSignals(nn.Module):
         self.cls_layers = tuple(int(layer) for layer in cls_layers)
 
     @classmethod
-    def from_teacher(cls, teacher: Teacher, data: TaskData, live_logits: bool = False, live_model: bool = False,
-                     cls_layers: Sequence[int] = ()) -> "TeacherSignals":
+    def from_teacher(
+        cls,
+        teacher: Teacher,
+        data: TaskData,
+        live_logits: bool = False,
+        live_model: bool = False,
+        cls_layers: Sequence[int] = (),
+    ) -> "TeacherSignals":
         """Cached training-split logits (or a live model with `live_logits`), the model when
         `live_model`, and cached [CLS] vectors of `cls_layers`."""
         split = teacher.task.train_split
@@ -259,12 +276,19 @@ class TeacherSignals(nn.Module):
         """The teacher's logits for the rows of `batch`: from the cache, or a live forward."""
         if self.cached_logits is not None:
             logits = batch_rows(batch, "teacher_logits", self.cached_logits)
-            return logits[..., : batch["input_ids"].shape[-1]] if logits.dim() == 3 else logits  # QA: the batch's length
+            return (
+                logits[..., : batch["input_ids"].shape[-1]] if logits.dim() == 3 else logits
+            )  # QA: the batch's length
         return self.internals(dict(batch), need_attentions=False, output_hidden_states=False).logits
 
     @torch.no_grad()
-    def internals(self, batch: dict[str, torch.Tensor], need_attentions: bool = False, depth: int | None = None,
-                  output_hidden_states: bool = True) -> ModelInternals:
+    def internals(
+        self,
+        batch: dict[str, torch.Tensor],
+        need_attentions: bool = False,
+        depth: int | None = None,
+        output_hidden_states: bool = True,
+    ) -> ModelInternals:
         """A live, gradient-free forward: logits, hidden states, and attentions when asked
         (eager pre-dropout probabilities; SDPA otherwise), through the first `depth` blocks."""
         if self.model is None:

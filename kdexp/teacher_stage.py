@@ -22,15 +22,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
-from kdexp.config import OptimConfig, TeacherSchema as TeacherSpec
 from transformers import AutoConfig
 
 from kdexp import families
+from kdexp.cache import atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
+from kdexp.config import OptimConfig
+from kdexp.config import TeacherSchema as TeacherSpec
 from kdexp.data import DataSource, InputForm, load_split, load_task_data, tokenized_key
 from kdexp.hardware import Hardware
 from kdexp.methods.finetune import Finetune
-from kdexp.models import count_parameters, file_digest, load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from kdexp.models import (
+    count_parameters,
+    file_digest,
+    load_classifier,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model_path,
+)
 from kdexp.preemption import CheckpointEvery
 from kdexp.seeding import seed_all
 from kdexp.tasks import GlueTask
@@ -40,8 +48,9 @@ from kdexp.training import GlueDataModule, fit
 log = logging.getLogger(__name__)
 
 
-def teacher_key(spec: TeacherSpec, task: GlueTask, model_fp: str, data_keys: dict[str, str], max_length: int,
-                precision: str) -> str:
+def teacher_key(
+    spec: TeacherSpec, task: GlueTask, model_fp: str, data_keys: dict[str, str], max_length: int, precision: str
+) -> str:
     if spec.finetuned:
         return cache_key(kind="teacher", model=model_fp, task=task.name, finetuned=True)
     custom = {"labels": task.label_names, "main_metric": task.main_metric} if task.files else {}  # own data
@@ -99,8 +108,18 @@ def prepare_teacher(
     precision = str(trainer_cfg.get("precision", "32-true"))
     if spec.finetuned:
         key = teacher_key(spec, task, model_fp, {}, max_length, precision)
-        return Teacher(path, key, task, tokenizer, cache_dir, hardware, {"finetuned_by": "user"}, spec.eval_batch_size,
-                       spec.eval_tokens_per_batch, spec.dtype)
+        return Teacher(
+            path,
+            key,
+            task,
+            tokenizer,
+            cache_dir,
+            hardware,
+            {"finetuned_by": "user"},
+            spec.eval_batch_size,
+            spec.eval_tokens_per_batch,
+            spec.dtype,
+        )
 
     inputs = InputForm(families.input_form(AutoConfig.from_pretrained(path)), doc_stride)
     train_raw = load_split(task, task.train_split, source, spec.max_train_samples, "teacher.max_train_samples")
@@ -122,12 +141,23 @@ def prepare_teacher(
                 log.info("Reusing teacher %s (trained by another process meanwhile)", store)
             else:
                 options = teacher_trainer_options(spec, trainer_cfg)
-                _finetune_teacher(spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store,
-                                  checkpoints, inputs)
+                _finetune_teacher(
+                    spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store, checkpoints, inputs
+                )
                 info = stored_teacher_info(store)
                 assert info is not None, f"the teacher stage did not publish {store}"
-    return Teacher(str(store / "model"), key, task, tokenizer, cache_dir, hardware, info, spec.eval_batch_size,
-                   spec.eval_tokens_per_batch, spec.dtype)
+    return Teacher(
+        str(store / "model"),
+        key,
+        task,
+        tokenizer,
+        cache_dir,
+        hardware,
+        info,
+        spec.eval_batch_size,
+        spec.eval_tokens_per_batch,
+        spec.dtype,
+    )
 
 
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -187,15 +217,25 @@ def _finetune_teacher(
     partial = store.with_name(store.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     log.info("Fine-tuning teacher %s on %s (key %s) in %s", path, task.name, key, partial)
-    data = load_task_data(task, source, tokenizer, max_length, cache_dir, spec.max_train_samples, spec.max_eval_samples,
-                          inputs)
+    data = load_task_data(
+        task, source, tokenizer, max_length, cache_dir, spec.max_train_samples, spec.max_eval_samples, inputs
+    )
     seed_all(spec.seed)
     model = load_classifier(path, task)
     optim = OptimConfig(spec.learning_rate, spec.weight_decay, spec.warmup_ratio)
     module = Finetune(model, task, optim)
     datamodule = GlueDataModule(data, spec.batch_size, spec.eval_batch_size, spec.seed)
-    result = fit(module, datamodule, trainer_options, partial, seed=spec.seed, identity=key,
-                 metrics_csv=partial / "metrics.csv", fault_prefix="teacher_", checkpoints=checkpoints)
+    result = fit(
+        module,
+        datamodule,
+        trainer_options,
+        partial,
+        seed=spec.seed,
+        identity=key,
+        metrics_csv=partial / "metrics.csv",
+        fault_prefix="teacher_",
+        checkpoints=checkpoints,
+    )
     module.student.save_pretrained(partial / "model")
     tokenizer.save_pretrained(partial / "model")
     shutil.rmtree(partial / "checkpoints", ignore_errors=True)

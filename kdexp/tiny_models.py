@@ -51,8 +51,11 @@ def word_tokenizer(vocabulary: list[str], family: str = "bert") -> Any:
     check_family(family)
     if family in DECODERS:
         vocabulary = [*vocabulary, *(word for word in PROMPT_WORDS if word not in vocabulary)]
-        return BertTokenizer(vocab={word: i for i, word in enumerate(vocabulary)}, do_lower_case=False,
-                             model_input_names=["input_ids", "attention_mask"])
+        return BertTokenizer(
+            vocab={word: i for i, word in enumerate(vocabulary)},
+            do_lower_case=False,
+            model_input_names=["input_ids", "attention_mask"],
+        )
     names = ["input_ids", "attention_mask"] + ([] if family in WITHOUT_SEGMENTS else ["token_type_ids"])
     return BertTokenizer(vocab={word: i for i, word in enumerate(vocabulary)}, model_input_names=names)
 
@@ -62,38 +65,76 @@ def check_family(family: str) -> None:
         raise ValueError(f"unknown model family '{family}': use one of {', '.join(FAMILIES + DECODERS)}")
 
 
-def tiny_config(family: str, vocab_size: int, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 2,
-                intermediate_size: int = 64, max_length: int = 128, num_labels: int = 2) -> PretrainedConfig:
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    num_layers: int = 4,
+    hidden_size: int = 32,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    max_length: int = 128,
+    num_labels: int = 2,
+) -> PretrainedConfig:
     """A small config of ``family`` (pad id 0, as in `word_tokenizer`'s vocabulary)."""
     check_family(family)
     common: dict[str, Any] = {"vocab_size": vocab_size, "num_labels": num_labels, "pad_token_id": 0}
     if family == "distilbert":
-        return DistilBertConfig(dim=hidden_size, n_layers=num_layers, n_heads=num_heads, hidden_dim=intermediate_size,
-                                max_position_embeddings=max_length, **common)
-    sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
-             "intermediate_size": intermediate_size}
+        return DistilBertConfig(
+            dim=hidden_size,
+            n_layers=num_layers,
+            n_heads=num_heads,
+            hidden_dim=intermediate_size,
+            max_position_embeddings=max_length,
+            **common,
+        )
+    sizes = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "intermediate_size": intermediate_size,
+    }
     if family == "roberta":  # positions start after the padding index
-        return RobertaConfig(max_position_embeddings=max_length + 2, type_vocab_size=1, bos_token_id=2,
-                             eos_token_id=3, **sizes, **common)
+        return RobertaConfig(
+            max_position_embeddings=max_length + 2, type_vocab_size=1, bos_token_id=2, eos_token_id=3, **sizes, **common
+        )
     if family == "gpt2":
-        return GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=intermediate_size,
-                          n_positions=max_length, vocab_size=vocab_size + len(PROMPT_WORDS), pad_token_id=0,
-                          bos_token_id=2, eos_token_id=3,
-                          num_labels=num_labels)
+        return GPT2Config(
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_length,
+            vocab_size=vocab_size + len(PROMPT_WORDS),
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            num_labels=num_labels,
+        )
     if family == "electra":
         return ElectraConfig(embedding_size=hidden_size, max_position_embeddings=max_length, **sizes, **common)
     return BertConfig(max_position_embeddings=max_length, **sizes, **common)
 
 
-def save_tiny_model(folder: Path, family: str, vocabulary: list[str], num_labels: int = 2, seed: int = 0,
-                    head: str = "classifier", **sizes: Any) -> Path:
+def save_tiny_model(
+    folder: Path,
+    family: str,
+    vocabulary: list[str],
+    num_labels: int = 2,
+    seed: int = 0,
+    head: str = "classifier",
+    **sizes: Any,
+) -> Path:
     """A random ``family`` model and its tokenizer in ``folder``; ``head``: ``classifier``, ``masked_lm``,
     ``multiple_choice``, ``question_answering``, or ``causal_lm`` (the decoders')."""
     torch.manual_seed(seed)
     config = tiny_config(family, len(vocabulary), num_labels=num_labels, **sizes)
-    auto = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM,
-            "multiple_choice": AutoModelForMultipleChoice, "question_answering": AutoModelForQuestionAnswering,
-            "causal_lm": AutoModelForCausalLM}[head]
+    auto = {
+        "classifier": AutoModelForSequenceClassification,
+        "masked_lm": AutoModelForMaskedLM,
+        "multiple_choice": AutoModelForMultipleChoice,
+        "question_answering": AutoModelForQuestionAnswering,
+        "causal_lm": AutoModelForCausalLM,
+    }[head]
     model = auto.from_config(config)
     folder = Path(folder)
     model.save_pretrained(folder)

@@ -107,8 +107,13 @@ def _run_on_hardware(cfg: DictConfig, run_dir: Path) -> float:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
     experiment = hydra_cfg.runtime.choices.get("experiment")
-    results = run(cfg, run_dir, overrides=list(hydra_cfg.overrides.task), sweep_group=group,
-                  experiment=None if experiment in (None, "null") else experiment)
+    results = run(
+        cfg,
+        run_dir,
+        overrides=list(hydra_cfg.overrides.task),
+        sweep_group=group,
+        experiment=None if experiment in (None, "null") else experiment,
+    )
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a refused launch may have recorded one meanwhile
     return float(results["metrics"][f"val/{results['main_metric']}"])
 
@@ -126,8 +131,13 @@ def run_sweep_job(cfg: DictConfig) -> float | None:
         job_dir = Path(hydra_cfg.runtime.output_dir)
         sweep_dir = Path(hydra_cfg.runtime.cwd) / str(hydra_cfg.sweep.dir)
         record = record_failure(job_dir, err, hydra_cfg.job.num, list(hydra_cfg.overrides.task), sweep_dir)
-        log.error("Job #%s failed: %s (recorded in %s); the sweep goes on.", hydra_cfg.job.num, one_line_error(err),
-                  record, exc_info=not isinstance(err, KdexpError))
+        log.error(
+            "Job #%s failed: %s (recorded in %s); the sweep goes on.",
+            hydra_cfg.job.num,
+            one_line_error(err),
+            record,
+            exc_info=not isinstance(err, KdexpError),
+        )
         return None
 
 
@@ -189,7 +199,10 @@ def with_sweep_callback(argv: list[str]) -> list[str]:
     overrides only as one run of arguments); unchanged if it names the callback already, asks for
     shell completion or the version, or does not parse (Hydra then says why)."""
     if any(f"hydra.callbacks.{SWEEP_CALLBACK_KEY}" in arg for arg in argv[1:]) or {
-            "-sc", "--shell-completion", "--version"} & set(argv):
+        "-sc",
+        "--shell-completion",
+        "--version",
+    } & set(argv):
         return argv
     overrides = _parsed_overrides(argv[1:])
     if overrides is None:
@@ -239,6 +252,7 @@ def report_os_failures_of_hydra() -> None:
                     raise
                 print(f"kdexp-train: error: {failure}", file=sys.stderr, flush=True)
                 sys.exit(2)
+
         return report(reporting_os_failures)
 
     run_and_report.reports_os_failures = True  # type: ignore[attr-defined]

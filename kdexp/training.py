@@ -29,11 +29,10 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from kdexp.cache import atomic_write_text
-from kdexp.errors import os_failures_reported
 from kdexp.data import TaskData, make_loader, pad_batch, row_lengths
+from kdexp.errors import os_failures_reported
 from kdexp.faults import maybe_fail
 from kdexp.methods.base import DistillationModule
-from kdexp.metrics import eval_prefix
 from kdexp.preemption import CheckpointClock, CheckpointEvery, Preempted, deferring, stop_requested
 from kdexp.seeding import derive_seed, seed_all
 
@@ -65,8 +64,12 @@ class EpochMetricsCSV(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # the epoch's running sums too: a step checkpoint resumes inside the epoch
-        return {"rows": [dict(row) for row in self.rows], "loss_sum": self._loss_sum, "loss_count": self._loss_count,
-                "validated": self._validated}
+        return {
+            "rows": [dict(row) for row in self.rows],
+            "loss_sum": self._loss_sum,
+            "loss_count": self._loss_count,
+            "validated": self._validated,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(row) for row in state_dict["rows"]]
@@ -270,12 +273,19 @@ class ResumePoint(pl.Callback):
             raise Preempted(stop_requested() or signal.SIGTERM, self.last_saved)
 
     def _save_step(self, trainer: pl.Trainer, module: pl.LightningModule, batch_idx: int) -> None:
-        position = {"epoch": trainer.current_epoch, "batch": batch_idx, "global_step": trainer.global_step,
-                    "logged_steps": trainer.fit_loop.epoch_loop._batches_that_stepped}
+        position = {
+            "epoch": trainer.current_epoch,
+            "batch": batch_idx,
+            "global_step": trainer.global_step,
+            "logged_steps": trainer.fit_loop.epoch_loop._batches_that_stepped,
+        }
         self._step_state = {"position": position, "processes": gathered(trainer, in_epoch_state(trainer, module))}
         try:
-            self._save(trainer, f"a step checkpoint at epoch {position['epoch']}, batch {batch_idx} "
-                                f"(global step {position['global_step']}) in {self.path}")
+            self._save(
+                trainer,
+                f"a step checkpoint at epoch {position['epoch']}, batch {batch_idx} "
+                f"(global step {position['global_step']}) in {self.path}",
+            )
         finally:
             self._step_state = None
 
@@ -315,8 +325,13 @@ def in_epoch_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str,
     numpy_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": (str(numpy_state[0]), torch.from_numpy(numpy_state[1].astype(np.int64)), int(numpy_state[2]),
-                  int(numpy_state[3]), float(numpy_state[4])),
+        "numpy": (
+            str(numpy_state[0]),
+            torch.from_numpy(numpy_state[1].astype(np.int64)),
+            int(numpy_state[2]),
+            int(numpy_state[3]),
+            float(numpy_state[4]),
+        ),
         "torch": torch.get_rng_state(),
         "module": {name: _plain(getattr(module, name)) for name in MODULE_EPOCH_ATTRIBUTES if hasattr(module, name)},
     }
@@ -401,9 +416,17 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     batches as done.
     """
 
-    def __init__(self, num_rows: int, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, lengths: list[int] | None = None,
-                 resume_at: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        num_rows: int,
+        seed: int,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+        lengths: list[int] | None = None,
+        resume_at: tuple[int, int] | None = None,
+    ):
         if world_size > 1 and (batch_size is None or batch_size % world_size):
             raise ValueError(f"data.batch_size={batch_size} must be a multiple of the {world_size} DDP processes")
         if lengths is not None and (batch_size is None or len(lengths) != num_rows):
@@ -433,8 +456,8 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         mega = 50 * self.batch_size
         batches: list[list[int]] = []
         for start in range(0, len(order), mega):
-            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])  # type: ignore[index]
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])  # type: ignore[index]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         full = [b for b in batches if len(b) == self.batch_size]
         rest = [b for b in batches if len(b) < self.batch_size]
         shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
@@ -443,7 +466,7 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = self.order()
         mine = order if self.world_size == 1 else self._shard(order)
-        return iter(mine[self._rows_to_skip():])
+        return iter(mine[self._rows_to_skip() :])
 
     def _rows_to_skip(self) -> int:
         """This process's rows of the batches to skip, once, in the epoch they were trained in."""
@@ -455,11 +478,11 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
     def _shard(self, order: list[int]) -> list[int]:
         mine: list[int] = []
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             if len(batch) < self.world_size:
                 break
             cut = [len(batch) * r // self.world_size for r in range(self.world_size + 1)]
-            mine += batch[cut[self.rank]:cut[self.rank + 1]]
+            mine += batch[cut[self.rank] : cut[self.rank + 1]]
         return mine
 
     def __len__(self) -> int:
@@ -482,8 +505,15 @@ def loader_resources(num_workers: int | str, trainer: pl.Trainer | None) -> dict
 
 
 class GlueDataModule(pl.LightningDataModule):
-    def __init__(self, data: TaskData, batch_size: int, eval_batch_size: int, seed: int, num_workers: int | str = "auto",
-                 group_by_length: bool = False):
+    def __init__(
+        self,
+        data: TaskData,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        num_workers: int | str = "auto",
+        group_by_length: bool = False,
+    ):
         super().__init__()
         self.data = data
         self.batch_size = batch_size
@@ -503,8 +533,16 @@ class GlueDataModule(pl.LightningDataModule):
         start_epoch, start_batch = self.start_at
         epoch = max(start_epoch, trainer.current_epoch if trainer else 0)
         resume_at = (start_epoch, start_batch) if start_batch else None
-        sampler = EpochSeededSampler(len(train), self.seed, epoch, trainer.global_rank if trainer else 0, world_size,
-                                     self.batch_size, lengths, resume_at=resume_at)
+        sampler = EpochSeededSampler(
+            len(train),
+            self.seed,
+            epoch,
+            trainer.global_rank if trainer else 0,
+            world_size,
+            self.batch_size,
+            lengths,
+            resume_at=resume_at,
+        )
         resources = loader_resources(self.num_workers, trainer)
         return torch.utils.data.DataLoader(
             train,
@@ -520,8 +558,13 @@ class GlueDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
         return [
-            make_loader(self.data.tokenized[s], self.data, self.eval_batch_size, False,
-                        **loader_resources(self.num_workers, self.trainer))
+            make_loader(
+                self.data.tokenized[s],
+                self.data,
+                self.eval_batch_size,
+                False,
+                **loader_resources(self.num_workers, self.trainer),
+            )
             for s in self.data.eval_splits
         ]
 
@@ -638,8 +681,13 @@ def resumable_checkpoint(checkpoint_dir: Path, identity: str) -> ResumeFrom | No
     position = resume_point_state(checkpoint).get("position")
     if position is None:
         return ResumeFrom(str(last), int(checkpoint["epoch"]), int(checkpoint["global_step"]))
-    return ResumeFrom(str(last), int(position["epoch"]), int(position["global_step"]), int(position["batch"]),
-                      int(position["logged_steps"]))
+    return ResumeFrom(
+        str(last),
+        int(position["epoch"]),
+        int(position["global_step"]),
+        int(position["batch"]),
+        int(position["logged_steps"]),
+    )
 
 
 def truncate_step_logs(loggers: list[Any], start: ResumeFrom | None, is_global_zero: bool) -> None:
@@ -744,8 +792,9 @@ def fit(
     )
 
 
-def score_checkpoint(trainer: pl.Trainer, module: DistillationModule, datamodule: GlueDataModule,
-                     checkpoint: str) -> dict[str, float]:
+def score_checkpoint(
+    trainer: pl.Trainer, module: DistillationModule, datamodule: GlueDataModule, checkpoint: str
+) -> dict[str, float]:
     """Load `checkpoint`'s weights into `module` and score it on every dev split with Lightning's
     validation (on the trainer's device), named like the logged metrics (`val/accuracy`, ...).
 

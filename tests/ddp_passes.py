@@ -33,12 +33,18 @@ def main(out: Path, model_dir: str, mlm_dir: str, glue_dir: str, cache_dir: Path
     tokenizer = load_tokenizer(model_dir)
     data = load_task_data(task, DataSource.from_config("local", glue_dir), tokenizer, 32, cache_dir)
     # A small token budget, so that the pass has many batches to share out.
-    teacher = Teacher(model_dir, "tiny-teacher", task, tokenizer, cache_dir, hardware, eval_batch_size=3,
-                      eval_tokens_per_batch=64)
+    teacher = Teacher(
+        model_dir, "tiny-teacher", task, tokenizer, cache_dir, hardware, eval_batch_size=3, eval_tokens_per_batch=64
+    )
     logits = teacher.logits(data, task.train_split)
     cls = teacher.cls_vectors(data, task.train_split, [0, 1])
-    decisions = query_decisions(DecisionTeacher.from_teacher(teacher, 32), data.raw[task.train_split], task,
-                                QueryConfig(num_queries=3), cache_dir).decisions
+    decisions = query_decisions(
+        DecisionTeacher.from_teacher(teacher, 32),
+        data.raw[task.train_split],
+        task,
+        QueryConfig(num_queries=3),
+        cache_dir,
+    ).decisions
     lengths = [len(ids) for ids in data.train["input_ids"]]
     loader = length_sorted_loader(data.train, data.pad_token_id, PassBatching(64, 3), hardware=hardware)
     store = build_topk_store(load_mlm_teacher(mlm_dir), loader, lengths, 4, 1.0, hardware)

@@ -16,7 +16,9 @@ def test_cache_key_is_stable_and_order_independent() -> None:
     assert len(a) == 20 and int(a, 16) >= 0
 
 
-@pytest.mark.parametrize("change", [dict(model="m2"), dict(task="rte"), dict(hp={"lr": 2e-5, "epochs": 3}), dict(slice=100)])
+@pytest.mark.parametrize(
+    "change", [dict(model="m2"), dict(task="rte"), dict(hp={"lr": 2e-5, "epochs": 3}), dict(slice=100)]
+)
 def test_any_changed_input_changes_the_key(change: dict) -> None:
     base = dict(model="m", task="sst2", hp={"lr": 1e-5, "epochs": 3}, slice=None)
     assert cache_key(**base) != cache_key(**{**base, **change})

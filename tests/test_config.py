@@ -80,8 +80,9 @@ def _sweep_points(experiment: str) -> list[list[str]]:
     return [[f"experiment={experiment}", f"task={t}", f"method={m}"] for t in tasks for m in methods]
 
 
-@pytest.mark.parametrize("overrides", [p for e in _options("experiment") for p in _sweep_points(e)],
-                         ids=lambda o: " ".join(o))
+@pytest.mark.parametrize(
+    "overrides", [p for e in _options("experiment") for p in _sweep_points(e)], ids=lambda o: " ".join(o)
+)
 def test_every_point_of_every_experiment_sweep_passes_the_config_checks(overrides: list[str]) -> None:
     from kdexp.run import task_from_config
 

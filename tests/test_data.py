@@ -71,8 +71,14 @@ def test_malformed_row_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_label_outside_the_label_set_names_file_line_and_set(tmp_path: Path) -> None:
-    write_tsv(tmp_path / "RTE/train.tsv", [["index", "sentence1", "sentence2", "label"], ["0", "a", "b", "entailment"], ["1", "a", "b", "maybe"]])
-    with pytest.raises(DataError, match=r"RTE/train.tsv:3: label 'maybe' is not in the label set of task rte \(entailment, not_entailment\)"):
+    write_tsv(
+        tmp_path / "RTE/train.tsv",
+        [["index", "sentence1", "sentence2", "label"], ["0", "a", "b", "entailment"], ["1", "a", "b", "maybe"]],
+    )
+    with pytest.raises(
+        DataError,
+        match=r"RTE/train.tsv:3: label 'maybe' is not in the label set of task rte \(entailment, not_entailment\)",
+    ):
         load_split(get_task("rte"), "train", DataSource(tmp_path))
 
 
@@ -142,7 +148,9 @@ def test_byte_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "SST-2/train.tsv"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 food\t0\n")
-    with pytest.raises(DataError, match=r"SST-2/train.tsv:3: not valid UTF-8 \(byte 0xe9 at byte 4 .*\); save the file as UTF-8\.$"):
+    with pytest.raises(
+        DataError, match=r"SST-2/train.tsv:3: not valid UTF-8 \(byte 0xe9 at byte 4 .*\); save the file as UTF-8\.$"
+    ):
         load_split(get_task("sst2"), "train", DataSource(tmp_path))
     path.write_bytes(b"\xef\xbb\xbfsentence\tlabel\n\xff\t1\n")  # a byte-order mark does not shift the count
     with pytest.raises(DataError, match=r"SST-2/train.tsv:2: not valid UTF-8 \(byte 0xff at byte 1 "):
@@ -165,7 +173,10 @@ def test_empty_file_is_refused_with_what_it_should_hold(tmp_path: Path, name: st
 
 def test_header_without_rows_is_refused(tmp_path: Path) -> None:
     write_tsv(tmp_path / "SST-2/train.tsv", [["sentence", "label"]])
-    with pytest.raises(DataError, match=r"SST-2/train.tsv: has a header but no rows; expected a header line with the columns sentence, label and tab-separated rows"):
+    with pytest.raises(
+        DataError,
+        match=r"SST-2/train.tsv: has a header but no rows; expected a header line with the columns sentence, label and tab-separated rows",
+    ):
         load_split(get_task("sst2"), "train", DataSource(tmp_path))
 
 
@@ -183,8 +194,14 @@ def test_split_of_blank_rows_is_refused_before_tokenising(tmp_path: Path) -> Non
 def test_empty_hub_split_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    monkeypatch.setattr(data_mod, "_hub_split", lambda task, split, hub_dataset: datasets.Dataset.from_dict({"sentence": [], "label": []}))
-    with pytest.raises(DataError, match=r"hub:nyu-mll/glue/sst2 split 'train': no rows for task sst2; use data with rows"):
+    monkeypatch.setattr(
+        data_mod,
+        "_hub_split",
+        lambda task, split, hub_dataset: datasets.Dataset.from_dict({"sentence": [], "label": []}),
+    )
+    with pytest.raises(
+        DataError, match=r"hub:nyu-mll/glue/sst2 split 'train': no rows for task sst2; use data with rows"
+    ):
         load_split(get_task("sst2"), "train", DataSource(None))
 
 
@@ -208,8 +225,11 @@ def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
     import huggingface_hub.constants
 
-    for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
-                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+    for module, name in (
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+    ):
         monkeypatch.setattr(module, name, True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
@@ -217,5 +237,8 @@ def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unreachable_hub_without_glue_dir_says_how_to_use_local_files(unreachable_hub: None) -> None:
     source = DataSource.from_config("auto", None)
-    with pytest.raises(DataError, match=r"Hub could not be reached for nyu-mll/glue/rte .*GLUE_DIR=<folder> or data.glue_dir=<folder> with the classic GLUE layout"):
+    with pytest.raises(
+        DataError,
+        match=r"Hub could not be reached for nyu-mll/glue/rte .*GLUE_DIR=<folder> or data.glue_dir=<folder> with the classic GLUE layout",
+    ):
         load_split(get_task("rte"), "train", source)

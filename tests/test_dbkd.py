@@ -4,7 +4,6 @@ the losses and targets, the refusals, configs, and one full tiny run."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,24 +13,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from transformers import BertForSequenceClassification
 
-from kdexp.hardware import Hardware
+from kdexp.config import OptimConfig
+from kdexp.data import DataSource, load_split
 from kdexp.decision.eda import EDAConfig, augment, augment_pair, example_random
 from kdexp.decision.estimator import estimate_logits_from_counts
 from kdexp.decision.queries import (
     DecisionQueries,
     QueryConfig,
     augmentation_key,
-    decision_counts,
     decisions_key,
     examples_of,
     query_decisions,
 )
 from kdexp.decision.teacher import DecisionTeacher
-from kdexp.config import OptimConfig
+from kdexp.hardware import Hardware
 from kdexp.methods.dbkd import (
     DBKD,
     DecisionDistillation,
@@ -40,7 +39,6 @@ from kdexp.methods.dbkd import (
     DecisionLabelSmooth,
     DecisionNoiseSmooth,
 )
-from kdexp.data import DataSource, load_split
 from kdexp.run import ConfigError, build_context, compose_config, method_options, resolve_method, run
 from kdexp.tasks import get_task
 from kdexp.teacher import Teacher
@@ -48,8 +46,14 @@ from kdexp.train import CONFIG_DIR
 from tests.conftest import tiny_bert_config, tiny_tokenizer
 from tests.test_pipeline import tiny_cfg
 
-DECISION_METHODS = ("dbkd", "decision_hard", "decision_hard_aug", "decision_noise_smooth", "decision_label_smooth",
-                    "decision_surrogate")
+DECISION_METHODS = (
+    "dbkd",
+    "decision_hard",
+    "decision_hard_aug",
+    "decision_noise_smooth",
+    "decision_label_smooth",
+    "decision_surrogate",
+)
 # Only the word-level operations the tiny vocabulary can take (RI would insert WordNet words).
 NO_WORDNET = {"eda": {"random_insertion": False, "random_swap": True, "random_deletion": True}}
 
@@ -82,8 +86,9 @@ def tiny_teacher(tmp_path: Path, task_name: str = "sst2", seed: int = 3) -> Teac
     BertForSequenceClassification(tiny_bert_config(num_labels=get_task(task_name).num_labels)).save_pretrained(path)
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(path)
-    return Teacher(str(path), "tiny-key", get_task(task_name), tokenizer, tmp_path / "cache", Hardware(),
-                   eval_batch_size=5)
+    return Teacher(
+        str(path), "tiny-key", get_task(task_name), tokenizer, tmp_path / "cache", Hardware(), eval_batch_size=5
+    )
 
 
 # --------------------------------------------------------------------------- the decision-only teacher
@@ -156,7 +161,9 @@ def test_query_counts_with_a_real_tiny_model_match_single_queries(glue_dir: Path
     ds = load_split(task, "train", DataSource(glue_dir))
     teacher = tiny_teacher(tmp_path)
     config = QueryConfig(num_queries=4, seed=1, batch_size=3, eda=EDAConfig(random_insertion=False))
-    result = query_decisions(DecisionTeacher.from_teacher(teacher, 32, config.batch_size), ds, task, config, tmp_path / "c")
+    result = query_decisions(
+        DecisionTeacher.from_teacher(teacher, 32, config.batch_size), ds, task, config, tmp_path / "c"
+    )
     model, tok = teacher.load_model(), teacher.tokenizer
     copies = list(result.copies()["sentence"])
     for i, sentence in enumerate(ds["sentence"]):
@@ -194,7 +201,9 @@ def test_query_stage_is_cached_and_reused_and_keyed_by_its_settings(glue_dir: Pa
     first = query_decisions(word_count_teacher(calls=calls), ds, task, config, cache)
     assert calls == [len(ds) * 4] and not first.from_cache
 
-    second = query_decisions(word_count_teacher(calls=calls), ds, task, QueryConfig(num_queries=4, seed=0, batch_size=2), cache)
+    second = query_decisions(
+        word_count_teacher(calls=calls), ds, task, QueryConfig(num_queries=4, seed=0, batch_size=2), cache
+    )
     assert calls == [len(ds) * 4], "the second query stage asked the teacher again"
     assert second.from_cache and second.key == first.key and torch.equal(second.decisions, first.decisions)
     assert second.query_seconds == pytest.approx(first.query_seconds)
@@ -242,13 +251,14 @@ def fake_run(num_labels: int = 2) -> SimpleNamespace:
     torch.manual_seed(0)
     task = get_task("sst2" if num_labels == 2 else "mnli")
     config = tiny_bert_config(num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return SimpleNamespace(student=BertForSequenceClassification(config), task=task,
-                           optim=OptimConfig())
+    return SimpleNamespace(student=BertForSequenceClassification(config), task=task, optim=OptimConfig())
 
 
 def a_batch(rows: list[int], num_labels: int = 2) -> dict[str, torch.Tensor]:
     tok = tiny_tokenizer()
-    enc = tok(["the movie is good", "a bad film", "not fun !", "great plot"][: len(rows)], padding=True, return_tensors="pt")
+    enc = tok(
+        ["the movie is good", "a bad film", "not fun !", "great plot"][: len(rows)], padding=True, return_tensors="pt"
+    )
     return {**enc, "labels": torch.tensor([1, 0, 1, 0][: len(rows)]) % num_labels, "idx": torch.tensor(rows)}
 
 
@@ -301,8 +311,9 @@ def test_baseline_targets() -> None:
     assert torch.allclose(noise.targets, torch.tensor([[0.25, 0.75], [1.0, 0.0], [0.25, 0.75]]))
     smooth = DecisionLabelSmooth.from_decisions(fake_run(), queries, {}, method_options("decision_label_smooth"))
     assert torch.allclose(smooth.targets, torch.tensor([[0.1, 0.9], [0.9, 0.1], [0.9, 0.1]]))
-    three = DecisionLabelSmooth.from_decisions(fake_run(3), fake_queries([[2, 0], [0, 0]], 3), {},
-                                               method_options("decision_label_smooth", smoothing=0.2))
+    three = DecisionLabelSmooth.from_decisions(
+        fake_run(3), fake_queries([[2, 0], [0, 0]], 3), {}, method_options("decision_label_smooth", smoothing=0.2)
+    )
     assert torch.allclose(three.targets, torch.tensor([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]]))
 
     # Each baseline's loss is DBKD's with its own target: CE + a·T²·KL(q || student).
@@ -318,24 +329,32 @@ def test_baseline_targets() -> None:
     logits = hard(batch).float()
     teacher_labels = torch.tensor([1, 0, 0])
     assert loss.item() == pytest.approx(
-        (F.cross_entropy(logits, batch["labels"]) + 0.7 * F.cross_entropy(logits, teacher_labels)).item(), rel=1e-5)
+        (F.cross_entropy(logits, batch["labels"]) + 0.7 * F.cross_entropy(logits, teacher_labels)).item(), rel=1e-5
+    )
 
 
 def test_authors_label_smoothing_spreads_over_all_classes_and_sharpens_by_temperature() -> None:
     queries = fake_queries([[1, 0], [0, 0]], 2)
-    plain = DecisionLabelSmooth.from_decisions(fake_run(), queries, {},
-                                               method_options("decision_label_smooth", smoothing_form="uniform"))
+    plain = DecisionLabelSmooth.from_decisions(
+        fake_run(), queries, {}, method_options("decision_label_smooth", smoothing_form="uniform")
+    )
     assert torch.allclose(plain.targets, torch.tensor([[0.05, 0.95], [0.95, 0.05]]))  # (1 - eps)·onehot + eps/C
-    sharp = DecisionLabelSmooth.from_decisions(fake_run(), queries, {}, method_options(
-        "decision_label_smooth", smoothing_form="uniform", temperature=2.0))
-    root = [0.05 ** 0.5, 0.95 ** 0.5]  # q^(1/T), renormalised, by hand
+    sharp = DecisionLabelSmooth.from_decisions(
+        fake_run(), queries, {}, method_options("decision_label_smooth", smoothing_form="uniform", temperature=2.0)
+    )
+    root = [0.05**0.5, 0.95**0.5]  # q^(1/T), renormalised, by hand
     expected = torch.tensor([[root[0], root[1]], [root[1], root[0]]]) / sum(root)
     assert torch.allclose(sharp.targets, expected)
 
 
 def test_hard_aug_loss_has_no_gold_term_for_copies() -> None:
-    module = DecisionHardAug(fake_run().student, get_task("sst2"), options=method_options("decision_hard_aug", alpha=0.7),
-                             targets=torch.eye(2)[[1, 0, 0, 1]], num_original=2)
+    module = DecisionHardAug(
+        fake_run().student,
+        get_task("sst2"),
+        options=method_options("decision_hard_aug", alpha=0.7),
+        targets=torch.eye(2)[[1, 0, 0, 1]],
+        num_original=2,
+    )
     batch = a_batch([0, 3, 2, 1])
     loss, parts = module.training_loss(batch)
     logits = module(batch).float()
@@ -348,7 +367,9 @@ def test_hard_aug_loss_has_no_gold_term_for_copies() -> None:
 # --------------------------------------------------------------------------- refusals
 
 
-def test_regression_task_is_refused_before_the_teacher_stage(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_regression_task_is_refused_before_the_teacher_stage(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     for method in DECISION_METHODS:
         cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "task=stsb", f"method={method}")
         with pytest.raises(ConfigError, match=rf"method '{method}'.*regression task stsb"):
@@ -361,15 +382,18 @@ def test_a_student_from_the_finetuned_teacher_is_refused_before_the_teacher_stag
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
     for method in DECISION_METHODS:
-        cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", f"method={method}",
-                       "student.from_finetuned_teacher=true")
+        cfg = tiny_cfg(
+            tiny_model_dir, glue_dir, tmp_path / "cache", f"method={method}", "student.from_finetuned_teacher=true"
+        )
         with pytest.raises(ConfigError, match=rf"'{method}'.*from_finetuned_teacher=true.*white-box"):
             run(cfg, tmp_path / "r")
     assert not (tmp_path / "cache" / "teachers").exists()  # refused before any teacher fine-tuning
     assert not (tmp_path / "r").exists()
 
 
-def test_unknown_option_is_refused_before_the_teacher_stage(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_unknown_option_is_refused_before_the_teacher_stage(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=decision_hard", "+method.logit_scale=2")
     with pytest.raises(ConfigError, match=r"method.logit_scale is not a config key of method 'decision_hard'"):
         run(cfg, tmp_path / "r")
@@ -399,31 +423,51 @@ def test_decision_method_configs_share_one_query_block_and_name_their_class() ->
 def test_experiment_configs() -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         glue = compose(config_name="config", overrides=["experiment=dbkd_glue"], return_hydra_config=True)
-        cpu = compose(config_name="config", overrides=["experiment=dbkd_cpu", "method=decision_hard"],
-                      return_hydra_config=True)
+        cpu = compose(
+            config_name="config", overrides=["experiment=dbkd_cpu", "method=decision_hard"], return_hydra_config=True
+        )
     assert glue.teacher.name_or_path == "bert-base-uncased" and glue.student.init == "first_layers"
     assert glue.student.num_layers == 4 and not glue.student.from_finetuned_teacher
-    assert (glue.trainer.max_epochs, glue.optim.learning_rate, glue.data.batch_size, glue.data.max_length,
-            glue.optim.warmup_ratio) == (10, 2e-5, 32, 128, 0.1)
+    assert (
+        glue.trainer.max_epochs,
+        glue.optim.learning_rate,
+        glue.data.batch_size,
+        glue.data.max_length,
+        glue.optim.warmup_ratio,
+    ) == (10, 2e-5, 32, 128, 0.1)
     assert glue.method.name == "dbkd"
     grid = {k: v.split(",") for k, v in glue.hydra.sweeper.params.items()}
-    assert grid == {"method.alpha": ["0.2", "0.5", "0.7"], "method.temperature": ["1", "2", "4"],
-                    "method.logit_scale": ["0.5", "1", "2", "4"]}
+    assert grid == {
+        "method.alpha": ["0.2", "0.5", "0.7"],
+        "method.temperature": ["1", "2", "4"],
+        "method.logit_scale": ["0.5", "1", "2", "4"],
+    }
     assert cpu.method.name == "decision_hard" and cpu.teacher.name_or_path == "minilm-l6"
     assert cpu.teacher.max_train_samples == 2000 and cpu.data.max_length == 128 and cpu.optim.learning_rate == 5e-4
     assert set(cpu.hydra.sweeper.params.method.split(",")) == {
-        "dbkd", "dbkd_authors", "decision_hard_teacher", "decision_hard_aug", "decision_noise_smooth",
-        "decision_label_smooth_uniform", "decision_surrogate", "vanilla_kd_additive"}
+        "dbkd",
+        "dbkd_authors",
+        "decision_hard_teacher",
+        "decision_hard_aug",
+        "decision_noise_smooth",
+        "decision_label_smooth_uniform",
+        "decision_surrogate",
+        "vanilla_kd_additive",
+    }
 
 
-@pytest.mark.parametrize("method, target, options", [
-    ("vanilla_kd_additive", "kdexp.methods.vanilla_kd.VanillaKD", {"kd_form": "additive", "alpha": 0.5}),
-    ("decision_hard_teacher", "kdexp.methods.dbkd.DecisionHard", {"ce_weight": 0.0, "alpha": 1.0}),
-    ("decision_label_smooth_uniform", "kdexp.methods.dbkd.DecisionLabelSmooth", {"smoothing_form": "uniform"}),
-    ("dbkd_authors", "kdexp.methods.dbkd.DBKD", {"zero_count_rule": "authors", "alpha": 0.7}),
-])
-def test_paper_form_configs_are_their_base_method_with_the_authors_options(method: str, target: str,
-                                                                          options: dict) -> None:
+@pytest.mark.parametrize(
+    "method, target, options",
+    [
+        ("vanilla_kd_additive", "kdexp.methods.vanilla_kd.VanillaKD", {"kd_form": "additive", "alpha": 0.5}),
+        ("decision_hard_teacher", "kdexp.methods.dbkd.DecisionHard", {"ce_weight": 0.0, "alpha": 1.0}),
+        ("decision_label_smooth_uniform", "kdexp.methods.dbkd.DecisionLabelSmooth", {"smoothing_form": "uniform"}),
+        ("dbkd_authors", "kdexp.methods.dbkd.DBKD", {"zero_count_rule": "authors", "alpha": 0.7}),
+    ],
+)
+def test_paper_form_configs_are_their_base_method_with_the_authors_options(
+    method: str, target: str, options: dict
+) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"method={method}"])
     assert cfg.method.name == method and cfg.method._target_ == target
@@ -466,13 +510,17 @@ def test_full_tiny_dbkd_run_sees_no_logits_and_hard_aug_reuses_its_queries(
     assert (tmp_path / "run" / "results.json").exists() and results["method"] == "dbkd"
     assert "train" not in logits_calls  # only the dev-set report of the teacher's own score
     module = captured["module"]
-    float_buffers = {n for n, b in module.named_buffers() if b.is_floating_point()
-                     and not n.startswith(("student.", "eval_metrics."))}
+    float_buffers = {
+        n
+        for n, b in module.named_buffers()
+        if b.is_floating_point() and not n.startswith(("student.", "eval_metrics."))
+    }
     assert float_buffers == set()  # per-row signals stay on the CPU, out of the buffers DDP broadcasts
     float_tables = {k for k, v in vars(module).items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     assert float_tables == {"estimated_logits"}
-    assert not any(isinstance(v, (torch.nn.Module, DecisionTeacher)) for k, v in vars(module).items()
-                   if k not in ("_modules",))
+    assert not any(
+        isinstance(v, (torch.nn.Module, DecisionTeacher)) for k, v in vars(module).items() if k not in ("_modules",)
+    )
     assert set(dict(module.named_children())) == {"student", "eval_metrics"}
     stats = json.loads((tmp_path / "run" / "decision_stats.json").read_text())
     assert results["method_info"] == stats  # the report finds the query-stage numbers in results.json
@@ -496,7 +544,9 @@ def test_full_tiny_dbkd_run_sees_no_logits_and_hard_aug_reuses_its_queries(
     assert decided.from_cache
     assert module.targets[:n].argmax(1).tolist() == decided.decisions[:, 0].tolist()
     assert module.targets[n:].argmax(1).tolist() == decided.decisions[:, 1:].reshape(-1).tolist()
-    assert list(train["labels"])[n:] == decided.decisions[:, 1:].reshape(-1).tolist()  # a copy's label: the teacher's decision
+    assert (
+        list(train["labels"])[n:] == decided.decisions[:, 1:].reshape(-1).tolist()
+    )  # a copy's label: the teacher's decision
     tok = context.data.tokenizer
     copies = decided.copies()
     for j in (0, 1, len(copies) - 1):
@@ -517,9 +567,20 @@ def test_surrogate_learns_the_teachers_decisions_deterministically_and_gives_sof
     torch.manual_seed(0)
     student = BertForSequenceClassification(tiny_bert_config(num_layers=2))
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    settings = SurrogateSettings(epochs=30, learning_rate=3e-3, batch_size=4, weight_decay=0.0, warmup_ratio=0.0, seed=5)
-    logits = [logits_of(train_surrogate(student, tokenized, decisions, 0, settings, Hardware()), tokenized, 0,
-                        2, Hardware(), PassBatching(64, 4)) for _ in range(2)]
+    settings = SurrogateSettings(
+        epochs=30, learning_rate=3e-3, batch_size=4, weight_decay=0.0, warmup_ratio=0.0, seed=5
+    )
+    logits = [
+        logits_of(
+            train_surrogate(student, tokenized, decisions, 0, settings, Hardware()),
+            tokenized,
+            0,
+            2,
+            Hardware(),
+            PassBatching(64, 4),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(logits[0], logits[1])  # same settings and seed, same surrogate
     assert torch.equal(logits[0].argmax(-1), decisions)  # it learned the decisions
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the student is untouched
@@ -529,8 +590,15 @@ def test_a_tiny_surrogate_run_distils_from_softmax_of_the_cached_surrogate_logit
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
     queries = ["method.queries.num_queries=2", "method.queries.eda.random_insertion=false"]
-    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=decision_surrogate", "trainer.max_epochs=1",
-                   "method.temperature=2.0", *queries)
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        glue_dir,
+        tmp_path / "cache",
+        "method=decision_surrogate",
+        "trainer.max_epochs=1",
+        "method.temperature=2.0",
+        *queries,
+    )
     results = run(cfg, tmp_path / "run")
     assert 0.0 <= results["method_info"]["surrogate_agreement_with_teacher"] <= 1.0
     [stored] = list((tmp_path / "cache" / "signals" / "surrogate_logits").glob("*.pt"))

@@ -11,8 +11,9 @@ from pathlib import Path
 from tests.test_scaling import TINY, train
 
 
-def test_debug_fast_runs_a_small_slice_in_its_own_cache_and_folders(tiny_model_dir: Path, glue_dir: Path,
-                                                                      tmp_path: Path) -> None:
+def test_debug_fast_runs_a_small_slice_in_its_own_cache_and_folders(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     args = [f"teacher.name_or_path={tiny_model_dir}", f"data.glue_dir={glue_dir}", *TINY[:-1]]  # not max_epochs
     train(tmp_path, "debug=fast", "method=vanilla_kd", *args)
     [results] = [json.loads(p.read_text()) for p in (tmp_path / "outputs" / "debug" / "runs").rglob("results.json")]
@@ -30,8 +31,14 @@ def test_debug_overfit_fits_its_two_batches(tiny_model_dir: Path, glue_dir: Path
 
 def test_fast_dev_run_is_refused_in_one_line(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "kdexp.train", "+trainer.fast_dev_run=true"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdexp.train", "+trainer.fast_dev_run=true"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "trainer.fast_dev_run" in lines[0] and "debug=fast" in lines[0]

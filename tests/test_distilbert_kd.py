@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertForSequenceClassification
 
+from kdexp.config import OptimConfig
 from kdexp.errors import ConfigError, KdexpError
 from kdexp.internal.layer_map import LayerPair
 from kdexp.losses import hidden_cosine_loss
-from kdexp.config import OptimConfig
 from kdexp.methods.distilbert_kd import DistilBertKD, distilbert_layer_map
 from kdexp.run import compose_config, method_options, resolve_method
 from kdexp.tasks import get_task
@@ -32,8 +32,13 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def module(teacher: BertForSequenceClassification, student: BertForSequenceClassification, **options) -> DistilBertKD:
-    return DistilBertKD(student, TASK, OptimConfig(learning_rate=1e-3), options=method_options("distilbert_kd", **options),
-                        teacher=TeacherSignals(logits=teacher_logits(), model=teacher))
+    return DistilBertKD(
+        student,
+        TASK,
+        OptimConfig(learning_rate=1e-3),
+        options=method_options("distilbert_kd", **options),
+        teacher=TeacherSignals(logits=teacher_logits(), model=teacher),
+    )
 
 
 def test_layer_maps() -> None:
@@ -139,12 +144,26 @@ def test_pkd_and_distilbert_kd_distil_a_distilbert_student_from_a_roberta_teache
     other = save_tiny_model(tmp_path / "distilbert-other", "distilbert", [*SPECIAL, *reversed(WORDS)], num_layers=2)
 
     def config(method: str, student: Path) -> object:
-        return compose_config([
-            f"method={method}", "task=sst2", "data.source=local", f"data.glue_dir={EMBEDDED_GLUE}",
-            "data.max_train_samples=24", "data.max_eval_samples=8", "data.max_length=32", "data.batch_size=8",
-            f"cache_dir={tmp_path / 'cache'}", "logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-            f"teacher.name_or_path={teacher}", "teacher.finetuned=true", "student=pretrained",
-            f"student.name_or_path={student}"])
+        return compose_config(
+            [
+                f"method={method}",
+                "task=sst2",
+                "data.source=local",
+                f"data.glue_dir={EMBEDDED_GLUE}",
+                "data.max_train_samples=24",
+                "data.max_eval_samples=8",
+                "data.max_length=32",
+                "data.batch_size=8",
+                f"cache_dir={tmp_path / 'cache'}",
+                "logger=none",
+                "trainer.max_epochs=1",
+                "trainer.enable_progress_bar=false",
+                f"teacher.name_or_path={teacher}",
+                "teacher.finetuned=true",
+                "student=pretrained",
+                f"student.name_or_path={student}",
+            ]
+        )
 
     for method, pairs in (("pkd", [[0, 1]]), ("distilbert_kd", [[0, 1], [1, 3]])):
         results = run(config(method, same), tmp_path / f"same-{method}")

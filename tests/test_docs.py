@@ -115,7 +115,7 @@ def kdexp_train_commands(text: str, variables: dict[str, str] | None = None) -> 
                 line = line.replace("$" + name, value)
             words = shlex.split(line) if "kdexp-train" in line and not line.startswith("#") else []
             if "kdexp-train" in words:  # after `VAR=value`, `time`, `env ...`: the command itself
-                commands.append(shlex.join(words[words.index("kdexp-train"):]))
+                commands.append(shlex.join(words[words.index("kdexp-train") :]))
     return commands
 
 
@@ -134,8 +134,20 @@ def split_sweep(value: str) -> list[str]:
 
 
 # Hydra's flags that take a value (`--cfg job`, `-cn config`): the value is no override.
-FLAGS_WITH_A_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
-                      "--config-dir", "-cd", "--info", "-i")
+FLAGS_WITH_A_VALUE = (
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--config-dir",
+    "-cd",
+    "--info",
+    "-i",
+)
 
 
 def compositions(command: str) -> list[list[str]]:
@@ -159,7 +171,7 @@ def compositions(command: str) -> list[list[str]]:
     firsts = [c[0] for c in choices]
     jobs = [firsts]
     for i, values in enumerate(choices):
-        jobs += [firsts[:i] + [v] + firsts[i + 1:] for v in values[1:]]
+        jobs += [firsts[:i] + [v] + firsts[i + 1 :] for v in values[1:]]
     return jobs
 
 
@@ -198,8 +210,11 @@ def results_commands() -> list[tuple[str, str]]:
     index = (DOCS / "results" / "README.md").read_text(encoding="utf-8")
     variables = dict(re.findall(r'^([A-Z_][A-Z0-9_]*)="([^"]*)"$', index, flags=re.M))
     assert "COMMON" in variables, "docs/results/README.md no longer sets COMMON"
-    return [(page.name, command) for page in sorted((DOCS / "results").glob("*.md"))
-            for command in kdexp_train_commands(page.read_text(encoding="utf-8"), variables)]
+    return [
+        (page.name, command)
+        for page in sorted((DOCS / "results").glob("*.md"))
+        for command in kdexp_train_commands(page.read_text(encoding="utf-8"), variables)
+    ]
 
 
 @pytest.mark.parametrize("page,command", results_commands())

@@ -70,10 +70,7 @@ def is_subsequence(short: list[str], long: list[str]) -> bool:
 def synonym_words(words: list[str], wordnet: WordNet) -> set[str]:
     """Cores of every word of every WordNet synonym of the given words."""
     return {
-        word_core(part)
-        for word in words
-        for synonym in wordnet.synonyms(word_core(word))
-        for part in synonym.split()
+        word_core(part) for word in words for synonym in wordnet.synonyms(word_core(word)) for part in synonym.split()
     }
 
 
@@ -277,8 +274,12 @@ def test_authors_rates_draw_rd_with_the_drawn_rs_rate_as_its_mean():
     rs = min(abs(expected.gauss(0.0, 0.1 * math.sqrt(math.pi / 2))), 0.5)
     rd = min(abs(expected.gauss(0.0, rs * math.sqrt(math.pi / 2))), 0.5)
     rates = authors_rates(random.Random(7), config)
-    assert rates == {EDAOperation.SYNONYM_REPLACEMENT: 0.0, EDAOperation.RANDOM_INSERTION: ri,
-                     EDAOperation.RANDOM_SWAP: rs, EDAOperation.RANDOM_DELETION: rd}
+    assert rates == {
+        EDAOperation.SYNONYM_REPLACEMENT: 0.0,
+        EDAOperation.RANDOM_INSERTION: ri,
+        EDAOperation.RANDOM_SWAP: rs,
+        EDAOperation.RANDOM_DELETION: rd,
+    }
     without_rs = authors_rates(random.Random(7), EDAConfig(random_swap=False))
     assert without_rs[EDAOperation.RANDOM_DELETION] == 0.0  # their RD rate is drawn from RS's
 
@@ -286,8 +287,7 @@ def test_authors_rates_draw_rd_with_the_drawn_rs_rate_as_its_mean():
 def test_authors_style_shares_rates_within_a_chunk_and_cleans_every_query():
     from kdexp.decision.queries import QueryConfig, augment_examples, chunk_rates, original_query
 
-    config = QueryConfig(num_queries=5, seed=3, eda=EDAConfig(style="authors", rows_per_draw=2,
-                                                              random_insertion=False))
+    config = QueryConfig(num_queries=5, seed=3, eda=EDAConfig(style="authors", rows_per_draw=2, random_insertion=False))
     assert chunk_rates(config, 0, 0) == chunk_rates(config, 1, 0)
     assert chunk_rates(config, 1, 0) != chunk_rates(config, 2, 0)
     assert chunk_rates(config, 0, 0) != chunk_rates(config, 0, 1)  # each side of a pair draws its own
@@ -308,8 +308,12 @@ def test_authors_style_counts_only_operations_that_change_a_word():
     from kdexp.decision.eda import _authors_counted_operations
 
     config = EDAConfig()
-    rates = {EDAOperation.SYNONYM_REPLACEMENT: 0.0, EDAOperation.RANDOM_INSERTION: 0.05,
-             EDAOperation.RANDOM_SWAP: 0.2, EDAOperation.RANDOM_DELETION: 0.01}
+    rates = {
+        EDAOperation.SYNONYM_REPLACEMENT: 0.0,
+        EDAOperation.RANDOM_INSERTION: 0.05,
+        EDAOperation.RANDOM_SWAP: 0.2,
+        EDAOperation.RANDOM_DELETION: 0.01,
+    }
     # 10 words: int(0.05·10) = 0 (RI not counted), int(0.2·10) = 2 (RS counted), RD counted (rate > 0)
     assert _authors_counted_operations(config, rates, 10) == 2
     schedule = plan_operations(9, config, random.Random(0), counted_operations=2)
@@ -321,7 +325,9 @@ def test_the_default_style_leaves_existing_cache_keys_unchanged():
 
     from kdexp.decision.queries import _eda_key
 
-    assert _eda_key(EDAConfig()) == {k: v for k, v in asdict(EDAConfig()).items() if k not in ("style", "rows_per_draw")}
+    assert _eda_key(EDAConfig()) == {
+        k: v for k, v in asdict(EDAConfig()).items() if k not in ("style", "rows_per_draw")
+    }
     assert _eda_key(EDAConfig(style="authors"))["style"] == "authors"
     with pytest.raises(ValueError, match="queries.eda.style"):
         EDAConfig(style="paper")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SENTENCES, SPECIAL, WORDS
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import SENTENCES, SPECIAL, WORDS
 from kdexp.errors import KdexpError
 from kdexp.model_internals import encoder_layers, forward_with_internals, model_inputs, truncated_encoder
 from kdexp.models import select_layers, uniform_layer_indices
@@ -25,16 +25,18 @@ from kdexp.tiny_models import FAMILIES, save_tiny_model
 VOCABULARY = [*SPECIAL, *WORDS]
 
 
-def tiny(tmp_path: Path, family: str, head: str = "classifier", vocabulary: list[str] = VOCABULARY,
-         **sizes) -> Path:
+def tiny(tmp_path: Path, family: str, head: str = "classifier", vocabulary: list[str] = VOCABULARY, **sizes) -> Path:
     return save_tiny_model(tmp_path / f"{family}-{head}", family, vocabulary, head=head, **sizes)
 
 
 def batch_of(folder: Path, pairs: bool = False) -> dict[str, torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = SENTENCES[:4]
-    encoded = tokenizer(texts, texts[::-1], padding=True, return_tensors="pt") if pairs else \
-        tokenizer(texts, padding=True, return_tensors="pt")
+    encoded = (
+        tokenizer(texts, texts[::-1], padding=True, return_tensors="pt")
+        if pairs
+        else tokenizer(texts, padding=True, return_tensors="pt")
+    )
     return dict(encoded)
 
 
@@ -47,8 +49,9 @@ def test_cut_layers_are_the_teachers_layers(tmp_path: Path, family: str) -> None
     student = select_layers(teacher, indices).eval()
     assert len(encoder_layers(student)) == 2 and student.config.num_hidden_layers == 2
     for j, i in enumerate(indices):
-        for (name, kept), (_, original) in zip(encoder_layers(student)[j].state_dict().items(),
-                                              encoder_layers(teacher)[i].state_dict().items()):
+        for (name, kept), (_, original) in zip(
+            encoder_layers(student)[j].state_dict().items(), encoder_layers(teacher)[i].state_dict().items()
+        ):
             assert torch.equal(kept, original), (family, name)
     head_keys = [k for k in teacher.state_dict() if "classifier" in k or "pre_classifier" in k]
     assert head_keys and all(torch.equal(teacher.state_dict()[k], student.state_dict()[k]) for k in head_keys)
@@ -99,11 +102,28 @@ def test_every_method_runs_on_every_family(tmp_path: Path, family: str) -> None:
     from kdexp.preflight import main
 
     out = tmp_path / "check.json"
-    code = main(["--family", family, "--precisions", "32-true", "--steps", "2", "--out", str(out),
-                 "--workdir", str(tmp_path / "work")])
+    code = main(
+        [
+            "--family",
+            family,
+            "--precisions",
+            "32-true",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    )
     rows = json.loads(out.read_text())
-    assert code == 0 and {row["method"] for row in rows} >= {"dbkd", "internal_pid", "knowledge_selection",
-                                                             "text_smoothing", "vanilla_kd"}
+    assert code == 0 and {row["method"] for row in rows} >= {
+        "dbkd",
+        "internal_pid",
+        "knowledge_selection",
+        "text_smoothing",
+        "vanilla_kd",
+    }
     assert all(row["error"] is None and row["finite_loss"] and row["device_ok"] for row in rows), rows
 
 
@@ -119,12 +139,26 @@ def test_a_roberta_teacher_distils_a_distilbert_student(tmp_path: Path) -> None:
     other = save_tiny_model(tmp_path / "distilbert-other", "distilbert", [*SPECIAL, *reversed(WORDS)], num_layers=2)
 
     def config(method: str, student: Path) -> object:
-        return compose_config([
-            f"method={method}", "task=sst2", "data.source=local", f"data.glue_dir={EMBEDDED_GLUE}",
-            "data.max_train_samples=24", "data.max_eval_samples=8", "data.max_length=32", "data.batch_size=8",
-            f"cache_dir={tmp_path / 'cache'}", "logger=none", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
-            f"teacher.name_or_path={teacher}", "teacher.finetuned=true", "student=pretrained",
-            f"student.name_or_path={student}"])
+        return compose_config(
+            [
+                f"method={method}",
+                "task=sst2",
+                "data.source=local",
+                f"data.glue_dir={EMBEDDED_GLUE}",
+                "data.max_train_samples=24",
+                "data.max_eval_samples=8",
+                "data.max_length=32",
+                "data.batch_size=8",
+                f"cache_dir={tmp_path / 'cache'}",
+                "logger=none",
+                "trainer.max_epochs=3",
+                "trainer.enable_progress_bar=false",
+                f"teacher.name_or_path={teacher}",
+                "teacher.finetuned=true",
+                "student=pretrained",
+                f"student.name_or_path={student}",
+            ]
+        )
 
     for method in ("vanilla_kd", "internal_all"):
         results = run(config(method, same), tmp_path / f"same-{method}")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, SENTENCES, SPECIAL, WORDS, make_glue_dir
 
-from conftest import REPO, SENTENCES, WORDS, SPECIAL, make_glue_dir
 from kdexp.errors import ConfigError
 from kdexp.hardware import Hardware, HardwareSpec
 from kdexp.tiny_models import save_tiny_model
@@ -20,11 +20,14 @@ from kdexp.tiny_models import save_tiny_model
 PACKAGE = REPO / "kdexp"
 
 
-@pytest.mark.parametrize("spec, key", [
-    (HardwareSpec(precision="16-mixed"), "trainer.precision=16-mixed needs a GPU"),
-    (HardwareSpec(precision="bf16-true"), "trainer.precision=bf16-true is not supported"),
-    (HardwareSpec(strategy="ddp_spawn", devices=2), "trainer.strategy=ddp_spawn"),
-])
+@pytest.mark.parametrize(
+    "spec, key",
+    [
+        (HardwareSpec(precision="16-mixed"), "trainer.precision=16-mixed needs a GPU"),
+        (HardwareSpec(precision="bf16-true"), "trainer.precision=bf16-true is not supported"),
+        (HardwareSpec(strategy="ddp_spawn", devices=2), "trainer.strategy=ddp_spawn"),
+    ],
+)
 def test_what_no_stage_can_run_is_refused_in_one_line(spec: HardwareSpec, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         spec.check()
@@ -58,26 +61,44 @@ def test_one_process_shards_nothing_and_combines_nothing() -> None:
 # --------------------------------------------------------------------------- passes over two processes
 
 
-def run_passes(tmp_path: Path, name: str, devices: int, models: tuple[Path, Path], glue: Path,
-               env: dict[str, str]) -> tuple[dict[str, torch.Tensor], int]:
+def run_passes(
+    tmp_path: Path, name: str, devices: int, models: tuple[Path, Path], glue: Path, env: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], int]:
     """The passes of tests/ddp_passes.py with `devices` processes, and the pid of global rank 0."""
     out, cache = tmp_path / name, tmp_path / f"cache-{name}"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_passes.py"), str(out), str(models[0]),
-                             str(models[1]), str(glue), str(cache), str(devices)],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "ddp_passes.py"),
+            str(out),
+            str(models[0]),
+            str(models[1]),
+            str(glue),
+            str(cache),
+            str(devices),
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-4000:]
     return torch.load(out / "passes.pt", weights_only=True), proc.pid
 
 
 def test_teacher_passes_over_two_processes_equal_one_process_and_only_rank_zero_writes(
-        tmp_path: Path, write_audit) -> None:
+    tmp_path: Path, write_audit
+) -> None:
     """Logits, [CLS] vectors, DBKD decisions and the MLM top-k store: each process runs every other batch,
     the rows are put back together, and the result is bit for bit the single process's."""
     vocabulary = [*SPECIAL, *WORDS]
-    models = (save_tiny_model(tmp_path / "teacher", "bert", vocabulary),
-              save_tiny_model(tmp_path / "mlm", "bert", vocabulary, head="masked_lm"))
+    models = (
+        save_tiny_model(tmp_path / "teacher", "bert", vocabulary),
+        save_tiny_model(tmp_path / "mlm", "bert", vocabulary, head="masked_lm"),
+    )
     glue = make_glue_dir(tmp_path / "glue")
     environment, writes = write_audit
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -112,9 +133,15 @@ def placements_by_hand(path: Path) -> list[str]:
             found.append(call)
         elif node.func.attr == "to" and node.args:
             target = node.args[0]
-            chosen = (isinstance(target, ast.Name) and target.id in DEVICE_NAMES) or (
-                isinstance(target, ast.Attribute) and target.attr == "device" and ast.unparse(target.value) == "self"
-            ) or (isinstance(target, ast.Constant) and isinstance(target.value, str) and target.value != "cpu")
+            chosen = (
+                (isinstance(target, ast.Name) and target.id in DEVICE_NAMES)
+                or (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == "device"
+                    and ast.unparse(target.value) == "self"
+                )
+                or (isinstance(target, ast.Constant) and isinstance(target.value, str) and target.value != "cpu")
+            )
             if chosen:
                 found.append(call)
     return found
@@ -129,10 +156,15 @@ def test_no_module_places_tensors_by_hand() -> None:
 
 def test_the_placement_check_sees_what_it_forbids(tmp_path: Path) -> None:
     source = tmp_path / "example.py"
-    source.write_text("x.to(device)\ny.cuda()\nz = torch.device('cuda')\nw.to(self.device)\nv.to(idx.device)\n"
-                      "u.to('cpu')\n")
+    source.write_text(
+        "x.to(device)\ny.cuda()\nz = torch.device('cuda')\nw.to(self.device)\nv.to(idx.device)\nu.to('cpu')\n"
+    )
     assert [call.split(": ")[1] for call in placements_by_hand(source)] == [
-        "x.to(device)", "y.cuda()", "torch.device('cuda')", "w.to(self.device)"]
+        "x.to(device)",
+        "y.cuda()",
+        "torch.device('cuda')",
+        "w.to(self.device)",
+    ]
 
 
 # --------------------------------------------------------------------------- cached signals travel with the batch
@@ -162,9 +194,19 @@ def test_parallel_jobs_lease_different_gpus_and_a_killed_job_frees_its_own(tmp_p
     first, second = GpuLease(3, tmp_path), GpuLease(3, tmp_path)
     assert first.acquire() == 0
     # Another process holds GPU 1 (the OS lock, as a running job would), until it is killed.
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; h = open(sys.argv[1], 'a'); fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True);"
-        " time.sleep(60)"), str(tmp_path / "gpu-1.lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, sys, time; h = open(sys.argv[1], 'a'); fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True);"
+                " time.sleep(60)"
+            ),
+            str(tmp_path / "gpu-1.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     assert second.acquire() == 2
     assert with_leased_gpu({"devices": 1, "accelerator": "gpu"})["devices"] == [2]

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import SENTENCES
+
 from kdexp.data import DataError, DataSource, load_split, tokenized_key
 from kdexp.hub_folder import hub_features, write_hub_folder
 from kdexp.run import compose_config, run
@@ -21,8 +21,11 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
     import huggingface_hub.constants
 
-    for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
-                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+    for module, name in (
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+    ):
         monkeypatch.setattr(module, name, True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
 
@@ -33,8 +36,9 @@ def hub_dir(glue_dir: Path, tmp_path: Path, hub_cache: None) -> Path:
 
 
 @pytest.mark.parametrize("name", ["sst2", "rte", "stsb", "mrpc"])
-def test_the_hub_layout_holds_the_classic_folders_rows_with_the_hubs_columns(glue_dir: Path, hub_dir: Path,
-                                                                              name: str) -> None:
+def test_the_hub_layout_holds_the_classic_folders_rows_with_the_hubs_columns(
+    glue_dir: Path, hub_dir: Path, name: str
+) -> None:
     task = get_task(name)
     for split in (task.train_split, *task.eval_splits):
         classic = load_split(task, split, DataSource(glue_dir))
@@ -56,8 +60,11 @@ def _tokenizer():
 def test_the_standins_have_the_hubs_columns_labels_and_splits(hub_dir: Path) -> None:
     import datasets
 
-    for name, splits in (("mnli", ("train", "validation_matched", "validation_mismatched")),
-                         ("qqp", ("train", "validation")), ("qnli", ("train", "validation"))):
+    for name, splits in (
+        ("mnli", ("train", "validation_matched", "validation_mismatched")),
+        ("qqp", ("train", "validation")),
+        ("qnli", ("train", "validation")),
+    ):
         task = get_task(name)
         for split in splits:
             ds = datasets.load_dataset(str(hub_dir), name, split=split)
@@ -70,13 +77,27 @@ def test_the_standins_have_the_hubs_columns_labels_and_splits(hub_dir: Path) -> 
     assert any(p in real for p in mnli["premise"])
 
 
-def test_mnli_trains_through_the_hub_code_and_reports_both_dev_sets(tiny_model_dir: Path, hub_dir: Path,
-                                                                    tmp_path: Path) -> None:
-    cfg = compose_config([
-        "task=mnli", "method=vanilla_kd", "data.source=hub", f"data.hub_dataset={hub_dir}",
-        f"teacher.name_or_path={tiny_model_dir}", "teacher.epochs=1", "teacher.batch_size=4", "data.batch_size=4",
-        "data.max_length=32", "student.num_layers=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-        "logger=csv", f"cache_dir={tmp_path / 'cache'}"])
+def test_mnli_trains_through_the_hub_code_and_reports_both_dev_sets(
+    tiny_model_dir: Path, hub_dir: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        [
+            "task=mnli",
+            "method=vanilla_kd",
+            "data.source=hub",
+            f"data.hub_dataset={hub_dir}",
+            f"teacher.name_or_path={tiny_model_dir}",
+            "teacher.epochs=1",
+            "teacher.batch_size=4",
+            "data.batch_size=4",
+            "data.max_length=32",
+            "student.num_layers=2",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     results = run(cfg, tmp_path / "run")
     assert {"val/accuracy", "val_mismatched/accuracy"} <= set(results["metrics"])
     assert {"val/accuracy", "val_mismatched/accuracy"} <= set(results["teacher_metrics"])
@@ -85,11 +106,23 @@ def test_mnli_trains_through_the_hub_code_and_reports_both_dev_sets(tiny_model_d
 
 
 def test_qqp_reports_accuracy_and_f1(tiny_model_dir: Path, hub_dir: Path, tmp_path: Path) -> None:
-    cfg = compose_config([
-        "task=qqp", "method=finetune", "data.source=hub", f"data.hub_dataset={hub_dir}",
-        f"teacher.name_or_path={tiny_model_dir}", "teacher.epochs=1", "data.batch_size=4", "data.max_length=32",
-        "student.num_layers=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
-        f"cache_dir={tmp_path / 'cache'}"])
+    cfg = compose_config(
+        [
+            "task=qqp",
+            "method=finetune",
+            "data.source=hub",
+            f"data.hub_dataset={hub_dir}",
+            f"teacher.name_or_path={tiny_model_dir}",
+            "teacher.epochs=1",
+            "data.batch_size=4",
+            "data.max_length=32",
+            "student.num_layers=2",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     metrics = run(cfg, tmp_path / "run")["metrics"]
     assert {"val/accuracy", "val/f1", "val/combined_score"} <= set(metrics)
     assert metrics["val/combined_score"] == pytest.approx((metrics["val/accuracy"] + metrics["val/f1"]) / 2)
@@ -99,7 +132,8 @@ def test_qqp_reports_accuracy_and_f1(tiny_model_dir: Path, hub_dir: Path, tmp_pa
 
 
 def test_without_a_glue_folder_or_the_hub_sst2_comes_from_the_shipped_slice_and_says_so(
-        hub_cache: None, caplog: pytest.LogCaptureFixture) -> None:
+    hub_cache: None, caplog: pytest.LogCaptureFixture
+) -> None:
     source = DataSource.from_config("auto", None)
     with caplog.at_level(logging.WARNING, logger="kdexp.data"):
         train, dev = (load_split(get_task("sst2"), split, source) for split in ("train", "validation"))

@@ -10,8 +10,8 @@ import datasets
 import pytest
 import torch
 
-from kdexp.hardware import Hardware
 from kdexp.decision.teacher import DecisionTeacher
+from kdexp.hardware import Hardware
 from kdexp.inference import PassBatching, length_sorted_batches
 from kdexp.tasks import get_task
 from kdexp.teacher import Teacher
@@ -36,8 +36,16 @@ def test_batches_hold_every_row_once_longest_first_within_the_budget_and_full(to
 
 def tiny_teacher(model_dir: Path, tmp_path: Path, tokens: int, rows: int) -> Teacher:
     task = get_task("sst2")
-    return Teacher(str(model_dir), "k", task, tiny_tokenizer(), tmp_path, Hardware(),
-                   eval_batch_size=rows, eval_tokens_per_batch=tokens)
+    return Teacher(
+        str(model_dir),
+        "k",
+        task,
+        tiny_tokenizer(),
+        tmp_path,
+        Hardware(),
+        eval_batch_size=rows,
+        eval_tokens_per_batch=tokens,
+    )
 
 
 def test_logits_pass_equals_each_row_run_alone_in_row_order(tiny_model_dir: Path, tmp_path: Path) -> None:

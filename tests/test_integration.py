@@ -21,8 +21,15 @@ from tests.conftest import SHARED_GLUE, kdexp_train
 
 pytestmark = pytest.mark.integration
 
-SLICE = ["data.max_train_samples=96", "data.max_eval_samples=64", "data.max_length=64", "teacher.epochs=1",
-         "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv"]
+SLICE = [
+    "data.max_train_samples=96",
+    "data.max_eval_samples=64",
+    "data.max_length=64",
+    "teacher.epochs=1",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
 
 
 def test_teacher_stage_and_vanilla_kd_run(real_env: dict[str, str], tmp_path: Path) -> None:
@@ -45,7 +52,9 @@ def test_teacher_stage_and_vanilla_kd_run(real_env: dict[str, str], tmp_path: Pa
     tok = AutoTokenizer.from_pretrained(results["teacher_path"])
     dev = load_split(get_task("sst2"), "validation", DataSource(SHARED_GLUE), 64)
     with torch.no_grad():
-        logits = teacher(**tok(list(dev["sentence"]), truncation=True, max_length=64, padding=True, return_tensors="pt")).logits
+        logits = teacher(
+            **tok(list(dev["sentence"]), truncation=True, max_length=64, padding=True, return_tensors="pt")
+        ).logits
     accuracy = float((logits.argmax(-1) == torch.tensor(list(dev["label"]))).float().mean())
     assert results["teacher_metrics"]["val/accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
@@ -53,8 +62,9 @@ def test_teacher_stage_and_vanilla_kd_run(real_env: dict[str, str], tmp_path: Pa
 def test_multirun_reuses_one_teacher_and_reports(real_env: dict[str, str], tmp_path: Path) -> None:
     env = dict(real_env, KDEXP_CACHE_DIR=str(tmp_path / "fresh-cache"))
     sweep = tmp_path / "sweep"
-    log = kdexp_train(env, "-m", "task=rte", "method=finetune,vanilla_kd", "seed=1", *SLICE,
-                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    log = kdexp_train(
+        env, "-m", "task=rte", "method=finetune,vanilla_kd", "seed=1", *SLICE, f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
     assert log.count("Fine-tuning teacher") == 1 and log.count("Reusing teacher") == 1
     results = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
     assert sorted(r["method"] for r in results) == ["finetune", "vanilla_kd"]
@@ -63,8 +73,11 @@ def test_multirun_reuses_one_teacher_and_reports(real_env: dict[str, str], tmp_p
 
     report = subprocess.run([sys.executable, "-m", "kdexp.report", str(sweep)], capture_output=True, text=True, env=env)
     assert report.returncode == 0, report.stderr
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.stdout.splitlines()
-            if line.startswith("| ") and "method" not in line}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in report.stdout.splitlines()
+        if line.startswith("| ") and "method" not in line
+    }
     for r in results:
         assert rows[r["method"]] == f"{100 * r['metrics']['val/accuracy']:.1f}"
     assert rows["teacher"] == f"{100 * results[0]['teacher_metrics']['val/accuracy']:.1f}"
@@ -73,9 +86,19 @@ def test_multirun_reuses_one_teacher_and_reports(real_env: dict[str, str], tmp_p
 
 def test_killed_run_resumes_without_redoing_finished_epochs(real_env: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    args = ["task=sst2", "method=finetune", "data.max_train_samples=512", "data.max_eval_samples=32",
-            "data.max_length=64", "teacher.max_train_samples=96", "teacher.epochs=1", "trainer.max_epochs=3",
-            "trainer.enable_progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}"]
+    args = [
+        "task=sst2",
+        "method=finetune",
+        "data.max_train_samples=512",
+        "data.max_eval_samples=32",
+        "data.max_length=64",
+        "teacher.max_train_samples=96",
+        "teacher.epochs=1",
+        "trainer.max_epochs=3",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
     cmd = [sys.executable, "-m", "kdexp.train", *args]
     proc = subprocess.Popen(cmd, env=real_env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run_dir / "checkpoints" / "last.ckpt"

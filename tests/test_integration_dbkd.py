@@ -17,9 +17,17 @@ from tests.conftest import SHARED_GLUE, kdexp_train
 
 pytestmark = pytest.mark.integration
 
-SLICE = ["task=sst2", "data.max_train_samples=64", "data.max_eval_samples=64", "data.max_length=64",
-         "teacher.epochs=1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv",
-         "method.queries.num_queries=4"]
+SLICE = [
+    "task=sst2",
+    "data.max_train_samples=64",
+    "data.max_eval_samples=64",
+    "data.max_length=64",
+    "teacher.epochs=1",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "method.queries.num_queries=4",
+]
 
 
 def test_query_stage_cache_reuse_dbkd_and_a_baseline(real_env: dict[str, str], tmp_path: Path) -> None:
@@ -51,7 +59,9 @@ def test_query_stage_cache_reuse_dbkd_and_a_baseline(real_env: dict[str, str], t
     for row in (0, 1, 63):
         texts = [train["sentence"][row]] + list(copies["sentence"])[3 * row : 3 * row + 3]
         with torch.no_grad():
-            argmax = teacher(**tok(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")).logits.argmax(-1)
+            argmax = teacher(
+                **tok(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
+            ).logits.argmax(-1)
         assert decisions[row].tolist() == argmax.tolist()
 
     # A baseline run with the same query settings reuses the decisions: no teacher query.

@@ -20,15 +20,32 @@ from tests.conftest import kdexp_train
 
 pytestmark = pytest.mark.integration
 
-SLICE = ["data.max_train_samples=64", "data.max_eval_samples=32", "data.max_length=64", "teacher.epochs=1",
-         "teacher.max_train_samples=64", "student.num_layers=3", "trainer.max_epochs=4",
-         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "logger=csv"]
+SLICE = [
+    "data.max_train_samples=64",
+    "data.max_eval_samples=32",
+    "data.max_length=64",
+    "teacher.epochs=1",
+    "teacher.max_train_samples=64",
+    "student.num_layers=3",
+    "trainer.max_epochs=4",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "logger=csv",
+]
 
 
 def test_pid_and_all_on_minilm_run_their_stages_and_report(real_env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    log = kdexp_train(real_env, "-m", "task=rte", "method=internal_pid,internal_all", "seed=1", *SLICE,
-                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    log = kdexp_train(
+        real_env,
+        "-m",
+        "task=rte",
+        "method=internal_pid,internal_all",
+        "seed=1",
+        *SLICE,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert log.count("Fine-tuning teacher") == 1 and log.count("Reusing teacher") == 1
 
     # MiniLM-L6 (6 layers) -> 3-layer student: uniform map m(j) = 2j + 1, one pair per pid stage.
@@ -53,8 +70,12 @@ def test_pid_and_all_on_minilm_run_their_stages_and_report(real_env: dict[str, s
         rows = [r for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/stage")]
         stages = [int(float(r["train/stage"])) for r in rows]
         assert stages == ([0, 1, 2, 3] if method == "internal_pid" else [0, 1, 1, 1])
-        assert any(r.get("train/loss/attention_kl/s0_t1") for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+        assert any(
+            r.get("train/loss/attention_kl/s0_t1") for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv"))
+        )
 
-    report = subprocess.run([sys.executable, "-m", "kdexp.report", str(sweep)], capture_output=True, text=True, env=real_env)
+    report = subprocess.run(
+        [sys.executable, "-m", "kdexp.report", str(sweep)], capture_output=True, text=True, env=real_env
+    )
     assert report.returncode == 0, report.stderr
     assert "| internal_pid |" in report.stdout and "| internal_all |" in report.stdout

@@ -20,15 +20,29 @@ from tests.conftest import kdexp_train
 
 pytestmark = pytest.mark.integration
 
-SLICE = ["data.max_train_samples=96", "data.max_eval_samples=32", "data.max_length=64", "teacher.epochs=1",
-         "teacher.max_train_samples=96", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-         "trainer.log_every_n_steps=1", "logger=csv", "method.agent.episodes=4", "method.agent.episode_phases=3",
-         "method.phase_steps=2", "method.reward.rows=16", "method.agent.batch_size=2"]
+SLICE = [
+    "data.max_train_samples=96",
+    "data.max_eval_samples=32",
+    "data.max_length=64",
+    "teacher.epochs=1",
+    "teacher.max_train_samples=96",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "logger=csv",
+    "method.agent.episodes=4",
+    "method.agent.episode_phases=3",
+    "method.phase_steps=2",
+    "method.reward.rows=16",
+    "method.agent.batch_size=2",
+]
 
 
 def test_knowledge_selection_on_minilm_records_actions_and_rewards(real_env: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    log = kdexp_train(real_env, "task=sst2", "method=knowledge_selection", *SLICE, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    log = kdexp_train(
+        real_env, "task=sst2", "method=knowledge_selection", *SLICE, f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
     assert "Agent stage: episode 4/4" in log
 
     results = json.loads((run_dir / "results.json").read_text())
@@ -37,7 +51,11 @@ def test_knowledge_selection_on_minilm_records_actions_and_rewards(real_env: dic
     assert [len(episode) for episode in history] == [3, 3, 3, 3]
     phases = [p for episode in history for p in episode]
     for phase in phases:
-        assert len(phase["action"]) == 4 and all(0 <= a <= 1 for a in phase["action"]) and isinstance(phase["reward"], float)
+        assert (
+            len(phase["action"]) == 4
+            and all(0 <= a <= 1 for a in phase["action"])
+            and isinstance(phase["reward"], float)
+        )
     assert_the_agent_learns(history, beta=0.1)  # conf/method/knowledge_selection.yaml's reward.beta
     assert info["agent_stage"]["reward_rows"] == 16 and info["agent_stage"]["train_rows"] == 80
     steps = 96 // 32  # one epoch of batches of 32
@@ -73,7 +91,10 @@ def assert_the_agent_learns(history: list[list[dict]], beta: float) -> None:
     assert max(rewards) - min(rewards) > 1e-4, rewards
     for episode in history:
         for previous, phase in zip(episode, episode[1:]):
-            a, b = torch.tensor(phase["action"], dtype=torch.float64), torch.tensor(previous["action"], dtype=torch.float64)
+            a, b = (
+                torch.tensor(phase["action"], dtype=torch.float64),
+                torch.tensor(previous["action"], dtype=torch.float64),
+            )
             exploration = 1.0 - float(torch.nn.functional.cosine_similarity(a, b, dim=0))
             expected = previous["reward_ce"] - phase["reward_ce"] + beta * exploration
             assert math.isclose(phase["reward"], expected, abs_tol=1e-6), (phase, previous)

@@ -28,12 +28,25 @@ pytestmark = pytest.mark.integration
 
 MARGIN = 0.05  # 10 of the 200 dev rows
 
-SLICE = ["task=sst2", "data.max_train_samples=400", "data.max_eval_samples=200", "data.max_length=64",
-         "data.batch_size=16", "teacher.epochs=2", "teacher.batch_size=16", "teacher.learning_rate=2e-4",
-         # every other teacher layer (MiniLM-L6 layers 2 and 5, PKD's and DistilBERT's student): it learns SST-2
-         # in a few dozen steps, where the first two layers (whose [CLS] the sentence model never trained) do not.
-         "student=every_nth_layer", "student.num_layers=2", "optim.learning_rate=5e-4", "trainer.max_epochs=1",
-         "trainer.enable_progress_bar=false", "logger=none", "seed=1"]
+SLICE = [
+    "task=sst2",
+    "data.max_train_samples=400",
+    "data.max_eval_samples=200",
+    "data.max_length=64",
+    "data.batch_size=16",
+    "teacher.epochs=2",
+    "teacher.batch_size=16",
+    "teacher.learning_rate=2e-4",
+    # every other teacher layer (MiniLM-L6 layers 2 and 5, PKD's and DistilBERT's student): it learns SST-2
+    # in a few dozen steps, where the first two layers (whose [CLS] the sentence model never trained) do not.
+    "student=every_nth_layer",
+    "student.num_layers=2",
+    "optim.learning_rate=5e-4",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "seed=1",
+]
 
 METHODS: dict[str, list[str]] = {
     "finetune": [],
@@ -42,18 +55,26 @@ METHODS: dict[str, list[str]] = {
     "distilbert_kd": [],
     "internal_all": ["trainer.max_epochs=2"],  # its two stages: attention KL + [CLS] cosine + KD, then KD alone
     "dbkd": ["method.queries.num_queries=4"],
-    "text_smoothing": ["method.mlm.adapt.steps=8", "method.mlm.adapt.batch_size=16",
-                       "method.mlm.adapt.train_encoder=false"],
-    "knowledge_selection": ["method.agent.episodes=2", "method.agent.episode_phases=2", "method.phase_steps=2",
-                            "method.reward.rows=32"],
+    "text_smoothing": [
+        "method.mlm.adapt.steps=8",
+        "method.mlm.adapt.batch_size=16",
+        "method.mlm.adapt.train_encoder=false",
+    ],
+    "knowledge_selection": [
+        "method.agent.episodes=2",
+        "method.agent.episode_phases=2",
+        "method.phase_steps=2",
+        "method.reward.rows=32",
+    ],
 }
 
 
 def config(cache: Path, method: str) -> Any:
     from kdexp.run import compose_config
 
-    return compose_config([f"method={method}", *SLICE, *METHODS[method], f"data.glue_dir={SHARED_GLUE}",
-                           f"cache_dir={cache}"])
+    return compose_config(
+        [f"method={method}", *SLICE, *METHODS[method], f"data.glue_dir={SHARED_GLUE}", f"cache_dir={cache}"]
+    )
 
 
 def untrained_accuracy_and_majority(cfg: Any, run_dir: Path) -> tuple[float, float]:
@@ -92,8 +113,14 @@ def trained(real_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
             seconds[method] = round(time.perf_counter() - begun, 1)
         start, majority = untrained_accuracy_and_majority(config(cache, "finetune"), root / "untrained")
         total, cpu = round(time.perf_counter() - started, 1), round(time.process_time() - cpu, 1)
-    summary = {"seconds": seconds, "total_seconds": total, "cpu_seconds": cpu, "start": start, "majority": majority,
-               "accuracy": {m: r["metrics"]["val/accuracy"] for m, r in results.items()}}
+    summary = {
+        "seconds": seconds,
+        "total_seconds": total,
+        "cpu_seconds": cpu,
+        "start": start,
+        "majority": majority,
+        "accuracy": {m: r["metrics"]["val/accuracy"] for m, r in results.items()},
+    }
     print(json.dumps(summary, indent=1))  # shown with -s: the measured budget and accuracies
     return {"results": results, "start": start, "majority": majority}
 

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import kdexp_train
 
 pytestmark = pytest.mark.integration
@@ -23,13 +22,30 @@ def mrc_env(real_env: dict[str, str]) -> dict[str, str]:
     return dict(real_env, MRC_DIR=str(MRC))
 
 
-def test_dream_multiple_choice_runs_finetune_vanilla_kd_and_dbkd_from_the_official_files(mrc_env, tmp_path: Path) -> None:
+def test_dream_multiple_choice_runs_finetune_vanilla_kd_and_dbkd_from_the_official_files(
+    mrc_env, tmp_path: Path
+) -> None:
     sweep = tmp_path / "dream"
-    kdexp_train(mrc_env, "-m", "task=dream", "method=finetune,vanilla_kd,dbkd", "teacher.max_train_samples=300",
-                "teacher.epochs=1", "data.max_train_samples=120", "data.max_eval_samples=90", "data.max_length=96",
-                "data.batch_size=16", "trainer.max_epochs=1", "student.num_layers=2", "optim.learning_rate=5e-4",
-                "method.queries.num_queries=3", "trainer.enable_progress_bar=false", "logger=csv",
-                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    kdexp_train(
+        mrc_env,
+        "-m",
+        "task=dream",
+        "method=finetune,vanilla_kd,dbkd",
+        "teacher.max_train_samples=300",
+        "teacher.epochs=1",
+        "data.max_train_samples=120",
+        "data.max_eval_samples=90",
+        "data.max_length=96",
+        "data.batch_size=16",
+        "trainer.max_epochs=1",
+        "student.num_layers=2",
+        "optim.learning_rate=5e-4",
+        "method.queries.num_queries=3",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     results = {r["method"]: r for r in (json.loads(p.read_text()) for p in sweep.rglob("results.json"))}
     assert set(results) == {"finetune", "vanilla_kd", "dbkd"}
     for result in results.values():
@@ -42,11 +58,27 @@ def test_dream_multiple_choice_runs_finetune_vanilla_kd_and_dbkd_from_the_offici
 
 def test_the_squad_subset_split_by_article_runs_text_smoothing_and_reports_em_and_f1(mrc_env, tmp_path: Path) -> None:
     run_dir = tmp_path / "squad"
-    kdexp_train(mrc_env, "task=squad_v2", f"task.train_file={SUBSET}", "task.dev_articles=[Normans]",
-                "method=text_smoothing_kd", "method.top_k=16", "method.mlm.adapt.steps=20", "teacher.epochs=1",
-                "data.max_train_samples=160", "data.max_eval_samples=60", "data.max_length=192", "task.doc_stride=64",
-                "data.batch_size=16", "trainer.max_epochs=1", "student.num_layers=2", "trainer.enable_progress_bar=false",
-                "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    kdexp_train(
+        mrc_env,
+        "task=squad_v2",
+        f"task.train_file={SUBSET}",
+        "task.dev_articles=[Normans]",
+        "method=text_smoothing_kd",
+        "method.top_k=16",
+        "method.mlm.adapt.steps=20",
+        "teacher.epochs=1",
+        "data.max_train_samples=160",
+        "data.max_eval_samples=60",
+        "data.max_length=192",
+        "task.doc_stride=64",
+        "data.batch_size=16",
+        "trainer.max_epochs=1",
+        "student.num_layers=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     results = json.loads((run_dir / "results.json").read_text())
     metrics = results["metrics"]
     assert 0.0 <= metrics["val/exact_match"] <= metrics["val/f1"] <= 1.0

@@ -17,9 +17,18 @@ from tests.conftest import kdexp_train
 
 pytestmark = pytest.mark.integration
 
-SLICE = ["task=sst2", "data.max_train_samples=96", "data.max_eval_samples=64", "data.max_length=64",
-         "teacher.epochs=1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=csv",
-         "method.mlm.adapt.steps=12", "method.mlm.adapt.batch_size=16"]
+SLICE = [
+    "task=sst2",
+    "data.max_train_samples=96",
+    "data.max_eval_samples=64",
+    "data.max_length=64",
+    "teacher.epochs=1",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "method.mlm.adapt.steps=12",
+    "method.mlm.adapt.batch_size=16",
+]
 
 
 def test_text_smoothing_on_minilm_with_adapted_mlm_head(real_env: dict[str, str], tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdexp.model_internals import forward_with_internals
 from kdexp.internal.layer_map import LayerPair, uniform_layer_map
 from kdexp.internal.losses import InternalProjections, internal_terms, internal_weights
 from kdexp.losses import attention_kl, cls_cosine_loss, hidden_mse, layer_output, weighted_sum
+from kdexp.model_internals import forward_with_internals
 
 VOCAB_SIZE = 60
 
@@ -130,10 +130,13 @@ def test_attention_kl_of_identical_maps_is_zero_and_finite() -> None:
 def test_cls_cosine_loss_matches_formula() -> None:
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(4, 8, generator=generator), torch.randn(4, 8, generator=generator)
-    expected = sum(
-        1 - torch.dot(teacher[b], student[b]).item() / (teacher[b].norm().item() * student[b].norm().item())
-        for b in range(4)
-    ) / 4
+    expected = (
+        sum(
+            1 - torch.dot(teacher[b], student[b]).item() / (teacher[b].norm().item() * student[b].norm().item())
+            for b in range(4)
+        )
+        / 4
+    )
     assert cls_cosine_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="project the student first"):
         cls_cosine_loss(torch.randn(4, 6), teacher)
@@ -211,7 +214,9 @@ def test_internal_loss_uses_layer_j_as_hidden_states_j_plus_1() -> None:
             student_out.attentions,
             teacher_out.attentions,
         )
-        total = weighted_sum(terms, internal_weights(pairs, attention_weight=0.5, cls_weight=2.0, hidden_mse_weight=0.0))
+        total = weighted_sum(
+            terms, internal_weights(pairs, attention_weight=0.5, cls_weight=2.0, hidden_mse_weight=0.0)
+        )
     mask = batch["attention_mask"]
     expected_total = 0.0
     for pair in pairs:

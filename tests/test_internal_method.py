@@ -21,8 +21,8 @@ from transformers import BertForSequenceClassification
 
 import kdexp.methods.internal as internal_mod
 import kdexp.teacher as teacher_mod
-from kdexp.internal import LayerPair
 from kdexp.config import OptimConfig
+from kdexp.internal import LayerPair
 from kdexp.methods.internal import InternalConfigError, InternalDistillation
 from kdexp.model_internals import forward_with_internals, truncated_encoder
 from kdexp.run import ConfigError, build_context, compose_config, method_options, run
@@ -37,11 +37,15 @@ N_EXAMPLES, BATCH, SEQ = 8, 4, 6
 STUDENT_PAIRS = (LayerPair(0, 1), LayerPair(1, 3))  # uniform map, 2-layer student, 4-layer teacher
 
 
-def tiny_models(student_hidden: int = 16, student_heads: int = 2) -> tuple[BertForSequenceClassification, BertForSequenceClassification]:
+def tiny_models(
+    student_hidden: int = 16, student_heads: int = 2
+) -> tuple[BertForSequenceClassification, BertForSequenceClassification]:
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_bert_config(num_layers=4))  # hidden 32, 2 heads
     student = BertForSequenceClassification(
-        tiny_bert_config(num_layers=2, hidden_size=student_hidden, num_attention_heads=student_heads, intermediate_size=32)
+        tiny_bert_config(
+            num_layers=2, hidden_size=student_hidden, num_attention_heads=student_heads, intermediate_size=32
+        )
     )
     return teacher, student
 
@@ -64,14 +68,21 @@ class TinyData(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "token_type_ids": torch.zeros(SEQ, dtype=torch.long),
-                "labels": self.labels[i], "idx": torch.tensor(i)}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": self.mask[i],
+            "token_type_ids": torch.zeros(SEQ, dtype=torch.long),
+            "labels": self.labels[i],
+            "idx": torch.tensor(i),
+        }
 
 
 def loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     data = TinyData()
-    return (torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False),
-            torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False))
+    return (
+        torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False),
+        torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False),
+    )
 
 
 def teacher_signals(teacher: BertForSequenceClassification) -> TeacherSignals:
@@ -84,8 +95,11 @@ def make_module(algorithm: str = "pid", student_heads: int = 2, **options) -> In
     _, student = tiny_models(student_heads=student_heads)
     options.setdefault("epochs_per_stage", 2)
     return InternalDistillation(
-        student, TASK, OptimConfig(learning_rate=1e-3, warmup_ratio=0.0),
-        options=method_options(f"internal_{algorithm}", **options), teacher=teacher_signals(teacher),
+        student,
+        TASK,
+        OptimConfig(learning_rate=1e-3, warmup_ratio=0.0),
+        options=method_options(f"internal_{algorithm}", **options),
+        teacher=teacher_signals(teacher),
     )
 
 
@@ -126,9 +140,16 @@ class Spy:
 
 
 def fit(module: InternalDistillation, max_epochs: int, callbacks=(), ckpt_path=None) -> pl.Trainer:
-    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                         callbacks=list(callbacks))
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+    )
     train, val = loaders()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -186,7 +207,9 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("algorithm", ["pid", "sid", "all"])
-def test_stages_switch_at_the_right_epochs_with_the_right_layers(algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stages_switch_at_the_right_epochs_with_the_right_layers(
+    algorithm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spy = Spy(monkeypatch)
     module = make_module(algorithm)
     fit(module, 6, [spy.callback])
@@ -214,7 +237,12 @@ def test_patience_ends_a_stage_early_inside_a_fit(monkeypatch: pytest.MonkeyPatc
     module = make_module("pid", epochs_per_stage=3, patience=1, min_delta=1e9)
     fit(module, 5, [spy.callback])
     assert [spy.pairs.get(e, set()) for e in range(5)] == [
-        {(STUDENT_PAIRS[0],)}, {(STUDENT_PAIRS[0],)}, {(STUDENT_PAIRS[1],)}, {(STUDENT_PAIRS[1],)}, set()]
+        {(STUDENT_PAIRS[0],)},
+        {(STUDENT_PAIRS[0],)},
+        {(STUDENT_PAIRS[1],)},
+        {(STUDENT_PAIRS[1],)},
+        set(),
+    ]
 
 
 class Interrupt(Exception):
@@ -271,8 +299,15 @@ def test_a_checkpoint_of_another_method_is_refused() -> None:
 
 def test_too_few_max_epochs_is_refused_naming_the_key_and_the_number() -> None:
     def check(method: str, epochs: int) -> None:
-        cfg = compose_config([f"method={method}", "method.epochs_per_stage=2", "method.kd_epochs=1",
-                              "student.num_layers=2", f"trainer.max_epochs={epochs}"])
+        cfg = compose_config(
+            [
+                f"method={method}",
+                "method.epochs_per_stage=2",
+                "method.kd_epochs=1",
+                "student.num_layers=2",
+                f"trainer.max_epochs={epochs}",
+            ]
+        )
         InternalDistillation.check_config(cfg, TASK)
 
     with pytest.raises(ConfigError, match=r"trainer\.max_epochs=4 is too small.*= 5 epochs.*trainer\.max_epochs=5"):
@@ -342,8 +377,9 @@ def test_pipeline_refuses_too_few_epochs_before_training(tiny_setup: tuple[Path,
     assert not (tmp_path / "run").exists()
 
 
-def test_cached_cls_vectors_replace_the_teacher_forward(tiny_setup: tuple[Path, Path, Path], tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_cls_vectors_replace_the_teacher_forward(
+    tiny_setup: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_cfg(*tiny_setup, "method=internal_all", "method.attention_weight=0")
     context, cls, options = build_context(cfg, tmp_path / "run")
     cached = cls.from_run(context, options)  # teacher_cls_cache: auto -> cached (only [CLS] is needed)
@@ -363,5 +399,9 @@ def test_cached_cls_vectors_replace_the_teacher_forward(tiny_setup: tuple[Path, 
     cached_out = cached.teacher_internals(batch, pairs)
     assert calls == []  # no teacher forward
     for pair in pairs:
-        torch.testing.assert_close(cached_out.hidden_states[pair.teacher + 1][:, 0],
-                                   live_out.hidden_states[pair.teacher + 1][:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            cached_out.hidden_states[pair.teacher + 1][:, 0],
+            live_out.hidden_states[pair.teacher + 1][:, 0],
+            rtol=1e-5,
+            atol=1e-5,
+        )

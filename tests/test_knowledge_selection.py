@@ -28,8 +28,15 @@ from tests.conftest import tiny_bert_config, tiny_tokenizer
 from tests.test_pipeline import tiny_cfg
 
 TASK = get_task("sst2")
-SMALL_AGENT = ["method.agent.episodes=2", "method.agent.episode_phases=2", "method.phase_steps=2",
-               "method.reward.rows=4", "method.agent.batch_size=2", "student.num_layers=2", "logger=csv"]
+SMALL_AGENT = [
+    "method.agent.episodes=2",
+    "method.agent.episode_phases=2",
+    "method.phase_steps=2",
+    "method.reward.rows=4",
+    "method.agent.batch_size=2",
+    "student.num_layers=2",
+    "logger=csv",
+]
 
 
 def a_batch() -> dict[str, torch.Tensor]:
@@ -93,8 +100,9 @@ def context(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, *overrides: st
     return build_context(cfg, tmp_path / "run")
 
 
-def test_reward_rows_are_disjoint_from_the_rows_the_episodes_train_on(tiny_model_dir: Path, glue_dir: Path,
-                                                                     tmp_path: Path) -> None:
+def test_reward_rows_are_disjoint_from_the_rows_the_episodes_train_on(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     run_context, _, _ = context(tiny_model_dir, glue_dir, tmp_path)
     data = run_context.data
     held_out, kept = reward_rows(data, "train", 4, seed=0)
@@ -104,17 +112,23 @@ def test_reward_rows_are_disjoint_from_the_rows_the_episodes_train_on(tiny_model
     assert list(dev_rows["idx"]) == [0, 1, 2] and every_row == list(range(len(data.train)))
 
 
-def test_mean_cross_entropy_is_the_task_loss_over_the_rows(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_mean_cross_entropy_is_the_task_loss_over_the_rows(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     run_context, _, _ = context(tiny_model_dir, glue_dir, tmp_path)
     rows = run_context.data.train.select(range(5))
     student = run_context.student.eval()
     by_hand = []
     for row in rows:
-        logits = student(input_ids=torch.tensor([row["input_ids"]]), attention_mask=torch.tensor([row["attention_mask"]]),
-                         token_type_ids=torch.tensor([row["token_type_ids"]])).logits
+        logits = student(
+            input_ids=torch.tensor([row["input_ids"]]),
+            attention_mask=torch.tensor([row["attention_mask"]]),
+            token_type_ids=torch.tensor([row["token_type_ids"]]),
+        ).logits
         by_hand.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor([row["labels"]]))))
     assert mean_cross_entropy(student, rows, run_context.data, Hardware(), batch_size=2) == pytest.approx(
-        sum(by_hand) / 5, rel=1e-5)
+        sum(by_hand) / 5, rel=1e-5
+    )
 
 
 class DevTouched(Exception):
@@ -153,9 +167,20 @@ def test_agent_stage_rewards_are_the_measured_ce_decrease_and_never_read_dev(
     assert module.agent is not None
 
     with pytest.raises(DevTouched):
-        cls.from_run(run_context, method_options("knowledge_selection", **{"reward.split": "dev", "agent.episodes": 2,
-                                                                            "agent.episode_phases": 2, "phase_steps": 2,
-                                                                            "reward.rows": 4, "agent.batch_size": 2}))
+        cls.from_run(
+            run_context,
+            method_options(
+                "knowledge_selection",
+                **{
+                    "reward.split": "dev",
+                    "agent.episodes": 2,
+                    "agent.episode_phases": 2,
+                    "phase_steps": 2,
+                    "reward.rows": 4,
+                    "agent.batch_size": 2,
+                },
+            ),
+        )
 
 
 def test_the_policy_acts_once_per_phase_and_the_agent_stage_is_reused(
@@ -169,18 +194,39 @@ def test_the_policy_acts_once_per_phase_and_the_agent_stage_is_reused(
         return original_decide(self, batch)
 
     monkeypatch.setattr(KnowledgeSelection, "decide", counting_decide)
-    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=knowledge_selection", *SMALL_AGENT,
-                   "trainer.max_epochs=2", "data.batch_size=4", "trainer.log_every_n_steps=1")
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        glue_dir,
+        tmp_path / "cache",
+        "method=knowledge_selection",
+        *SMALL_AGENT,
+        "trainer.max_epochs=2",
+        "data.batch_size=4",
+        "trainer.log_every_n_steps=1",
+    )
     first = run(cfg, tmp_path / "a")
     steps = 2 * math.ceil(12 / 4)
     assert acts == list(range(0, steps, 2))  # one decision at the first step of every 2-step phase
     phases = first["method_info"]["phase_actions"]
-    assert [p["step"] for p in phases] == acts and all(set(p["weights"]) == {"fink", "resk", "feak", "relk"} for p in phases)
+    assert [p["step"] for p in phases] == acts and all(
+        set(p["weights"]) == {"fink", "resk", "feak", "relk"} for p in phases
+    )
     assert first["method_info"]["agent_stage"]["from_cache"] is False
 
     monkeypatch.setattr(stage_mod.AgentStage, "run_episode", lambda *a, **k: pytest.fail("the agent was trained again"))
-    second = run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=knowledge_selection", *SMALL_AGENT,
-                          "trainer.max_epochs=2", "data.batch_size=4", "seed=2"), tmp_path / "b")
+    second = run(
+        tiny_cfg(
+            tiny_model_dir,
+            glue_dir,
+            tmp_path / "cache",
+            "method=knowledge_selection",
+            *SMALL_AGENT,
+            "trainer.max_epochs=2",
+            "data.batch_size=4",
+            "seed=2",
+        ),
+        tmp_path / "b",
+    )
     assert second["method_info"]["agent_stage"]["from_cache"] is True
     assert second["method_info"]["agent_stage"]["key"] == first["method_info"]["agent_stage"]["key"]
     log = (tmp_path / "a" / "csv" / "metrics.csv").read_text().splitlines()[0]
@@ -194,12 +240,30 @@ def test_a_killed_agent_stage_resumes_to_the_same_agent(tiny_model_dir: Path, gl
         env.pop("KDEXP_FAULT_AT", None)
         if fault:
             env["KDEXP_FAULT_AT"] = fault
-        args = [f"teacher.name_or_path={tiny_model_dir}", f"data.glue_dir={glue_dir}", f"cache_dir={cache}",
-                f"hydra.run.dir={run_dir}", "teacher.epochs=1", "teacher.batch_size=4", "data.batch_size=4",
-                "data.max_length=32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-                "optim.learning_rate=1e-3", "method=knowledge_selection", *SMALL_AGENT, "method.agent.episodes=3"]
-        return subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
+        args = [
+            f"teacher.name_or_path={tiny_model_dir}",
+            f"data.glue_dir={glue_dir}",
+            f"cache_dir={cache}",
+            f"hydra.run.dir={run_dir}",
+            "teacher.epochs=1",
+            "teacher.batch_size=4",
+            "data.batch_size=4",
+            "data.max_length=32",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "optim.learning_rate=1e-3",
+            "method=knowledge_selection",
+            *SMALL_AGENT,
+            "method.agent.episodes=3",
+        ]
+        return subprocess.run(
+            [sys.executable, "-m", "kdexp.train", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     straight = launch(tmp_path / "c1", tmp_path / "r1")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -225,9 +289,16 @@ def test_the_actions_plot_draws_one_line_per_kind_through_the_weights(tmp_path: 
 
     from kdexp.tools import plot_actions
 
-    weights = [{"fink": 1.0, "resk": 0.5, "feak": 0.0, "relk": 0.25}, {"fink": 0.0, "resk": 1.0, "feak": 1.0, "relk": 0.0}]
-    results = {"task": "sst2", "method": "knowledge_selection", "seed": 1,
-               "method_info": {"phase_actions": [{"phase": i, "step": 2 * i, "weights": w} for i, w in enumerate(weights)]}}
+    weights = [
+        {"fink": 1.0, "resk": 0.5, "feak": 0.0, "relk": 0.25},
+        {"fink": 0.0, "resk": 1.0, "feak": 1.0, "relk": 0.0},
+    ]
+    results = {
+        "task": "sst2",
+        "method": "knowledge_selection",
+        "seed": 1,
+        "method_info": {"phase_actions": [{"phase": i, "step": 2 * i, "weights": w} for i, w in enumerate(weights)]},
+    }
     (tmp_path / "results.json").write_text(json.dumps(results))
     plot_actions.main([str(tmp_path), "--out", str(tmp_path / "a.svg")])
     svg = (tmp_path / "a.svg").read_text()

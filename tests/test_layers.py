@@ -15,10 +15,32 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdexp"
 
 # Lowest first. A module may import modules of its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
-    ("kdexp", "kdexp.conf", "kdexp.errors", "kdexp.seeding", "kdexp.faults", "kdexp.tasks", "kdexp.config",
-     "kdexp.hardware", "kdexp.preemption", "kdexp.run_folder"),
-    ("kdexp.cache", "kdexp.data", "kdexp.inference", "kdexp.models", "kdexp.tiny_models", "kdexp.families", "kdexp.metrics", "kdexp.model_internals", "kdexp.phases",
-     "kdexp.losses", "kdexp.context", "kdexp.loggers"),
+    (
+        "kdexp",
+        "kdexp.conf",
+        "kdexp.errors",
+        "kdexp.seeding",
+        "kdexp.faults",
+        "kdexp.tasks",
+        "kdexp.config",
+        "kdexp.hardware",
+        "kdexp.preemption",
+        "kdexp.run_folder",
+    ),
+    (
+        "kdexp.cache",
+        "kdexp.data",
+        "kdexp.inference",
+        "kdexp.models",
+        "kdexp.tiny_models",
+        "kdexp.families",
+        "kdexp.metrics",
+        "kdexp.model_internals",
+        "kdexp.phases",
+        "kdexp.losses",
+        "kdexp.context",
+        "kdexp.loggers",
+    ),
     ("kdexp.teacher", "kdexp.decision", "kdexp.internal", "kdexp.smoothing", "kdexp.selection"),
     ("kdexp.methods",),
     ("kdexp.training",),
@@ -59,8 +81,10 @@ def runtime_imports(tree: ast.AST) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {d for d in runtime_imports(ast.parse(path.read_text())) if d in modules and d != name}
-            for name, path in modules.items()}
+    return {
+        name: {d for d in runtime_imports(ast.parse(path.read_text())) if d in modules and d != name}
+        for name, path in modules.items()
+    }
 
 
 def layer_of(module: str) -> int:
@@ -88,7 +112,7 @@ def test_the_import_graph_has_no_cycle() -> None:
         path.append(module)
         for dependency in sorted(graph[module]):
             if state.get(dependency) == 1:
-                cycles.append(path[path.index(dependency):] + [dependency])
+                cycles.append(path[path.index(dependency) :] + [dependency])
             elif dependency not in state:
                 visit(dependency)
         path.pop()
@@ -101,9 +125,12 @@ def test_the_import_graph_has_no_cycle() -> None:
 
 
 def test_imports_point_down_only() -> None:
-    upward = [f"{module} (layer {layer_of(module)}) imports {dependency} (layer {layer_of(dependency)})"
-              for module, dependencies in import_graph().items() for dependency in dependencies
-              if layer_of(dependency) > layer_of(module)]
+    upward = [
+        f"{module} (layer {layer_of(module)}) imports {dependency} (layer {layer_of(dependency)})"
+        for module, dependencies in import_graph().items()
+        for dependency in dependencies
+        if layer_of(dependency) > layer_of(module)
+    ]
     assert not upward, "\n".join(sorted(upward))
 
 

@@ -74,7 +74,7 @@ def test_projections_map_the_student_width_to_the_teacher_width() -> None:
 
 def test_the_gradient_of_a_weighted_sum_scales_with_each_weight() -> None:
     x = torch.tensor([1.0, 2.0], requires_grad=True)
-    terms = {"first": (x ** 2).sum(), "second": (3 * x).sum()}
+    terms = {"first": (x**2).sum(), "second": (3 * x).sum()}
     for w1, w2 in ((1.0, 0.0), (0.5, 2.0), (0.0, 1.0)):
         x.grad = None
         weighted_sum(terms, {"first": torch.tensor(w1), "second": torch.tensor(w2)}).backward(retain_graph=True)

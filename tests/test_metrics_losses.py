@@ -108,7 +108,11 @@ def test_kd_loss_is_zero_when_student_equals_teacher() -> None:
 
 
 def test_weighted_sum_takes_tensor_weights_and_refuses_unknown_terms() -> None:
-    terms = {"a": torch.tensor(2.0, requires_grad=True), "b": torch.tensor(3.0, requires_grad=True), "c": torch.tensor(5.0)}
+    terms = {
+        "a": torch.tensor(2.0, requires_grad=True),
+        "b": torch.tensor(3.0, requires_grad=True),
+        "c": torch.tensor(5.0),
+    }
     weights = {"a": torch.tensor(0.25), "b": 2.0}  # "c" is only logged
     total = weighted_sum(terms, weights)
     assert float(total) == 0.25 * 2 + 2.0 * 3
@@ -120,7 +124,6 @@ def test_weighted_sum_takes_tensor_weights_and_refuses_unknown_terms() -> None:
 
 @pytest.mark.parametrize("kd_form,ce_weight", [("hinton", 0.3), ("additive", 1.0)])
 def test_vanilla_kd_forms_weight_ce_as_hinton_or_as_the_dbkd_authors(kd_form: str, ce_weight: float) -> None:
-    from types import SimpleNamespace
 
     from transformers import BertForSequenceClassification
 
@@ -134,12 +137,22 @@ def test_vanilla_kd_forms_weight_ce_as_hinton_or_as_the_dbkd_authors(kd_form: st
     torch.manual_seed(0)
     student = BertForSequenceClassification(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     teacher_logits = torch.randn(4, 2)
-    module = VanillaKD(student, get_task("sst2"), OptimConfig(), teacher=TeacherSignals(logits=teacher_logits),
-                       options=method_options("vanilla_kd", kd_form=kd_form, alpha=0.7, temperature=2.0))
-    batch = {**tiny_tokenizer()(["the movie is good", "a bad film"], padding=True, return_tensors="pt"),
-             "labels": torch.tensor([1, 0]), "idx": torch.tensor([2, 0])}
+    module = VanillaKD(
+        student,
+        get_task("sst2"),
+        OptimConfig(),
+        teacher=TeacherSignals(logits=teacher_logits),
+        options=method_options("vanilla_kd", kd_form=kd_form, alpha=0.7, temperature=2.0),
+    )
+    batch = {
+        **tiny_tokenizer()(["the movie is good", "a bad film"], padding=True, return_tensors="pt"),
+        "labels": torch.tensor([1, 0]),
+        "idx": torch.tensor([2, 0]),
+    }
     loss, _ = module.training_loss(batch)
     logits = module(batch).float()
     ce = float(torch.nn.functional.cross_entropy(logits, batch["labels"]))
-    kd = 4.0 * _kl_by_hand(teacher_logits[batch["idx"]].numpy().astype(float), logits.detach().numpy().astype(float), 2.0)
+    kd = 4.0 * _kl_by_hand(
+        teacher_logits[batch["idx"]].numpy().astype(float), logits.detach().numpy().astype(float), 2.0
+    )
     assert float(loss) == pytest.approx(ce_weight * ce + 0.7 * kd, rel=1e-5)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tokenizer as shared_tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
 
@@ -19,8 +19,6 @@ from kdexp.smoothing import (
     vocabulary_fingerprint,
 )
 from kdexp.smoothing.mlm import mask_tokens
-
-from conftest import tiny_tokenizer as shared_tiny_tokenizer
 
 WORDS = [f"w{i}" for i in range(12)]
 HEAD_KEYS = [

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoModelForSequenceClassification
 
 from kdexp.models import ModelError, build_student, model_max_positions, resolve_model_path, uniform_layer_indices
 from kdexp.tasks import get_task
-from transformers import AutoModelForSequenceClassification
 
 
 def _layer_weight(model, i: int) -> torch.Tensor:
@@ -22,7 +22,9 @@ def _layer_weight(model, i: int) -> torch.Tensor:
 
 def test_first_layers_copies_embeddings_and_the_first_k_layers(tiny_model_dir: Path) -> None:
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
-    student = build_student(OmegaConf.create({"init": "first_layers", "num_layers": 2}), str(tiny_model_dir), get_task("sst2"))
+    student = build_student(
+        OmegaConf.create({"init": "first_layers", "num_layers": 2}), str(tiny_model_dir), get_task("sst2")
+    )
     assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
     for i in range(2):
         assert torch.equal(_layer_weight(student, i), _layer_weight(teacher, i))
@@ -31,7 +33,9 @@ def test_first_layers_copies_embeddings_and_the_first_k_layers(tiny_model_dir: P
 
 def test_every_nth_layer_takes_uniformly_spaced_layers(tiny_model_dir: Path) -> None:
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
-    student = build_student(OmegaConf.create({"init": "every_nth_layer", "num_layers": 2}), str(tiny_model_dir), get_task("sst2"))
+    student = build_student(
+        OmegaConf.create({"init": "every_nth_layer", "num_layers": 2}), str(tiny_model_dir), get_task("sst2")
+    )
     assert torch.equal(_layer_weight(student, 0), _layer_weight(teacher, 1))
     assert torch.equal(_layer_weight(student, 1), _layer_weight(teacher, 3))
 
@@ -44,7 +48,9 @@ def test_uniform_layer_indices_closed_form() -> None:
 
 
 def test_student_saved_and_reloaded_gives_the_same_outputs(tiny_model_dir: Path, tmp_path: Path) -> None:
-    student = build_student(OmegaConf.create({"init": "first_layers", "num_layers": 3}), str(tiny_model_dir), get_task("mnli"))
+    student = build_student(
+        OmegaConf.create({"init": "first_layers", "num_layers": 3}), str(tiny_model_dir), get_task("mnli")
+    )
     student.eval()
     student.save_pretrained(tmp_path / "s")
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s").eval()
@@ -55,11 +61,15 @@ def test_student_saved_and_reloaded_gives_the_same_outputs(tiny_model_dir: Path,
 
 def test_k_larger_than_the_teacher_is_refused_with_the_range(tiny_model_dir: Path) -> None:
     with pytest.raises(ModelError, match=r"student.num_layers=5 .* 4 layers: choose 1..4"):
-        build_student(OmegaConf.create({"init": "first_layers", "num_layers": 5}), str(tiny_model_dir), get_task("sst2"))
+        build_student(
+            OmegaConf.create({"init": "first_layers", "num_layers": 5}), str(tiny_model_dir), get_task("sst2")
+        )
 
 
 def test_random_student_has_the_configured_sizes(tiny_model_dir: Path) -> None:
-    spec = OmegaConf.create({"init": "random", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24})
+    spec = OmegaConf.create(
+        {"init": "random", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24}
+    )
     student = build_student(spec, str(tiny_model_dir), get_task("stsb"))
     assert (student.config.hidden_size, student.config.num_hidden_layers, student.config.num_labels) == (16, 1, 1)
     bad = OmegaConf.create({"init": "random", "hidden_size": 15, "num_attention_heads": 2})
@@ -86,21 +96,30 @@ def test_relative_name_that_can_only_be_a_folder_is_refused_before_the_hub(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
     where = re.escape(f"(relative to {tmp_path})")
-    with pytest.raises(ModelError, match=rf"^teacher.name_or_path='outputs/my_teacher': no such folder {where}; give the path of a saved"):
+    with pytest.raises(
+        ModelError,
+        match=rf"^teacher.name_or_path='outputs/my_teacher': no such folder {where}; give the path of a saved",
+    ):
         resolve_model_path("outputs/my_teacher", "teacher.name_or_path")
     with pytest.raises(ModelError, match=r"^student.name_or_path='runs/a/teacher': no such folder"):
         resolve_model_path("runs/a/teacher", "student.name_or_path")
     shutil.copytree(tiny_model_dir, tmp_path / "outputs" / "my_teacher")
     assert resolve_model_path("outputs/my_teacher") == str(tmp_path / "outputs" / "my_teacher")
-    assert resolve_model_path("google/bert_uncased_L-2_H-128_A-2") == "google/bert_uncased_L-2_H-128_A-2"  # an org, not a folder
+    assert (
+        resolve_model_path("google/bert_uncased_L-2_H-128_A-2") == "google/bert_uncased_L-2_H-128_A-2"
+    )  # an org, not a folder
 
 
 @pytest.mark.parametrize(
     ("config_text", "expected"),
-    [("{not json", r"config.json:1: not valid JSON \(.*\); the folder .* needs the config.json"),
-     ('{"hidden_size": 32}', r"config.json: has no 'model_type' .*; the folder .* needs the config.json")],
+    [
+        ("{not json", r"config.json:1: not valid JSON \(.*\); the folder .* needs the config.json"),
+        ('{"hidden_size": 32}', r"config.json: has no 'model_type' .*; the folder .* needs the config.json"),
+    ],
 )
-def test_model_folder_with_a_broken_config_names_the_file(tiny_model_dir: Path, config_text: str, expected: str) -> None:
+def test_model_folder_with_a_broken_config_names_the_file(
+    tiny_model_dir: Path, config_text: str, expected: str
+) -> None:
     (tiny_model_dir / "config.json").write_text(config_text)
     with pytest.raises(ModelError, match=re.escape(str(tiny_model_dir)) + "/" + expected):
         resolve_model_path(str(tiny_model_dir), "teacher.name_or_path")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPECIAL, WORDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SPECIAL, WORDS
 from kdexp.data import pad_batch
 from kdexp.decision.teacher import DecisionTeacher
 from kdexp.errors import ConfigError, DataError
@@ -55,8 +55,12 @@ def test_own_multiple_choice_files_take_an_index_a_letter_or_the_text_and_refuse
 def test_option_pairs_give_one_sequence_per_option_and_batch_as_rows_by_options() -> None:
     from conftest import tiny_tokenizer
 
-    batch = {"context": ["the movie is good", "a bad film"], "question": ["is it", "was it"],
-             "choices": [["good", "bad", "dull"], ["fun", "great", "awful"]], "label": [0, 2]}
+    batch = {
+        "context": ["the movie is good", "a bad film"],
+        "question": ["is it", "was it"],
+        "choices": [["good", "bad", "dull"], ["fun", "great", "awful"]],
+        "label": [0, 2],
+    }
     encoded = multiple_choice.option_pairs(batch, tiny_tokenizer(), 16)
     assert [len(row) for row in encoded["input_ids"]] == [3, 3] and encoded["labels"] == [0, 2]
     rows = [{name: encoded[name][i] for name in encoded} | {"idx": i} for i in range(2)]
@@ -94,12 +98,25 @@ def test_a_tiny_gpt2_decision_teacher_decides_through_its_label_words_only(tmp_p
             head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
         head.bias[tokenizer.convert_tokens_to_ids("movie")] = 50.0
     model = LabelWordChoiceModel(lm, words).eval()
-    queries = [("the movie is good", "is it", "good", "bad", "dull"), ("a bad film", "was it", "fun", "great", "awful"),
-               ("it is fun", "is it", "not fun", "fun", "dull")]
-    batch = multiple_choice.prompts({"context": [q[0] for q in queries], "question": [q[1] for q in queries],
-                                     "choices": [list(q[2:]) for q in queries], "label": [0] * 3}, tokenizer, 48)
-    rows = [{"input_ids": ids, "attention_mask": mask, "idx": i}
-            for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"]))]
+    queries = [
+        ("the movie is good", "is it", "good", "bad", "dull"),
+        ("a bad film", "was it", "fun", "great", "awful"),
+        ("it is fun", "is it", "not fun", "fun", "dull"),
+    ]
+    batch = multiple_choice.prompts(
+        {
+            "context": [q[0] for q in queries],
+            "question": [q[1] for q in queries],
+            "choices": [list(q[2:]) for q in queries],
+            "label": [0] * 3,
+        },
+        tokenizer,
+        48,
+    )
+    rows = [
+        {"input_ids": ids, "attention_mask": mask, "idx": i}
+        for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"]))
+    ]
     with torch.no_grad():
         output = model(**{k: v for k, v in pad_batch(rows, 0).items() if k != "idx"})
     assert off_label_fraction(output.next_token_logits, model.word_ids) == 1.0  # the top token is never a label word
@@ -126,27 +143,50 @@ def mrc_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     squad = json.loads(SQUAD_SUBSET.read_text())
     texts += [p["context"] + " " + q["question"] for a in squad["data"] for p in a["paragraphs"] for q in p["qas"]]
     vocabulary = vocabulary_of(texts, 4000)
-    return {name: save_tiny_model(root / name, family, vocabulary, head=head, max_length=160)
-            for name, family, head in (("mc", "bert", "multiple_choice"), ("qa", "bert", "question_answering"),
-                                       ("gpt2", "gpt2", "causal_lm"))}
+    return {
+        name: save_tiny_model(root / name, family, vocabulary, head=head, max_length=160)
+        for name, family, head in (
+            ("mc", "bert", "multiple_choice"),
+            ("qa", "bert", "question_answering"),
+            ("gpt2", "gpt2", "causal_lm"),
+        )
+    }
 
 
 def mrc_run(tmp_path: Path, model: Path, *overrides: str) -> dict:
-    cfg = compose_config([f"teacher.name_or_path={model}", "teacher.epochs=1", "student.num_layers=2",
-                          "data.max_train_samples=32", "data.max_eval_samples=16", "data.batch_size=8",
-                          "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
-                          f"cache_dir={tmp_path / 'cache'}", f"data.mrc_dir={MRC}", *overrides])
+    cfg = compose_config(
+        [
+            f"teacher.name_or_path={model}",
+            "teacher.epochs=1",
+            "student.num_layers=2",
+            "data.max_train_samples=32",
+            "data.max_eval_samples=16",
+            "data.batch_size=8",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"data.mrc_dir={MRC}",
+            *overrides,
+        ]
+    )
     return run(cfg, tmp_path / "run")
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
-@pytest.mark.parametrize("method, model, extra", [
-    ("vanilla_kd", "mc", []), ("dbkd", "mc", ["method.queries.num_queries=3"]),
-    ("text_smoothing", "mc", ["method.mlm.adapt.steps=2", "method.top_k=8"]),
-    ("dbkd", "gpt2", ["method.queries.num_queries=3"]), ("vanilla_kd", "gpt2", []),
-])
-def test_dream_runs_each_method_and_reports_accuracy(tmp_path: Path, mrc_models: dict, method: str, model: str,
-                                                     extra: list[str]) -> None:
+@pytest.mark.parametrize(
+    "method, model, extra",
+    [
+        ("vanilla_kd", "mc", []),
+        ("dbkd", "mc", ["method.queries.num_queries=3"]),
+        ("text_smoothing", "mc", ["method.mlm.adapt.steps=2", "method.top_k=8"]),
+        ("dbkd", "gpt2", ["method.queries.num_queries=3"]),
+        ("vanilla_kd", "gpt2", []),
+    ],
+)
+def test_dream_runs_each_method_and_reports_accuracy(
+    tmp_path: Path, mrc_models: dict, method: str, model: str, extra: list[str]
+) -> None:
     results = mrc_run(tmp_path, mrc_models[model], "task=dream", f"method={method}", *extra)
     assert 0.0 <= results["metrics"]["val/accuracy"] <= 1.0 and "val/accuracy" in results["teacher_metrics"]
     if method == "dbkd":
@@ -154,24 +194,39 @@ def test_dream_runs_each_method_and_reports_accuracy(tmp_path: Path, mrc_models:
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
-@pytest.mark.parametrize("method, extra", [("vanilla_kd", []),
-                                           ("text_smoothing", ["method.mlm.adapt.steps=2", "method.top_k=8"])])
-def test_the_squad_subset_split_by_article_runs_and_reports_em_and_f1(tmp_path: Path, mrc_models: dict, method: str,
-                                                                     extra: list[str]) -> None:
-    results = mrc_run(tmp_path, mrc_models["qa"], "task=squad_v2", f"method={method}", f"task.train_file={SQUAD_SUBSET}",
-                      "task.dev_articles=[Normans]", "data.max_length=128", "task.doc_stride=32", *extra)
+@pytest.mark.parametrize(
+    "method, extra", [("vanilla_kd", []), ("text_smoothing", ["method.mlm.adapt.steps=2", "method.top_k=8"])]
+)
+def test_the_squad_subset_split_by_article_runs_and_reports_em_and_f1(
+    tmp_path: Path, mrc_models: dict, method: str, extra: list[str]
+) -> None:
+    results = mrc_run(
+        tmp_path,
+        mrc_models["qa"],
+        "task=squad_v2",
+        f"method={method}",
+        f"task.train_file={SQUAD_SUBSET}",
+        "task.dev_articles=[Normans]",
+        "data.max_length=128",
+        "task.doc_stride=32",
+        *extra,
+    )
     assert {"val/exact_match", "val/f1"} <= set(results["metrics"])
     assert 0.0 <= results["metrics"]["val/exact_match"] <= results["metrics"]["val/f1"] <= 1.0  # fractions
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
-@pytest.mark.parametrize("task, method, model, message", [
-    ("dream", "internal_all", "mc", "does not apply to dream"),
-    ("squad_v2", "dbkd", "qa", "does not apply to squad_v2"),
-    ("dream", "text_smoothing", "gpt2", "a decoder LM student has no MLM"),
-])
-def test_a_method_that_does_not_apply_is_refused_in_one_line(tmp_path: Path, mrc_models: dict, task: str, method: str,
-                                                             model: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "task, method, model, message",
+    [
+        ("dream", "internal_all", "mc", "does not apply to dream"),
+        ("squad_v2", "dbkd", "qa", "does not apply to squad_v2"),
+        ("dream", "text_smoothing", "gpt2", "a decoder LM student has no MLM"),
+    ],
+)
+def test_a_method_that_does_not_apply_is_refused_in_one_line(
+    tmp_path: Path, mrc_models: dict, task: str, method: str, model: str, message: str
+) -> None:
     extra = [f"task.train_file={SQUAD_SUBSET}", "task.dev_articles=[Normans]"] if task == "squad_v2" else []
     with pytest.raises(ConfigError, match=message) as err:
         mrc_run(tmp_path, mrc_models[model], f"task={task}", f"method={method}", *extra)

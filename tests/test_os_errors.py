@@ -46,9 +46,9 @@ __all__ = ["straight"]  # the uninterrupted run every rerun is compared with (a 
 REMEDY = {
     errno.ENOSPC: "free space on its file system (or raise the quota), or choose another folder with",
     errno.EACCES: "make it writable (its owner and mode, or an immutable flag: lsattr, chattr -i), or choose "
-                  "another folder with",
+    "another folder with",
     errno.EPERM: "make it writable (its owner and mode, or an immutable flag: lsattr, chattr -i), or choose "
-                 "another folder with",
+    "another folder with",
     errno.EROFS: "its file system is mounted read-only: choose another folder with",
 }
 
@@ -56,19 +56,35 @@ REMEDY = {
 # --------------------------------------------------------------------------- helpers shared with test_shared_cache
 
 
-def launch(args: list[str], cwd: Path, fault: str | None = None, action: str | None = None,
-           umask: int = -1, **env_vars: str) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], cwd: Path, fault: str | None = None, action: str | None = None, umask: int = -1, **env_vars: str
+) -> subprocess.CompletedProcess:
     """`python -m kdexp.train ARGS`, with a fault (`KDEXP_FAULT_AT`, `KDEXP_FAULT_ACTION`) and a umask if given."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env_vars)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        **env_vars,
+    )
     for name in ("KDEXP_FAULT_AT", "KDEXP_FAULT_ACTION"):
         env.pop(name, None)
     if fault:
         env["KDEXP_FAULT_AT"] = fault
     if action:
         env["KDEXP_FAULT_ACTION"] = action
-    return subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=600, umask=umask, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "kdexp.train", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        umask=umask,
+        check=False,
+    )
 
 
 def error_line(proc: subprocess.CompletedProcess, status: int = 2) -> str:
@@ -82,8 +98,7 @@ def error_line(proc: subprocess.CompletedProcess, status: int = 2) -> str:
 
 
 def expected_line(path: Path, code: int, key: str) -> str:
-    return (f"kdexp-train: error: {path}: {os.strerror(code)} ({errno.errorcode[code]}); {REMEDY[code]} "
-            f"{key}=<folder>.")
+    return f"kdexp-train: error: {path}: {os.strerror(code)} ({errno.errorcode[code]}); {REMEDY[code]} {key}=<folder>."
 
 
 def files_under(*folders: Path) -> dict[Path, str]:
@@ -164,8 +179,14 @@ def write_with(helper: str, final: Path) -> None:
         publish_folder(partial, final, lambda folder: (folder / "weights.bin").exists())
 
 
-HELPERS = ["atomic_write_text", "atomic_write_json", "save_tensors", "atomic_directory", "replaced_directory",
-           "publish_folder"]
+HELPERS = [
+    "atomic_write_text",
+    "atomic_write_json",
+    "save_tensors",
+    "atomic_directory",
+    "replaced_directory",
+    "publish_folder",
+]
 CODES = [errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS]
 
 
@@ -228,8 +249,9 @@ def test_errors_that_wrap_an_os_error_are_recognised_and_others_are_not(tmp_path
     assert os_failure_of(wrapped).path == "/runs/x/train.log"
     rust = Exception('Error while serializing: I/O error: No space left on device (os error 28) at path "/c/m.tmp"')
     assert (os_failure_of(rust).errno, os_failure_of(rust).path) == (errno.ENOSPC, "/c/m.tmp")
-    torch_writer = RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: "
-                                "Read-only file system")
+    torch_writer = RuntimeError(
+        "[enforce fail at inline_container.cc:747] . open file failed with strerror: Read-only file system"
+    )
     assert os_failure_of(torch_writer, tmp_path / "x.pt").errno == errno.EROFS
     # the temporary sibling of the file being written is named as that file; a path elsewhere as itself
     sibling = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".x.pt.abc.tmp"))
@@ -240,8 +262,11 @@ def test_errors_that_wrap_an_os_error_are_recognised_and_others_are_not(tmp_path
     unnamed = str(os_failure_of(OSError(errno.ENOSPC, "No space left on device")))  # Lightning's write to TMPDIR
     assert unnamed.startswith("a write failed (the error names no path; this run writes under ")
     assert f"{tmp_path / 'run'} (hydra.run.dir)" in unnamed and unnamed.endswith("TMPDIR=<folder> (temporary files).")
-    for other in (FileNotFoundError(errno.ENOENT, "No such file", "/x"), RuntimeError("Permission denied"),
-                  RuntimeError("CUDA error: out of memory")):
+    for other in (
+        FileNotFoundError(errno.ENOENT, "No such file", "/x"),
+        RuntimeError("Permission denied"),
+        RuntimeError("CUDA error: out of memory"),
+    ):
         assert os_failure_of(other) is None
 
 
@@ -300,16 +325,19 @@ def test_an_os_error_at_each_write_is_one_line_and_the_rerun_is_the_uninterrupte
     assert_no_partial_file(run_dir, cache)
     if entry_folder:
         assert {p.name for p in entries_of(cache, entry_folder)} == {
-            p.name for p in entries_of(straight["cache"], entry_folder)}
+            p.name for p in entries_of(straight["cache"], entry_folder)
+        }
 
 
 def test_an_os_error_in_hydras_own_files_is_the_same_one_line(straight: dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = tiny_args(straight["model"], straight["glue"], straight["cache"], run_dir, *RUN)
     line = error_line(launch(args, tmp_path, fault="open:dir=.hydra:file=config.yaml", action="oserror:ENOSPC"))
-    assert line.startswith(f"kdexp-train: error: {run_dir / '.hydra' / 'config.yaml'}: No space left on device "
-                           f"(ENOSPC); free space on its file system (or raise the quota), or choose another folder "
-                           f"with hydra.run.dir=<folder> (the run's files) or cache_dir=<folder> (the cache).")
+    assert line.startswith(
+        f"kdexp-train: error: {run_dir / '.hydra' / 'config.yaml'}: No space left on device "
+        f"(ENOSPC); free space on its file system (or raise the quota), or choose another folder "
+        f"with hydra.run.dir=<folder> (the run's files) or cache_dir=<folder> (the cache)."
+    )
 
 
 def test_a_new_run_folder_in_an_immutable_folder_is_one_line(straight: dict[str, Path], tmp_path: Path) -> None:
@@ -322,13 +350,17 @@ def test_a_new_run_folder_in_an_immutable_folder_is_one_line(straight: dict[str,
     assert list(parent.iterdir()) == []
 
 
-def test_an_immutable_run_folder_is_one_line_and_once_writable_the_run_resumes(straight: dict[str, Path],
-                                                                               tmp_path: Path) -> None:
+def test_an_immutable_run_folder_is_one_line_and_once_writable_the_run_resumes(
+    straight: dict[str, Path], tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     args = tiny_args(straight["model"], straight["glue"], straight["cache"], run_dir, *RUN)
     killed(launch(args, tmp_path, fault="train_batch:epoch=1:batch=1"))  # a requeued job's folder: last.ckpt there
-    kept = {path: digest for path, digest in files_under(run_dir).items()  # not Hydra's files, the log, the lock
-            if ".hydra" not in path.parts and path.name not in ("train.log", ".kdexp.lock")}
+    kept = {
+        path: digest
+        for path, digest in files_under(run_dir).items()  # not Hydra's files, the log, the lock
+        if ".hydra" not in path.parts and path.name not in ("train.log", ".kdexp.lock")
+    }
     with immutable(run_dir):
         line = error_line(launch(args, tmp_path))
         assert line == expected_line(run_dir, errno.EPERM, "hydra.run.dir")  # the probe, before any work

@@ -25,10 +25,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def own_task(train: Path, dev: Path, labels: tuple[str, ...] | None = ("neg", "pos"), regression: bool = False,
-             allow_empty_text: bool = False):
-    return custom_task("mine", str(train), str(dev), ("text",), "label", None if regression else labels, regression,
-                       "combined_score" if regression else "accuracy", allow_empty_text)
+def own_task(
+    train: Path,
+    dev: Path,
+    labels: tuple[str, ...] | None = ("neg", "pos"),
+    regression: bool = False,
+    allow_empty_text: bool = False,
+):
+    return custom_task(
+        "mine",
+        str(train),
+        str(dev),
+        ("text",),
+        "label",
+        None if regression else labels,
+        regression,
+        "combined_score" if regression else "accuracy",
+        allow_empty_text,
+    )
 
 
 def assert_no_training(cache: Path) -> None:
@@ -59,7 +73,9 @@ def test_a_null_or_absent_jsonl_label_is_refused_with_file_and_line(tmp_path: Pa
         labels_in(null, "label")
     absent = tmp_path / "absent.jsonl"
     absent.write_text('{"text": "good fun", "label": "pos"}\n\n{"text": "dull"}\n')  # a blank line: still line 3
-    with pytest.raises(DataError, match=r"absent.jsonl:3: the row has no 'label' \(its label\); give every row a label"):
+    with pytest.raises(
+        DataError, match=r"absent.jsonl:3: the row has no 'label' \(its label\); give every row a label"
+    ):
         labels_in(absent, "label")
     with pytest.raises(DataError, match=r"absent.jsonl:3: the row has no 'label'"):
         file_split(own_task(absent, dev_file), "train")
@@ -78,7 +94,9 @@ def test_a_label_written_as_a_missing_value_is_not_a_class(tmp_path: Path) -> No
 def test_the_classes_are_the_training_files_valid_labels(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": s, "label": y} for s, y in zip(SENTENCES, LABELS)])
     assert labels_in(train, "label") == ("neg", "pos")
-    numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"text": s, "label": i % 3 * 5} for i, s in enumerate(SENTENCES)])
+    numbers = write_jsonl(
+        tmp_path / "numbers.jsonl", [{"text": s, "label": i % 3 * 5} for i, s in enumerate(SENTENCES)]
+    )
     assert labels_in(numbers, "label") == ("0", "5", "10")  # numerically, never '' or 'None'
 
 
@@ -104,14 +122,18 @@ def test_line_numbers_count_quoted_line_breaks_and_blank_lines(tmp_path: Path) -
 def test_an_empty_text_is_refused_with_file_and_line(tmp_path: Path, dev_file: Path) -> None:
     train = tmp_path / "train.csv"
     train.write_text('text,label\n"good fun",pos\n"  ",neg\n')
-    with pytest.raises(DataError, match=r"train.csv:3: the text in column 'text' is empty; .*task.allow_empty_text=true"):
+    with pytest.raises(
+        DataError, match=r"train.csv:3: the text in column 'text' is empty; .*task.allow_empty_text=true"
+    ):
         file_split(own_task(train, dev_file), "train")
     null = write_jsonl(tmp_path / "null.jsonl", [{"text": "good fun", "label": "pos"}, {"text": None, "label": "neg"}])
     with pytest.raises(DataError, match=r"null.jsonl:2: the text in column 'text' is empty"):
         file_split(own_task(null, dev_file), "train")
 
 
-def test_allow_empty_text_keeps_and_counts_them(tmp_path: Path, dev_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_allow_empty_text_keeps_and_counts_them(
+    tmp_path: Path, dev_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     rows = [{"text": "good fun", "label": "pos"}, {"text": "", "label": "neg"}, {"text": None, "label": "pos"}]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     with caplog.at_level(logging.INFO, logger="kdexp.data"):
@@ -147,21 +169,52 @@ def test_a_run_refuses_an_empty_dev_text_unless_allowed(tiny_model_dir: Path, gl
         run(custom_cfg(tiny_model_dir, glue_dir, tmp_path, train, dev), tmp_path / "run")
     assert_no_training(tmp_path / "cache")
 
-    results = run(custom_cfg(tiny_model_dir, glue_dir, tmp_path, train, dev, "method=finetune", "trainer.max_epochs=1",
-                             "task.allow_empty_text=true"), tmp_path / "allowed")
+    results = run(
+        custom_cfg(
+            tiny_model_dir,
+            glue_dir,
+            tmp_path,
+            train,
+            dev,
+            "method=finetune",
+            "trainer.max_epochs=1",
+            "task.allow_empty_text=true",
+        ),
+        tmp_path / "allowed",
+    )
     assert results["config"]["task"]["allow_empty_text"] is True
     assert json.loads((tmp_path / "allowed" / "results.json").read_text())["metrics"] == results["metrics"]
 
 
 def test_kdexp_train_prints_the_refusal_in_one_line(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "good fun", "label": "pos"}, {"text": "dull", "label": None}])
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"text": "good fun", "label": "pos"}, {"text": "dull", "label": None}]
+    )
     dev = write_csv(tmp_path / "dev.csv", SENTENCES[:6], LABELS[:6])
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "kdexp.train", "task=custom", f"task.train_file={train}",
-                           f"task.dev_file={dev}", f"teacher.name_or_path={tiny_model_dir}", f"data.glue_dir={glue_dir}",
-                           "data.max_length=32", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
-                           "logger=none"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdexp.train",
+            "task=custom",
+            f"task.train_file={train}",
+            f"task.dev_file={dev}",
+            f"teacher.name_or_path={tiny_model_dir}",
+            f"data.glue_dir={glue_dir}",
+            "data.max_length=32",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "logger=none",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (f"kdexp-train: error: {train}:2: the label ('label') is null; give "
-                                                   "every row a label, or drop the row.")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"kdexp-train: error: {train}:2: the label ('label') is null; give every row a label, or drop the row."
+    )
     assert_no_training(tmp_path / "cache")

@@ -46,8 +46,11 @@ def test_state_round_trip_and_refusal_of_another_setup() -> None:
         schedule.end_step(step)
     copy = PhaseSchedule("step", [4, 4, None])
     copy.load_state_dict(schedule.state_dict())
-    assert [copy.end_step(s) for s in range(7, 11)] == [schedule.end_step(s) for s in range(7, 11)] == [
-        False, True, False, False]
+    assert (
+        [copy.end_step(s) for s in range(7, 11)]
+        == [schedule.end_step(s) for s in range(7, 11)]
+        == [False, True, False, False]
+    )
     with pytest.raises(ValueError, match="do not match"):
         PhaseSchedule("step", [5, None]).load_state_dict(schedule.state_dict())
 
@@ -59,15 +62,20 @@ class PhaseRecorder(DistillationModule):
         torch.manual_seed(0)
         from transformers import BertForSequenceClassification
 
-        super().__init__(BertForSequenceClassification(tiny_bert_config(num_layers=1)), get_task("sst2"),
-                         OptimConfig(learning_rate=1e-3, warmup_ratio=0.0))
+        super().__init__(
+            BertForSequenceClassification(tiny_bert_config(num_layers=1)),
+            get_task("sst2"),
+            OptimConfig(learning_rate=1e-3, warmup_ratio=0.0),
+        )
         self.phases = PhaseSchedule.every(2)
         self.lr_per_phase = True
         self.seen: list[tuple[int, int, float]] = []
         self.started: list[tuple[int, int]] = []
 
     def loss_terms(self, batch):
-        self.seen.append((self.trainer.global_step, self.phases.index, self.trainer.optimizers[0].param_groups[0]["lr"]))
+        self.seen.append(
+            (self.trainer.global_step, self.phases.index, self.trainer.optimizers[0].param_groups[0]["lr"])
+        )
         return {"ce": self.task_loss(self(batch), batch["labels"])}
 
     def on_phase_start(self, index: int) -> None:
@@ -76,17 +84,31 @@ class PhaseRecorder(DistillationModule):
 
 def loader() -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(5, 40, (6,), generator=generator), "attention_mask": torch.ones(6, dtype=torch.long),
-             "labels": torch.tensor(i % 2), "idx": torch.tensor(i)} for i in range(10)]
+    rows = [
+        {
+            "input_ids": torch.randint(5, 40, (6,), generator=generator),
+            "attention_mask": torch.ones(6, dtype=torch.long),
+            "labels": torch.tensor(i % 2),
+            "idx": torch.tensor(i),
+        }
+        for i in range(10)
+    ]
     # its own generator, as the framework's loaders have: creating an iterator then draws nothing from the
     # global generator, whose state at each epoch start EpochSeed sets
     return torch.utils.data.DataLoader(rows, batch_size=2, generator=torch.Generator().manual_seed(1))
 
 
 def fit(module: DistillationModule, callbacks=(), ckpt_path=None, epochs: int = 2) -> None:
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                         callbacks=list(callbacks))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, train_dataloaders=loader(), ckpt_path=ckpt_path, weights_only=True)
@@ -125,14 +147,18 @@ def test_a_resumed_run_is_in_the_same_phase(tmp_path) -> None:
 
 
 def test_the_learning_rate_schedulers_against_their_formulas() -> None:
+    import math
+
     from kdexp.config import OptimConfig
     from kdexp.methods.base import lr_schedule
 
-    import math
-
     cosine = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(4)]
-    for name, expected in (("constant", [1.0] * 6), ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
-                           ("linear", [0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0]), ("cosine", cosine)):
+    for name, expected in (
+        ("constant", [1.0] * 6),
+        ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0]),
+        ("cosine", cosine),
+    ):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         scheduler = lr_schedule(optimizer, OptimConfig(learning_rate=1.0, warmup_ratio=0.4, lr_scheduler=name), 5)
         rates = []

@@ -11,7 +11,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForSequenceClassification
 
-from kdexp import teacher as teacher_access
 from kdexp import teacher_stage as teacher_mod
 from kdexp.data import DataSource, load_split
 from kdexp.report import report
@@ -45,8 +44,18 @@ def tiny_cfg(tiny_model_dir: Path, glue_dir: Path, cache: Path, *overrides: str)
 def test_vanilla_kd_run_writes_everything_a_report_needs(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "task=sst2", "method=vanilla_kd")
     results = run(cfg, tmp_path / "run")
-    for key in ("task", "method", "seed", "metrics", "teacher_metrics", "student_params", "teacher_params",
-                "train_seconds", "train_examples_per_second", "teacher_key"):
+    for key in (
+        "task",
+        "method",
+        "seed",
+        "metrics",
+        "teacher_metrics",
+        "student_params",
+        "teacher_params",
+        "train_seconds",
+        "train_examples_per_second",
+        "teacher_key",
+    ):
         assert key in results
     saved = json.loads((tmp_path / "run/results.json").read_text())
     assert saved["metrics"] == results["metrics"]
@@ -91,15 +100,24 @@ def test_second_run_reuses_teacher_and_cached_logits(
     assert "| teacher |" in table and "| finetune |" in table and "| vanilla_kd |" in table
 
 
-def test_a_changed_teacher_hyperparameter_trains_a_new_teacher(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_a_changed_teacher_hyperparameter_trains_a_new_teacher(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
     a = run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=finetune", "trainer.max_epochs=1"), tmp_path / "a")
-    b = run(tiny_cfg(tiny_model_dir, glue_dir, cache, "method=finetune", "trainer.max_epochs=1", "teacher.learning_rate=1e-4"), tmp_path / "b")
+    b = run(
+        tiny_cfg(
+            tiny_model_dir, glue_dir, cache, "method=finetune", "trainer.max_epochs=1", "teacher.learning_rate=1e-4"
+        ),
+        tmp_path / "b",
+    )
     assert a["teacher_key"] != b["teacher_key"]
     assert len([p for p in (cache / "teachers").iterdir() if p.is_dir()]) == 2
 
 
-def test_cached_and_live_teacher_give_the_same_soft_labels(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_cached_and_live_teacher_give_the_same_soft_labels(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     from kdexp.methods.vanilla_kd import VanillaKD
     from kdexp.run import RunContext
 
@@ -116,7 +134,17 @@ def test_cached_and_live_teacher_give_the_same_soft_labels(tiny_model_dir: Path,
 
     with _pytest.MonkeyPatch.context() as mp:
         mp.setattr(VanillaKD, "from_run", classmethod(spy))
-        run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=vanilla_kd", "method.live_teacher=true", "trainer.max_epochs=1"), tmp_path / "b")
+        run(
+            tiny_cfg(
+                tiny_model_dir,
+                glue_dir,
+                tmp_path / "cache",
+                "method=vanilla_kd",
+                "method.live_teacher=true",
+                "trainer.max_epochs=1",
+            ),
+            tmp_path / "b",
+        )
     context = captured["context"]
     cached = VanillaKD.from_run(context, method_options("vanilla_kd", live_teacher=False))
     live = VanillaKD.from_run(context, method_options("vanilla_kd", live_teacher=True))
@@ -126,7 +154,9 @@ def test_cached_and_live_teacher_give_the_same_soft_labels(tiny_model_dir: Path,
     assert torch.allclose(cached.teacher_logits_for(batch), live.teacher_logits_for(batch), atol=1e-5)
 
 
-def test_finished_run_is_not_trained_again(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finished_run_is_not_trained_again(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=finetune", "trainer.max_epochs=1")
     first = run(cfg, tmp_path / "run")
     import kdexp.run as run_mod
@@ -136,7 +166,12 @@ def test_finished_run_is_not_trained_again(tiny_model_dir: Path, glue_dir: Path,
 
 
 def test_stsb_regression_run(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    results = run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "task=stsb", "method=vanilla_kd", "trainer.max_epochs=1"), tmp_path / "r")
+    results = run(
+        tiny_cfg(
+            tiny_model_dir, glue_dir, tmp_path / "cache", "task=stsb", "method=vanilla_kd", "trainer.max_epochs=1"
+        ),
+        tmp_path / "r",
+    )
     assert set(results["metrics"]) == {"val/pearson", "val/spearman", "val/combined_score"}
 
 

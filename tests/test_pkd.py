@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 
+from kdexp.config import OptimConfig
 from kdexp.errors import ConfigError
 from kdexp.internal.layer_map import LayerPair
 from kdexp.losses import patience_loss
-from kdexp.config import OptimConfig
 from kdexp.methods.pkd import PKD, pkd_layer_map
 from kdexp.run import compose_config, method_options, resolve_method
 from kdexp.tasks import get_task
@@ -31,7 +31,8 @@ ROWS, SEQ = 6, 7
 
 def no_dropout(num_layers: int, **sizes) -> BertForSequenceClassification:
     return BertForSequenceClassification(
-        tiny_bert_config(num_layers=num_layers, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **sizes))
+        tiny_bert_config(num_layers=num_layers, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **sizes)
+    )
 
 
 def tiny_pair(student_hidden: int = 16) -> tuple[BertForSequenceClassification, BertForSequenceClassification]:
@@ -51,8 +52,13 @@ def batch_of(rows: int = ROWS, seed: int = 0) -> dict[str, torch.Tensor]:
         pad = row % 3
         if pad:
             mask[row, -pad:] = 0
-    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
-            "labels": torch.randint(0, 2, (rows,), generator=generator), "idx": torch.arange(rows)}
+    return {
+        "input_ids": ids * mask,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": torch.randint(0, 2, (rows,), generator=generator),
+        "idx": torch.arange(rows),
+    }
 
 
 def teacher_logits(rows: int = ROWS) -> torch.Tensor:
@@ -61,8 +67,13 @@ def teacher_logits(rows: int = ROWS) -> torch.Tensor:
 
 def module(teacher, student, **options) -> PKD:
     signals = TeacherSignals(logits=teacher_logits(), model=teacher)
-    return PKD(student, TASK, OptimConfig(learning_rate=1e-3, warmup_ratio=0.0),
-               options=method_options("pkd", **options), teacher=signals)
+    return PKD(
+        student,
+        TASK,
+        OptimConfig(learning_rate=1e-3, warmup_ratio=0.0),
+        options=method_options("pkd", **options),
+        teacher=signals,
+    )
 
 
 # --------------------------------------------------------------------------- the layer maps
@@ -91,9 +102,12 @@ def test_a_one_layer_student_with_pkd_skip_is_refused_before_the_teacher_stage()
 
 
 def test_bad_options_name_their_key() -> None:
-    for override, key in (("method.beta=-1", "method.beta"), ("method.layer_map=uniform", "method.layer_map"),
-                          ("method.teacher_cls_cache=sometimes", "method.teacher_cls_cache"),
-                          ("method.alpha=2", "method.alpha")):
+    for override, key in (
+        ("method.beta=-1", "method.beta"),
+        ("method.layer_map=uniform", "method.layer_map"),
+        ("method.teacher_cls_cache=sometimes", "method.teacher_cls_cache"),
+        ("method.alpha=2", "method.alpha"),
+    ):
         with pytest.raises(ConfigError, match=key):
             resolve_method(compose_config(["method=pkd", override]).method)
 
@@ -124,10 +138,12 @@ def test_patience_term_equals_a_loop_over_examples_and_layers(normalize: bool) -
     batch = batch_of()
     terms = pkd.loss_terms(batch)
     with torch.no_grad():
-        s_hidden = student(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
-                           output_hidden_states=True).hidden_states
-        t_hidden = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
-                           output_hidden_states=True).hidden_states
+        s_hidden = student(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, output_hidden_states=True
+        ).hidden_states
+        t_hidden = teacher(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, output_hidden_states=True
+        ).hidden_states
         expected = hand_patience(s_hidden, t_hidden, [(0, 1), (1, 3)], pkd.projections, normalize)
     torch.testing.assert_close(terms["pt"].double(), expected, rtol=1e-5, atol=1e-8)
     assert float(terms["pt"].detach()) > 0
@@ -168,12 +184,18 @@ def test_cached_cls_vectors_give_the_live_teachers_term_without_a_teacher_forwar
     batch = batch_of()
     layers = [1, 3]
     with torch.no_grad():
-        hidden = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
-                         output_hidden_states=True).hidden_states
+        hidden = teacher(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, output_hidden_states=True
+        ).hidden_states
     table = torch.stack([hidden[m + 1][:, 0] for m in layers], dim=1)  # [N, M, D_T], rows = idx
     live = module(teacher, student)
-    cached = PKD(student, TASK, options=method_options("pkd"), teacher_config=teacher.config,
-                 teacher=TeacherSignals(logits=teacher_logits(), cls=table, cls_layers=layers))
+    cached = PKD(
+        student,
+        TASK,
+        options=method_options("pkd"),
+        teacher_config=teacher.config,
+        teacher=TeacherSignals(logits=teacher_logits(), cls=table, cls_layers=layers),
+    )
     cached.projections.load_state_dict(live.projections.state_dict())
     shuffled = {k: v[[3, 0, 5, 1]] for k, v in batch.items()}  # rows looked up by idx, not position
     torch.testing.assert_close(cached.teacher_cls(shuffled), live.teacher_cls(shuffled), rtol=1e-5, atol=1e-6)
@@ -202,8 +224,14 @@ def test_a_fit_lowers_the_patience_term() -> None:
     batch = batch_of()
     before = float(pkd.loss_terms(batch)["pt"].detach())
     loader = torch.utils.data.DataLoader([batch] * 20, batch_size=None)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(pkd, train_dataloaders=loader)

@@ -120,8 +120,9 @@ def test_internal_terms_with_a_projection_in_autocast(generator) -> None:
     kinds = ("attention_kl", "cls_cosine", "hidden_mse")
 
     def terms() -> dict[str, torch.Tensor]:
-        return internal_terms(pairs, student_hidden, teacher_hidden, mask, projections, attentions[:2], attentions,
-                              kinds)
+        return internal_terms(
+            pairs, student_hidden, teacher_hidden, mask, projections, attentions[:2], attentions, kinds
+        )
 
     full = terms()
     with bf16_autocast():

@@ -19,8 +19,15 @@ import pytest
 from kdexp import preemption
 from kdexp.preemption import CheckpointClock, CheckpointEvery, Preempted
 from tests.test_reproducibility import assert_same_run, assert_same_weights, finished, tiny_args, train
-from tests.test_step_checkpoints import (RUN, adapt, assert_same_adaptation, one_thread, straight, stored_teacher,
-                                         tiny_encoder)
+from tests.test_step_checkpoints import (
+    RUN,
+    adapt,
+    assert_same_adaptation,
+    one_thread,
+    stored_teacher,
+    straight,
+    tiny_encoder,
+)
 
 # Fixtures shared with test_step_checkpoints: `straight` is one uninterrupted run for both modules (session).
 __all__ = ["one_thread", "straight"]
@@ -52,8 +59,10 @@ def test_sigterm_mid_epoch_saves_a_step_checkpoint_exits_143_and_the_rerun_is_th
     # SIGTERM as batch 0 of epoch 1 starts: that batch finishes, and the run stops as batch 1 starts.
     line = stop_line(signalled(args, tmp_path, fault="train_batch:epoch=1:batch=0"))
     checkpoint = resumed / "checkpoints" / "last.ckpt"
-    assert line == (f"kdexp-train: stopped by SIGTERM: saved a step checkpoint at epoch 1, batch 1 (global step 4) "
-                    f"in {checkpoint}; rerun the same command to resume (exit status 143).")
+    assert line == (
+        f"kdexp-train: stopped by SIGTERM: saved a step checkpoint at epoch 1, batch 1 (global step 4) "
+        f"in {checkpoint}; rerun the same command to resume (exit status 143)."
+    )
     assert not (resumed / "results.json").exists()
 
     proc = train(args, tmp_path)
@@ -62,8 +71,9 @@ def test_sigterm_mid_epoch_saves_a_step_checkpoint_exits_143_and_the_rerun_is_th
     assert_same_run(straight["run"], resumed)
 
 
-def test_sigterm_during_the_teacher_stage_resumes_the_teacher_from_its_step(straight: dict[str, Path],
-                                                                           tmp_path: Path) -> None:
+def test_sigterm_during_the_teacher_stage_resumes_the_teacher_from_its_step(
+    straight: dict[str, Path], tmp_path: Path
+) -> None:
     cache, folder = tmp_path / "cache", tmp_path / "run"
     args = tiny_args(straight["model"], straight["glue"], cache, folder, *RUN)
     line = stop_line(signalled(args, tmp_path, fault="teacher_train_batch:epoch=1:batch=0"))
@@ -154,7 +164,7 @@ def test_a_signal_before_training_stops_at_once_and_keeps_the_finished_teacher(
 
 
 def test_the_checkpoint_clock_counts_steps_from_the_start_and_minutes_from_the_last_save(
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert [step for step in range(8) if CheckpointClock(CheckpointEvery(n_steps=3)).due(step)] == [3, 6]
     now = [1000.0]
@@ -166,7 +176,7 @@ def test_the_checkpoint_clock_counts_steps_from_the_start_and_minutes_from_the_l
     assert clock.due(1)
     clock.saved()
     assert not clock.due(2)
-    assert not CheckpointClock(CheckpointEvery()).due(10 ** 6)
+    assert not CheckpointClock(CheckpointEvery()).due(10**6)
 
 
 def test_sigterm_during_mlm_adaptation_saves_there_and_resumes_to_the_same_weights(

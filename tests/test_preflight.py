@@ -10,23 +10,39 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_glue_dir, tiny_bert_config, tiny_tokenizer
 
-from conftest import REPO, make_glue_dir, tiny_bert_config, tiny_tokenizer
 from kdexp.preflight import method_names
 
 pytestmark = pytest.mark.slow
 
-FIELDS = {"method", "precision", "finite_loss", "max_rel_diff_vs_fp32", "device_ok", "steps_per_second",
-          "peak_memory_mb", "worst_term", "terms", "error", "devices"}
+FIELDS = {
+    "method",
+    "precision",
+    "finite_loss",
+    "max_rel_diff_vs_fp32",
+    "device_ok",
+    "steps_per_second",
+    "peak_memory_mb",
+    "worst_term",
+    "terms",
+    "error",
+    "devices",
+}
 
 
 def kdexp_check(tmp_path: Path, *args: str) -> tuple[list[dict], str]:
     out = tmp_path / "check.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("KDEXP_CHECK_DIR", None)
-    proc = subprocess.run([sys.executable, "-m", "kdexp.preflight", "--out", str(out), "--workdir",
-                           str(tmp_path / "work"), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdexp.preflight", "--out", str(out), "--workdir", str(tmp_path / "work"), *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -62,10 +78,18 @@ def test_kdexp_check_runs_every_method_under_two_process_ddp(tmp_path: Path) -> 
 
 
 DDP_METHODS = ("vanilla_kd", "dbkd", "text_smoothing", "knowledge_selection", "internal_pid")
-QUICK = {"dbkd": ["method.queries.num_queries=3"], "text_smoothing": ["method.mlm.adapt.steps=2", "method.top_k=8"],
-         "knowledge_selection": ["method.agent.episodes=1", "method.agent.episode_phases=2", "method.phase_steps=2",
-                                 "method.reward.rows=4"],
-         "internal_pid": ["method.epochs_per_stage=1", "method.kd_epochs=0"], "vanilla_kd": []}
+QUICK = {
+    "dbkd": ["method.queries.num_queries=3"],
+    "text_smoothing": ["method.mlm.adapt.steps=2", "method.top_k=8"],
+    "knowledge_selection": [
+        "method.agent.episodes=1",
+        "method.agent.episode_phases=2",
+        "method.phase_steps=2",
+        "method.reward.rows=4",
+    ],
+    "internal_pid": ["method.epochs_per_stage=1", "method.kd_epochs=0"],
+    "vanilla_kd": [],
+}
 
 
 @pytest.mark.parametrize("method", DDP_METHODS)
@@ -78,15 +102,39 @@ def test_each_run_file_is_written_once_under_two_process_ddp(tmp_path: Path, met
     glue = make_glue_dir(tmp_path / "glue")
     run_dir = tmp_path / "run"
     environment, writes = write_audit
-    env = environment(run_dir, dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1",
-                                    TOKENIZERS_PARALLELISM="false"))
+    env = environment(
+        run_dir,
+        dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"),
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kdexp.train", f"method={method}", f"teacher.name_or_path={model}", "teacher.epochs=1",
-         f"data.glue_dir={glue}", f"cache_dir={tmp_path / 'cache'}", "data.batch_size=4", "data.max_length=32",
-         "student.num_layers=2", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv",
-         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-         f"hydra.run.dir={run_dir}", *QUICK[method]],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "kdexp.train",
+            f"method={method}",
+            f"teacher.name_or_path={model}",
+            "teacher.epochs=1",
+            f"data.glue_dir={glue}",
+            f"cache_dir={tmp_path / 'cache'}",
+            "data.batch_size=4",
+            "data.max_length=32",
+            "student.num_layers=2",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            f"hydra.run.dir={run_dir}",
+            *QUICK[method],
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-5000:]
 

@@ -29,8 +29,10 @@ from kdexp.families.qa_core import (
 SQUAD_SUBSET = Path("/work/shared/mrc_data/squad_v2_subset/dev-v2.0-subset.json")
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ("river city bridge tower king queen army north south river's old new stone castle built year "
-         "people church war peace ship harbour market road hill valley forest lake island coast").split()
+WORDS = (
+    "river city bridge tower king queen army north south river's old new stone castle built year "
+    "people church war peace ship harbour market road hill valley forest lake island coast"
+).split()
 PUNCTUATION = [".", ",", "'", ";"]
 
 
@@ -90,27 +92,46 @@ def test_several_gold_answers_score_the_best_match():
 def test_squad_metrics_with_unanswerable_questions_matches_the_official_script_by_hand():
     references = {
         "q1": ["Eiffel Tower", "the Eiffel tower"],  # EM 1, F1 1
-        "q2": ["red dog barks"],                       # EM 0, F1 2/3
-        "q3": [],                                      # no answer, predicted none: EM 1, F1 1
-        "q4": [],                                      # no answer, predicted one: EM 0, F1 0
-        "q5": ["Paris, France"],                       # EM 0, F1 2/3
+        "q2": ["red dog barks"],  # EM 0, F1 2/3
+        "q3": [],  # no answer, predicted none: EM 1, F1 1
+        "q4": [],  # no answer, predicted one: EM 0, F1 0
+        "q5": ["Paris, France"],  # EM 0, F1 2/3
     }
-    predictions = {"q1": "eiffel tower", "q2": "the big red dog", "q3": "", "q4": "a dog", "q5": "France",
-                   "extra": "ignored"}
+    predictions = {
+        "q1": "eiffel tower",
+        "q2": "the big red dog",
+        "q3": "",
+        "q4": "a dog",
+        "q5": "France",
+        "extra": "ignored",
+    }
     metrics = squad_metrics(predictions, references)
-    assert metrics == pytest.approx({
-        "exact_match": 100 * 2 / 5, "f1": 100 * (1 + 2 / 3 + 1 + 0 + 2 / 3) / 5,
-        "HasAns_exact_match": 100 * 1 / 3, "HasAns_f1": 100 * (1 + 2 / 3 + 2 / 3) / 3, "HasAns_total": 3.0,
-        "NoAns_exact_match": 50.0, "NoAns_f1": 50.0, "NoAns_total": 2.0,
-    })
+    assert metrics == pytest.approx(
+        {
+            "exact_match": 100 * 2 / 5,
+            "f1": 100 * (1 + 2 / 3 + 1 + 0 + 2 / 3) / 5,
+            "HasAns_exact_match": 100 * 1 / 3,
+            "HasAns_f1": 100 * (1 + 2 / 3 + 2 / 3) / 3,
+            "HasAns_total": 3.0,
+            "NoAns_exact_match": 50.0,
+            "NoAns_f1": 50.0,
+            "NoAns_total": 2.0,
+        }
+    )
 
 
 def test_squad_metrics_follows_the_official_script_on_its_edge_cases():
     # Only answerable questions: no HasAns/NoAns breakdown (as SQuAD v1.1).
     assert set(squad_metrics({"a": "x"}, {"a": ["x"]})) == {"exact_match", "f1"}
     # Only unanswerable ones: the NoAns group, and an empty HasAns group with its total only.
-    assert squad_metrics({"a": ""}, {"a": []}) == {"exact_match": 100.0, "f1": 100.0, "HasAns_total": 0.0,
-                                                   "NoAns_exact_match": 100.0, "NoAns_f1": 100.0, "NoAns_total": 1.0}
+    assert squad_metrics({"a": ""}, {"a": []}) == {
+        "exact_match": 100.0,
+        "f1": 100.0,
+        "HasAns_total": 0.0,
+        "NoAns_exact_match": 100.0,
+        "NoAns_f1": 100.0,
+        "NoAns_total": 1.0,
+    }
     # The script drops gold texts that normalise to nothing, then uses [""] if none is left; the question stays
     # answerable.
     metrics = squad_metrics({"a": "", "b": ""}, {"a": ["The"], "b": []})
@@ -144,14 +165,15 @@ def random_examples(rng: random.Random, count: int) -> dict[str, list]:
         first = rng.randrange(len(words))
         last = min(len(words) - 1, first + rng.randint(0, 4))
         answer_start = len(" ".join(words[:first])) + (1 if first else 0)
-        answer = " ".join(words[first:last + 1])
-        assert context[answer_start:answer_start + len(answer)] == answer
+        answer = " ".join(words[first : last + 1])
+        assert context[answer_start : answer_start + len(answer)] == answer
         answerable = row % 5 != 4
         rows["id"].append(f"q{row}")
         rows["question"].append(" " * rng.randint(0, 3) + " ".join(rng.choices(WORDS, k=rng.randint(1, 5))) + "?")
         rows["context"].append(context)
-        rows["answers"].append({"text": [answer] if answerable else [],
-                                "answer_start": [answer_start] if answerable else []})
+        rows["answers"].append(
+            {"text": [answer] if answerable else [], "answer_start": [answer_start] if answerable else []}
+        )
     return rows
 
 
@@ -163,8 +185,15 @@ def check_windows(examples: dict[str, list], tokenizer, max_length: int, doc_str
     """Every property a window must have; returns how many windows held their whole answer."""
     features = qa_features(examples, tokenizer, max_length, doc_stride, with_positions=True)
     count = len(features["input_ids"])
-    for name in ("attention_mask", "offset_mapping", "context_mask", "example_index", "example_id",
-                 "start_positions", "end_positions"):
+    for name in (
+        "attention_mask",
+        "offset_mapping",
+        "context_mask",
+        "example_index",
+        "example_id",
+        "start_positions",
+        "end_positions",
+    ):
         assert len(features[name]) == count, name
     assert sorted(set(features["example_index"])) == list(range(len(examples["id"]))), "an example without windows"
     assert features["example_index"] == sorted(features["example_index"])
@@ -186,7 +215,7 @@ def check_windows(examples: dict[str, list], tokenizer, max_length: int, doc_str
             if window and window[0][0] <= first_char and window[-1][1] >= end_char:
                 holding += 1
                 assert 0 < start <= end and offsets[start] is not None and offsets[end] is not None
-                predicted = context[offsets[start][0]:offsets[end][1]]
+                predicted = context[offsets[start][0] : offsets[end][1]]
                 assert normalize_answer(predicted) == normalize_answer(answers["text"][0])
                 assert predicted == answers["text"][0]  # whole-word answers: the exact characters
                 continue
@@ -204,7 +233,7 @@ def check_stride(examples: dict[str, list], features: dict[str, list], tokenizer
         alone = tokenizer(examples["context"][row], add_special_tokens=False, return_offsets_mapping=True)
         covered = list(windows[0])
         for previous, following in zip(windows, windows[1:]):
-            shared = previous[len(previous) - doc_stride:]
+            shared = previous[len(previous) - doc_stride :]
             assert len(previous) > doc_stride and following[:doc_stride] == shared
             covered += following[doc_stride:]
         assert covered == [tuple(offset) for offset in alone["offset_mapping"]]
@@ -230,14 +259,20 @@ def test_windows_of_a_left_padding_tokenizer_put_the_passage_first(tmp_path):
     tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, padding_side="left")
     examples = random_examples(random.Random(3), 60)
     features = qa_features(examples, tokenizer, 24, 6, with_positions=True)
-    assert all(ids[1] != tokenizer.sep_token_id and offsets[1] is not None  # token 1 is the passage's first
-               for ids, offsets in zip(features["input_ids"], features["offset_mapping"]))
+    assert all(
+        ids[1] != tokenizer.sep_token_id and offsets[1] is not None  # token 1 is the passage's first
+        for ids, offsets in zip(features["input_ids"], features["offset_mapping"])
+    )
     assert check_windows(examples, tokenizer, 24, 6) > 20
 
 
 def test_windows_refuse_a_stride_that_leaves_no_room_and_a_question_that_fills_the_window(word_tokenizer):
-    examples = {"id": ["a"], "question": ["river city"], "context": ["old stone bridge " * 20],
-                "answers": [{"text": [], "answer_start": []}]}
+    examples = {
+        "id": ["a"],
+        "question": ["river city"],
+        "context": ["old stone bridge " * 20],
+        "answers": [{"text": [], "answer_start": []}],
+    }
     with pytest.raises(ConfigError, match="doc_stride=13"):  # 16 - 3 special - 2 question = 11 passage tokens
         qa_features(examples, word_tokenizer, 16, 13, with_positions=False)
     with pytest.raises(ConfigError, match="raise data.max_length"):
@@ -247,8 +282,12 @@ def test_windows_refuse_a_stride_that_leaves_no_room_and_a_question_that_fills_t
 
 
 def test_an_empty_passage_still_gives_one_window(word_tokenizer):
-    examples = {"id": ["a"], "question": ["river"], "context": [""],
-                "answers": [{"text": ["river"], "answer_start": [0]}]}
+    examples = {
+        "id": ["a"],
+        "question": ["river"],
+        "context": [""],
+        "answers": [{"text": ["river"], "answer_start": [0]}],
+    }
     features = qa_features(examples, word_tokenizer, 16, 4, with_positions=True)
     assert features["example_index"] == [0] and features["start_positions"] == [0] == features["end_positions"]
     assert postprocess_predictions(examples, features, np.zeros((1, 16)), np.zeros((1, 16))) == {"a": ""}
@@ -261,7 +300,7 @@ def padded(rows: list[np.ndarray], fill: float = 1e3) -> np.ndarray:
     """Rows padded to one length with a large value that must be ignored (past each feature's length)."""
     out = np.full((len(rows), max(len(r) for r in rows) + 3), fill)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = row
+        out[i, : len(row)] = row
     return out
 
 
@@ -282,10 +321,16 @@ def test_logits_pointing_at_the_answer_decode_to_its_text(word_tokenizer):
         assert predictions[examples["id"][row]] == examples["answers"][row]["text"][0]
     assert len(pointed) > 20 and set(predictions) == set(examples["id"])
     # Torch tensors (bf16 too) and a list of unpadded rows give the same answers.
-    as_torch = postprocess_predictions(examples, features, torch.tensor(padded(starts)).bfloat16(),
-                                       torch.tensor(padded(ends)).bfloat16(), max_answer_length=30)
-    assert {q: as_torch[q] for q in map(examples["id"].__getitem__, pointed)} == \
-        {q: predictions[q] for q in map(examples["id"].__getitem__, pointed)}
+    as_torch = postprocess_predictions(
+        examples,
+        features,
+        torch.tensor(padded(starts)).bfloat16(),
+        torch.tensor(padded(ends)).bfloat16(),
+        max_answer_length=30,
+    )
+    assert {q: as_torch[q] for q in map(examples["id"].__getitem__, pointed)} == {
+        q: predictions[q] for q in map(examples["id"].__getitem__, pointed)
+    }
     assert postprocess_predictions(examples, features, starts, ends, max_answer_length=30) == predictions
 
 
@@ -299,8 +344,9 @@ def test_a_stronger_null_score_predicts_no_answer_in_v2_only(word_tokenizer):
         starts[feature][0], ends[feature][0] = 6.0, 6.0  # every null score is 12
     v1 = postprocess_predictions(examples, features, starts, ends)
     v2 = postprocess_predictions(examples, features, starts, ends, version_2_with_negative=True)
-    lenient = postprocess_predictions(examples, features, starts, ends, version_2_with_negative=True,
-                                      null_score_diff_threshold=100.0)
+    lenient = postprocess_predictions(
+        examples, features, starts, ends, version_2_with_negative=True, null_score_diff_threshold=100.0
+    )
     assert set(v2.values()) == {""} and lenient == v1
     assert all(v1[q] for q in examples["id"]), "v1 always answers with a span"
 
@@ -317,12 +363,16 @@ def brute_force_answer(examples, features, starts, ends, max_answer_length, with
             null = min(null, starts[feature][0] + ends[feature][0])
             for start in range(len(offsets)):
                 for end in range(len(offsets)):
-                    if offsets[start] is None or offsets[end] is None or end < start \
-                            or end - start + 1 > max_answer_length:
+                    if (
+                        offsets[start] is None
+                        or offsets[end] is None
+                        or end < start
+                        or end - start + 1 > max_answer_length
+                    ):
                         continue
                     if starts[feature][start] + ends[feature][end] > best:
                         best = starts[feature][start] + ends[feature][end]
-                        best_text = examples["context"][row][offsets[start][0]:offsets[end][1]]
+                        best_text = examples["context"][row][offsets[start][0] : offsets[end][1]]
         answers[example_id] = "" if with_negative and null - best > threshold else best_text
     return answers
 
@@ -337,9 +387,15 @@ def test_decoding_picks_the_best_valid_span_of_a_double_loop(word_tokenizer, max
     v2_outcomes = set()
     for with_negative, threshold in ((False, 0.0), (True, 0.0), (True, 1.0), (True, -1.0)):
         expected = brute_force_answer(examples, features, starts, ends, max_answer_length, with_negative, threshold)
-        got = postprocess_predictions(examples, features, padded(starts), padded(ends),
-                                      max_answer_length=max_answer_length, version_2_with_negative=with_negative,
-                                      null_score_diff_threshold=threshold)
+        got = postprocess_predictions(
+            examples,
+            features,
+            padded(starts),
+            padded(ends),
+            max_answer_length=max_answer_length,
+            version_2_with_negative=with_negative,
+            null_score_diff_threshold=threshold,
+        )
         assert got == expected
         v2_outcomes |= {text == "" for text in got.values()} if with_negative else set()
     assert v2_outcomes == {True, False}, "both no-answer and span predictions were exercised"
@@ -365,11 +421,16 @@ def test_the_squad_v2_subset_reads_as_the_hub_columns():
     answered = [answers for answers in ds["answers"] if answers["text"]]
     assert len(answered) == 705 and sum(not answers["text"] for answers in ds["answers"]) == 702
     assert all(len(a["text"]) == len(a["answer_start"]) for a in ds["answers"])
-    assert set(ds["title"]) == {"Normans", "Computational_complexity_theory", "Southern_California",
-                                "Sky_(United_Kingdom)", "Victoria_(Australia)"}
+    assert set(ds["title"]) == {
+        "Normans",
+        "Computational_complexity_theory",
+        "Southern_California",
+        "Sky_(United_Kingdom)",
+        "Victoria_(Australia)",
+    }
     for row in ds:
         for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
-            assert row["context"][start:start + len(text)] == text
+            assert row["context"][start : start + len(text)] == text
 
 
 def test_split_by_article_keeps_whole_articles_apart():
@@ -384,16 +445,35 @@ def test_split_by_article_keeps_whole_articles_apart():
 
 def squad_file(tmp_path: Path, qas: list[dict], name: str = "squad.json") -> Path:
     path = tmp_path / name
-    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": [
-        {"context": "The old stone bridge.", "qas": qas}]}]}, indent=1), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "version": "v2.0",
+                "data": [{"title": "T", "paragraphs": [{"context": "The old stone bridge.", "qas": qas}]}],
+            },
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
 def test_impossible_questions_ignore_their_plausible_answers(tmp_path):
-    ds = read_squad_json(squad_file(tmp_path, [
-        {"id": "a", "question": "What?", "answers": [{"text": "stone bridge", "answer_start": 8}]},
-        {"id": "b", "question": "Who?", "answers": [], "is_impossible": True,
-         "plausible_answers": [{"text": "old", "answer_start": 4}]}]))
+    ds = read_squad_json(
+        squad_file(
+            tmp_path,
+            [
+                {"id": "a", "question": "What?", "answers": [{"text": "stone bridge", "answer_start": 8}]},
+                {
+                    "id": "b",
+                    "question": "Who?",
+                    "answers": [],
+                    "is_impossible": True,
+                    "plausible_answers": [{"text": "old", "answer_start": 4}],
+                },
+            ],
+        )
+    )
     assert ds[0]["answers"] == {"text": ["stone bridge"], "answer_start": [8]}
     assert ds[1]["answers"] == {"text": [], "answer_start": []}
 
@@ -406,8 +486,9 @@ def test_bad_squad_files_are_one_data_error_naming_file_and_place(tmp_path):
     no_id = squad_file(tmp_path, [{"question": "What?", "answers": []}], "no_id.json")
     with pytest.raises(DataError, match=r"no_id\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\] has no 'id'"):
         read_squad_json(no_id)
-    bad_start = squad_file(tmp_path, [{"id": "a", "question": "?", "answers": [{"text": "x", "answer_start": "8"}]}],
-                           "bad_start.json")
+    bad_start = squad_file(
+        tmp_path, [{"id": "a", "question": "?", "answers": [{"text": "x", "answer_start": "8"}]}], "bad_start.json"
+    )
     with pytest.raises(DataError, match=r"qas\[0\]\.answers\[0\]\.answer_start is str"):
         read_squad_json(bad_start)
     twice = squad_file(tmp_path, [{"id": "a", "question": "?", "answers": []}] * 2, "twice.json")
@@ -422,8 +503,12 @@ def test_gold_positions_decode_to_the_gold_answers_on_real_squad(minilm_tokenize
     """End to end on the real subset, windows made by a batched `Dataset.map` (features find their example by
     `example_id`, as `example_index` restarts in each batch): logits at the labelled positions score 100."""
     ds = read_squad_json(SQUAD_SUBSET)
-    features = ds.map(lambda batch: qa_features(batch, minilm_tokenizer, 128, 32, with_positions=True),
-                      batched=True, batch_size=500, remove_columns=ds.column_names)
+    features = ds.map(
+        lambda batch: qa_features(batch, minilm_tokenizer, 128, 32, with_positions=True),
+        batched=True,
+        batch_size=500,
+        remove_columns=ds.column_names,
+    )
     assert len(features) > len(ds) and max(features["example_index"]) < 500  # the index counts within a batch
     starts, ends = [], []
     for ids, start, end in zip(features["input_ids"], features["start_positions"], features["end_positions"]):

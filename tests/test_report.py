@@ -20,15 +20,33 @@ def start_run(run: Path) -> Path:
     return run
 
 
-def write_result(folder: Path, task: str, method: str, seed: int, score: float, teacher: float,
-                 extra: tuple[str, ...] = (), teacher_key: str | None = None, name: str | None = None) -> Path:
+def write_result(
+    folder: Path,
+    task: str,
+    method: str,
+    seed: int,
+    score: float,
+    teacher: float,
+    extra: tuple[str, ...] = (),
+    teacher_key: str | None = None,
+    name: str | None = None,
+) -> Path:
     metric = {"sst2": "accuracy", "cola": "matthews_correlation"}[task]
     run = start_run(folder / (name or "_".join([task, method, str(seed), *extra])))
-    (run / "results.json").write_text(json.dumps({
-        "task": task, "method": method, "seed": seed, "main_metric": metric,
-        "metrics": {f"val/{metric}": score}, "teacher_metrics": {f"val/{metric}": teacher},
-        "teacher_key": teacher_key or f"{task}-teacher", "overrides": [f"task={task}", f"method={method}", f"seed={seed}", *extra],
-    }))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "task": task,
+                "method": method,
+                "seed": seed,
+                "main_metric": metric,
+                "metrics": {f"val/{metric}": score},
+                "teacher_metrics": {f"val/{metric}": teacher},
+                "teacher_key": teacher_key or f"{task}-teacher",
+                "overrides": [f"task={task}", f"method={method}", f"seed={seed}", *extra],
+            }
+        )
+    )
     return run
 
 
@@ -60,7 +78,9 @@ def test_mean_and_std_over_seeds_per_task_and_method(tmp_path: Path) -> None:
     for method, scores in sst2.items():
         for seed, score in enumerate(scores, 1):
             # a progress-bar override on some runs only must not split the row
-            write_result(tmp_path, "sst2", method, seed, score, 0.9, ("trainer.enable_progress_bar=False",) * (seed == 1))
+            write_result(
+                tmp_path, "sst2", method, seed, score, 0.9, ("trainer.enable_progress_bar=False",) * (seed == 1)
+            )
     for seed, score in enumerate(cola["finetune"], 1):
         write_result(tmp_path, "cola", "finetune", seed, score, 0.4)
 
@@ -98,8 +118,16 @@ def test_several_sweeps_make_one_table_written_to_out(tmp_path: Path, capsys) ->
 def test_different_teachers_get_their_own_rows_never_a_mean(tmp_path: Path) -> None:
     for samples, teacher, key in (("2000", 0.061, "cola-small"), ("null", 0.280, "cola-full")):
         for seed in (1, 2):
-            write_result(tmp_path / samples, "cola", "vanilla_kd", seed, 0.03 + seed / 100, teacher,
-                         (f"teacher.max_train_samples={samples}",), teacher_key=key)
+            write_result(
+                tmp_path / samples,
+                "cola",
+                "vanilla_kd",
+                seed,
+                0.03 + seed / 100,
+                teacher,
+                (f"teacher.max_train_samples={samples}",),
+                teacher_key=key,
+            )
     rows = table_rows(report(tmp_path))
     assert rows["teacher (teacher.max_train_samples=2000)"] == ["6.1"]
     assert rows["teacher (teacher.max_train_samples=null)"] == ["28.0"]
@@ -172,7 +200,9 @@ def test_runs_differing_only_in_a_result_option_are_not_duplicates(tmp_path: Pat
     assert rows["vanilla_kd (method.alpha=0.5)"] == ["80.0"] and rows["vanilla_kd (method.alpha=0.9)"] == ["84.0"]
 
     # a progress bar cannot change a score: the same run twice
-    write_result(tmp_path / "c", "sst2", "vanilla_kd", 1, 0.81, 0.9, ("method.alpha=0.5", "trainer.enable_progress_bar=False"))
+    write_result(
+        tmp_path / "c", "sst2", "vanilla_kd", 1, 0.81, 0.9, ("method.alpha=0.5", "trainer.enable_progress_bar=False")
+    )
     with pytest.raises(SystemExit, match="run twice, not two seeds"):
         report(tmp_path)
 
@@ -192,14 +222,21 @@ def test_latex_svg_average_and_published_numbers(tmp_path: Path) -> None:
 
     from kdexp.report import write_report
 
-    scores = {("sst2", "finetune"): [0.70, 0.72], ("sst2", "vanilla_kd"): [0.80, 0.82],
-              ("cola", "finetune"): [0.30, 0.34], ("cola", "vanilla_kd"): [0.20, 0.22]}
+    scores = {
+        ("sst2", "finetune"): [0.70, 0.72],
+        ("sst2", "vanilla_kd"): [0.80, 0.82],
+        ("cola", "finetune"): [0.30, 0.34],
+        ("cola", "vanilla_kd"): [0.20, 0.22],
+    }
     for (task, method), values in scores.items():
         for seed, score in enumerate(values, 1):
             write_result(tmp_path / "runs", task, method, seed, score, 0.9)
-    (tmp_path / "published.yaml").write_text("source: A paper, Table 2\nvalues:\n  sst2:\n    vanilla_kd: 80.0\n"
-                                             "    finetune: null\n")
-    written = write_report(tmp_path / "runs", out=tmp_path / "out", layout="paper", reference=tmp_path / "published.yaml")
+    (tmp_path / "published.yaml").write_text(
+        "source: A paper, Table 2\nvalues:\n  sst2:\n    vanilla_kd: 80.0\n    finetune: null\n"
+    )
+    written = write_report(
+        tmp_path / "runs", out=tmp_path / "out", layout="paper", reference=tmp_path / "published.yaml"
+    )
     rows = table_rows(written.markdown.split("Published")[0])
     assert rows["finetune"] == ["32.0 ± 2.8", "71.0 ± 1.4", "51.5"] and rows["vanilla_kd"][2] == "51.0"  # Avg column
     assert "| vanilla_kd | sst2 | 81.0 ± 1.4 | 80.0 | +1.0 |" in written.markdown
@@ -207,9 +244,14 @@ def test_latex_svg_average_and_published_numbers(tmp_path: Path) -> None:
     assert r"\toprule" in tex and r"\textbf{81.0 $\pm$ 1.4}" in tex and r"\textbf{32.0 $\pm$ 2.8}" in tex
     assert r"\textbf{51.5}" in tex  # the best average
     svg = (tmp_path / "out" / "report.svg").read_text()
-    bars = re.findall(r'<rect data-row="([^"]+)" data-task="([^"]+)" x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)"', svg)
+    bars = re.findall(
+        r'<rect data-row="([^"]+)" data-task="([^"]+)" x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)"', svg
+    )
     heights = {(row, task): float(h) for row, task, _, h in bars}
-    assert len(heights) == 4 and heights[("vanilla_kd", "sst2")] > heights[("finetune", "sst2")] > heights[("finetune", "cola")]
+    assert (
+        len(heights) == 4
+        and heights[("vanilla_kd", "sst2")] > heights[("finetune", "sst2")] > heights[("finetune", "cola")]
+    )
 
 
 def test_a_reference_template_has_sources_to_fill_and_no_numbers(tmp_path: Path) -> None:
@@ -234,8 +276,10 @@ def test_select_on_dev_keeps_each_tasks_best_grid_cell_and_lists_the_cells(tmp_p
     assert rows["vanilla_kd [selected on dev]"] == ["30.0 ± 0.0", "81.5 ± 0.7"]
     assert rows["finetune"] == ["–", "60.0 ± 0.0"]  # one cell: unchanged
     assert not any("method.alpha" in label for label in rows)
-    assert "- vanilla_kd, sst2: chose vanilla_kd (method.alpha=0.9) from vanilla_kd (method.alpha=0.5): 71.5, " \
-           "vanilla_kd (method.alpha=0.9): 81.5" in markdown
+    assert (
+        "- vanilla_kd, sst2: chose vanilla_kd (method.alpha=0.9) from vanilla_kd (method.alpha=0.5): 71.5, "
+        "vanilla_kd (method.alpha=0.9): 81.5" in markdown
+    )
     assert "- vanilla_kd, cola: chose vanilla_kd (method.alpha=0.5)" in markdown
 
 
@@ -249,17 +293,25 @@ def test_format_chooses_what_is_printed(tmp_path: Path, capsys, fmt: str, starts
 
 def test_figures_show_the_tables_means_and_stds_and_a_line_per_method_over_a_swept_option(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from kdexp.report import build_table, load_results, find_runs, row_label, varying_overrides, write_report
+    from kdexp.report import build_table, find_runs, load_results, row_label, varying_overrides, write_report
     from kdexp.report_plots import bar_figure, numeric_sweeps
 
-    scores = {("vanilla_kd", "0.2"): [0.80, 0.84], ("vanilla_kd", "0.5"): [0.82, 0.86], ("dbkd", "0.2"): [0.70, 0.74],
-              ("dbkd", "0.5"): [0.78, 0.78]}
+    scores = {
+        ("vanilla_kd", "0.2"): [0.80, 0.84],
+        ("vanilla_kd", "0.5"): [0.82, 0.86],
+        ("dbkd", "0.2"): [0.70, 0.74],
+        ("dbkd", "0.5"): [0.78, 0.78],
+    }
     for (method, alpha), values in scores.items():
         for seed, score in enumerate(values, 1):
             write_result(tmp_path / "runs", "sst2", method, seed, score, 0.9, (f"method.alpha={alpha}",))
     written = write_report(tmp_path / "runs", out=tmp_path / "out")
     assert sorted(p.name for p in written.figures) == [
-        "report.pdf", "report.png", "report_method.alpha.pdf", "report_method.alpha.png"]
+        "report.pdf",
+        "report.png",
+        "report_method.alpha.pdf",
+        "report_method.alpha.png",
+    ]
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "report.pdf").read_bytes()[:5] == b"%PDF-"
 
@@ -282,8 +334,12 @@ def test_latex_bolds_every_row_tied_at_the_printed_precision() -> None:
     from kdexp.report import Cell
     from kdexp.report_formats import to_latex
 
-    rows = {"teacher": {"sst2": Cell(90.0, 0.0, 1)}, "a": {"sst2": Cell(80.04, 1.0, 3)},
-            "b": {"sst2": Cell(80.01, 1.0, 3)}, "c": {"sst2": Cell(79.9, 1.0, 3)}}
+    rows = {
+        "teacher": {"sst2": Cell(90.0, 0.0, 1)},
+        "a": {"sst2": Cell(80.04, 1.0, 3)},
+        "b": {"sst2": Cell(80.01, 1.0, 3)},
+        "c": {"sst2": Cell(79.9, 1.0, 3)},
+    }
     bold = [line.split(" & ")[0] for line in to_latex(["sst2"], ["sst2"], rows, True).splitlines() if "textbf" in line]
     assert bold == ["a", "b"]  # 80.0 and 80.0 as printed; 79.9 not
 

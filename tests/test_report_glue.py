@@ -18,15 +18,31 @@ MATCHED = f"{eval_prefix(TASKS['mnli'], 'validation_matched')}/accuracy"
 MISMATCHED = f"{eval_prefix(TASKS['mnli'], 'validation_mismatched')}/accuracy"
 
 
-def write_run(folder: Path, task: str, method: str, seed: int, metrics: dict[str, float],
-              teacher: dict[str, float] | None = None, main_metric: str | None = None) -> Path:
+def write_run(
+    folder: Path,
+    task: str,
+    method: str,
+    seed: int,
+    metrics: dict[str, float],
+    teacher: dict[str, float] | None = None,
+    main_metric: str | None = None,
+) -> Path:
     run = folder / f"{task}_{method}_{seed}"
     (run / ".hydra").mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({
-        "task": task, "method": method, "seed": seed, "main_metric": main_metric or TASKS[task].main_metric,
-        "metrics": metrics, "teacher_metrics": teacher or {}, "teacher_key": f"{task}-teacher",
-        "overrides": [f"task={task}", f"method={method}", f"seed={seed}"],
-    }))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "task": task,
+                "method": method,
+                "seed": seed,
+                "main_metric": main_metric or TASKS[task].main_metric,
+                "metrics": metrics,
+                "teacher_metrics": teacher or {},
+                "teacher_key": f"{task}-teacher",
+                "overrides": [f"task={task}", f"method={method}", f"seed={seed}"],
+            }
+        )
+    )
     return run
 
 
@@ -57,8 +73,15 @@ def good_sweep(folder: Path) -> None:
 
 
 def valid_result() -> dict:
-    return {"task": "sst2", "method": "vanilla_kd", "seed": 1, "main_metric": "accuracy",
-            "metrics": {"val/accuracy": 0.85}, "teacher_metrics": {"val/accuracy": 0.9}, "teacher_key": "sst2-teacher"}
+    return {
+        "task": "sst2",
+        "method": "vanilla_kd",
+        "seed": 1,
+        "main_metric": "accuracy",
+        "metrics": {"val/accuracy": 0.85},
+        "teacher_metrics": {"val/accuracy": 0.9},
+        "teacher_key": "sst2-teacher",
+    }
 
 
 def without(key: str) -> bytes:
@@ -73,14 +96,23 @@ DAMAGED = {
     "empty": (b"", "empty file"),
     "a list": (b"[1, 2, 3]", "a JSON list, not an object"),
     "no seed": (without("seed"), "lacks the required key seed"),
-    "no metrics or task": (json.dumps({"method": "x", "seed": 1, "main_metric": "accuracy"}).encode(),
-                           "lacks the required keys task, metrics"),
+    "no metrics or task": (
+        json.dumps({"method": "x", "seed": 1, "main_metric": "accuracy"}).encode(),
+        "lacks the required keys task, metrics",
+    ),
     "other schema": (json.dumps({**valid_result(), "schema_version": 2}).encode(), "schema version 2"),
-    "main metric missing": (json.dumps({**valid_result(), "metrics": {"val/f1": 0.5}}).encode(),
-                            "`metrics` lacks val/accuracy"),
-    "score not a number": (json.dumps({**valid_result(), "metrics": {"val/accuracy": "0.85"}}).encode(),
-                           "values that are not numbers: val/accuracy"),
-    "NaN score": (json.dumps({**valid_result(), "metrics": {"val/accuracy": float("nan")}}).encode(), "= nan, not a score"),
+    "main metric missing": (
+        json.dumps({**valid_result(), "metrics": {"val/f1": 0.5}}).encode(),
+        "`metrics` lacks val/accuracy",
+    ),
+    "score not a number": (
+        json.dumps({**valid_result(), "metrics": {"val/accuracy": "0.85"}}).encode(),
+        "values that are not numbers: val/accuracy",
+    ),
+    "NaN score": (
+        json.dumps({**valid_result(), "metrics": {"val/accuracy": float("nan")}}).encode(),
+        "= nan, not a score",
+    ),
     "seed a string": (json.dumps({**valid_result(), "seed": "1"}).encode(), '`seed` is "1", not an integer'),
 }
 
@@ -88,7 +120,8 @@ DAMAGED = {
 @pytest.mark.usefixtures("no_figures")
 @pytest.mark.parametrize("kind", list(DAMAGED))
 def test_a_damaged_results_json_is_one_line_naming_it_the_rest_is_reported_exit_status_2(
-        tmp_path: Path, capsys, kind: str) -> None:
+    tmp_path: Path, capsys, kind: str
+) -> None:
     content, problem = DAMAGED[kind]
     good_sweep(tmp_path)
     damaged = tmp_path / "sst2_vanilla_kd_1"
@@ -168,8 +201,14 @@ def test_older_mnli_runs_alone_show_their_main_metric(tmp_path: Path) -> None:
 def test_qqp_and_mrpc_show_accuracy_and_f1_and_count_once_in_the_average(tmp_path: Path, task: str) -> None:
     accuracy, f1 = [0.88, 0.885, 0.878], [0.84, 0.846, 0.838]
     for seed, (acc, f) in enumerate(zip(accuracy, f1), 1):
-        write_run(tmp_path, task, "finetune", seed, {"val/accuracy": acc, "val/f1": f, "val/combined_score": (acc + f) / 2},
-                  {"val/accuracy": 0.91, "val/f1": 0.88, "val/combined_score": 0.895})
+        write_run(
+            tmp_path,
+            task,
+            "finetune",
+            seed,
+            {"val/accuracy": acc, "val/f1": f, "val/combined_score": (acc + f) / 2},
+            {"val/accuracy": 0.91, "val/f1": 0.88, "val/combined_score": 0.895},
+        )
         write_run(tmp_path, "rte", "finetune", seed, {"val/accuracy": 0.6 + seed / 100}, {"val/accuracy": 0.7})
     written = write_report(tmp_path, layout="paper")
     titles, rows = markdown_rows(written.markdown)
@@ -196,8 +235,13 @@ def test_select_on_dev_chooses_qqp_on_accuracy_and_f1_together_and_keeps_both(tm
     # alpha=0.5: acc 88, F1 80 (mean 84); alpha=0.9: acc 87, F1 83 (mean 85): 0.9 is chosen for both columns
     for alpha, acc, f1 in (("0.5", 0.88, 0.80), ("0.9", 0.87, 0.83)):
         for seed in (1, 2):
-            run = write_run(tmp_path / alpha, "qqp", "vanilla_kd", seed,
-                            {"val/accuracy": acc + seed / 1000, "val/f1": f1, "val/combined_score": (acc + f1) / 2})
+            run = write_run(
+                tmp_path / alpha,
+                "qqp",
+                "vanilla_kd",
+                seed,
+                {"val/accuracy": acc + seed / 1000, "val/f1": f1, "val/combined_score": (acc + f1) / 2},
+            )
             result = json.loads((run / "results.json").read_text())
             result["overrides"].append(f"method.alpha={alpha}")
             (run / "results.json").write_text(json.dumps(result))
@@ -210,10 +254,17 @@ def test_select_on_dev_chooses_qqp_on_accuracy_and_f1_together_and_keeps_both(tm
 def test_published_numbers_for_mnli_compare_with_matched_and_qqp_asks_which_column(tmp_path: Path) -> None:
     for seed in (1, 2):
         write_run(tmp_path / "runs", "mnli", "vanilla_kd", seed, {MATCHED: 0.80, MISMATCHED: 0.81})
-        write_run(tmp_path / "runs", "qqp", "vanilla_kd", seed, {"val/accuracy": 0.88, "val/f1": 0.84,
-                                                                 "val/combined_score": 0.86})
-    (tmp_path / "ref.yaml").write_text("source: A paper, Table 1\nvalues:\n  mnli: {vanilla_kd: 79.0}\n"
-                                       "  mnli-mm: {vanilla_kd: 80.5}\n  qqp: {vanilla_kd: 85.0}\n")
+        write_run(
+            tmp_path / "runs",
+            "qqp",
+            "vanilla_kd",
+            seed,
+            {"val/accuracy": 0.88, "val/f1": 0.84, "val/combined_score": 0.86},
+        )
+    (tmp_path / "ref.yaml").write_text(
+        "source: A paper, Table 1\nvalues:\n  mnli: {vanilla_kd: 79.0}\n"
+        "  mnli-mm: {vanilla_kd: 80.5}\n  qqp: {vanilla_kd: 85.0}\n"
+    )
     markdown = report(tmp_path / "runs", reference=tmp_path / "ref.yaml")
     assert "| vanilla_kd | mnli-m | 80.0 ± 0.0 | 79.0 | +1.0 |" in markdown
     assert "| vanilla_kd | mnli-mm | 81.0 ± 0.0 | 80.5 | +0.5 |" in markdown
@@ -228,5 +279,7 @@ def test_table_records_name_each_columns_metric(tmp_path: Path) -> None:
     records = table_records(load_results(find_runs(tmp_path).results).values())
     cells = records[0]["cells"]
     assert {k: (c["task"], c["metric"]) for k, c in cells.items()} == {
-        "mnli-m": ("mnli", MATCHED), "mnli-mm": ("mnli", MISMATCHED)}
+        "mnli-m": ("mnli", MATCHED),
+        "mnli-mm": ("mnli", MISMATCHED),
+    }
     assert cells["mnli-mm"]["mean"] == pytest.approx(100 * statistics.fmean([0.81, 0.80]))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 import random
 import statistics
 from fractions import Fraction
@@ -41,16 +40,32 @@ def no_figures(monkeypatch) -> None:
     monkeypatch.setattr("kdexp.report.write_plots", lambda *args, **kwargs: [])
 
 
-def write_run(folder: Path, task: str, method: str, seed: int, score: float, teacher_key: str = "teacher-a",
-              extra: tuple[str, ...] = ()) -> Path:
+def write_run(
+    folder: Path,
+    task: str,
+    method: str,
+    seed: int,
+    score: float,
+    teacher_key: str = "teacher-a",
+    extra: tuple[str, ...] = (),
+) -> Path:
     """A finished run of a one-metric task (sst2 or rte: accuracy) as kdexp-train leaves it."""
     run = folder / "_".join([task, method, str(seed), teacher_key, *extra])
     (run / ".hydra").mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({
-        "task": task, "method": method, "seed": seed, "main_metric": "accuracy",
-        "metrics": {"val/accuracy": score}, "teacher_metrics": {"val/accuracy": 0.9}, "teacher_key": teacher_key,
-        "overrides": [f"task={task}", f"method={method}", f"seed={seed}", *extra],
-    }))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "task": task,
+                "method": method,
+                "seed": seed,
+                "main_metric": "accuracy",
+                "metrics": {"val/accuracy": score},
+                "teacher_metrics": {"val/accuracy": 0.9},
+                "teacher_key": teacher_key,
+                "overrides": [f"task={task}", f"method={method}", f"seed={seed}", *extra],
+            }
+        )
+    )
     return run
 
 
@@ -60,7 +75,7 @@ def markdown_rows(markdown: str, title: str | None = None) -> dict[str, list[str
     start = 0 if title is None else next(i for i, line in enumerate(lines) if line.startswith(title))
     start = next(i for i in range(start, len(lines)) if lines[i].startswith("| "))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("| "):
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
@@ -172,17 +187,26 @@ def test_paired_difference_matches_scipy_paired_t() -> None:
     assert result.p_t == pytest.approx(test.pvalue, rel=1e-9)
     assert result.p_permutation == float(brute_force_sign_flip(differences))
     one = difference_statistics([1.5])
-    assert (one.n_pairs, one.mean, one.ci, one.p_t, one.p_permutation, one.significant) == (1, 1.5, None, None, None, False)
+    assert (one.n_pairs, one.mean, one.ci, one.p_t, one.p_permutation, one.significant) == (
+        1,
+        1.5,
+        None,
+        None,
+        None,
+        False,
+    )
 
 
 def write_comparison_sweep(folder: Path) -> dict[str, list[float]]:
     """sst2 scores per method and seed (teacher-a): one row clearly above finetune, one noisy, one
     below, one with a single shared seed; rte for finetune and vanilla_kd only."""
-    scores = {"finetune": [0.800, 0.812, 0.795, 0.806],
-              "vanilla_kd": [0.815, 0.824, 0.806, 0.821],  # +1.1 to +1.5 on every seed
-              "noisy": [0.830, 0.790, 0.812, 0.790],  # +3.0, -2.2, +1.7, -1.6
-              "worse": [0.781, 0.790, 0.780, 0.788],  # about -1.8 on every seed
-              "lonely": [0.851]}  # seed 1 only
+    scores = {
+        "finetune": [0.800, 0.812, 0.795, 0.806],
+        "vanilla_kd": [0.815, 0.824, 0.806, 0.821],  # +1.1 to +1.5 on every seed
+        "noisy": [0.830, 0.790, 0.812, 0.790],  # +3.0, -2.2, +1.7, -1.6
+        "worse": [0.781, 0.790, 0.780, 0.788],  # about -1.8 on every seed
+        "lonely": [0.851],
+    }  # seed 1 only
     for method, values in scores.items():
         for seed, score in enumerate(values, 1):
             write_run(folder, "sst2", method, seed, score)
@@ -194,7 +218,8 @@ def write_comparison_sweep(folder: Path) -> dict[str, list[float]]:
 
 
 def test_baseline_differences_match_scipy_and_the_dagger_marks_exactly_the_cis_excluding_zero(
-        tmp_path: Path, capsys) -> None:
+    tmp_path: Path, capsys
+) -> None:
     scores = write_comparison_sweep(tmp_path)
     main([str(tmp_path), "--baseline", "finetune"])
     markdown = capsys.readouterr().out
@@ -202,7 +227,9 @@ def test_baseline_differences_match_scipy_and_the_dagger_marks_exactly_the_cis_e
     differences_table = markdown_rows(markdown, "Paired differences from finetune")
     with open(tmp_path / "report.csv") as f:
         csv_rows = {r["method"]: r for r in csv.DictReader(f)}
-    tex_rows = {line.split(" & ")[0]: line for line in (tmp_path / "report.tex").read_text().splitlines() if " & " in line}
+    tex_rows = {
+        line.split(" & ")[0]: line for line in (tmp_path / "report.tex").read_text().splitlines() if " & " in line
+    }
     base = [100 * s for s in scores["finetune"]]
     for method in ("vanilla_kd", "noisy", "worse"):
         ours = [100 * s for s in scores[method]]
@@ -214,12 +241,17 @@ def test_baseline_differences_match_scipy_and_the_dagger_marks_exactly_the_cis_e
         mark = "†" if excludes_zero else ""
         cell = table[method][0]  # columns: sst2, rte
         assert (("†" in cell) == excludes_zero) and cell.startswith(
-            f"{statistics.fmean(ours):.1f} ± {statistics.stdev(ours):.1f}{mark} ["), cell
-        assert differences_table[method][0] == (f"{statistics.fmean(differences):+.1f}{mark} [{low:+.1f}, {high:+.1f}] "
-                                                f"p_perm={p_perm:.3g} p_t={p_t:.3g} n=4")
+            f"{statistics.fmean(ours):.1f} ± {statistics.stdev(ours):.1f}{mark} ["
+        ), cell
+        assert differences_table[method][0] == (
+            f"{statistics.fmean(differences):+.1f}{mark} [{low:+.1f}, {high:+.1f}] "
+            f"p_perm={p_perm:.3g} p_t={p_t:.3g} n=4"
+        )
         row = csv_rows[method]
         assert float(row["sst2_diff"]) == pytest.approx(statistics.fmean(differences), abs=0.005)
-        assert (float(row["sst2_diff_ci_low"]), float(row["sst2_diff_ci_high"])) == pytest.approx((low, high), abs=0.005)
+        assert (float(row["sst2_diff_ci_low"]), float(row["sst2_diff_ci_high"])) == pytest.approx(
+            (low, high), abs=0.005
+        )
         assert float(row["sst2_p_t"]) == pytest.approx(p_t, rel=1e-3) and float(row["sst2_p_permutation"]) == p_perm
         assert row["sst2_n_pairs"] == "4" and row["baseline"] == "finetune"
         assert ("$^\\dagger$" in tex_rows[method.replace("_", "\\_")]) == excludes_zero
@@ -227,10 +259,15 @@ def test_baseline_differences_match_scipy_and_the_dagger_marks_exactly_the_cis_e
     # fewer than 2 shared seeds: the difference alone, and why there is no more
     assert differences_table["lonely"][0] == f"{100 * (0.851 - 0.800):+.1f} (1 shared seed: no CI, no test)"
     assert "†" not in table["lonely"][0]
-    assert (csv_rows["lonely"]["sst2_n_pairs"], csv_rows["lonely"]["sst2_diff_ci_low"], csv_rows["lonely"]["sst2_p_t"]) \
-        == ("1", "", "")
+    assert (
+        csv_rows["lonely"]["sst2_n_pairs"],
+        csv_rows["lonely"]["sst2_diff_ci_low"],
+        csv_rows["lonely"]["sst2_p_t"],
+    ) == ("1", "", "")
     assert differences_table["lonely"][1] == "–" and "finetune" not in differences_table  # no rte runs; no self-row
-    assert csv_rows["finetune"]["sst2_diff"] == "" and "% $^\\dagger$: the 95% CI" in (tmp_path / "report.tex").read_text()
+    assert (
+        csv_rows["finetune"]["sst2_diff"] == "" and "% $^\\dagger$: the 95% CI" in (tmp_path / "report.tex").read_text()
+    )
 
 
 def test_pairs_are_the_same_teacher_and_seed(tmp_path: Path) -> None:
@@ -238,8 +275,9 @@ def test_pairs_are_the_same_teacher_and_seed(tmp_path: Path) -> None:
         write_run(tmp_path, "sst2", "finetune", seed, base, teacher_key="teacher-a")
         write_run(tmp_path, "sst2", "vanilla_kd", seed, ours, teacher_key="teacher-a")
     write_run(tmp_path, "sst2", "vanilla_kd", 1, 0.5, teacher_key="teacher-b")  # another teacher: no pair
-    records = {r["row"]: r for r in table_records(load_results(find_runs(tmp_path).results).values(),
-                                                  baseline="finetune")}
+    records = {
+        r["row"]: r for r in table_records(load_results(find_runs(tmp_path).results).values(), baseline="finetune")
+    }
     cell = records["vanilla_kd"]["cells"]["sst2"]
     differences = [100 * (o - b) for o, b in ((0.82, 0.80), (0.84, 0.81), (0.80, 0.79))]
     assert cell["n"] == 4 and cell["n_pairs"] == 3
@@ -272,13 +310,17 @@ def test_table_records_are_plain_dicts_with_the_tables_statistics(tmp_path: Path
     values = [100 * s for s in scores["vanilla_kd"]]
     cell = by_row["vanilla_kd"]["cells"]["sst2"]
     assert (cell["task"], cell["metric"], cell["n"]) == ("sst2", "val/accuracy", 4)
-    assert cell["mean"] == pytest.approx(statistics.fmean(values)) and cell["std"] == pytest.approx(statistics.stdev(values))
+    assert cell["mean"] == pytest.approx(statistics.fmean(values)) and cell["std"] == pytest.approx(
+        statistics.stdev(values)
+    )
     assert (cell["ci_low"], cell["ci_high"]) == pytest.approx(scipy_interval(values))
     differences = [a - 100 * b for a, b in zip(values, scores["finetune"])]
     assert cell["diff"] == pytest.approx(statistics.fmean(differences)) and cell["significant"] is True
     assert cell["p_t"] == pytest.approx(stats.ttest_rel(values, [100 * s for s in scores["finetune"]]).pvalue)
     assert "diff" not in by_row["finetune"]["cells"]["sst2"] and "diff" not in by_row["teacher"]["cells"]["sst2"]
-    assert by_row["lonely"]["cells"]["sst2"]["n_pairs"] == 1 and by_row["lonely"]["cells"]["sst2"]["diff_ci_low"] is None
+    assert (
+        by_row["lonely"]["cells"]["sst2"]["n_pairs"] == 1 and by_row["lonely"]["cells"]["sst2"]["diff_ci_low"] is None
+    )
     assert "diff" not in table_records(results)[1]["cells"]["sst2"]  # no baseline: no differences
 
     with pytest.raises(UnknownBaseline):

@@ -25,24 +25,45 @@ from kdexp.run import run
 from tests.test_pipeline import tiny_cfg
 
 # log_every_n_steps=1: the step log gets training and learning-rate rows, which a resume must keep whole.
-TINY = ["teacher.epochs=2", "teacher.batch_size=4", "data.batch_size=4", "data.max_length=32", "logger=csv",
-        "trainer.enable_progress_bar=false", "optim.learning_rate=1e-3", "student.num_layers=2",
-        "trainer.log_every_n_steps=1"]
+TINY = [
+    "teacher.epochs=2",
+    "teacher.batch_size=4",
+    "data.batch_size=4",
+    "data.max_length=32",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "optim.learning_rate=1e-3",
+    "student.num_layers=2",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def tiny_args(model: Path, glue: Path, cache: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"teacher.name_or_path={model}", f"data.glue_dir={glue}", f"cache_dir={cache}",
-            f"hydra.run.dir={run_dir}", *TINY, *extra]
+    return [
+        f"teacher.name_or_path={model}",
+        f"data.glue_dir={glue}",
+        f"cache_dir={cache}",
+        f"hydra.run.dir={run_dir}",
+        *TINY,
+        *extra,
+    ]
 
 
 def train(args: list[str], cwd: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
     env.pop("KDEXP_FAULT_AT", None)
     if fault:
         env["KDEXP_FAULT_AT"] = fault
-    return subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def finished(proc: subprocess.CompletedProcess) -> None:
@@ -83,8 +104,16 @@ class TeacherPasses:
     the rows (logits, [CLS] vectors), its decisions, the MLM adaptation and distribution store, the surrogate,
     and the knowledge-selection agent's episodes."""
 
-    STAGES = ("teacher_finetuning", "teacher_logits", "teacher_row_passes", "teacher_decisions", "mlm_adaptation",
-              "mlm_store", "surrogate", "agent_episodes")
+    STAGES = (
+        "teacher_finetuning",
+        "teacher_logits",
+        "teacher_row_passes",
+        "teacher_decisions",
+        "mlm_adaptation",
+        "mlm_store",
+        "surrogate",
+        "agent_episodes",
+    )
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import kdexp.methods.dbkd as dbkd
@@ -120,21 +149,44 @@ class TeacherPasses:
         return counts
 
 
-@pytest.mark.parametrize("method,extra,stages", [
-    ("vanilla_kd", [], ["teacher_logits"]),
-    ("dbkd", ["method.queries.num_queries=3"], ["teacher_decisions"]),
-    ("decision_surrogate", ["method.queries.num_queries=3", "method.surrogate_epochs=2"],
-     ["teacher_decisions", "surrogate"]),
-    ("internal_all", ["trainer.max_epochs=2"], ["teacher_logits"]),
-    ("text_smoothing_kd", ["method.mlm.adapt.steps=4", "method.mlm.adapt.batch_size=4", "method.top_k=8"],
-     ["teacher_logits", "mlm_adaptation", "mlm_store"]),
-    ("knowledge_selection", ["method.agent.episodes=2", "method.agent.episode_phases=2", "method.phase_steps=2",
-                             "method.reward.rows=4", "method.agent.batch_size=2"], ["teacher_logits", "agent_episodes"]),
-    ("pkd", [], ["teacher_logits"]),
-    ("distilbert_kd", [], ["teacher_logits"]),
-])
+@pytest.mark.parametrize(
+    "method,extra,stages",
+    [
+        ("vanilla_kd", [], ["teacher_logits"]),
+        ("dbkd", ["method.queries.num_queries=3"], ["teacher_decisions"]),
+        (
+            "decision_surrogate",
+            ["method.queries.num_queries=3", "method.surrogate_epochs=2"],
+            ["teacher_decisions", "surrogate"],
+        ),
+        ("internal_all", ["trainer.max_epochs=2"], ["teacher_logits"]),
+        (
+            "text_smoothing_kd",
+            ["method.mlm.adapt.steps=4", "method.mlm.adapt.batch_size=4", "method.top_k=8"],
+            ["teacher_logits", "mlm_adaptation", "mlm_store"],
+        ),
+        (
+            "knowledge_selection",
+            [
+                "method.agent.episodes=2",
+                "method.agent.episode_phases=2",
+                "method.phase_steps=2",
+                "method.reward.rows=4",
+                "method.agent.batch_size=2",
+            ],
+            ["teacher_logits", "agent_episodes"],
+        ),
+        ("pkd", [], ["teacher_logits"]),
+        ("distilbert_kd", [], ["teacher_logits"]),
+    ],
+)
 def test_cold_and_warm_cache_give_bit_identical_runs(
-    method: str, extra: list[str], stages: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+    method: str,
+    extra: list[str],
+    stages: list[str],
+    tiny_model_dir: Path,
+    glue_dir: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     passes = TeacherPasses(monkeypatch)
@@ -182,13 +234,18 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(
 
     proc = train(args, tmp_path)
     finished(proc)
-    assert f"Resuming from {resumed / 'checkpoints' / 'last.ckpt'} at the start of epoch {epoch}" in proc.stdout + proc.stderr
+    assert (
+        f"Resuming from {resumed / 'checkpoints' / 'last.ckpt'} at the start of epoch {epoch}"
+        in proc.stdout + proc.stderr
+    )
     results = json.loads((resumed / "results.json").read_text())
     assert results["resumed_from_epoch"] == epoch  # finished epochs were not redone
     assert_same_run(straight, resumed)
 
 
-def test_run_killed_after_its_last_epoch_does_not_train_again(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_run_killed_after_its_last_epoch_does_not_train_again(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     cache, extra = tmp_path / "cache", ["method=finetune", "trainer.max_epochs=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     finished(train(tiny_args(tiny_model_dir, glue_dir, cache, straight, *extra), tmp_path))
@@ -225,10 +282,21 @@ def test_teacher_stage_killed_mid_epoch_resumes_to_the_same_teacher(
 
 
 def test_trainer_limits_of_a_run_do_not_reach_the_teacher(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    limited = run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "c1", "method=finetune", "trainer.max_epochs=1",
-                           "+trainer.limit_train_batches=1", "+trainer.accumulate_grad_batches=2"), tmp_path / "a")
-    normal = run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "c2", "method=finetune", "trainer.max_epochs=1"),
-                 tmp_path / "b")
+    limited = run(
+        tiny_cfg(
+            tiny_model_dir,
+            glue_dir,
+            tmp_path / "c1",
+            "method=finetune",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=1",
+            "+trainer.accumulate_grad_batches=2",
+        ),
+        tmp_path / "a",
+    )
+    normal = run(
+        tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "c2", "method=finetune", "trainer.max_epochs=1"), tmp_path / "b"
+    )
     assert limited["teacher_key"] == normal["teacher_key"]
     assert limited["teacher_metrics"] == normal["teacher_metrics"]
     assert_same_weights(Path(limited["teacher_path"]), Path(normal["teacher_path"]))
@@ -243,13 +311,27 @@ def test_every_teacher_setting_is_in_its_key(tiny_model_dir: Path, glue_dir: Pat
     def key(*overrides: str) -> str:
         cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", *overrides)
         spec = teacher_spec(cfg)
-        return teacher_key(spec, get_task("sst2"), model_fingerprint(str(tiny_model_dir)), {"train": "t"},
-                           cfg.data.max_length, str(cfg.trainer.precision))
+        return teacher_key(
+            spec,
+            get_task("sst2"),
+            model_fingerprint(str(tiny_model_dir)),
+            {"train": "t"},
+            cfg.data.max_length,
+            str(cfg.trainer.precision),
+        )
 
     base = key()
-    for override in ("teacher.learning_rate=1e-4", "teacher.epochs=2", "teacher.batch_size=8",
-                     "teacher.weight_decay=0", "teacher.warmup_ratio=0", "teacher.gradient_clip_val=5",
-                     "teacher.seed=1", "data.max_length=16", "trainer.precision=bf16-mixed"):
+    for override in (
+        "teacher.learning_rate=1e-4",
+        "teacher.epochs=2",
+        "teacher.batch_size=8",
+        "teacher.weight_decay=0",
+        "teacher.warmup_ratio=0",
+        "teacher.gradient_clip_val=5",
+        "teacher.seed=1",
+        "data.max_length=16",
+        "trainer.precision=bf16-mixed",
+    ):
         assert key(override) != base, override
 
 
@@ -299,24 +381,30 @@ def test_resuming_a_killed_run_with_another_learning_rate_is_refused(
 # --------------------------------------------------------------------------- refused before any work
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.max_length=0", r"data.max_length=0 cannot work"),
-    ("data.max_length=65", r"data.max_length=65 is above the 64 positions of teacher.name_or_path"),
-    ("trainer.max_epochs=0", r"trainer.max_epochs=0 cannot work"),
-    ("data.batch_size=0", r"data.batch_size=0 cannot work"),
-    ("optim.learning_rate=abc", r"optim.learning_rate: Value 'abc'"),
-    ("optim.learning_rate=-1", r"optim.learning_rate=-1.0 cannot work"),
-    ("seed=1.5", r"seed: Value '1.5'"),
-    ("data.max_train_samples=0", r"max_train_samples=0 cannot work"),
-    ("data.max_eval_samples=-2", r"max_eval_samples=-2 cannot work"),
-    ("student.num_layers=7", r"student.num_layers=7 cannot be taken from the teacher's 4 layers"),
-    ("student.num_layers=0", r"student.num_layers=0 cannot work"),
-    ("+method.alph=0.3", r"method.alph is not a config key of method 'vanilla_kd'; valid keys: alpha"),
-    ("+optim.learnin_rate=1", r"optim.learnin_rate is not a config key under optim; valid keys: adam_epsilon"),
-    ("+trainer.limit_train_batchs=1", r"trainer.limit_train_batchs is not an argument of pytorch_lightning.Trainer"),
-    ("method.alpha=1.5", r"method.alpha=1.5 cannot work"),
-    ("teacher.epochs=0", r"teacher.epochs=0 cannot work"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.max_length=0", r"data.max_length=0 cannot work"),
+        ("data.max_length=65", r"data.max_length=65 is above the 64 positions of teacher.name_or_path"),
+        ("trainer.max_epochs=0", r"trainer.max_epochs=0 cannot work"),
+        ("data.batch_size=0", r"data.batch_size=0 cannot work"),
+        ("optim.learning_rate=abc", r"optim.learning_rate: Value 'abc'"),
+        ("optim.learning_rate=-1", r"optim.learning_rate=-1.0 cannot work"),
+        ("seed=1.5", r"seed: Value '1.5'"),
+        ("data.max_train_samples=0", r"max_train_samples=0 cannot work"),
+        ("data.max_eval_samples=-2", r"max_eval_samples=-2 cannot work"),
+        ("student.num_layers=7", r"student.num_layers=7 cannot be taken from the teacher's 4 layers"),
+        ("student.num_layers=0", r"student.num_layers=0 cannot work"),
+        ("+method.alph=0.3", r"method.alph is not a config key of method 'vanilla_kd'; valid keys: alpha"),
+        ("+optim.learnin_rate=1", r"optim.learnin_rate is not a config key under optim; valid keys: adam_epsilon"),
+        (
+            "+trainer.limit_train_batchs=1",
+            r"trainer.limit_train_batchs is not an argument of pytorch_lightning.Trainer",
+        ),
+        ("method.alpha=1.5", r"method.alpha=1.5 cannot work"),
+        ("teacher.epochs=0", r"teacher.epochs=0 cannot work"),
+    ],
+)
 def test_bad_config_is_refused_before_the_teacher_stage(
     override: str, message: str, tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
@@ -328,7 +416,9 @@ def test_bad_config_is_refused_before_the_teacher_stage(
 
 
 def test_a_config_error_is_one_line_without_traceback(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    proc = train(tiny_args(tiny_model_dir, glue_dir, tmp_path / "cache", tmp_path / "run", "data.max_length=0"), tmp_path)
+    proc = train(
+        tiny_args(tiny_model_dir, glue_dir, tmp_path / "cache", tmp_path / "run", "data.max_length=0"), tmp_path
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("kdexp-train: error: data.max_length=0 cannot work")
     assert "Traceback" not in proc.stderr
@@ -366,7 +456,9 @@ def test_a_damaged_teacher_is_trained_again_to_the_same_weights(
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
-def test_a_corrupt_logit_cache_is_recomputed_to_the_same_run(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_a_corrupt_logit_cache_is_recomputed_to_the_same_run(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
     overrides = ["method=vanilla_kd", "logger=csv", "trainer.log_every_n_steps=1"]
     run(tiny_cfg(tiny_model_dir, glue_dir, cache, *overrides), tmp_path / "a")
@@ -379,8 +471,10 @@ def test_a_corrupt_logit_cache_is_recomputed_to_the_same_run(tiny_model_dir: Pat
 def test_cache_files_are_readable_by_the_group(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     old = os.umask(0o002)
     try:
-        run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=vanilla_kd", "trainer.max_epochs=1"),
-            tmp_path / "a")
+        run(
+            tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=vanilla_kd", "trainer.max_epochs=1"),
+            tmp_path / "a",
+        )
     finally:
         os.umask(old)
     for path in (tmp_path / "cache").rglob("*"):
@@ -393,11 +487,30 @@ def test_cache_files_are_readable_by_the_group(tiny_model_dir: Path, glue_dir: P
 def test_parallel_runs_share_one_teacher(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "kdexp.train",
-                               *tiny_args(tiny_model_dir, glue_dir, cache, tmp_path / f"run{seed}", "method=vanilla_kd",
-                                          "trainer.max_epochs=1", f"seed={seed}")],
-                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kdexp.train",
+                *tiny_args(
+                    tiny_model_dir,
+                    glue_dir,
+                    cache,
+                    tmp_path / f"run{seed}",
+                    "method=vanilla_kd",
+                    "trainer.max_epochs=1",
+                    f"seed={seed}",
+                ),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert sum(log.count("Fine-tuning teacher") for log in logs) == 1

@@ -24,10 +24,23 @@ RUN_SPECIFIC = ("train_seconds", "train_examples_per_second", "wall_seconds", "s
 
 
 def launch(args: list[str], cwd: Path, **env_vars: str) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env_vars)
-    return subprocess.Popen([sys.executable, "-m", "kdexp.train", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        **env_vars,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdexp.train", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -48,9 +61,13 @@ def error_lines(stderr: str) -> list[str]:
 
 def hold_in_another_process(folder: Path, tmp_path: Path) -> subprocess.Popen:
     """A process that holds `folder` until it is killed."""
-    code = ("import sys, time; from pathlib import Path; from kdexp.run_folder import acquire_folder_lock; "
-            f"lock = acquire_folder_lock(Path(sys.argv[1]), {LOCK_FILE!r}, 'x'); print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    code = (
+        "import sys, time; from pathlib import Path; from kdexp.run_folder import acquire_folder_lock; "
+        f"lock = acquire_folder_lock(Path(sys.argv[1]), {LOCK_FILE!r}, 'x'); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -65,7 +82,9 @@ def test_a_live_holder_is_named_and_a_killed_one_is_taken_over(tmp_path: Path) -
         with pytest.raises(ConfigError) as refused:
             acquire_folder_lock(folder, LOCK_FILE, "launch elsewhere.")
         message = str(refused.value)
-        assert "\n" not in message and message.startswith(f"{folder} is in use by pid {holder.pid} on host {HOST} (started ")
+        assert "\n" not in message and message.startswith(
+            f"{folder} is in use by pid {holder.pid} on host {HOST} (started "
+        )
         assert message.endswith("launch elsewhere.")
     finally:
         holder.kill()
@@ -123,8 +142,12 @@ def test_a_second_launch_into_a_live_run_folder_is_refused_and_the_first_ends_as
     finished(train(tiny_args(tiny_model_dir, glue_dir, cache, alone, *extra), tmp_path))
 
     folder, release = tmp_path / "run", tmp_path / "release"
-    first = launch(tiny_args(tiny_model_dir, glue_dir, cache, folder, *extra), tmp_path,
-                   KDEXP_FAULT_AT="train_batch:epoch=0:batch=0", KDEXP_FAULT_ACTION=f"wait:{release}")
+    first = launch(
+        tiny_args(tiny_model_dir, glue_dir, cache, folder, *extra),
+        tmp_path,
+        KDEXP_FAULT_AT="train_batch:epoch=0:batch=0",
+        KDEXP_FAULT_ACTION=f"wait:{release}",
+    )
     try:
         wait_for(folder / "config.yaml", first)  # written as training starts (held at its first batch)
         holder = LockHolder.read(folder / LOCK_FILE)
@@ -134,9 +157,11 @@ def test_a_second_launch_into_a_live_run_folder_is_refused_and_the_first_ends_as
         second = train([*tiny_args(tiny_model_dir, glue_dir, cache, folder, *extra), "seed=7"], tmp_path)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         [line] = error_lines(second.stderr)
-        assert line == (f"kdexp-train: error: {folder} is in use by pid {first.pid} on host {HOST} (started "
-                        f"{holder.started}); wait for it to end (a re-launch then resumes the run or returns its "
-                        "result), stop it, or launch in another folder (hydra.run.dir=<another folder>).")
+        assert line == (
+            f"kdexp-train: error: {folder} is in use by pid {first.pid} on host {HOST} (started "
+            f"{holder.started}); wait for it to end (a re-launch then resumes the run or returns its "
+            "result), stop it, or launch in another folder (hydra.run.dir=<another folder>)."
+        )
         assert (folder / ".hydra" / "overrides.yaml").read_text() == overrides_before  # still the first launch's
     finally:
         release.touch()
@@ -164,12 +189,20 @@ def test_a_lock_left_by_a_killed_run_does_not_stop_the_rerun_which_resumes(
     assert not (folder / LOCK_FILE).exists()
 
 
-def test_a_second_sweep_into_a_live_sweep_folder_is_refused(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+def test_a_second_sweep_into_a_live_sweep_folder_is_refused(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     sweep, release = tmp_path / "sweep", tmp_path / "release"
-    args = ["-m", *tiny_args(tiny_model_dir, glue_dir, tmp_path / "cache", tmp_path / "unused", "method=finetune",
-                             "trainer.max_epochs=1"), f"hydra.sweep.dir={sweep}"]
-    first = launch([*args, "seed=1"], tmp_path, KDEXP_FAULT_AT="train_batch:epoch=0:batch=0",
-                   KDEXP_FAULT_ACTION=f"wait:{release}")
+    args = [
+        "-m",
+        *tiny_args(
+            tiny_model_dir, glue_dir, tmp_path / "cache", tmp_path / "unused", "method=finetune", "trainer.max_epochs=1"
+        ),
+        f"hydra.sweep.dir={sweep}",
+    ]
+    first = launch(
+        [*args, "seed=1"], tmp_path, KDEXP_FAULT_AT="train_batch:epoch=0:batch=0", KDEXP_FAULT_ACTION=f"wait:{release}"
+    )
     try:
         wait_for(sweep / "0_sst2_finetune_seed1" / "config.yaml", first)
         holder = LockHolder.read(sweep / ".kdexp-sweep.lock")
@@ -187,4 +220,3 @@ def test_a_second_sweep_into_a_live_sweep_folder_is_refused(tiny_model_dir: Path
     assert first.returncode == 0, err[-5000:]
     assert json.loads((sweep / "0_sst2_finetune_seed1" / "results.json").read_text())["seed"] == 1
     assert not (sweep / ".kdexp-sweep.lock").exists()
-

@@ -29,7 +29,7 @@ def row_by_row_digest(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:
 
 
 def test_the_fingerprint_is_the_row_by_row_digest_also_of_a_selection() -> None:
-    texts = ["plain", "it's \"quoted\"", "tab\there", "naïve café", "", "x" * 300, "new\nline"]
+    texts = ["plain", 'it\'s "quoted"', "tab\there", "naïve café", "", "x" * 300, "new\nline"]
     ds = datasets.Dataset.from_dict({"sentence": texts, "label": list(range(len(texts)))})
     for view in (ds, ds.select([5, 1, 3]), ds.shuffle(seed=0)):
         assert content_fingerprint(view, ("sentence", "label")) == row_by_row_digest(view, ("sentence", "label"))
@@ -39,8 +39,9 @@ def test_row_lengths_are_the_token_counts(glue_dir: Path, tmp_path: Path) -> Non
     from conftest import tiny_tokenizer
 
     task = get_task("rte")
-    tokenized, _ = tokenize_split(load_split(task, "train", DataSource(glue_dir)), task, tiny_tokenizer(), 32,
-                                  tmp_path / "cache")
+    tokenized, _ = tokenize_split(
+        load_split(task, "train", DataSource(glue_dir)), task, tiny_tokenizer(), 32, tmp_path / "cache"
+    )
     for view in (tokenized, tokenized.select([3, 0, 7])):
         assert row_lengths(view).tolist() == [len(view[i]["input_ids"]) for i in range(len(view))]
 
@@ -62,7 +63,8 @@ def counting_teacher(answered: list[int], fail_on_call: int | None = None) -> De
 
 
 def test_queries_in_chunks_equal_one_pass_and_a_killed_stage_resumes_from_its_last_chunk(
-        glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     task = get_task("rte")
     ds = load_split(task, "train", DataSource(glue_dir))
     config = QueryConfig(num_queries=4, seed=3)
@@ -86,6 +88,7 @@ def test_queries_in_chunks_equal_one_pass_and_a_killed_stage_resumes_from_its_la
 @pytest.mark.parametrize("pairs", [False, True])
 def test_packed_queries_pad_to_what_the_tokenizer_pads(pairs: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import SENTENCES, tiny_tokenizer
+
     from kdexp.decision import teacher as teacher_module
     from kdexp.decision.teacher import encode_queries
 
@@ -98,7 +101,8 @@ def test_packed_queries_pad_to_what_the_tokenizer_pads(pairs: bool, monkeypatch:
         texts = [chosen] if not pairs else [[q[0] for q in chosen], [q[1] for q in chosen]]
         expected = tokenizer(*texts, truncation=True, max_length=8, padding=True, return_tensors="pt")
         batch = encoded.batch(rows, tokenizer.pad_token_id)
-        assert set(batch) == ({"input_ids", "attention_mask", "token_type_ids"} if pairs else
-                              {"input_ids", "attention_mask"})
+        assert set(batch) == (
+            {"input_ids", "attention_mask", "token_type_ids"} if pairs else {"input_ids", "attention_mask"}
+        )
         for name, value in batch.items():
             assert torch.equal(value, expected[name]), name

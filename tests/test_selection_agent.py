@@ -92,8 +92,9 @@ def test_state_encoder_encodes_student_and_teacher_parts_separately():
 def test_ddpg_learns_the_best_action_of_a_bandit(single_thread):
     # A slow actor beside a fast critic: with equal rates the actor follows the critic's
     # early, nearly linear fit into the sigmoid's flat ends and stays there.
-    config = DDPGConfig(gamma=0.0, actor_lr=1e-4, critic_lr=3e-3, batch_size=64, buffer_capacity=128,
-                        hidden=64, noise_std=0.1, seed=0)
+    config = DDPGConfig(
+        gamma=0.0, actor_lr=1e-4, critic_lr=3e-3, batch_size=64, buffer_capacity=128, hidden=64, noise_std=0.1, seed=0
+    )
     agent = DDPGAgent(STUDENT_WIDTH, TEACHER_WIDTH, config)
     data = torch.Generator().manual_seed(100)
 
@@ -144,9 +145,7 @@ def test_td_target_matches_a_hand_computation_with_the_target_networks():
     dones = torch.tensor([0.0, 1.0, 0.0, 1.0])
     with torch.no_grad():
         next_values = agent.target_critic(next_states, agent.target_actor(next_states))
-    expected = torch.stack([
-        rewards[i] + (0.0 if dones[i] else 0.9 * next_values[i]) for i in range(4)
-    ])
+    expected = torch.stack([rewards[i] + (0.0 if dones[i] else 0.9 * next_values[i]) for i in range(4)])
     torch.testing.assert_close(agent.td_target(rewards, next_states, dones), expected)
 
 
@@ -303,8 +302,13 @@ def test_config_defaults_and_capacity_below_batch_size():
 
 def push_numbered(buffer: ReplayBuffer, number: int) -> None:
     value = float(number)
-    buffer.push(torch.full((buffer.state_dim,), value), torch.full((buffer.num_kinds,), value / 10),
-                value, torch.full((buffer.state_dim,), -value), number % 2 == 1)
+    buffer.push(
+        torch.full((buffer.state_dim,), value),
+        torch.full((buffer.num_kinds,), value / 10),
+        value,
+        torch.full((buffer.state_dim,), -value),
+        number % 2 == 1,
+    )
 
 
 def test_replay_buffer_overwrites_the_oldest_transition():

@@ -47,8 +47,10 @@ def read_only(shared: Path, how: str):
 
 
 def overlay_line(shared: Path, overlay: Path, linked: int, reason: str) -> str:
-    return (f"cache_dir={shared} cannot be written ({reason}): this run reads the entries it holds ({linked} files) "
-            f"and writes any it lacks to {overlay} instead (KDEXP_CACHE_FALLBACK=<folder> chooses another).")
+    return (
+        f"cache_dir={shared} cannot be written ({reason}): this run reads the entries it holds ({linked} files) "
+        f"and writes any it lacks to {overlay} instead (KDEXP_CACHE_FALLBACK=<folder> chooses another)."
+    )
 
 
 def entry_files(cache: Path) -> list[Path]:
@@ -115,9 +117,11 @@ def test_a_read_only_cache_without_a_writable_fallback_is_refused_in_one_line_be
     args = tiny_args(straight["model"], straight["glue"], shared, run_dir, *RUN)
     proc = launch(args, tmp_path, **PROBE_FAULT, KDEXP_CACHE_FALLBACK=str(not_a_folder / "cache"))
     line = error_line(proc)
-    assert line == (f"kdexp-train: error: cache_dir={shared} cannot be written (Read-only file system), nor can the "
-                    f"fallback cache {not_a_folder / 'cache'} (Not a directory); set KDEXP_CACHE_FALLBACK=<a writable "
-                    f"folder> to read {shared} and write what it lacks there, or choose a writable cache_dir=<folder>.")
+    assert line == (
+        f"kdexp-train: error: cache_dir={shared} cannot be written (Read-only file system), nor can the "
+        f"fallback cache {not_a_folder / 'cache'} (Not a directory); set KDEXP_CACHE_FALLBACK=<a writable "
+        f"folder> to read {shared} and write what it lacks there, or choose a writable cache_dir=<folder>."
+    )
     log = proc.stdout + proc.stderr
     assert "Reusing teacher" not in log and "Fine-tuning teacher" not in log
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "cache").exists()
@@ -143,8 +147,14 @@ def test_the_overlay_links_every_entry_keeps_its_own_and_drops_links_whose_file_
 
     assert overlay == run_dir.absolute() / "cache"
     assert sorted(str(p.relative_to(overlay)) for p in overlay.rglob("*")) == [
-        "signals", "signals/a.pt", "teachers", "teachers/sst2-k", "teachers/sst2-k/model",
-        "teachers/sst2-k/model/model.safetensors", "tokenized"]
+        "signals",
+        "signals/a.pt",
+        "teachers",
+        "teachers/sst2-k",
+        "teachers/sst2-k/model",
+        "teachers/sst2-k/model/model.safetensors",
+        "tokenized",
+    ]
     assert (overlay / "signals" / "a.pt").is_symlink() and (overlay / "signals" / "a.pt").read_bytes() == b"a"
     assert not (overlay / "teachers").is_symlink()  # a folder of the overlay: new entries are written there
     (overlay / "signals" / "a.pt").unlink()  # a damaged entry set aside, then written again by the run
@@ -166,7 +176,9 @@ def test_a_writable_cache_is_used_as_it_is_and_an_unwritable_fallback_is_refused
     monkeypatch.setenv("KDEXP_FAULT_ACTION", "oserror:EROFS")
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("KDEXP_CACHE_FALLBACK", str(tmp_path / "a-file"))
-    with pytest.raises(OSFailure, match=r"nor can the fallback cache .*a-file \(File exists\); set KDEXP_CACHE_FALLBACK"):
+    with pytest.raises(
+        OSFailure, match=r"nor can the fallback cache .*a-file \(File exists\); set KDEXP_CACHE_FALLBACK"
+    ):
         cache_for_run(tmp_path / "cache", tmp_path / "run")
 
 
@@ -181,10 +193,15 @@ def test_every_file_a_run_writes_follows_the_umask(straight: dict[str, Path], tm
 
     file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
     [teacher] = [p for p in (cache / "teachers").iterdir() if p.is_dir()]
-    named = [run_dir / "results.json", run_dir / "student" / "model.safetensors", run_dir / "config.yaml",
-             run_dir / "metrics.csv", teacher / "model" / "model.safetensors",
-             next((cache / "signals" / "teacher_logits").glob("*.pt")),
-             next((cache / "tokenized").glob("*/*.arrow"))]
+    named = [
+        run_dir / "results.json",
+        run_dir / "student" / "model.safetensors",
+        run_dir / "config.yaml",
+        run_dir / "metrics.csv",
+        teacher / "model" / "model.safetensors",
+        next((cache / "signals" / "teacher_logits").glob("*.pt")),
+        next((cache / "tokenized").glob("*/*.arrow")),
+    ]
     for path in named:
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, f"{path}: {oct(stat.S_IMODE(path.stat().st_mode))}"
     for path in [run_dir, cache, *run_dir.rglob("*"), *cache.rglob("*")]:  # and every other file and folder

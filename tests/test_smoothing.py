@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_bert_config as shared_tiny_bert_config
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from kdexp.smoothing import (
@@ -21,7 +21,6 @@ from kdexp.smoothing import (
     topk_retained_mass,
 )
 from tests.conftest import tiny_tokenizer
-from conftest import tiny_bert_config as shared_tiny_bert_config
 
 VOCAB_SIZE = 40
 PAD_ID, CLS_ID, SEP_ID = 0, 2, 3
@@ -32,8 +31,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def tiny_bert_config(**overrides) -> BertConfig:
     """The shared tiny BERT, narrower, without dropout, over this module's vocabulary size."""
-    settings = dict(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, max_position_embeddings=32,
-                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    settings = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=16,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return shared_tiny_bert_config(num_layers=2, num_labels=3, **{**settings, **overrides})
 
 
@@ -117,8 +122,10 @@ def test_smoothed_embedding_equals_brute_force_sum_over_vocabulary(top_k: int | 
     expected = torch.tensor(expected_probs, dtype=torch.float64)
     torch.testing.assert_close(smoothed.to_dense().double(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(
-        smoothed_inputs_embeds(smoothed, weight).double(), brute_force_embeddings(expected_probs, weight),
-        atol=1e-5, rtol=0,
+        smoothed_inputs_embeds(smoothed, weight).double(),
+        brute_force_embeddings(expected_probs, weight),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -284,9 +291,15 @@ def test_topk_report_on_a_tiny_run_keeps_more_mass_and_error_shrinks_with_k(
 ) -> None:
     from kdexp.tools.topk_report import topk_report
 
-    overrides = [f"teacher.name_or_path={tiny_model_dir}", "teacher.epochs=1", f"data.glue_dir={glue_dir}",
-                 "data.max_length=32", f"cache_dir={tmp_path / 'cache'}", "method.mlm.adapt.steps=3",
-                 "method.mlm.adapt.batch_size=4"]
+    overrides = [
+        f"teacher.name_or_path={tiny_model_dir}",
+        "teacher.epochs=1",
+        f"data.glue_dir={glue_dir}",
+        "data.max_length=32",
+        f"cache_dir={tmp_path / 'cache'}",
+        "method.mlm.adapt.steps=3",
+        "method.mlm.adapt.batch_size=4",
+    ]
     vocab = len(tiny_tokenizer().get_vocab())
     result = topk_report(overrides, [2, 8, vocab], rows=6)
     masses = [e["mean_retained_mass"] for e in result["errors"]]

@@ -37,8 +37,13 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = root / "tiny-bert"
     BertForSequenceClassification(tiny_bert_config()).save_pretrained(model)
     tiny_tokenizer().save_pretrained(model)
-    paths = {"model": model, "glue": make_glue_dir(root / "glue"), "cache": root / "cache", "run": root / "run",
-             "root": root}
+    paths = {
+        "model": model,
+        "glue": make_glue_dir(root / "glue"),
+        "cache": root / "cache",
+        "run": root / "run",
+        "root": root,
+    }
     finished(train(tiny_args(paths["model"], paths["glue"], paths["cache"], paths["run"], *RUN), root))
     return paths
 
@@ -48,11 +53,13 @@ def stored_teacher(cache: Path) -> Path:
     return store
 
 
-def test_run_killed_right_after_a_step_checkpoint_resumes_from_that_step(straight: dict[str, Path],
-                                                                         tmp_path: Path) -> None:
+def test_run_killed_right_after_a_step_checkpoint_resumes_from_that_step(
+    straight: dict[str, Path], tmp_path: Path
+) -> None:
     resumed = tmp_path / "resumed"
-    args = tiny_args(straight["model"], straight["glue"], straight["cache"], resumed, *RUN,
-                     "checkpoint.every_n_steps=1")
+    args = tiny_args(
+        straight["model"], straight["glue"], straight["cache"], resumed, *RUN, "checkpoint.every_n_steps=1"
+    )
     # Epoch 1's last batch: the step checkpoint there (global step 5) is taken as it starts, then SIGKILL.
     killed(train(args, tmp_path, fault="train_batch:epoch=1:batch=2"))
     assert not (resumed / "results.json").exists()
@@ -70,7 +77,7 @@ def test_run_killed_right_after_a_step_checkpoint_resumes_from_that_step(straigh
 
 def read_identity(run_dir: Path) -> str:
     """The identity the run's checkpoints carry (config hash and number of processes)."""
-    from kdexp.training import read_checkpoint, checkpoint_identity
+    from kdexp.training import checkpoint_identity, read_checkpoint
 
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint is not None
@@ -82,8 +89,20 @@ def read_identity(run_dir: Path) -> str:
 def test_step_checkpoints_change_nothing_in_a_run(straight: dict[str, Path], tmp_path: Path) -> None:
     """Saving (every step here) reads states and draws nothing: the run is the uninterrupted one."""
     every_step = tmp_path / "every-step"
-    finished(train(tiny_args(straight["model"], straight["glue"], straight["cache"], every_step, *RUN,
-                             "checkpoint.every_n_steps=1", "checkpoint.every_minutes=null"), tmp_path))
+    finished(
+        train(
+            tiny_args(
+                straight["model"],
+                straight["glue"],
+                straight["cache"],
+                every_step,
+                *RUN,
+                "checkpoint.every_n_steps=1",
+                "checkpoint.every_minutes=null",
+            ),
+            tmp_path,
+        )
+    )
     assert_same_run(straight["run"], every_step)
 
 
@@ -97,21 +116,31 @@ def test_the_sampler_skips_the_batches_a_step_checkpoint_trained_once() -> None:
     assert list(resumed) == full  # once: the epoch again (it is not) would be whole
     resumed.set_epoch(2)
     assert list(resumed) == list(EpochSeededSampler(12, seed=3, epoch=2, batch_size=4))
-    ranks = [EpochSeededSampler(12, seed=3, epoch=1, rank=r, world_size=2, batch_size=4, resume_at=(1, 1))
-             for r in (0, 1)]
+    ranks = [
+        EpochSeededSampler(12, seed=3, epoch=1, rank=r, world_size=2, batch_size=4, resume_at=(1, 1)) for r in (0, 1)
+    ]
     whole = [list(EpochSeededSampler(12, seed=3, epoch=1, rank=r, world_size=2, batch_size=4)) for r in (0, 1)]
     assert [list(s) for s in ranks] == [rows[2:] for rows in whole]  # each rank's 2 rows of the first batch
 
 
-@pytest.mark.parametrize("override,message", [
-    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0 cannot work: use a positive number of optimiser steps"),
-    ("checkpoint.every_minutes=-5", "checkpoint.every_minutes=-5.0 cannot work: use a positive number of minutes"),
-    ("checkpoint.every_n_steps=often", "checkpoint.every_n_steps: Value 'often'"),
-    ("+checkpoint.every_step=3", "checkpoint.every_step is not a config key under checkpoint; valid keys: "
-                                 "every_minutes, every_n_steps"),
-])
-def test_a_bad_checkpoint_setting_is_refused_before_any_work(override: str, message: str, tiny_model_dir: Path,
-                                                            glue_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "checkpoint.every_n_steps=0",
+            "checkpoint.every_n_steps=0 cannot work: use a positive number of optimiser steps",
+        ),
+        ("checkpoint.every_minutes=-5", "checkpoint.every_minutes=-5.0 cannot work: use a positive number of minutes"),
+        ("checkpoint.every_n_steps=often", "checkpoint.every_n_steps: Value 'often'"),
+        (
+            "+checkpoint.every_step=3",
+            "checkpoint.every_step is not a config key under checkpoint; valid keys: every_minutes, every_n_steps",
+        ),
+    ],
+)
+def test_a_bad_checkpoint_setting_is_refused_before_any_work(
+    override: str, message: str, tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
     cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=vanilla_kd", override)
     with pytest.raises(ConfigError) as raised:
         run(cfg, tmp_path / "run")
@@ -120,12 +149,15 @@ def test_a_bad_checkpoint_setting_is_refused_before_any_work(override: str, mess
 
 
 def test_a_checkpoint_config_error_is_one_line(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    proc = train(tiny_args(tiny_model_dir, glue_dir, tmp_path / "cache", tmp_path / "run",
-                           "checkpoint.every_n_steps=0"), tmp_path)
+    proc = train(
+        tiny_args(tiny_model_dir, glue_dir, tmp_path / "cache", tmp_path / "run", "checkpoint.every_n_steps=0"),
+        tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "kdexp-train: error: checkpoint.every_n_steps=0 cannot work: use a positive number of optimiser steps "
-        "(e.g. 1000), or null for none.")
+        "(e.g. 1000), or null for none."
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -165,8 +197,20 @@ def adapt(encoder: Path, tokenizer: object, texts: list[str], checkpoints: objec
     from kdexp.smoothing.mlm import adapt_mlm_head
 
     # The encoder trains too: dropout draws from the global generator, which a resume must restore.
-    return adapt_mlm_head(encoder, texts, tokenizer, train_encoder=True, steps=10, batch_size=8, learning_rate=1e-2,
-                          heldout_fraction=0.25, seed=0, eval_every=4, log_every=5, checkpoints=checkpoints)
+    return adapt_mlm_head(
+        encoder,
+        texts,
+        tokenizer,
+        train_encoder=True,
+        steps=10,
+        batch_size=8,
+        learning_rate=1e-2,
+        heldout_fraction=0.25,
+        seed=0,
+        eval_every=4,
+        log_every=5,
+        checkpoints=checkpoints,
+    )
 
 
 def assert_same_adaptation(a: object, b: object) -> None:
@@ -175,8 +219,10 @@ def assert_same_adaptation(a: object, b: object) -> None:
     for name in state_a:
         assert torch.equal(state_a[name], state_b[name]), name
     timing = ("train_seconds", "total_seconds")
-    assert ({k: v for k, v in a.metrics.items() if k not in timing}  # type: ignore[attr-defined]
-            == {k: v for k, v in b.metrics.items() if k not in timing})  # type: ignore[attr-defined]
+    assert (
+        {k: v for k, v in a.metrics.items() if k not in timing}  # type: ignore[attr-defined]
+        == {k: v for k, v in b.metrics.items() if k not in timing}
+    )  # type: ignore[attr-defined]
 
 
 def test_mlm_adaptation_killed_after_a_step_checkpoint_resumes_to_the_same_weights(
@@ -200,8 +246,9 @@ def test_mlm_adaptation_killed_after_a_step_checkpoint_resumes_to_the_same_weigh
     assert_same_adaptation(straight, resumed)
 
 
-def test_an_mlm_checkpoint_of_another_adaptation_is_set_aside(one_thread: None, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_mlm_checkpoint_of_another_adaptation_is_set_aside(
+    one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kdexp.faults import InjectedFault
     from kdexp.preemption import CheckpointEvery
     from kdexp.smoothing.mlm import AdaptationCheckpoints
@@ -226,9 +273,22 @@ def test_the_step_log_keeps_the_rows_before_a_step_checkpoint_and_drops_the_late
 
     log = tmp_path / "csv" / "metrics.csv"
     log.parent.mkdir()
-    rows = ["epoch,lr-AdamW,step,train/loss,val/accuracy", "0,,0,0.7,", ",0.1,1,,", "0,,1,0.6,", "0,,1,,0.5",
-            ",0.1,2,,", "1,,2,0.5,", ",0.1,3,,", "1,,3,0.4,", ",0.1,4,,", "1,,4,0.3,", "1,,4,,0.75", ",0.1,5,,",
-            "2,,5,0.2,"]
+    rows = [
+        "epoch,lr-AdamW,step,train/loss,val/accuracy",
+        "0,,0,0.7,",
+        ",0.1,1,,",
+        "0,,1,0.6,",
+        "0,,1,,0.5",
+        ",0.1,2,,",
+        "1,,2,0.5,",
+        ",0.1,3,,",
+        "1,,3,0.4,",
+        ",0.1,4,,",
+        "1,,4,0.3,",
+        "1,,4,,0.75",
+        ",0.1,5,,",
+        "2,,5,0.2,",
+    ]
     log.write_text("\n".join(rows) + "\n")
     logger = _resumable_csv_logger(tmp_path)
     start = ResumeFrom(str(tmp_path / "last.ckpt"), epoch=1, global_step=3, batch=1, logged_steps=3)

@@ -25,13 +25,26 @@ FAULT = {"KDEXP_FAULT_AT": "train_batch:job=0:epoch=0:batch=1", "KDEXP_FAULT_ACT
 
 
 def sweep(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env_vars)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        **env_vars,
+    )
     for name in ("KDEXP_FAULT_AT", "KDEXP_FAULT_ACTION"):
         if name not in env_vars:
             env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "kdexp.train", "-m", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "kdexp.train", "-m", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def sweep_args(model: Path, glue: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -42,13 +55,23 @@ def sweep_args(model: Path, glue: Path, tmp_path: Path, *extra: str) -> list[str
 # --------------------------------------------------------------------------- checked before the first job
 
 
-@pytest.mark.parametrize("swept,line", [
-    (["data.max_length=32,65"],
-     "job #1 (data.max_length=65) of the sweep: data.max_length=65 is above the 64 positions of teacher.name_or_path="),
-    (["++method.alpha=0.5", "method=vanilla_kd,finetune"],
-     "job #1 (method=finetune) of the sweep: method 'finetune' takes no options; got method.alpha."),
-    (["method=vanilla_kd,nosuch"], "job #1 (method=nosuch) of the sweep: In 'config': Could not find 'method/nosuch'."),
-])
+@pytest.mark.parametrize(
+    "swept,line",
+    [
+        (
+            ["data.max_length=32,65"],
+            "job #1 (data.max_length=65) of the sweep: data.max_length=65 is above the 64 positions of teacher.name_or_path=",
+        ),
+        (
+            ["++method.alpha=0.5", "method=vanilla_kd,finetune"],
+            "job #1 (method=finetune) of the sweep: method 'finetune' takes no options; got method.alpha.",
+        ),
+        (
+            ["method=vanilla_kd,nosuch"],
+            "job #1 (method=nosuch) of the sweep: In 'config': Could not find 'method/nosuch'.",
+        ),
+    ],
+)
 def test_a_bad_value_in_the_second_job_stops_the_sweep_before_the_first_trains(
     swept: list[str], line: str, tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
@@ -62,13 +85,19 @@ def test_a_bad_value_in_the_second_job_stops_the_sweep_before_the_first_trains(
 
 def test_the_jobs_are_those_the_basic_sweeper_launches() -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+
         def master(*overrides: str):
-            return GlobalHydra.instance().hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN,
-                                                               with_log_configuration=False)
+            return GlobalHydra.instance().hydra.compose_config(
+                "config", list(overrides), run_mode=RunMode.MULTIRUN, with_log_configuration=False
+            )
 
         jobs = sweep_jobs(master("seed=1,2", "method=finetune,vanilla_kd"))
-        assert jobs == [["seed=1", "method=finetune"], ["seed=1", "method=vanilla_kd"],
-                        ["seed=2", "method=finetune"], ["seed=2", "method=vanilla_kd"]]
+        assert jobs == [
+            ["seed=1", "method=finetune"],
+            ["seed=1", "method=vanilla_kd"],
+            ["seed=2", "method=finetune"],
+            ["seed=2", "method=vanilla_kd"],
+        ]
         assert job_name(3, jobs[3], jobs) == "job #3 (seed=2 method=vanilla_kd)"
         from_params = sweep_jobs(master("experiment=dbkd_cpu", "seed=4"))  # hydra.sweeper.params, seed from the command
         assert len(from_params) == 8 and {job[1] for job in from_params} == {"seed=4"}
@@ -78,7 +107,8 @@ def test_the_jobs_are_those_the_basic_sweeper_launches() -> None:
 def test_a_sweeper_that_samples_as_it_goes_is_not_prechecked(caplog: pytest.LogCaptureFixture) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         master = GlobalHydra.instance().hydra.compose_config(
-            "config", ["hparams_search=vanilla_kd", "task=rte"], run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+            "config", ["hparams_search=vanilla_kd", "task=rte"], run_mode=RunMode.MULTIRUN, with_log_configuration=False
+        )
         with caplog.at_level(logging.INFO, logger="kdexp.sweep"):
             assert sweep_jobs(master) is None and check_jobs(master) is None
     assert "OptunaSweeper chooses its values as it goes: each job checks its config when it starts." in caplog.text
@@ -87,7 +117,9 @@ def test_a_sweeper_that_samples_as_it_goes_is_not_prechecked(caplog: pytest.LogC
 # --------------------------------------------------------------------------- a job that fails at run time
 
 
-@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+@pytest.mark.parametrize(
+    "launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"]
+)
 def test_a_job_that_fails_at_run_time_is_recorded_and_the_sweep_goes_on(
     launcher: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
@@ -102,7 +134,7 @@ def test_a_job_that_fails_at_run_time_is_recorded_and_the_sweep_goes_on(
     error = f"InjectedFault: injected fault at train_batch (KDEXP_FAULT_AT={FAULT['KDEXP_FAULT_AT']})"
     assert record["error"] == error and record["job"] == 0 and "seed=1" in record["overrides"]
     assert "kdexp/faults.py:" in record["last_frame"] and record["last_frame"].endswith(" in _act")
-    summary = proc.stderr[proc.stderr.index("kdexp-train: 1 job(s) of the sweep failed"):].splitlines()
+    summary = proc.stderr[proc.stderr.index("kdexp-train: 1 job(s) of the sweep failed") :].splitlines()
     assert summary[1:] == [f"  {failing}: {error}"]
     assert not (tmp_path / "sweep" / ".kdexp-sweep.lock").exists()
 
@@ -138,4 +170,7 @@ def test_the_sweep_callback_goes_next_to_the_other_overrides() -> None:
     assert with_sweep_callback(["kdexp-train", "--cfg", "job"]) == ["kdexp-train", SWEEP_CALLBACK, "--cfg", "job"]
     assert with_sweep_callback(["kdexp-train", "-m", SWEEP_CALLBACK]) == ["kdexp-train", "-m", SWEEP_CALLBACK]
     assert with_sweep_callback(["kdexp-train", "--shell-completion", "query=x"]) == [
-        "kdexp-train", "--shell-completion", "query=x"]
+        "kdexp-train",
+        "--shell-completion",
+        "query=x",
+    ]

@@ -16,7 +16,8 @@ from tests.test_wandb_logging import wandb_records
 
 
 def test_the_sweep_summary_holds_each_cells_statistics_and_the_paired_differences(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -32,8 +33,12 @@ def test_the_sweep_summary_holds_each_cells_statistics_and_the_paired_difference
     records = wandb_records(offline_file(offline))
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.job_type == "sweep-summary" and run.run_group == "2026-12-04/10-00-00"
-    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for r in records
-               if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    summary = {
+        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for item in r.summary.update
+    }
     for method, values in scores.items():
         assert summary[f"{method}/sst2/mean"] == pytest.approx(100 * statistics.mean(values))  # x100, as the table
         assert summary[f"{method}/sst2/std"] == pytest.approx(100 * statistics.stdev(values))

@@ -44,7 +44,7 @@ def _fields(message: bytes) -> list[tuple[int, int, object]]:
             value, at = struct.unpack_from("<f", message, at)[0], at + 4
         elif wire == 2:
             length, at = _varint(message, at)
-            value, at = message[at:at + length], at + length
+            value, at = message[at : at + length], at + length
         else:
             raise AssertionError(f"unexpected wire type {wire}")
         fields.append((number, wire, value))
@@ -59,10 +59,10 @@ def read_events(path: Path) -> list[bytes]:
     """The records of a TFRecord file, each checksum checked."""
     data, at, records = path.read_bytes(), 0, []
     while at < len(data):
-        header = data[at:at + 8]
+        header = data[at : at + 8]
         (length,) = struct.unpack("<Q", header)
         assert struct.unpack_from("<I", data, at + 8)[0] == _masked(crc32c(header)), f"{path}: bad length CRC"
-        record = data[at + 12:at + 12 + length]
+        record = data[at + 12 : at + 12 + length]
         assert struct.unpack_from("<I", data, at + 12 + length)[0] == _masked(crc32c(record)), f"{path}: bad CRC"
         records.append(record)
         at += 12 + length + 4
@@ -97,7 +97,7 @@ def test_crc32c_is_the_castagnoli_checksum() -> None:
 def test_an_event_record_reads_back_as_written() -> None:
     record = event_record(12.5, 7, {"train/loss": 0.25, "val/accuracy": 0.5})
     (length,) = struct.unpack_from("<Q", record)
-    event = {n: v for n, _, v in _fields(record[12:12 + length])}
+    event = {n: v for n, _, v in _fields(record[12 : 12 + length])}
     assert event[1] == 12.5 and event[2] == 7
     values = [{n: v for n, _, v in _fields(value)} for _, _, value in _fields(event[5])]
     assert values == [{1: b"train/loss", 2: 0.25}, {1: b"val/accuracy", 2: 0.5}]
@@ -115,8 +115,16 @@ def test_the_logger_type_accepts_tensorboard_and_names_it_when_refusing() -> Non
 def test_a_run_with_logger_tensorboard_writes_its_train_loss_and_dev_metric(
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "task=sst2", "method=vanilla_kd", "logger=tensorboard",
-                   "trainer.log_every_n_steps=1", "trainer.max_epochs=2")
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        glue_dir,
+        tmp_path / "cache",
+        "task=sst2",
+        "method=vanilla_kd",
+        "logger=tensorboard",
+        "trainer.log_every_n_steps=1",
+        "trainer.max_epochs=2",
+    )
     results = run(cfg, tmp_path / "run")
     folder = tmp_path / "run" / "tensorboard"
     logged = scalars(folder)

@@ -25,8 +25,7 @@ from kdexp.methods.finetune import Finetune
 from kdexp.methods.text_smoothing import TextSmoothing
 from kdexp.model_internals import model_inputs
 from kdexp.run import RunContext, build_context, method_options, run
-from kdexp.smoothing import MissingMLMHeadError
-from kdexp.smoothing import mlm_token_distributions
+from kdexp.smoothing import MissingMLMHeadError, mlm_token_distributions
 from kdexp.smoothing.store import TopKTokenStore, topk_distributions_at
 from kdexp.tasks import get_task
 from tests.conftest import tiny_bert_config, tiny_tokenizer
@@ -101,7 +100,10 @@ def test_smooth_rate_zero_gives_exactly_the_finetuning_loss_and_gradients(top_k:
     student = no_dropout_student()
     finetune = Finetune(copy.deepcopy(student), task)
     smoothing = TextSmoothing(
-        copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
+        copy.deepcopy(student),
+        task,
+        special_token_ids=SPECIAL_IDS,
+        mlm_model=tiny_mlm(),
         options=method_options("text_smoothing", smooth_rate=0.0, top_k=top_k, schedule="sum"),
     )
     expected = finetune.training_step(batch, 0)
@@ -137,11 +139,20 @@ class StepRecorder(pl.Callback):
         self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
-def fit_on_batches(module: TextSmoothing, batches: list[dict], clip: float | None = None) -> tuple[pl.Trainer, StepRecorder]:
+def fit_on_batches(
+    module: TextSmoothing, batches: list[dict], clip: float | None = None
+) -> tuple[pl.Trainer, StepRecorder]:
     recorder = StepRecorder()
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip, callbacks=[recorder],
+        accelerator="cpu",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=clip,
+        callbacks=[recorder],
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer, recorder
@@ -150,7 +161,10 @@ def fit_on_batches(module: TextSmoothing, batches: list[dict], clip: float | Non
 @pytest.mark.parametrize(("schedule", "steps_per_batch"), [("two_steps", 2), ("sum", 1)])
 def test_schedules_take_their_number_of_optimiser_steps_and_clip_each(schedule: str, steps_per_batch: int) -> None:
     module = TextSmoothing(
-        no_dropout_student(), get_task("sst2"), special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
+        no_dropout_student(),
+        get_task("sst2"),
+        special_token_ids=SPECIAL_IDS,
+        mlm_model=tiny_mlm(),
         options=method_options("text_smoothing", top_k=4, schedule=schedule),
     )
     module.optim.learning_rate = 1e-2
@@ -164,26 +178,35 @@ def test_schedules_take_their_number_of_optimiser_steps_and_clip_each(schedule: 
     assert max(recorder.grad_norms) <= 1e-3 * (1 + 1e-4)
 
 
-@pytest.mark.parametrize(("step_order", "expected"), [
-    ("original_first", ["original", "smoothed"]),  # the default: the authors' code (caskcsg/TextSmoothing)
-    ("smoothed_first", ["smoothed", "original"]),
-])
+@pytest.mark.parametrize(
+    ("step_order", "expected"),
+    [
+        ("original_first", ["original", "smoothed"]),  # the default: the authors' code (caskcsg/TextSmoothing)
+        ("smoothed_first", ["smoothed", "original"]),
+    ],
+)
 def test_two_steps_take_the_steps_in_the_configured_order(step_order: str, expected: list[str]) -> None:
     """At lam = 0 both steps of a batch see fine-tuning's loss: the first before any update, the second after it."""
     task = get_task("sst2")
     batch = random_batch()
     student = no_dropout_student()
     options = method_options("text_smoothing", smooth_rate=0.0, top_k=3, schedule="two_steps", step_order=step_order)
-    smoothing = TextSmoothing(copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(),
-                              options=options)
+    smoothing = TextSmoothing(
+        copy.deepcopy(student), task, special_token_ids=SPECIAL_IDS, mlm_model=tiny_mlm(), options=options
+    )
     seen: list[tuple[str, float, dict]] = []
     for name in ("smoothed", "original"):
         original = getattr(smoothing, f"{name}_terms")
 
         def spy(batch, name=name, original=original):
             terms = original(batch)
-            seen.append((name, float(terms[f"ce_{name}"].detach()),
-                         {k: v.detach().clone() for k, v in smoothing.student.state_dict().items()}))
+            seen.append(
+                (
+                    name,
+                    float(terms[f"ce_{name}"].detach()),
+                    {k: v.detach().clone() for k, v in smoothing.student.state_dict().items()},
+                )
+            )
             return terms
 
         setattr(smoothing, f"{name}_terms", spy)
@@ -272,7 +295,9 @@ def test_chunked_topk_distributions_equal_those_of_the_full_logits() -> None:
 
 
 def test_store_refuses_a_batch_tokenised_otherwise() -> None:
-    store = TopKTokenStore(torch.tensor([0, 3, 5]), torch.ones(5, 2).half() / 2, torch.zeros(5, 2, dtype=torch.int32), 40)
+    store = TopKTokenStore(
+        torch.tensor([0, 3, 5]), torch.ones(5, 2).half() / 2, torch.zeros(5, 2, dtype=torch.int32), 40
+    )
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     assert store.distributions(torch.tensor([0, 1]), mask).probs.shape == (2, 3, 2)
     with pytest.raises(ValueError, match="another tokenisation"):
@@ -294,8 +319,9 @@ def test_mlm_adaptation_stage_runs_once_per_key_and_is_reused(
     context = context_for(tiny_model_dir, glue_dir, tmp_path)  # tiny_model_dir has no MLM head
     adapt = Counter(mlm_teacher.adapt_mlm_head)
     monkeypatch.setattr(mlm_teacher, "adapt_mlm_head", adapt)
-    options = method_options("text_smoothing", top_k=4, distributions="live",
-                             **{"mlm.adapt.steps": 3, "mlm.adapt.batch_size": 4})
+    options = method_options(
+        "text_smoothing", top_k=4, distributions="live", **{"mlm.adapt.steps": 3, "mlm.adapt.batch_size": 4}
+    )
 
     first = TextSmoothing.from_run(context, options)
     assert adapt.calls == 1
@@ -312,8 +338,12 @@ def test_mlm_adaptation_stage_runs_once_per_key_and_is_reused(
     batch = next(iter(torch.utils.data.DataLoader([random_batch()], batch_size=None)))
     torch.testing.assert_close(first.mlm_distributions(batch).probs, second.mlm_distributions(batch).probs)
 
-    TextSmoothing.from_run(context, method_options("text_smoothing", top_k=4, distributions="live",
-                                                   **{"mlm.adapt.steps": 4, "mlm.adapt.batch_size": 4}))
+    TextSmoothing.from_run(
+        context,
+        method_options(
+            "text_smoothing", top_k=4, distributions="live", **{"mlm.adapt.steps": 4, "mlm.adapt.batch_size": 4}
+        ),
+    )
     assert adapt.calls == 2 and len([p for p in (context.data.cache_dir / "mlm").iterdir() if p.is_dir()]) == 2
 
 
@@ -323,9 +353,17 @@ def test_checkpoint_without_mlm_head_and_adaptation_disabled_is_refused_before_t
     import kdexp.run as run_mod
 
     monkeypatch.setattr(run_mod, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
-    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=text_smoothing", "method.mlm.adapt.enabled=false",
-                   "method.top_k=8")
-    with pytest.raises(MissingMLMHeadError, match=r"Missing MLM head weights: cls\.predictions.*method\.mlm\.adapt\.enabled=true"):
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        glue_dir,
+        tmp_path / "cache",
+        "method=text_smoothing",
+        "method.mlm.adapt.enabled=false",
+        "method.top_k=8",
+    )
+    with pytest.raises(
+        MissingMLMHeadError, match=r"Missing MLM head weights: cls\.predictions.*method\.mlm\.adapt\.enabled=true"
+    ):
         run(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / "results.json").exists()
 
@@ -341,9 +379,17 @@ def test_unknown_mlm_option_is_a_config_error(tiny_model_dir: Path, glue_dir: Pa
 # --------------------------------------------------------------------------- whole runs
 
 
-def test_text_smoothing_run_writes_results(tiny_model_dir: Path, tiny_mlm_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "method=text_smoothing", "method.top_k=8",
-                   f"method.mlm.name_or_path={tiny_mlm_dir}")
+def test_text_smoothing_run_writes_results(
+    tiny_model_dir: Path, tiny_mlm_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        glue_dir,
+        tmp_path / "cache",
+        "method=text_smoothing",
+        "method.top_k=8",
+        f"method.mlm.name_or_path={tiny_mlm_dir}",
+    )
     results = run(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["method"] == "text_smoothing"
     assert results["metrics"]["val/accuracy"] >= 0
@@ -355,8 +401,17 @@ def test_text_smoothing_run_writes_results(tiny_model_dir: Path, tiny_mlm_dir: P
 
 def test_stsb_regression_with_smoothing_and_kd(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     """STS-B: smoothing applies unchanged with MSE for CE (and MSE to the teacher's prediction for KD)."""
-    cfg = tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", "task=stsb", "method=text_smoothing_kd",
-                   "method.top_k=4", "method.schedule=sum", "method.mlm.adapt.steps=2", "trainer.max_epochs=1")
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        glue_dir,
+        tmp_path / "cache",
+        "task=stsb",
+        "method=text_smoothing_kd",
+        "method.top_k=4",
+        "method.schedule=sum",
+        "method.mlm.adapt.steps=2",
+        "trainer.max_epochs=1",
+    )
     results = run(cfg, tmp_path / "run")
     assert set(results["metrics"]) == {"val/pearson", "val/spearman", "val/combined_score"}
     assert results["method"] == "text_smoothing_kd"

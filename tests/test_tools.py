@@ -22,6 +22,7 @@ def test_the_tools_are_all_listed() -> None:
 def test_each_tool_imports_and_answers_help(name: str) -> None:
     module = importlib.import_module(f"kdexp.tools.{name}")
     assert callable(getattr(module, "main", None)), f"kdexp.tools.{name} has no main()"
-    proc = subprocess.run([sys.executable, "-m", f"kdexp.tools.{name}", "--help"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"kdexp.tools.{name}", "--help"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-2000:]

@@ -213,9 +213,7 @@ def _replace_core(word: str, replacement: str) -> str:
     return f"{leading}{replacement}{trailing}"
 
 
-def synonym_replacement(
-    words: Sequence[str], num_changes: int, rng: random.Random, wordnet: WordNet
-) -> list[str]:
+def synonym_replacement(words: Sequence[str], num_changes: int, rng: random.Random, wordnet: WordNet) -> list[str]:
     """SR: replace up to ``num_changes`` distinct non-stop-word cores by a WordNet synonym.
 
     Every occurrence of a chosen core is replaced (by the same synonym), keeping each
@@ -246,9 +244,7 @@ def _random_synonym_of_some_word(cores: Sequence[str], rng: random.Random, wordn
     return None
 
 
-def random_insertion(
-    words: Sequence[str], num_changes: int, rng: random.Random, wordnet: WordNet
-) -> list[str]:
+def random_insertion(words: Sequence[str], num_changes: int, rng: random.Random, wordnet: WordNet) -> list[str]:
     """RI: ``num_changes`` times, insert a synonym of a random original word at a random position."""
     cores = [core for core in map(word_core, words) if core]
     new_words = list(words)
@@ -306,8 +302,9 @@ def apply_operation(
     return random_deletion(words, change_rate, rng)
 
 
-def plan_operations(num_copies: int, config: EDAConfig, rng: random.Random,
-                    counted_operations: int | None = None) -> list[EDAOperation]:
+def plan_operations(
+    num_copies: int, config: EDAConfig, rng: random.Random, counted_operations: int | None = None
+) -> list[EDAOperation]:
     """The operation of each copy: every enabled one ``num_copies // k + 1`` times, shuffled, cut.
 
     ``k`` is the number of enabled operations, or ``counted_operations`` (the authors' count).
@@ -375,7 +372,8 @@ def authors_rates(rng: random.Random, config: EDAConfig) -> dict[EDAOperation, f
     if EDAOperation.RANDOM_DELETION not in enabled:
         return rates
     rates[EDAOperation.RANDOM_DELETION] = min(
-        abs(rng.gauss(0.0, rates[EDAOperation.RANDOM_SWAP] * math.sqrt(math.pi / 2.0))), config.max_rate)
+        abs(rng.gauss(0.0, rates[EDAOperation.RANDOM_SWAP] * math.sqrt(math.pi / 2.0))), config.max_rate
+    )
     return rates
 
 

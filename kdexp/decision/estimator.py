@@ -193,9 +193,7 @@ def decision_probabilities_quadrature(
     return probabilities.reshape(logits.shape).to(_output_dtype(z))
 
 
-def decision_probabilities(
-    z: torch.Tensor, noise_std: float = 1.0, num_nodes: int | None = None
-) -> torch.Tensor:
+def decision_probabilities(z: torch.Tensor, noise_std: float = 1.0, num_nodes: int | None = None) -> torch.Tensor:
     """The paper's ``P(z)``: probability that each class is the top-1 decision under noise.
 
     ``P_i(z) = Prob(z_i + e_i > z_j + e_j for all j != i)``, ``e ~ Normal(0, s^2 I)``.
@@ -472,9 +470,7 @@ def smoothed_decision_frequencies(counts: torch.Tensor, pseudo_count: float = DE
     if bool(torch.any(totals <= 0)):
         raise ValueError("each row of counts needs at least one decision (N > 0)")
     if pseudo_count == 0 and bool(torch.any(counts == 0)):
-        raise ValueError(
-            "a zero count has no finite logit estimate without smoothing; use pseudo_count > 0"
-        )
+        raise ValueError("a zero count has no finite logit estimate without smoothing; use pseudo_count > 0")
     return smoothed / totals
 
 
@@ -504,8 +500,9 @@ def sorted_count_table(counts: torch.Tensor) -> SortedCountTable:
     return SortedCountTable(unique_sorted_counts, row_to_unique, sort_permutation)
 
 
-def authors_fixed_point(p_hat: torch.Tensor, noise_std: float = 1.0, rounds: int = 20,
-                        stop: float = 1e-3) -> torch.Tensor:
+def authors_fixed_point(
+    p_hat: torch.Tensor, noise_std: float = 1.0, rounds: int = 20, stop: float = 1e-3
+) -> torch.Tensor:
     """The DBKD authors' estimate: ``z <- z + (p_hat - P(z))`` from ``z = p_hat``, at most
     `rounds` rounds, stopping when ``sum |dz| < stop``; finite for zero counts because capped."""
     z = p_hat.to(torch.float64).clone()

@@ -43,7 +43,14 @@ import datasets
 import torch
 from datasets.arrow_writer import ArrowWriter
 
-from kdexp.cache import atomic_directory, cache_key, load_or_compute_together, load_tensors, save_tensors, wait_for_rank_zero
+from kdexp.cache import (
+    atomic_directory,
+    cache_key,
+    load_or_compute_together,
+    load_tensors,
+    save_tensors,
+    wait_for_rank_zero,
+)
 from kdexp.data import arrow_column, content_fingerprint
 from kdexp.decision.eda import EDAConfig, augment, augment_copies, authors_rates, clean_text, example_random
 from kdexp.decision.teacher import DecisionTeacher, Query
@@ -177,8 +184,10 @@ def augment_examples(examples: list[Query], config: QueryConfig, first_index: in
     for index, example in enumerate(examples, start=first_index):
         rng = example_random(config.seed, index)
         if config.eda.style == "authors":
-            sides = [_authors_side_copies(text, config, index, side, rng, wordnet)
-                     for side, text in enumerate((example,) if isinstance(example, str) else example)]
+            sides = [
+                _authors_side_copies(text, config, index, side, rng, wordnet)
+                for side, text in enumerate((example,) if isinstance(example, str) else example)
+            ]
             copies.append(sides[0] if isinstance(example, str) else list(zip(*sides)))
         elif isinstance(example, str):
             copies.append(list(augment(example, config.num_copies, rng, config.eda, wordnet)))
@@ -187,8 +196,9 @@ def augment_examples(examples: list[Query], config: QueryConfig, first_index: in
     return copies
 
 
-def _authors_side_copies(text: str, config: QueryConfig, index: int, side: int, rng: random.Random,
-                         wordnet: Any) -> list[str]:
+def _authors_side_copies(
+    text: str, config: QueryConfig, index: int, side: int, rng: random.Random, wordnet: Any
+) -> list[str]:
     """One side's copies in the authors' style: the rates of its chunk of rows, cleaned text."""
     if not clean_text(text):  # their cleaning fails on a text without letters: the raw text N times
         return [text] * config.num_copies
@@ -229,7 +239,9 @@ def augmentation_key(ds: datasets.Dataset, task: GlueTask, config: QueryConfig) 
     return cache_key(
         kind="eda_copies",
         task=task.name,
-        content=content_fingerprint(ds, tuple(task.text_fields) + (("choices",) if "choices" in ds.column_names else ())),
+        content=content_fingerprint(
+            ds, tuple(task.text_fields) + (("choices",) if "choices" in ds.column_names else ())
+        ),
         rows=len(ds),
         eda=_eda_key(config.eda),
         num_queries=config.num_queries,
@@ -242,8 +254,9 @@ def decisions_key(teacher: DecisionTeacher, augmentation: str, rows: int = 0) ->
     """The key of a decisions table. Past one chunk the batch plan is per chunk, which may change a float's
     last bits and so a near-tie's answer: the chunk size is then part of the key."""
     chunks = {"chunk_rows": CHUNK_ROWS} if rows > CHUNK_ROWS else {}
-    return cache_key(kind="decisions", teacher=teacher.key, answers=teacher.identity, augmentation=augmentation,
-                     **chunks)
+    return cache_key(
+        kind="decisions", teacher=teacher.key, answers=teacher.identity, augmentation=augmentation, **chunks
+    )
 
 
 def copies_as_raw(copies: datasets.Dataset, task: GlueTask) -> datasets.Dataset:
@@ -270,8 +283,13 @@ def _copies_columns(copies: list[list[Query]], task: GlueTask, first_row: int) -
 
 
 def _copies_features(task: GlueTask) -> datasets.Features:
-    return datasets.Features({**{name: datasets.Value("string") for name in query_fields(task)},
-                              "row": datasets.Value("int64"), "copy": datasets.Value("int64")})
+    return datasets.Features(
+        {
+            **{name: datasets.Value("string") for name in query_fields(task)},
+            "row": datasets.Value("int64"),
+            "copy": datasets.Value("int64"),
+        }
+    )
 
 
 def row_chunks(rows: int, chunk_rows: int | None = None) -> list[tuple[int, int]]:
@@ -280,7 +298,9 @@ def row_chunks(rows: int, chunk_rows: int | None = None) -> list[tuple[int, int]
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
-def _load_or_augment(ds: datasets.Dataset, task: GlueTask, config: QueryConfig, cache_dir: Path) -> tuple[str, Path, float]:
+def _load_or_augment(
+    ds: datasets.Dataset, task: GlueTask, config: QueryConfig, cache_dir: Path
+) -> tuple[str, Path, float]:
     """The copies' key and folder (made now if missing, chunk by chunk), and the seconds making them took."""
     key = augmentation_key(ds, task, config)
     path = cache_dir / "decision" / "augmented" / key
@@ -350,16 +370,30 @@ def query_decisions(
         decisions = cached.get("decisions")
         if decisions is not None and decisions.shape == (len(ds), config.num_queries) and decisions.dtype == torch.long:
             meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
-            log.info("Reusing decision queries %s (%d examples x %d queries; no teacher query made)",
-                     path, len(ds), config.num_queries)
-            return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, True,
-                                   float(meta.get("augment_seconds", 0.0)), float(meta.get("query_seconds", 0.0)))
+            log.info(
+                "Reusing decision queries %s (%d examples x %d queries; no teacher query made)",
+                path,
+                len(ds),
+                config.num_queries,
+            )
+            return DecisionQueries(
+                decisions,
+                teacher.num_labels,
+                key,
+                aug_key,
+                copies_path,
+                True,
+                float(meta.get("augment_seconds", 0.0)),
+                float(meta.get("query_seconds", 0.0)),
+            )
         log.warning("Cached decisions %s have the wrong shape; querying again.", path)
         return None
 
     def query() -> DecisionQueries:
         decisions, seconds = _answer_in_chunks(teacher, ds, task, config, copies_path, chunk_folder(path))
-        return DecisionQueries(decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, seconds)
+        return DecisionQueries(
+            decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, seconds
+        )
 
     def store(queries: DecisionQueries) -> None:
         meta = dict(expected, augment_seconds=queries.augment_seconds, query_seconds=queries.query_seconds)
@@ -374,27 +408,38 @@ def chunk_folder(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _chunk_queries(ds: datasets.Dataset, copies: datasets.Dataset, task: GlueTask, config: QueryConfig, start: int,
-                   stop: int) -> list[Query]:
+def _chunk_queries(
+    ds: datasets.Dataset, copies: datasets.Dataset, task: GlueTask, config: QueryConfig, start: int, stop: int
+) -> list[Query]:
     """The ``N`` queries of rows ``start..stop``, row after row: the original, then its copies."""
     originals = examples_of(ds.select(range(start, stop)), task)
     row_copies = examples_of(copies.select(range(start * config.num_copies, stop * config.num_copies)), task)
     queries: list[Query] = []
     for offset, original in enumerate(originals):
         queries.append(original_query(original, config))
-        queries.extend(row_copies[offset * config.num_copies:(offset + 1) * config.num_copies])
+        queries.extend(row_copies[offset * config.num_copies : (offset + 1) * config.num_copies])
     return queries
 
 
-def _answer_in_chunks(teacher: DecisionTeacher, ds: datasets.Dataset, task: GlueTask, config: QueryConfig,
-                      copies_path: Path, partial: Path) -> tuple[torch.Tensor, float]:
+def _answer_in_chunks(
+    teacher: DecisionTeacher,
+    ds: datasets.Dataset,
+    task: GlueTask,
+    config: QueryConfig,
+    copies_path: Path,
+    partial: Path,
+) -> tuple[torch.Tensor, float]:
     """``[n, N]`` decisions, chunk by chunk; chunks answered by an earlier (killed) attempt are read back."""
     hardware = teacher.hardware
     copies = datasets.load_from_disk(str(copies_path))
     decisions = torch.zeros(len(ds), config.num_queries, dtype=torch.long)
     seconds = 0.0
-    log.info("Querying the teacher: %d examples x %d queries = %d decisions", len(ds), config.num_queries,
-             len(ds) * config.num_queries)
+    log.info(
+        "Querying the teacher: %d examples x %d queries = %d decisions",
+        len(ds),
+        config.num_queries,
+        len(ds) * config.num_queries,
+    )
     for start, stop in row_chunks(len(ds)):
         chunk_file = partial / f"rows-{start}-{stop}.pt"
         expected = {"rows": [start, stop], "num_queries": config.num_queries}
@@ -409,8 +454,12 @@ def _answer_in_chunks(teacher: DecisionTeacher, ds: datasets.Dataset, task: Glue
         if hardware.is_global_zero:
             save_tensors(chunk_file, {"decisions": decisions[start:stop].clone()}, expected)
         maybe_fail("query_chunk", start=start)
-    log.info("Teacher decisions: %d queries in %.1fs (%.2f ms per query)", len(ds) * config.num_queries, seconds,
-             1000 * seconds / max(len(ds) * config.num_queries, 1))
+    log.info(
+        "Teacher decisions: %d queries in %.1fs (%.2f ms per query)",
+        len(ds) * config.num_queries,
+        seconds,
+        1000 * seconds / max(len(ds) * config.num_queries, 1),
+    )
     return decisions, seconds
 
 
@@ -426,9 +475,9 @@ def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = No
         "teacher_queries": queries.num_examples * queries.num_queries,
         "all_agree_fraction": float((top == queries.num_queries).sum()) / n,
         "mean_top_fraction": float(top.double().mean() / queries.num_queries) if queries.num_examples else 0.0,
-        "copies_agree_with_original": float(
-            (queries.decisions[:, 1:] == queries.decisions[:, :1]).double().mean()
-        ) if queries.num_queries > 1 and queries.num_examples else 1.0,
+        "copies_agree_with_original": float((queries.decisions[:, 1:] == queries.decisions[:, :1]).double().mean())
+        if queries.num_queries > 1 and queries.num_examples
+        else 1.0,
         "distinct_count_vectors": int(torch.unique(counts, dim=0).shape[0]),
         "distinct_sorted_count_vectors": int(distinct_sorted),
         "from_cache": queries.from_cache,

@@ -50,8 +50,14 @@ def state_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_token_id: int,
-                    settings: SurrogateSettings, hardware: Hardware) -> nn.Module:
+def train_surrogate(
+    student: nn.Module,
+    tokenized,
+    labels: torch.Tensor,
+    pad_token_id: int,
+    settings: SurrogateSettings,
+    hardware: Hardware,
+) -> nn.Module:
     """A copy of ``student`` trained with CE on ``labels`` (row ``i`` of ``tokenized``), AdamW + linear schedule,
     on ``hardware``'s device and in its precision."""
     seed_all(derive_seed(settings.seed, "surrogate"))
@@ -62,10 +68,12 @@ def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_tok
     schedule = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     optimizer = hardware.optimizer(optimizer)
     for epoch in range(settings.epochs):
-        order = torch.randperm(rows, generator=torch.Generator().manual_seed(derive_seed(settings.seed, "epoch", epoch)))
+        order = torch.randperm(
+            rows, generator=torch.Generator().manual_seed(derive_seed(settings.seed, "epoch", epoch))
+        )
         losses = []
         for start in range(0, rows, settings.batch_size):
-            chosen = order[start:start + settings.batch_size].tolist()
+            chosen = order[start : start + settings.batch_size].tolist()
             batch = hardware.to_device(pad_batch(rows_of(tokenized, chosen), pad_token_id))
             with hardware.autocast():
                 logits = output_logits(model(**model_inputs(batch, model)), batch)
@@ -76,8 +84,12 @@ def train_surrogate(student: nn.Module, tokenized, labels: torch.Tensor, pad_tok
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))
-        log.info("Surrogate epoch %d/%d: mean CE with the teacher's decisions %.4f", epoch + 1, settings.epochs,
-                 sum(losses) / len(losses))
+        log.info(
+            "Surrogate epoch %d/%d: mean CE with the teacher's decisions %.4f",
+            epoch + 1,
+            settings.epochs,
+            sum(losses) / len(losses),
+        )
     return model.eval()
 
 
@@ -92,8 +104,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def logits_of(model: nn.Module, tokenized, pad_token_id: int, num_labels: int, hardware: Hardware,
-              batching: PassBatching) -> torch.Tensor:
+def logits_of(
+    model: nn.Module, tokenized, pad_token_id: int, num_labels: int, hardware: Hardware, batching: PassBatching
+) -> torch.Tensor:
     """``[rows, C]`` logits of ``model`` on every row of ``tokenized``, in row order."""
     model = hardware.to_device(model)
     out = torch.zeros(len(tokenized), num_labels)

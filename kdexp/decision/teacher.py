@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
 from transformers import AutoConfig
 
 from kdexp import families
@@ -82,42 +81,62 @@ class EncodedQueries:
         return {name: torch.from_numpy(values.astype(np.int64)).view(*shape) for name, values in batch.items()}
 
 
-def query_tokenizer(tokenizer: Any, max_length: int, with_segments: bool, task: GlueTask | None,
-                    form: str = "pairs") -> tuple[Callable[[Sequence[Query]], dict[str, list]], int]:
+def query_tokenizer(
+    tokenizer: Any, max_length: int, with_segments: bool, task: GlueTask | None, form: str = "pairs"
+) -> tuple[Callable[[Sequence[Query]], dict[str, list]], int]:
     """How a chunk of queries is tokenised (texts, pairs; multiple choice: one sequence per option, or one
     prompt), and the number of sequences per query."""
     if task is not None and task.family == MULTIPLE_CHOICE:
+
         def as_rows(part: Sequence[Query]) -> dict[str, list]:
-            return {"context": [q[0] for q in part], "question": [q[1] for q in part],
-                    "choices": [list(q[2:]) for q in part], "label": [0] * len(part)}
+            return {
+                "context": [q[0] for q in part],
+                "question": [q[1] for q in part],
+                "choices": [list(q[2:]) for q in part],
+                "label": [0] * len(part),
+            }
 
         if form == "prompt":
             return (lambda part: multiple_choice.prompts(as_rows(part), tokenizer, max_length)), 1
 
         def option_sequences(part: Sequence[Query]) -> dict[str, list]:
             encoded = multiple_choice.option_pairs(as_rows(part), tokenizer, max_length)
-            return {name: [seq for row in encoded[name] for seq in row] for name in ("input_ids", "token_type_ids")
-                    if name in encoded}
+            return {
+                name: [seq for row in encoded[name] for seq in row]
+                for name in ("input_ids", "token_type_ids")
+                if name in encoded
+            }
 
         return option_sequences, task.num_labels
 
     def texts_or_pairs(part: Sequence[Query]) -> dict[str, list]:
         texts = [part] if isinstance(part[0], str) else [[q[0] for q in part], [q[1] for q in part]]
-        return tokenizer(*texts, truncation=True, max_length=max_length, return_attention_mask=False,
-                         return_token_type_ids=with_segments)
+        return tokenizer(
+            *texts,
+            truncation=True,
+            max_length=max_length,
+            return_attention_mask=False,
+            return_token_type_ids=with_segments,
+        )
 
     return texts_or_pairs, 1
 
 
-def encode_queries(tokenizer: Any, queries: Sequence[Query], max_length: int, with_segments: bool,
-                   task: GlueTask | None = None, form: str = "pairs") -> EncodedQueries:
+def encode_queries(
+    tokenizer: Any,
+    queries: Sequence[Query],
+    max_length: int,
+    with_segments: bool,
+    task: GlueTask | None = None,
+    form: str = "pairs",
+) -> EncodedQueries:
     """Tokenise ``queries`` (`query_tokenizer`), `ENCODE_BATCH` at a time, packed flat."""
     tokenize, per_query = query_tokenizer(tokenizer, max_length, with_segments, task, form)
     ids: list[np.ndarray] = []
     segments: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
     for start in range(0, len(queries), ENCODE_BATCH):
-        encoded = tokenize(queries[start:start + ENCODE_BATCH])
+        encoded = tokenize(queries[start : start + ENCODE_BATCH])
         lengths.append(np.fromiter(map(len, encoded["input_ids"]), dtype=np.int64, count=len(encoded["input_ids"])))
         ids.append(np.fromiter(itertools.chain.from_iterable(encoded["input_ids"]), dtype=np.int32))
         if with_segments and "token_type_ids" in encoded:
@@ -179,8 +198,14 @@ class DecisionTeacher:
 
     __slots__ = ("_decide_fn", "key", "num_labels", "identity", "hardware", "queries_answered", "calls")
 
-    def __init__(self, decide_fn: Callable[[Sequence[Query]], torch.Tensor], key: str, num_labels: int,
-                 identity: dict[str, Any] | None = None, hardware: Hardware | None = None):
+    def __init__(
+        self,
+        decide_fn: Callable[[Sequence[Query]], torch.Tensor],
+        key: str,
+        num_labels: int,
+        identity: dict[str, Any] | None = None,
+        hardware: Hardware | None = None,
+    ):
         self._decide_fn = decide_fn
         self.key = key
         self.num_labels = num_labels
@@ -196,11 +221,16 @@ class DecisionTeacher:
 
         batching = PassBatching(teacher.eval_tokens_per_batch, batch_size or teacher.eval_batch_size)
         form = families.input_form(AutoConfig.from_pretrained(teacher.path))
-        decide_fn = _make_decider(teacher.load_model, teacher.tokenizer, max_length, batching, teacher.hardware,
-                                  teacher.task, form)
-        identity = {"tokenizer": tokenizer_fingerprint(teacher.tokenizer), "max_length": max_length,
-                    **teacher.pass_key_parts(), **batching.key_parts(),
-                    **({"form": form} if teacher.task.family == MULTIPLE_CHOICE else {})}
+        decide_fn = _make_decider(
+            teacher.load_model, teacher.tokenizer, max_length, batching, teacher.hardware, teacher.task, form
+        )
+        identity = {
+            "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
+            "max_length": max_length,
+            **teacher.pass_key_parts(),
+            **batching.key_parts(),
+            **({"form": form} if teacher.task.family == MULTIPLE_CHOICE else {}),
+        }
         return cls(decide_fn, teacher.key, teacher.task.num_labels, identity, teacher.hardware)
 
     def decide(self, queries: Sequence[Query]) -> torch.Tensor:
@@ -213,4 +243,6 @@ class DecisionTeacher:
         return labels
 
     def __repr__(self) -> str:
-        return f"DecisionTeacher(key={self.key!r}, num_labels={self.num_labels}, queries_answered={self.queries_answered})"
+        return (
+            f"DecisionTeacher(key={self.key!r}, num_labels={self.num_labels}, queries_answered={self.queries_answered})"
+        )

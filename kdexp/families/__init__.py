@@ -43,8 +43,10 @@ def read_local_split(task: GlueTask, split: str, mrc_dir: Path | None) -> datase
     else:
         return None
     if not path.exists():
-        raise DataError(f"{path} does not exist: the {task.name} release's {split} file under MRC_DIR "
-                        f"(data.mrc_dir={mrc_dir}), or task.train_file / task.dev_file.")
+        raise DataError(
+            f"{path} does not exist: the {task.name} release's {split} file under MRC_DIR "
+            f"(data.mrc_dir={mrc_dir}), or task.train_file / task.dev_file."
+        )
     if task.family == EXTRACTIVE_QA:
         return extractive_qa.read_squad(path, task.dev_articles, split)
     if task.files:
@@ -72,8 +74,9 @@ def input_form(model_config: Any) -> str:
     return "prompt" if is_causal_lm(model_config) else "pairs"
 
 
-def featurizer(task: GlueTask, tokenizer: Any, max_length: int, form: str = "pairs",
-               doc_stride: int = 128) -> Callable[[Mapping[str, list]], dict[str, list]]:
+def featurizer(
+    task: GlueTask, tokenizer: Any, max_length: int, form: str = "pairs", doc_stride: int = 128
+) -> Callable[[Mapping[str, list]], dict[str, list]]:
     """The `datasets.map` function (batched) that turns raw rows of `task` into model inputs and ``labels``."""
     if task.family == MULTIPLE_CHOICE:
         make = multiple_choice.prompts if form == "prompt" else multiple_choice.option_pairs
@@ -103,21 +106,39 @@ def auto_class(task: GlueTask, config: Any) -> Any:
 
     if is_causal_lm(config):
         if task.family != MULTIPLE_CHOICE:
-            raise ModelError(f"a decoder LM ({config.model_type}) answers multiple choice through label words; for "
-                             f"{task.name} ({task.family}) use an encoder (BERT, RoBERTa, ELECTRA, DistilBERT).")
+            raise ModelError(
+                f"a decoder LM ({config.model_type}) answers multiple choice through label words; for "
+                f"{task.name} ({task.family}) use an encoder (BERT, RoBERTa, ELECTRA, DistilBERT)."
+            )
         return AutoModelForCausalLM
-    return {CLASSIFICATION: AutoModelForSequenceClassification, MULTIPLE_CHOICE: AutoModelForMultipleChoice,
-            EXTRACTIVE_QA: AutoModelForQuestionAnswering}[task.family]
+    return {
+        CLASSIFICATION: AutoModelForSequenceClassification,
+        MULTIPLE_CHOICE: AutoModelForMultipleChoice,
+        EXTRACTIVE_QA: AutoModelForQuestionAnswering,
+    }[task.family]
 
 
-def load_head_model(name_or_path: str, task: GlueTask, config: Any, dtype: torch.dtype, attn_implementation: str,
-                    require_head: bool, label_config: dict[str, Any]) -> tuple[torch.nn.Module, list[str]]:
+def load_head_model(
+    name_or_path: str,
+    task: GlueTask,
+    config: Any,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    require_head: bool,
+    label_config: dict[str, Any],
+) -> tuple[torch.nn.Module, list[str]]:
     """The model of `task`'s family from a checkpoint (a decoder LM wrapped to answer through label words),
     and the head weights the checkpoint lacked (for `require_head`)."""
     auto = auto_class(task, config)
     extra = label_config if task.family == CLASSIFICATION else {}
-    model, info = auto.from_pretrained(name_or_path, attn_implementation=attn_implementation, dtype=dtype,
-                                       ignore_mismatched_sizes=not require_head, output_loading_info=True, **extra)
+    model, info = auto.from_pretrained(
+        name_or_path,
+        attn_implementation=attn_implementation,
+        dtype=dtype,
+        ignore_mismatched_sizes=not require_head,
+        output_loading_info=True,
+        **extra,
+    )
     base = f"{model.base_model_prefix}."
     missing_head = [k for k in info["missing_keys"] if not k.startswith(base) and "lm_head" not in k]
     if is_causal_lm(config):
@@ -129,8 +150,9 @@ def load_head_model(name_or_path: str, task: GlueTask, config: Any, dtype: torch
     return model, missing_head
 
 
-def new_head_model(task: GlueTask, config: Any, attn_implementation: str, dtype: torch.dtype,
-                   tokenizer_path: str) -> torch.nn.Module:
+def new_head_model(
+    task: GlueTask, config: Any, attn_implementation: str, dtype: torch.dtype, tokenizer_path: str
+) -> torch.nn.Module:
     """A randomly initialised model of `task`'s family from `config` (`student.init=random`); a decoder reads the
     label words of the tokenizer at `tokenizer_path`."""
     model = auto_class(task, config).from_config(config, attn_implementation=attn_implementation, dtype=dtype)

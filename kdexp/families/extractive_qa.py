@@ -20,8 +20,8 @@ import datasets
 import numpy as np
 import torch
 
-from kdexp.errors import DataError
 import kdexp.families.qa_core as qa_core
+from kdexp.errors import DataError
 
 # Where a start/end distribution may not go: low enough to vanish in a softmax, finite (no 0·inf in a KL),
 # and within the bfloat16 and float16 ranges.
@@ -35,8 +35,10 @@ def read_squad(path: Path, dev_articles: tuple[str, ...] = (), split: str = "tra
         return ds
     missing = sorted(set(dev_articles) - set(ds["title"]))
     if missing:
-        raise DataError(f"{path}: no article titled {', '.join(missing)} (task.dev_articles); its articles are "
-                        f"{', '.join(sorted(set(ds['title'])))}.")
+        raise DataError(
+            f"{path}: no article titled {', '.join(missing)} (task.dev_articles); its articles are "
+            f"{', '.join(sorted(set(ds['title'])))}."
+        )
     train, dev = qa_core.split_by_article(ds, list(dev_articles))
     return dev if split != "train" else train
 
@@ -51,8 +53,9 @@ def windows(batch: Mapping[str, list], tokenizer: Any, max_length: int, doc_stri
     the example each came from, its character offsets and the positions its distributions may use."""
     out = qa_core.qa_features(batch, tokenizer, max_length, doc_stride, with_positions=True)
     out["labels"] = [[start, end] for start, end in zip(out.pop("start_positions"), out.pop("end_positions"))]
-    out["offset_mapping"] = [[list(o) if o is not None else [-1, -1] for o in offsets]
-                             for offsets in out["offset_mapping"]]
+    out["offset_mapping"] = [
+        [list(o) if o is not None else [-1, -1] for o in offsets] for offsets in out["offset_mapping"]
+    ]
     return out
 
 
@@ -89,11 +92,15 @@ class QAMetrics(torch.nn.Module):
             starts[row, : values.shape[1]], ends[row, : values.shape[1]] = values[0], values[1]
         names = [n for n in ("example_index", "example_id", "offset_mapping") if n in windows_ds.column_names]
         columns = windows_ds.select_columns(names)[:]
-        features = {**{n: columns[n] for n in names if n != "offset_mapping"},
-                    "offset_mapping": [[tuple(o) if o[0] >= 0 else None for o in offsets]
-                                       for offsets in columns["offset_mapping"]]}
+        features = {
+            **{n: columns[n] for n in names if n != "offset_mapping"},
+            "offset_mapping": [
+                [tuple(o) if o[0] >= 0 else None for o in offsets] for offsets in columns["offset_mapping"]
+            ],
+        }
         predictions = qa_core.postprocess_predictions(
-            examples, features, starts, ends, version_2_with_negative=self.task.with_no_answer)
+            examples, features, starts, ends, version_2_with_negative=self.task.with_no_answer
+        )
         references = {row["id"]: row["answers"]["text"] for row in examples}
         values = qa_core.squad_metrics(predictions, references)  # x100, as the official script prints them
         return {k: float(v) / 100 for k, v in values.items() if k in ("exact_match", "f1")}  # fractions, as GLUE's

@@ -48,8 +48,10 @@ def label_word_ids(tokenizer: Any, words: list[str]) -> list[int]:
     for word in words:
         tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(tokens) != 1:
-            raise ModelError(f"the label word {word!r} is {len(tokens)} tokens for this tokenizer; the option logits "
-                             "need one token per label word (GPT-2's ' A', ' B', ... are).")
+            raise ModelError(
+                f"the label word {word!r} is {len(tokens)} tokens for this tokenizer; the option logits "
+                "need one token per label word (GPT-2's ' A', ' B', ... are)."
+            )
         ids.append(tokens[0])
     return ids
 
@@ -67,17 +69,26 @@ class LabelWordChoiceModel(nn.Module):
     def num_choices(self) -> int:
         return int(self.word_ids.numel())
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                output_hidden_states: bool | None = None, **_: Any) -> ChoiceOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **_: Any,
+    ) -> ChoiceOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        base = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  output_hidden_states=output_hidden_states)
+        base = self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+        )
         last = attention_mask.long().sum(dim=-1).clamp_min(1) - 1  # rows are padded on the right
         final = base.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
         next_token = self.lm.get_output_embeddings()(final)
-        return ChoiceOutput(logits=next_token.index_select(-1, self.word_ids), next_token_logits=next_token,
-                            hidden_states=base.hidden_states if output_hidden_states else None)
+        return ChoiceOutput(
+            logits=next_token.index_select(-1, self.word_ids),
+            next_token_logits=next_token,
+            hidden_states=base.hidden_states if output_hidden_states else None,
+        )
 
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()

@@ -33,9 +33,14 @@ LETTERS = "ABCDEFGH"
 
 
 def features(num_choices: int) -> datasets.Features:
-    return datasets.Features({"context": datasets.Value("string"), "question": datasets.Value("string"),
-                              "choices": datasets.Sequence(datasets.Value("string"), length=num_choices),
-                              "label": datasets.Value("int64")})
+    return datasets.Features(
+        {
+            "context": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "choices": datasets.Sequence(datasets.Value("string"), length=num_choices),
+            "label": datasets.Value("int64"),
+        }
+    )
 
 
 def _answer_index(answer: Any, choices: Sequence[str], where: str) -> int:
@@ -47,16 +52,20 @@ def _answer_index(answer: Any, choices: Sequence[str], where: str) -> int:
         return LETTERS.index(text.upper())
     matches = [i for i, choice in enumerate(choices) if choice.strip() == text]
     if len(matches) != 1:
-        raise DataError(f"{where}: the answer {answer!r} is none of the options {list(choices)} (nor an option's "
-                        "index or letter); give the right option's index, letter or exact text.")
+        raise DataError(
+            f"{where}: the answer {answer!r} is none of the options {list(choices)} (nor an option's "
+            "index or letter); give the right option's index, letter or exact text."
+        )
     return matches[0]
 
 
 def _rows_to_dataset(rows: list[dict[str, Any]], num_choices: int, where: str) -> datasets.Dataset:
     wrong = [i for i, row in enumerate(rows) if len(row["choices"]) != num_choices]
     if wrong:
-        raise DataError(f"{where}: row {wrong[0]} has {len(rows[wrong[0]]['choices'])} options where the task has "
-                        f"{num_choices}; give every question the same number of options.")
+        raise DataError(
+            f"{where}: row {wrong[0]} has {len(rows[wrong[0]]['choices'])} options where the task has "
+            f"{num_choices}; give every question the same number of options."
+        )
     return datasets.Dataset.from_list(rows, features=features(num_choices))
 
 
@@ -77,12 +86,18 @@ def read_dream_json(path: Path, num_choices: int = 3) -> datasets.Dataset:
             turns, questions = item[0], item[1]
             for question in questions:
                 where = f"{path}: item {item_no}"
-                rows.append({"context": "\n".join(turns), "question": question["question"],
-                             "choices": list(question["choice"]),
-                             "label": _answer_index(question["answer"], question["choice"], where)})
+                rows.append(
+                    {
+                        "context": "\n".join(turns),
+                        "question": question["question"],
+                        "choices": list(question["choice"]),
+                        "label": _answer_index(question["answer"], question["choice"], where),
+                    }
+                )
         except (KeyError, IndexError, TypeError):
-            raise DataError(f"{path}: item {item_no} is not a DREAM item ([[turns], [{{question, choice, answer}}], "
-                            "id]).") from None
+            raise DataError(
+                f"{path}: item {item_no} is not a DREAM item ([[turns], [{{question, choice, answer}}], id])."
+            ) from None
     return _rows_to_dataset(rows, num_choices, str(path))
 
 
@@ -90,18 +105,29 @@ def read_race_folder(folder: Path, num_choices: int = 4) -> datasets.Dataset:
     """RACE's official release: one JSON file per article (``article``, ``questions``, ``options``, ``answers``)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".txt", ".json"))
     if not files:
-        raise DataError(f"{folder}: no RACE article files (*.txt) under it; RACE's release has "
-                        "<split>/high/*.txt and <split>/middle/*.txt.")
+        raise DataError(
+            f"{folder}: no RACE article files (*.txt) under it; RACE's release has "
+            "<split>/high/*.txt and <split>/middle/*.txt."
+        )
     rows = []
     for file in files:
         article = _load_json(file)
         try:
-            for question, options, answer in zip(article["questions"], article["options"], article["answers"],
-                                                 strict=True):
-                rows.append({"context": article["article"], "question": question, "choices": list(options),
-                             "label": _answer_index(answer, options, str(file))})
+            for question, options, answer in zip(
+                article["questions"], article["options"], article["answers"], strict=True
+            ):
+                rows.append(
+                    {
+                        "context": article["article"],
+                        "question": question,
+                        "choices": list(options),
+                        "label": _answer_index(answer, options, str(file)),
+                    }
+                )
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"{file}: not a RACE article (article, questions, options, answers of one length each).") from None
+            raise DataError(
+                f"{file}: not a RACE article (article, questions, options, answers of one length each)."
+            ) from None
     return _rows_to_dataset(rows, num_choices, str(folder))
 
 
@@ -116,11 +142,18 @@ def read_own_file(path: Path, num_choices: int) -> datasets.Dataset:
     for number, record in records:
         missing = [k for k in ("context", "question", "choices", "label") if k not in record]
         if missing:
-            raise DataError(f"{path}:{number}: no {', '.join(missing)}; a multiple-choice row needs context, "
-                            "question, choices and label.")
-        rows.append({"context": str(record["context"]), "question": str(record["question"]),
-                     "choices": [str(c) for c in record["choices"]],
-                     "label": _answer_index(record["label"], record["choices"], f"{path}:{number}")})
+            raise DataError(
+                f"{path}:{number}: no {', '.join(missing)}; a multiple-choice row needs context, "
+                "question, choices and label."
+            )
+        rows.append(
+            {
+                "context": str(record["context"]),
+                "question": str(record["question"]),
+                "choices": [str(c) for c in record["choices"]],
+                "label": _answer_index(record["label"], record["choices"], f"{path}:{number}"),
+            }
+        )
     return _rows_to_dataset(rows, num_choices, str(path))
 
 
@@ -139,13 +172,18 @@ def _json_lines(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
 def from_hub(ds: datasets.Dataset, name: str, num_choices: int) -> datasets.Dataset:
     """The Hub's DREAM (``dialogue``, ``question``, ``choice``, ``answer`` text) or RACE (``article``,
     ``question``, ``options``, ``answer`` letter) in the family's columns."""
+
     def convert(row: Mapping[str, Any]) -> dict[str, Any]:
         if "dialogue" in row:
             context, choices = "\n".join(row["dialogue"]), list(row["choice"])
         else:
             context, choices = row["article"], list(row["options"])
-        return {"context": context, "question": row["question"], "choices": choices,
-                "label": _answer_index(row["answer"], choices, f"hub:{name}")}
+        return {
+            "context": context,
+            "question": row["question"],
+            "choices": choices,
+            "label": _answer_index(row["answer"], choices, f"hub:{name}"),
+        }
 
     return ds.map(convert, remove_columns=ds.column_names, features=features(num_choices))
 
@@ -165,7 +203,7 @@ def option_pairs(batch: Mapping[str, list], tokenizer: Any, max_length: int) -> 
     for name, values in encoded.items():
         rows, start = [], 0
         for count in counts:
-            rows.append(values[start:start + count])
+            rows.append(values[start : start + count])
             start += count
         out[name] = rows
     out["labels"] = list(batch["label"])
@@ -191,7 +229,7 @@ def prompts(batch: Mapping[str, list], tokenizer: Any, max_length: int) -> dict[
         tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
         head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
         room = max(0, max_length - len(tail_ids))
-        ids = (head_ids[len(head_ids) - room:] if room else []) + tail_ids
+        ids = (head_ids[len(head_ids) - room :] if room else []) + tail_ids
         ids = ids[-max_length:]
         input_ids.append(ids)
         attention_mask.append([1] * len(ids))

@@ -33,19 +33,23 @@ import numpy as np
 from kdexp.errors import ConfigError, DataError
 
 NO_ANSWER_INDEX = 0  # the first token ([CLS], <s>): where start and end point when there is no answer
-SQUAD_LAYOUT = ('{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", '
-                '"answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}')
+SQUAD_LAYOUT = (
+    '{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", '
+    '"answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}'
+)
 
 
 def squad_features() -> datasets.Features:
     """The Hub's squad / squad_v2 features."""
-    return datasets.Features({
-        "id": datasets.Value("string"),
-        "title": datasets.Value("string"),
-        "context": datasets.Value("string"),
-        "question": datasets.Value("string"),
-        "answers": datasets.Sequence({"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}),
-    })
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "title": datasets.Value("string"),
+            "context": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answers": datasets.Sequence({"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- scoring (official SQuAD v2.0 script)
@@ -99,13 +103,17 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
         raise DataError("squad_metrics: no reference answers; give each question id its list of gold texts.")
     missing = [question for question in references if question not in predictions]
     if missing:
-        raise DataError(f"squad_metrics: no prediction for {len(missing)} of {len(references)} questions (first: "
-                        f"{missing[0]!r}); predict every question, \"\" for no answer.")
+        raise DataError(
+            f"squad_metrics: no prediction for {len(missing)} of {len(references)} questions (first: "
+            f'{missing[0]!r}); predict every question, "" for no answer.'
+        )
     exact, f1, answerable = {}, {}, {}
     for question, texts in references.items():
         if isinstance(texts, str):
-            raise DataError(f"squad_metrics: the references of {question!r} are one string ({texts!r}); give a list "
-                            "of gold texts ([] when unanswerable).")
+            raise DataError(
+                f"squad_metrics: the references of {question!r} are one string ({texts!r}); give a list "
+                "of gold texts ([] when unanswerable)."
+            )
         gold = _gold_answers(texts)
         exact[question] = max(exact_match_score(predictions[question], text) for text in gold)
         f1[question] = max(f1_score(predictions[question], text) for text in gold)
@@ -120,10 +128,13 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
     return metrics
 
 
-def _percentages(questions: list[str], exact: Mapping[str, float], f1: Mapping[str, float],
-                 prefix: str) -> dict[str, float]:
-    return {f"{prefix}exact_match": 100.0 * sum(exact[q] for q in questions) / len(questions),
-            f"{prefix}f1": 100.0 * sum(f1[q] for q in questions) / len(questions)}
+def _percentages(
+    questions: list[str], exact: Mapping[str, float], f1: Mapping[str, float], prefix: str
+) -> dict[str, float]:
+    return {
+        f"{prefix}exact_match": 100.0 * sum(exact[q] for q in questions) / len(questions),
+        f"{prefix}f1": 100.0 * sum(f1[q] for q in questions) / len(questions),
+    }
 
 
 # --------------------------------------------------------------------------- reading
@@ -139,8 +150,9 @@ def read_squad_json(path: str | Path) -> datasets.Dataset:
     rows = list(_squad_rows(document, path))
     duplicated = [question for question, count in Counter(row["id"] for row in rows).items() if count > 1]
     if duplicated:
-        raise DataError(f"{path}: the question id {duplicated[0]!r} is used more than once; give each question its "
-                        "own id.")
+        raise DataError(
+            f"{path}: the question id {duplicated[0]!r} is used more than once; give each question its own id."
+        )
     return datasets.Dataset.from_list(rows, features=squad_features())
 
 
@@ -162,8 +174,10 @@ def _field(node: Any, key: str, kind: type | tuple[type, ...], where: str, path:
     value = node[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise DataError(f"{path}: {where}.{key} is {type(value).__name__} {value!r:.60}, not {names}; the SQuAD "
-                        f"layout is {SQUAD_LAYOUT}.")
+        raise DataError(
+            f"{path}: {where}.{key} is {type(value).__name__} {value!r:.60}, not {names}; the SQuAD "
+            f"layout is {SQUAD_LAYOUT}."
+        )
     return value
 
 
@@ -177,17 +191,23 @@ def _squad_rows(document: Any, path: Path):
             context = _field(paragraph, "context", str, where, path)
             for question_no, qa in enumerate(_field(paragraph, "qas", list, where, path)):
                 where = f"data[{article_no}].paragraphs[{paragraph_no}].qas[{question_no}]"
-                yield {"id": str(_field(qa, "id", (str, int), where, path)), "title": title, "context": context,
-                       "question": _field(qa, "question", str, where, path), "answers": _answers(qa, where, path)}
+                yield {
+                    "id": str(_field(qa, "id", (str, int), where, path)),
+                    "title": title,
+                    "context": context,
+                    "question": _field(qa, "question", str, where, path),
+                    "answers": _answers(qa, where, path),
+                }
 
 
 def _answers(qa: Mapping[str, Any], where: str, path: Path) -> dict[str, list]:
     if qa.get("is_impossible", False) is True:
         return {"text": [], "answer_start": []}
     answers = _field(qa, "answers", list, where, path)
-    return {"text": [_field(a, "text", str, f"{where}.answers[{i}]", path) for i, a in enumerate(answers)],
-            "answer_start": [_field(a, "answer_start", int, f"{where}.answers[{i}]", path)
-                             for i, a in enumerate(answers)]}
+    return {
+        "text": [_field(a, "text", str, f"{where}.answers[{i}]", path) for i, a in enumerate(answers)],
+        "answer_start": [_field(a, "answer_start", int, f"{where}.answers[{i}]", path) for i, a in enumerate(answers)],
+    }
 
 
 def split_by_article(ds: datasets.Dataset, dev_articles: Sequence[str]) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -197,21 +217,26 @@ def split_by_article(ds: datasets.Dataset, dev_articles: Sequence[str]) -> tuple
     known = dict.fromkeys(titles)
     unknown = sorted(wanted - known.keys())
     if not wanted or unknown:
-        raise DataError(f"split_by_article: no article titled {unknown[0] if unknown else '(none given)'!r}; the "
-                        f"titles are {', '.join(known)}.")
+        raise DataError(
+            f"split_by_article: no article titled {unknown[0] if unknown else '(none given)'!r}; the "
+            f"titles are {', '.join(known)}."
+        )
     dev_rows = [row for row, title in enumerate(titles) if title in wanted]
     train_rows = [row for row, title in enumerate(titles) if title not in wanted]
     if not train_rows:
-        raise DataError("split_by_article: every article is a dev article, which leaves no training rows; keep at "
-                        "least one article out of dev_articles.")
+        raise DataError(
+            "split_by_article: every article is a dev article, which leaves no training rows; keep at "
+            "least one article out of dev_articles."
+        )
     return ds.select(train_rows), ds.select(dev_rows)
 
 
 # --------------------------------------------------------------------------- windowing (model inputs)
 
 
-def qa_features(examples: Mapping[str, list], tokenizer: Any, max_length: int, doc_stride: int,
-                with_positions: bool) -> dict[str, list]:
+def qa_features(
+    examples: Mapping[str, list], tokenizer: Any, max_length: int, doc_stride: int, with_positions: bool
+) -> dict[str, list]:
     """Model inputs of a batch of rows: each (question, passage) cut into windows of at most `max_length` tokens,
     consecutive windows of a passage sharing `doc_stride` passage tokens. Rows are not padded.
 
@@ -234,16 +259,27 @@ def qa_features(examples: Mapping[str, list], tokenizer: Any, max_length: int, d
     _check_window_room(tokenizer, questions, max_length, doc_stride)
     question_first = tokenizer.padding_side != "left"
     try:
-        encoded = tokenizer(questions if question_first else contexts, contexts if question_first else questions,
-                            truncation="only_second" if question_first else "only_first", max_length=max_length,
-                            stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+        encoded = tokenizer(
+            questions if question_first else contexts,
+            contexts if question_first else questions,
+            truncation="only_second" if question_first else "only_first",
+            max_length=max_length,
+            stride=doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
     except Exception as err:  # the tokenizers library's own truncation errors
-        raise ConfigError(f"qa_features: the tokenizer cannot cut these rows into windows of max_length={max_length} "
-                          f"with doc_stride={doc_stride} ({err}); raise data.max_length or lower task.doc_stride.") from None
+        raise ConfigError(
+            f"qa_features: the tokenizer cannot cut these rows into windows of max_length={max_length} "
+            f"with doc_stride={doc_stride} ({err}); raise data.max_length or lower task.doc_stride."
+        ) from None
     passage_sequence = 1 if question_first else 0
     example_index = list(encoded["overflow_to_sample_mapping"])
-    features = {name: list(values) for name, values in encoded.items()
-                if name not in ("offset_mapping", "overflow_to_sample_mapping")}
+    features = {
+        name: list(values)
+        for name, values in encoded.items()
+        if name not in ("offset_mapping", "overflow_to_sample_mapping")
+    }
     features["example_index"] = example_index
     if "id" in examples:
         ids = list(examples["id"])
@@ -252,18 +288,24 @@ def qa_features(examples: Mapping[str, list], tokenizer: Any, max_length: int, d
     for feature, offsets in enumerate(encoded["offset_mapping"]):
         sequence_ids = encoded.sequence_ids(feature)
         if sequence_ids[NO_ANSWER_INDEX] is not None:
-            raise ConfigError(f"qa_features: the tokenizer {type(tokenizer).__name__} does not start a "
-                              "question-passage pair with a special token ([CLS], <s>), where token 0 is the "
-                              "no-answer position; use a BERT-, RoBERTa-, ELECTRA- or DistilBERT-style tokenizer.")
-        passage_offsets = [list(offset) if sequence == passage_sequence else None
-                           for offset, sequence in zip(offsets, sequence_ids)]
+            raise ConfigError(
+                f"qa_features: the tokenizer {type(tokenizer).__name__} does not start a "
+                "question-passage pair with a special token ([CLS], <s>), where token 0 is the "
+                "no-answer position; use a BERT-, RoBERTa-, ELECTRA- or DistilBERT-style tokenizer."
+            )
+        passage_offsets = [
+            list(offset) if sequence == passage_sequence else None for offset, sequence in zip(offsets, sequence_ids)
+        ]
         features["offset_mapping"].append(passage_offsets)
-        features["context_mask"].append([int(offset is not None or token == NO_ANSWER_INDEX)
-                                         for token, offset in enumerate(passage_offsets)])
+        features["context_mask"].append(
+            [int(offset is not None or token == NO_ANSWER_INDEX) for token, offset in enumerate(passage_offsets)]
+        )
     if with_positions:
         answers = list(examples["answers"])
-        positions = [_answer_token_span(offsets, _first_answer_characters(answers[row]))
-                     for offsets, row in zip(features["offset_mapping"], example_index)]
+        positions = [
+            _answer_token_span(offsets, _first_answer_characters(answers[row]))
+            for offsets, row in zip(features["offset_mapping"], example_index)
+        ]
         features["start_positions"] = [start for start, _ in positions]
         features["end_positions"] = [end for _, end in positions]
     return features
@@ -271,8 +313,10 @@ def qa_features(examples: Mapping[str, list], tokenizer: Any, max_length: int, d
 
 def _check_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"qa_features: {type(tokenizer).__name__} is not a fast tokenizer, which gives the "
-                          "character offsets that map an answer to tokens; load one with AutoTokenizer.")
+        raise ConfigError(
+            f"qa_features: {type(tokenizer).__name__} is not a fast tokenizer, which gives the "
+            "character offsets that map an answer to tokens; load one with AutoTokenizer."
+        )
 
 
 def _check_window_room(tokenizer: Any, questions: list[str], max_length: int, doc_stride: int) -> None:
@@ -283,9 +327,11 @@ def _check_window_room(tokenizer: Any, questions: list[str], max_length: int, do
     longest = int(np.argmax(lengths))
     room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - lengths[longest]
     if room <= doc_stride:
-        raise ConfigError(f"qa_features: max_length={max_length} leaves {room} passage tokens per window beside the "
-                          f"question {questions[longest]!r:.80} ({lengths[longest]} tokens), which must be more than "
-                          f"doc_stride={doc_stride}; raise data.max_length or lower task.doc_stride.")
+        raise ConfigError(
+            f"qa_features: max_length={max_length} leaves {room} passage tokens per window beside the "
+            f"question {questions[longest]!r:.80} ({lengths[longest]} tokens), which must be more than "
+            f"doc_stride={doc_stride}; raise data.max_length or lower task.doc_stride."
+        )
 
 
 def _feature_names(tokenizer: Any, examples: Mapping[str, list], with_positions: bool) -> list[str]:
@@ -319,9 +365,16 @@ def _answer_token_span(offsets: list[list[int] | None], characters: tuple[int, i
 # --------------------------------------------------------------------------- decoding
 
 
-def postprocess_predictions(examples: Any, features: Any, start_logits: Any, end_logits: Any, n_best_size: int = 20,
-                            max_answer_length: int = 30, version_2_with_negative: bool = False,
-                            null_score_diff_threshold: float = 0.0) -> dict[str, str]:
+def postprocess_predictions(
+    examples: Any,
+    features: Any,
+    start_logits: Any,
+    end_logits: Any,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    version_2_with_negative: bool = False,
+    null_score_diff_threshold: float = 0.0,
+) -> dict[str, str]:
     """The predicted answer text of each example (by its `id`): the passage characters of the best valid span
     over all its features, by start logit + end logit.
 
@@ -336,19 +389,25 @@ def postprocess_predictions(examples: Any, features: Any, start_logits: Any, end
     searched here.
     """
     if n_best_size < 1 or max_answer_length < 1:
-        raise ConfigError(f"postprocess_predictions: n_best_size={n_best_size} and max_answer_length="
-                          f"{max_answer_length} must be at least 1.")
+        raise ConfigError(
+            f"postprocess_predictions: n_best_size={n_best_size} and max_answer_length="
+            f"{max_answer_length} must be at least 1."
+        )
     offsets = list(features["offset_mapping"])
     starts, ends = _logit_rows(start_logits, "start"), _logit_rows(end_logits, "end")
     if not len(starts) == len(ends) == len(offsets):
-        raise DataError(f"postprocess_predictions: {len(offsets)} features but {len(starts)} rows of start logits and "
-                        f"{len(ends)} of end logits; give one row of each per feature, in the features' order.")
+        raise DataError(
+            f"postprocess_predictions: {len(offsets)} features but {len(starts)} rows of start logits and "
+            f"{len(ends)} of end logits; give one row of each per feature, in the features' order."
+        )
     ids, contexts = [str(i) for i in examples["id"]], list(examples["context"])
     predictions = {}
     for example, feature_rows in enumerate(_features_of_examples(ids, features)):
         if not feature_rows:
-            raise DataError(f"postprocess_predictions: example {ids[example]!r} has no feature; give the features of "
-                            "every example (qa_features gives each at least one).")
+            raise DataError(
+                f"postprocess_predictions: example {ids[example]!r} has no feature; give the features of "
+                "every example (qa_features gives each at least one)."
+            )
         best_score, best_text, null_score = -np.inf, "", np.inf
         for row in feature_rows:
             start, end = _feature_logits(starts[row], row, offsets[row]), _feature_logits(ends[row], row, offsets[row])
@@ -356,14 +415,15 @@ def postprocess_predictions(examples: Any, features: Any, start_logits: Any, end
             span = best_valid_span(start, end, offsets[row], max_answer_length)
             if span is not None and span[2] > best_score:
                 first, last, best_score = span
-                best_text = contexts[example][offsets[row][first][0]:offsets[row][last][1]]
+                best_text = contexts[example][offsets[row][first][0] : offsets[row][last][1]]
         no_answer = version_2_with_negative and null_score - best_score > null_score_diff_threshold
         predictions[ids[example]] = "" if no_answer else best_text
     return predictions
 
 
-def best_valid_span(start_logits: np.ndarray, end_logits: np.ndarray, offsets: Sequence[Sequence[int] | None],
-                    max_answer_length: int) -> tuple[int, int, float] | None:
+def best_valid_span(
+    start_logits: np.ndarray, end_logits: np.ndarray, offsets: Sequence[Sequence[int] | None], max_answer_length: int
+) -> tuple[int, int, float] | None:
     """(start token, end token, start + end logit) of the best span with both ends on passage tokens (offsets not
     None), start <= end and at most `max_answer_length` tokens; None when there is no such span."""
     is_passage = np.array([_is_passage_token(offset) for offset in offsets], dtype=bool)
@@ -395,8 +455,10 @@ def _features_of_examples(ids: list[str], features: Any) -> list[list[int]]:
     rows: list[list[int]] = [[] for _ in ids]
     for feature, owner in enumerate(owners):
         if not 0 <= owner < len(ids):
-            raise DataError(f"postprocess_predictions: feature {feature} belongs to no given example; give the "
-                            "examples the features were made from.")
+            raise DataError(
+                f"postprocess_predictions: feature {feature} belongs to no given example; give the "
+                "examples the features were made from."
+            )
         rows[owner].append(feature)
     return rows
 
@@ -411,8 +473,9 @@ def _logit_rows(logits: Any, which: str) -> list[np.ndarray]:
     if hasattr(logits, "detach") or isinstance(logits, np.ndarray):
         array = _as_float_array(logits)
         if array.ndim != 2:
-            raise DataError(f"postprocess_predictions: the {which} logits have shape {array.shape}; give "
-                            "[features, positions].")
+            raise DataError(
+                f"postprocess_predictions: the {which} logits have shape {array.shape}; give [features, positions]."
+            )
         return list(array)
     return [_as_float_array(row) for row in logits]
 
@@ -420,6 +483,8 @@ def _logit_rows(logits: Any, which: str) -> list[np.ndarray]:
 def _feature_logits(logits: np.ndarray, feature: int, offsets: Sequence[Any]) -> np.ndarray:
     """A feature's logits without the padding past its length."""
     if logits.ndim != 1 or len(logits) < len(offsets):
-        raise DataError(f"postprocess_predictions: feature {feature} has {len(offsets)} tokens but its logits have "
-                        f"shape {logits.shape}; give one logit per token.")
-    return logits[:len(offsets)]
+        raise DataError(
+            f"postprocess_predictions: feature {feature} has {len(offsets)} tokens but its logits have "
+            f"shape {logits.shape}; give one logit per token."
+        )
+    return logits[: len(offsets)]

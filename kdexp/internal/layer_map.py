@@ -62,20 +62,14 @@ def _as_layer_index(value: Any) -> int | None:
     return int(value)
 
 
-def _parse_one_pair(
-    position: int, raw_pair: Any, num_student_layers: int, num_teacher_layers: int
-) -> LayerPair:
+def _parse_one_pair(position: int, raw_pair: Any, num_student_layers: int, num_teacher_layers: int) -> LayerPair:
     if isinstance(raw_pair, LayerPair):
         raw_pair = (raw_pair.student, raw_pair.teacher)
     if isinstance(raw_pair, (str, bytes)) or not isinstance(raw_pair, Sequence) or len(raw_pair) != 2:
-        raise ValueError(
-            f"layer map entry {position} is {raw_pair!r}; expected a [student, teacher] pair of integers"
-        )
+        raise ValueError(f"layer map entry {position} is {raw_pair!r}; expected a [student, teacher] pair of integers")
     student, teacher = (_as_layer_index(value) for value in raw_pair)
     if student is None or teacher is None:
-        raise ValueError(
-            f"layer map entry {position} is {list(raw_pair)!r}; both layer indices must be integers"
-        )
+        raise ValueError(f"layer map entry {position} is {list(raw_pair)!r}; both layer indices must be integers")
     if not 0 <= student < num_student_layers:
         raise ValueError(
             f"layer map entry {position} [{student}, {teacher}]: student layer {student} is out of range; "

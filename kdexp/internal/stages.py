@@ -88,8 +88,9 @@ class StageSchedule(PhaseSchedule):
         self.layer_pairs = tuple(layer_pairs)
         self.stages = build_stages(algorithm, self.layer_pairs, final_kd)
         self.epochs_per_stage = epochs_per_stage
-        super().__init__("epoch", [epochs_per_stage] * (len(self.stages) - 1) + [None], patience=patience,
-                         min_delta=min_delta)
+        super().__init__(
+            "epoch", [epochs_per_stage] * (len(self.stages) - 1) + [None], patience=patience, min_delta=min_delta
+        )
 
     @property
     def current_stage(self) -> Stage:

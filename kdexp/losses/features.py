@@ -108,8 +108,7 @@ def attention_kl(
     # xlogy gives 0 where A_T = 0, so padded keys add nothing; the floor keeps log A_S
     # finite there (its gradient is then zero, which is right: A_T puts no mass on them).
     row_kl = (
-        torch.xlogy(teacher_probs, teacher_probs)
-        - teacher_probs * student_probs.clamp_min(PROBABILITY_FLOOR).log()
+        torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * student_probs.clamp_min(PROBABILITY_FLOOR).log()
     ).sum(dim=-1)
     if heads not in ATTENTION_HEAD_REDUCTIONS:
         raise ValueError(f"heads must be one of {ATTENTION_HEAD_REDUCTIONS}, got {heads!r}")
@@ -171,8 +170,10 @@ class Projections(nn.Module):
         self.student_width = student_width
         self.teacher_width = teacher_width
         self.by_name = nn.ModuleDict(
-            {name: nn.Linear(student_width, teacher_width) if student_width != teacher_width else nn.Identity()
-             for name in names}
+            {
+                name: nn.Linear(student_width, teacher_width) if student_width != teacher_width else nn.Identity()
+                for name in names
+            }
         )
 
     def forward(self, name: str, student_hidden: Tensor) -> Tensor:

@@ -52,7 +52,9 @@ def regression_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return F.mse_loss(student_logits.reshape(-1).float(), teacher_logits.reshape(-1).float())
 
 
-def output_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+def output_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, regression: bool
+) -> torch.Tensor:
     """Soft-label KD for a classification task, MSE to the teacher's prediction for regression."""
     if regression:
         return regression_kd(student_logits, teacher_logits)
@@ -60,7 +62,10 @@ def output_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
 
 def kd_terms(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
     regression: bool,
 ) -> dict[str, torch.Tensor]:
     """The two terms of Hinton's KD, unweighted: `ce` with the gold label and `kd` to the teacher."""

@@ -20,8 +20,9 @@ from kdexp.losses.precision import full_precision
 
 def _masked(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     if hidden.ndim != 3 or attention_mask.shape != hidden.shape[:2]:
-        raise ValueError(f"expected states [B, L, D] and a mask [B, L], got {list(hidden.shape)} and "
-                         f"{list(attention_mask.shape)}")
+        raise ValueError(
+            f"expected states [B, L, D] and a mask [B, L], got {list(hidden.shape)} and {list(attention_mask.shape)}"
+        )
     return hidden.float() * attention_mask.to(torch.float32).unsqueeze(-1)
 
 
@@ -53,6 +54,9 @@ def fsp_loss(
     def gram(x: Tensor, y: Tensor) -> Tensor:
         return x @ y.transpose(1, 2)  # [B, L, L]
 
-    squared = ((gram(a, a) * gram(b, b)).sum(dim=(1, 2)) - 2 * (gram(a, c) * gram(b, d)).sum(dim=(1, 2))
-               + (gram(c, c) * gram(d, d)).sum(dim=(1, 2)))
+    squared = (
+        (gram(a, a) * gram(b, b)).sum(dim=(1, 2))
+        - 2 * (gram(a, c) * gram(b, d)).sum(dim=(1, 2))
+        + (gram(c, c) * gram(d, d)).sum(dim=(1, 2))
+    )
     return (squared.clamp_min(0.0) / tokens.pow(2) / (width * width)).mean()

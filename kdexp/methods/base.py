@@ -18,13 +18,13 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup, get_scheduler
 
-from kdexp.losses import task_loss, weighted_sum
+from kdexp.config import OptimConfig
+from kdexp.errors import ConfigError
 from kdexp.families import output_logits
+from kdexp.losses import task_loss, weighted_sum
 from kdexp.metrics import eval_prefix, task_metrics
 from kdexp.model_internals import model_inputs
 from kdexp.phases import PhaseSchedule, phase_lr_factor
-from kdexp.config import OptimConfig
-from kdexp.errors import ConfigError
 from kdexp.tasks import FAMILIES, GlueTask
 
 if TYPE_CHECKING:
@@ -51,8 +51,13 @@ class DistillationModule(pl.LightningModule):
     # _target_): a dataclass with a `check()` method; None for a method without options.
     Options: ClassVar[type | None] = None
 
-    def __init__(self, student: PreTrainedModel, task: GlueTask, optim: OptimConfig | None = None,
-                 teacher: "TeacherSignals | None" = None):
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        task: GlueTask,
+        optim: OptimConfig | None = None,
+        teacher: "TeacherSignals | None" = None,
+    ):
         super().__init__()
         self.student = student.train()  # transformers 5 returns loaded models in eval mode
         self.task = task
@@ -76,9 +81,11 @@ class DistillationModule(pl.LightningModule):
         """Refuse, before any training, a task the method cannot do (override to restrict further)."""
         if task.family not in cls.families:
             names = ", ".join(f.replace("_", " ") for f in cls.families)
-            raise ConfigError(f"method '{cls.__name__}' does not apply to {task.name} ({task.family.replace('_', ' ')}): "
-                              f"its losses are defined for {names} tasks. Use finetune, vanilla_kd or text_smoothing "
-                              "(and dbkd for multiple choice) on this task.")
+            raise ConfigError(
+                f"method '{cls.__name__}' does not apply to {task.name} ({task.family.replace('_', ' ')}): "
+                f"its losses are defined for {names} tasks. Use finetune, vanilla_kd or text_smoothing "
+                "(and dbkd for multiple choice) on this task."
+            )
 
     @classmethod
     def check_config(cls, cfg: Any, task: GlueTask) -> None:

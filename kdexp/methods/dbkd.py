@@ -66,14 +66,14 @@ from omegaconf import MISSING
 from kdexp.cache import cache_key, load_or_compute, load_tensors, save_tensors
 from kdexp.config import require
 from kdexp.data import arrow_column, tokenize_split
-from kdexp.decision.estimator import ZERO_COUNT_RULES, estimate_logits_from_counts
 from kdexp.decision.eda import EDA_STYLES
+from kdexp.decision.estimator import ZERO_COUNT_RULES, estimate_logits_from_counts
 from kdexp.decision.queries import DecisionQueries, QueryConfig, copies_as_raw, decision_statistics, query_decisions
 from kdexp.decision.surrogate import SurrogateSettings, logits_of, state_fingerprint, train_surrogate
 from kdexp.decision.teacher import DecisionTeacher
+from kdexp.errors import ConfigError
 from kdexp.losses import soft_target_kd
 from kdexp.losses.precision import full_precision
-from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
 from kdexp.tasks import CLASSIFICATION, MULTIPLE_CHOICE
 from kdexp.teacher import batch_rows
@@ -110,11 +110,19 @@ class QueriesOptions:
 
     def check(self) -> None:
         require(self.num_queries >= 1, "method.queries.num_queries", self.num_queries, "1 or more (the original input)")
-        require(self.batch_size is None or self.batch_size >= 1, "method.queries.batch_size", self.batch_size,
-                "null or a positive batch size")
+        require(
+            self.batch_size is None or self.batch_size >= 1,
+            "method.queries.batch_size",
+            self.batch_size,
+            "null or a positive batch size",
+        )
         eda = self.eda
-        require(any((eda.synonym_replacement, eda.random_insertion, eda.random_swap, eda.random_deletion)),
-                "method.queries.eda", "all operations off", "at least one EDA operation on")
+        require(
+            any((eda.synonym_replacement, eda.random_insertion, eda.random_swap, eda.random_deletion)),
+            "method.queries.eda",
+            "all operations off",
+            "at least one EDA operation on",
+        )
         require(eda.rate_scale >= 0, "method.queries.eda.rate_scale", eda.rate_scale, "0 or more")
         require(0 <= eda.max_rate <= 1, "method.queries.eda.max_rate", eda.max_rate, "a rate in [0, 1]")
         require(eda.style in EDA_STYLES, "method.queries.eda.style", eda.style, " or ".join(EDA_STYLES))
@@ -144,8 +152,12 @@ class DBKDOptions(DecisionOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.zero_count_rule in ZERO_COUNT_RULES, "method.zero_count_rule", self.zero_count_rule,
-                ", ".join(ZERO_COUNT_RULES))
+        require(
+            self.zero_count_rule in ZERO_COUNT_RULES,
+            "method.zero_count_rule",
+            self.zero_count_rule,
+            ", ".join(ZERO_COUNT_RULES),
+        )
         require(self.noise_std > 0, "method.noise_std", self.noise_std, "a positive standard deviation")
         require(self.pseudo_count > 0, "method.pseudo_count", self.pseudo_count, "a positive pseudo-count (e.g. 0.5)")
 
@@ -161,8 +173,12 @@ class LabelSmoothOptions(DecisionOptions):
     def check(self) -> None:
         super().check()
         require(0 <= self.smoothing < 1, "method.smoothing", self.smoothing, "a value in [0, 1)")
-        require(self.smoothing_form in LABEL_SMOOTHING_FORMS, "method.smoothing_form", self.smoothing_form,
-                ", ".join(LABEL_SMOOTHING_FORMS))
+        require(
+            self.smoothing_form in LABEL_SMOOTHING_FORMS,
+            "method.smoothing_form",
+            self.smoothing_form,
+            ", ".join(LABEL_SMOOTHING_FORMS),
+        )
 
 
 @dataclass
@@ -183,8 +199,12 @@ class HardAugOptions(DecisionOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.copies_per_example is None or self.copies_per_example >= 0, "method.copies_per_example",
-                self.copies_per_example, "null (all N-1 copies) or 0 or more")
+        require(
+            self.copies_per_example is None or self.copies_per_example >= 0,
+            "method.copies_per_example",
+            self.copies_per_example,
+            "null (all N-1 copies) or 0 or more",
+        )
 
 
 def hard_targets(decisions: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -202,8 +222,9 @@ def label_smoothed_targets(decisions: torch.Tensor, num_labels: int, smoothing: 
     return onehot * (1.0 - smoothing) + (1.0 - onehot) * (smoothing / (num_labels - 1))
 
 
-def uniform_smoothed_targets(decisions: torch.Tensor, num_labels: int, smoothing: float,
-                             temperature: float = 1.0) -> torch.Tensor:
+def uniform_smoothed_targets(
+    decisions: torch.Tensor, num_labels: int, smoothing: float, temperature: float = 1.0
+) -> torch.Tensor:
     """The DBKD authors' form: ``(1 - eps)·onehot + eps / C``, sharpened by ``1 / T`` (``q^(1/T)``, renormalised)."""
     if not 0 <= smoothing < 1:
         raise ValueError(f"label smoothing must lie in [0, 1), got {smoothing}")
@@ -296,16 +317,27 @@ class DecisionDistillation(DistillationModule):
             "Decision queries (%s): %d examples x %d queries; all %d agree on %.1f%% of the examples; %d distinct "
             "count vectors (%d sorted); teacher accuracy on the training originals %.3f; query stage %.1fs "
             "(%.1f ms per example)%s",
-            "cached" if stats["from_cache"] else "computed now", stats["examples"], stats["num_queries"],
-            stats["num_queries"], 100 * stats["all_agree_fraction"], stats["distinct_count_vectors"],
-            stats["distinct_sorted_count_vectors"], stats.get("teacher_train_accuracy", float("nan")),
-            stats["augment_seconds"] + stats["query_seconds"], stats["query_ms_per_example"],
+            "cached" if stats["from_cache"] else "computed now",
+            stats["examples"],
+            stats["num_queries"],
+            stats["num_queries"],
+            100 * stats["all_agree_fraction"],
+            stats["distinct_count_vectors"],
+            stats["distinct_sorted_count_vectors"],
+            stats.get("teacher_train_accuracy", float("nan")),
+            stats["augment_seconds"] + stats["query_seconds"],
+            stats["query_ms_per_example"],
             "" if not stats["from_cache"] else " when it ran",
         )
         if "estimator_seconds" in stats:
-            log.info("Estimated logits: %d distinct sorted count vectors solved in %.3fs; |z_hat| max %.3f; "
-                     "all-agree rows: z_hat margin %s", stats["estimator_solved_vectors"], stats["estimator_seconds"],
-                     stats["estimated_logit_abs_max"], stats.get("all_agree_margin"))
+            log.info(
+                "Estimated logits: %d distinct sorted count vectors solved in %.3fs; |z_hat| max %.3f; "
+                "all-agree rows: z_hat margin %s",
+                stats["estimator_solved_vectors"],
+                stats["estimator_seconds"],
+                stats["estimated_logit_abs_max"],
+                stats.get("all_agree_margin"),
+            )
         run.method_info.update(stats)
         run.write_run_file(STATS_FILE, stats)
 
@@ -347,16 +379,25 @@ class DBKD(DecisionDistillation):
         self.estimated_logits = estimated_logits.float()  # on the CPU, like `targets`
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       options: DBKDOptions) -> "DBKD":
+    def from_decisions(
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], options: DBKDOptions
+    ) -> "DBKD":
         counts = decided.counts
         start = time.perf_counter()
-        estimated = estimate_logits_from_counts(counts, noise_std=options.noise_std, pseudo_count=options.pseudo_count,
-                                                zero_count_rule=options.zero_count_rule)
+        estimated = estimate_logits_from_counts(
+            counts,
+            noise_std=options.noise_std,
+            pseudo_count=options.pseudo_count,
+            zero_count_rule=options.zero_count_rule,
+        )
         seconds = time.perf_counter() - start
         stats.update(estimate_statistics(counts, estimated, decided.num_queries))
-        stats.update(estimator_seconds=seconds, noise_std=options.noise_std, pseudo_count=options.pseudo_count,
-                     zero_count_rule=options.zero_count_rule)
+        stats.update(
+            estimator_seconds=seconds,
+            noise_std=options.noise_std,
+            pseudo_count=options.pseudo_count,
+            zero_count_rule=options.zero_count_rule,
+        )
         return cls(run.student, run.task, run.optim, options=options, estimated_logits=estimated)
 
     def batch_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -380,9 +421,13 @@ def estimate_statistics(counts: torch.Tensor, estimated: torch.Tensor, num_queri
         "estimator_solved_vectors": int(torch.unique(sorted_counts, dim=0).shape[0]),
         "estimated_logit_abs_max": float(estimated.abs().max()) if estimated.numel() else 0.0,
         "estimated_top_margin_mean": float(
-            (torch.sort(estimated, dim=1, descending=True).values[:, 0]
-             - torch.sort(estimated, dim=1, descending=True).values[:, 1]).mean()
-        ) if estimated.numel() and estimated.shape[1] > 1 else 0.0,
+            (
+                torch.sort(estimated, dim=1, descending=True).values[:, 0]
+                - torch.sort(estimated, dim=1, descending=True).values[:, 1]
+            ).mean()
+        )
+        if estimated.numel() and estimated.shape[1] > 1
+        else 0.0,
     }
     agree = counts.max(dim=1).values == num_queries
     if bool(agree.any()) and estimated.shape[1] > 1:
@@ -397,8 +442,9 @@ class DecisionHard(DecisionDistillation):
     method_name = "decision_hard"
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       options: DecisionOptions) -> "DecisionHard":
+    def from_decisions(
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], options: DecisionOptions
+    ) -> "DecisionHard":
         targets = hard_targets(decided.original_decisions, decided.num_labels)
         return cls(run.student, run.task, run.optim, options=options, targets=targets)
 
@@ -410,11 +456,13 @@ class DecisionLabelSmooth(DecisionDistillation):
     Options = LabelSmoothOptions
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       options: LabelSmoothOptions) -> "DecisionLabelSmooth":
+    def from_decisions(
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], options: LabelSmoothOptions
+    ) -> "DecisionLabelSmooth":
         if options.smoothing_form == "uniform":
-            targets = uniform_smoothed_targets(decided.original_decisions, decided.num_labels, options.smoothing,
-                                               options.temperature)
+            targets = uniform_smoothed_targets(
+                decided.original_decisions, decided.num_labels, options.smoothing, options.temperature
+            )
         else:
             targets = label_smoothed_targets(decided.original_decisions, decided.num_labels, options.smoothing)
         stats["smoothing"] = options.smoothing
@@ -428,8 +476,9 @@ class DecisionNoiseSmooth(DecisionDistillation):
     method_name = "decision_noise_smooth"
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       options: DecisionOptions) -> "DecisionNoiseSmooth":
+    def from_decisions(
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], options: DecisionOptions
+    ) -> "DecisionNoiseSmooth":
         targets = noise_smoothed_targets(decided.counts)
         return cls(run.student, run.task, run.optim, options=options, targets=targets)
 
@@ -446,8 +495,9 @@ class DecisionSurrogate(DecisionDistillation):
     Options = SurrogateOptions
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       options: SurrogateOptions) -> "DecisionSurrogate":
+    def from_decisions(
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], options: SurrogateOptions
+    ) -> "DecisionSurrogate":
         logits = cached_surrogate_logits(run, decided, options)
         decisions = decided.original_decisions
         stats["surrogate_agreement_with_teacher"] = float((logits.argmax(-1) == decisions).float().mean())
@@ -460,11 +510,23 @@ def cached_surrogate_logits(run: "RunContext", decided: DecisionQueries, options
     split = run.task.train_split
     tokenized = run.data.tokenized[split]
     optim = run.optim
-    settings = SurrogateSettings(options.surrogate_epochs, options.surrogate_learning_rate or optim.learning_rate,
-                                 int(run.cfg.data.batch_size), optim.weight_decay, optim.warmup_ratio, int(run.cfg.seed))
-    key = cache_key(kind="surrogate_logits", decisions=decided.key, student=state_fingerprint(run.student),
-                    data=run.data.keys[split], settings=asdict(settings), **run.teacher.batching.key_parts(),
-                    **({} if run.hardware.precision == "32-true" else {"precision": run.hardware.precision}))
+    settings = SurrogateSettings(
+        options.surrogate_epochs,
+        options.surrogate_learning_rate or optim.learning_rate,
+        int(run.cfg.data.batch_size),
+        optim.weight_decay,
+        optim.warmup_ratio,
+        int(run.cfg.seed),
+    )
+    key = cache_key(
+        kind="surrogate_logits",
+        decisions=decided.key,
+        student=state_fingerprint(run.student),
+        data=run.data.keys[split],
+        settings=asdict(settings),
+        **run.teacher.batching.key_parts(),
+        **({} if run.hardware.precision == "32-true" else {"precision": run.hardware.precision}),
+    )
     path = run.data.cache_dir / "signals" / "surrogate_logits" / f"{key}.pt"
     expected = {"key": key, "rows": len(tokenized)}
 
@@ -475,12 +537,17 @@ def cached_surrogate_logits(run: "RunContext", decided: DecisionQueries, options
     def compute() -> torch.Tensor:
         started = time.perf_counter()
         hardware = run.hardware.single_device()
-        model = train_surrogate(run.student, tokenized, decided.original_decisions, run.data.pad_token_id, settings,
-                                hardware)
+        model = train_surrogate(
+            run.student, tokenized, decided.original_decisions, run.data.pad_token_id, settings, hardware
+        )
         logits = logits_of(model, tokenized, run.data.pad_token_id, decided.num_labels, hardware, run.teacher.batching)
         save_tensors(path, {"logits": logits}, expected)
-        log.info("Surrogate trained on the teacher's decisions (%d rows, %d epochs) in %.1fs", len(tokenized),
-                 settings.epochs, time.perf_counter() - started)
+        log.info(
+            "Surrogate trained on the teacher's decisions (%d rows, %d epochs) in %.1fs",
+            len(tokenized),
+            settings.epochs,
+            time.perf_counter() - started,
+        )
         return logits
 
     return load_or_compute(path, load, compute)
@@ -499,8 +566,9 @@ class DecisionHardAug(DecisionDistillation):
     Options = HardAugOptions
 
     @classmethod
-    def from_decisions(cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any],
-                       options: HardAugOptions) -> "DecisionHardAug":
+    def from_decisions(
+        cls, run: "RunContext", decided: DecisionQueries, stats: dict[str, Any], options: HardAugOptions
+    ) -> "DecisionHardAug":
         n, num_copies = decided.num_examples, decided.num_queries - 1
         copies_per_example = options.copies_per_example
         use = num_copies if copies_per_example is None else min(int(copies_per_example), num_copies)
@@ -520,9 +588,14 @@ class DecisionHardAug(DecisionDistillation):
                 tokenized = tokenized.cast(original.features)
             train = datasets.concatenate_datasets([original, tokenized])
             targets.append(hard_targets(labels, decided.num_labels))
-            keys = dict(data.keys, **{task.train_split: cache_key(kind="hard_aug_train",
-                                                                   original=data.keys[task.train_split],
-                                                                   copies=copies_key)})
+            keys = dict(
+                data.keys,
+                **{
+                    task.train_split: cache_key(
+                        kind="hard_aug_train", original=data.keys[task.train_split], copies=copies_key
+                    )
+                },
+            )
             run.data = replace(data, tokenized=dict(data.tokenized, **{task.train_split: train}), keys=keys)
         stats.update(extra_examples=len(run.data.train) - n, copies_per_example=use)
         return cls(run.student, run.task, run.optim, options=options, targets=torch.cat(targets), num_original=n)

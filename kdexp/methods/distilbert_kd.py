@@ -47,9 +47,9 @@ from kdexp.internal.losses import InternalProjections
 from kdexp.losses import kd_terms, layer_output
 from kdexp.losses.features import hidden_cosine_loss
 from kdexp.methods.base import DistillationModule
-from kdexp.tasks import CLASSIFICATION
 from kdexp.methods.pkd import known_layer_counts
 from kdexp.model_internals import forward_with_internals
+from kdexp.tasks import CLASSIFICATION
 from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
@@ -80,8 +80,12 @@ class DistilBertKDOptions:
         weights = (self.kd_weight, self.ce_weight, self.cos_weight)
         require(min(weights) >= 0, "method.kd_weight/ce_weight/cos_weight", weights, "non-negative weights")
         require(max(weights) > 0, "method.kd_weight/ce_weight/cos_weight", weights, "at least one positive weight")
-        require(self.layer_map in DISTILBERT_LAYER_MAPS or isinstance(self.layer_map, list), "method.layer_map",
-                self.layer_map, "uniform, last, or a list of [student, teacher] layer pairs")
+        require(
+            self.layer_map in DISTILBERT_LAYER_MAPS or isinstance(self.layer_map, list),
+            "method.layer_map",
+            self.layer_map,
+            "uniform, last, or a list of [student, teacher] layer pairs",
+        )
 
 
 class DistilBertKD(DistillationModule):
@@ -91,15 +95,17 @@ class DistilBertKD(DistillationModule):
 
     Options = DistilBertKDOptions
 
-    def __init__(self, student: Any, task: Any, optim: Any = None, *, options: DistilBertKDOptions,
-                 teacher: TeacherSignals) -> None:
+    def __init__(
+        self, student: Any, task: Any, optim: Any = None, *, options: DistilBertKDOptions, teacher: TeacherSignals
+    ) -> None:
         super().__init__(student, task, optim, teacher=teacher)
         model = teacher.model
         if model is None:
             raise ValueError("DistilBertKD needs the live teacher model (hidden states of every token)")
         try:
-            pairs = distilbert_layer_map(options.layer_map, student.config.num_hidden_layers,
-                                         model.config.num_hidden_layers)
+            pairs = distilbert_layer_map(
+                options.layer_map, student.config.num_hidden_layers, model.config.num_hidden_layers
+            )
         except ValueError as err:
             raise ConfigError(f"method.layer_map: {err}") from None
         self.options = options
@@ -120,13 +126,17 @@ class DistilBertKD(DistillationModule):
     @classmethod
     def from_run(cls, run: "RunContext", options: DistilBertKDOptions) -> "DistilBertKD":
         if not run.teacher.shares_tokenizer_with(run.data):
-            raise ConfigError("method=distilbert_kd compares hidden states token by token, so the student must use "
-                              "the teacher's tokenizer; student.init=pretrained with another tokenizer cannot be used")
+            raise ConfigError(
+                "method=distilbert_kd compares hidden states token by token, so the student must use "
+                "the teacher's tokenizer; student.init=pretrained with another tokenizer cannot be used"
+            )
         teacher = TeacherSignals.from_teacher(run.teacher, run.data, live_model=True)
         module = cls(run.student, run.task, run.optim, options=options, teacher=teacher)
         run.method_info["layer_pairs"] = [[p.student, p.teacher] for p in module.layer_pairs]
-        log.info("DistilBERT-style KD: cosine of student layer <- teacher layer %s",
-                 ", ".join(f"{p.student} <- {p.teacher}" for p in module.layer_pairs))
+        log.info(
+            "DistilBERT-style KD: cosine of student layer <- teacher layer %s",
+            ", ".join(f"{p.student} <- {p.teacher}" for p in module.layer_pairs),
+        )
         return module
 
     # ------------------------------------------------------------------ the loss
@@ -134,18 +144,22 @@ class DistilBertKD(DistillationModule):
     def loss_terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         assert self.teacher is not None
         out = forward_with_internals(self.student, batch, need_attentions=False)
-        terms = kd_terms(out.logits, self.teacher.logits(batch), batch["labels"], self.options.temperature,
-                         self.task.is_regression)
+        terms = kd_terms(
+            out.logits, self.teacher.logits(batch), batch["labels"], self.options.temperature, self.task.is_regression
+        )
         if self.options.cos_weight == 0:
             return terms  # no teacher forward for a term that would only be logged
         pairs = self.layer_pairs
-        teacher_hidden = self.teacher.internals(batch, need_attentions=False,
-                                                depth=max(p.teacher for p in pairs) + 1).hidden_states
+        teacher_hidden = self.teacher.internals(
+            batch, need_attentions=False, depth=max(p.teacher for p in pairs) + 1
+        ).hidden_states
         assert teacher_hidden is not None and out.hidden_states is not None
         for pair in pairs:
             terms[f"cos/{pair}"] = hidden_cosine_loss(
                 self.projections(pair, layer_output(out.hidden_states, pair.student)),
-                layer_output(teacher_hidden, pair.teacher), batch["attention_mask"])
+                layer_output(teacher_hidden, pair.teacher),
+                batch["attention_mask"],
+            )
         return terms
 
     def loss_weights(self) -> dict[str, float | torch.Tensor]:

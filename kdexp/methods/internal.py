@@ -39,8 +39,8 @@ from kdexp.internal.stages import ALGORITHMS, StageSchedule, num_internal_stages
 from kdexp.losses import hinton_weights, kd_terms
 from kdexp.losses.features import ATTENTION_HEAD_REDUCTIONS
 from kdexp.methods.base import DistillationModule
-from kdexp.tasks import CLASSIFICATION
 from kdexp.model_internals import ModelInternals, forward_with_internals, truncated_encoder
+from kdexp.tasks import CLASSIFICATION
 from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
@@ -81,28 +81,56 @@ class InternalOptions:
 
     def check(self) -> None:
         require(self.algorithm in ALGORITHMS, "method.algorithm", self.algorithm, "one of " + ", ".join(ALGORITHMS))
-        require(self.head_mismatch in HEAD_MISMATCH_RULES, "method.head_mismatch", self.head_mismatch,
-                "one of " + ", ".join(HEAD_MISMATCH_RULES))
+        require(
+            self.head_mismatch in HEAD_MISMATCH_RULES,
+            "method.head_mismatch",
+            self.head_mismatch,
+            "one of " + ", ".join(HEAD_MISMATCH_RULES),
+        )
         require(self.lr_schedule in LR_SCHEDULES, "method.lr_schedule", self.lr_schedule, "per_stage or global")
-        require(self.teacher_cls_cache in CLS_CACHE_MODES, "method.teacher_cls_cache", self.teacher_cls_cache,
-                "auto, always or never")
+        require(
+            self.teacher_cls_cache in CLS_CACHE_MODES,
+            "method.teacher_cls_cache",
+            self.teacher_cls_cache,
+            "auto, always or never",
+        )
         require(self.epochs_per_stage >= 1, "method.epochs_per_stage", self.epochs_per_stage, "1 or more")
-        require(self.kd_epochs >= 0, "method.kd_epochs", self.kd_epochs,
-                "0 (no final KD stage: the last internal stage lasts to the end) or more")
+        require(
+            self.kd_epochs >= 0,
+            "method.kd_epochs",
+            self.kd_epochs,
+            "0 (no final KD stage: the last internal stage lasts to the end) or more",
+        )
         require(self.patience is None or self.patience >= 1, "method.patience", self.patience, "null or 1 or more")
         require(self.min_delta >= 0, "method.min_delta", self.min_delta, "0 or more")
         require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature")
         require(0 <= self.alpha <= 1, "method.alpha", self.alpha, "a weight in [0, 1]")
-        require(self.final_alpha is None or 0 <= self.final_alpha <= 1, "method.final_alpha", self.final_alpha,
-                "null (method.alpha) or a weight in [0, 1]")
-        require(self.attention_heads in ATTENTION_HEAD_REDUCTIONS, "method.attention_heads", self.attention_heads,
-                " or ".join(ATTENTION_HEAD_REDUCTIONS))
+        require(
+            self.final_alpha is None or 0 <= self.final_alpha <= 1,
+            "method.final_alpha",
+            self.final_alpha,
+            "null (method.alpha) or a weight in [0, 1]",
+        )
+        require(
+            self.attention_heads in ATTENTION_HEAD_REDUCTIONS,
+            "method.attention_heads",
+            self.attention_heads,
+            " or ".join(ATTENTION_HEAD_REDUCTIONS),
+        )
         weights = (self.attention_weight, self.cls_weight, self.hidden_mse_weight)
         require(min(weights) >= 0, "method.attention_weight/cls_weight/hidden_mse_weight", weights, "weights >= 0")
-        require(max(weights) > 0, "method.attention_weight/cls_weight/hidden_mse_weight", weights,
-                "at least one positive weight (method=vanilla_kd is soft-label KD alone)")
-        require(self.layer_map == "uniform" or isinstance(self.layer_map, list), "method.layer_map", self.layer_map,
-                "uniform, or a list of [student, teacher] layer pairs")
+        require(
+            max(weights) > 0,
+            "method.attention_weight/cls_weight/hidden_mse_weight",
+            weights,
+            "at least one positive weight (method=vanilla_kd is soft-label KD alone)",
+        )
+        require(
+            self.layer_map == "uniform" or isinstance(self.layer_map, list),
+            "method.layer_map",
+            self.layer_map,
+            "uniform, or a list of [student, teacher] layer pairs",
+        )
 
     @property
     def needs_live_teacher(self) -> bool:
@@ -117,8 +145,9 @@ class InternalDistillation(DistillationModule):
 
     Options = InternalOptions
 
-    def __init__(self, student: Any, task: Any, optim: Any = None, *, options: InternalOptions,
-                 teacher: TeacherSignals) -> None:
+    def __init__(
+        self, student: Any, task: Any, optim: Any = None, *, options: InternalOptions, teacher: TeacherSignals
+    ) -> None:
         super().__init__(student, task, optim, teacher=teacher)
         self.options = options
         model = teacher.model
@@ -135,8 +164,14 @@ class InternalDistillation(DistillationModule):
                     "to one. Set method.head_mismatch=average (compare head-averaged maps) or method.attention_weight=0"
                 )
         self.layer_pairs = tuple(pairs)
-        self.phases = StageSchedule(options.algorithm, pairs, options.epochs_per_stage, options.patience,  # type: ignore[arg-type]
-                                    options.min_delta, final_kd=options.kd_epochs > 0)
+        self.phases = StageSchedule(
+            options.algorithm,
+            pairs,
+            options.epochs_per_stage,
+            options.patience,  # type: ignore[arg-type]
+            options.min_delta,
+            final_kd=options.kd_epochs > 0,
+        )
         self.lr_per_phase = options.lr_schedule == "per_stage"
         teacher_width = model.config.hidden_size if model is not None else int(teacher.cached_cls.shape[-1])  # type: ignore[union-attr]
         # Learned W per pair (Linear where widths differ): submodules, so optimised and checkpointed.
@@ -177,8 +212,9 @@ class InternalDistillation(DistillationModule):
             )
         teacher_model = run.teacher.load_model()
         try:
-            pairs = resolve_layer_map(options.layer_map, run.student.config.num_hidden_layers,
-                                      teacher_model.config.num_hidden_layers)
+            pairs = resolve_layer_map(
+                options.layer_map, run.student.config.num_hidden_layers, teacher_model.config.num_hidden_layers
+            )
         except ValueError as err:
             raise InternalConfigError(f"method.layer_map: {err}") from None
         layers = sorted({pair.teacher for pair in pairs})
@@ -213,7 +249,9 @@ class InternalDistillation(DistillationModule):
         depth = max(layers) + 1 if self.options.truncate_forward else None
         return self.teacher.internals(batch, need_attentions=self.options.attention_weight != 0, depth=depth)
 
-    def student_internals(self, batch: dict[str, Tensor], pairs: Sequence[LayerPair], need_logits: bool) -> ModelInternals:
+    def student_internals(
+        self, batch: dict[str, Tensor], pairs: Sequence[LayerPair], need_logits: bool
+    ) -> ModelInternals:
         depth = None if need_logits or not self.options.truncate_forward else max(p.student for p in pairs) + 1
         with truncated_encoder(self.student, depth):
             return forward_with_internals(self.student, batch, need_attentions=self.options.attention_weight != 0)
@@ -227,26 +265,52 @@ class InternalDistillation(DistillationModule):
     def loss_terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         assert self.teacher is not None
         if self.schedule.is_final_kd_stage:
-            return kd_terms(self(batch), self.teacher.logits(batch), batch["labels"], self.options.temperature,
-                            self.task.is_regression)
+            return kd_terms(
+                self(batch),
+                self.teacher.logits(batch),
+                batch["labels"],
+                self.options.temperature,
+                self.task.is_regression,
+            )
         pairs = self.schedule.active_pairs()
         teacher_out = self.teacher_internals(batch, pairs)
         student_out = self.student_internals(batch, pairs, need_logits=self.options.kd_in_internal_stages)
-        terms = internal_terms(pairs, student_out.hidden_states, teacher_out.hidden_states,  # type: ignore[arg-type]
-                               batch["attention_mask"], self.projections, student_out.attentions,
-                               teacher_out.attentions, self._kinds(), self.options.head_mismatch,  # type: ignore[arg-type]
-                               self.options.attention_heads)
+        terms = internal_terms(
+            pairs,
+            student_out.hidden_states,
+            teacher_out.hidden_states,  # type: ignore[arg-type]
+            batch["attention_mask"],
+            self.projections,
+            student_out.attentions,
+            teacher_out.attentions,
+            self._kinds(),
+            self.options.head_mismatch,  # type: ignore[arg-type]
+            self.options.attention_heads,
+        )
         if self.options.kd_in_internal_stages:
-            terms.update(kd_terms(student_out.logits, self.teacher.logits(batch), batch["labels"],
-                                  self.options.temperature, self.task.is_regression))
+            terms.update(
+                kd_terms(
+                    student_out.logits,
+                    self.teacher.logits(batch),
+                    batch["labels"],
+                    self.options.temperature,
+                    self.task.is_regression,
+                )
+            )
         return terms
 
     def loss_weights(self) -> dict[str, float | torch.Tensor]:
         options = self.options
         weights: dict[str, float | torch.Tensor] = {}
         if not self.schedule.is_final_kd_stage:
-            weights.update(internal_weights(self.schedule.active_pairs(), options.attention_weight, options.cls_weight,
-                                            options.hidden_mse_weight))
+            weights.update(
+                internal_weights(
+                    self.schedule.active_pairs(),
+                    options.attention_weight,
+                    options.cls_weight,
+                    options.hidden_mse_weight,
+                )
+            )
         if self.stage_needs_output_loss():
             final = self.schedule.is_final_kd_stage and options.final_alpha is not None
             weights.update(hinton_weights(options.final_alpha if final else options.alpha))
@@ -254,8 +318,13 @@ class InternalDistillation(DistillationModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
-        self.log("train/stage", float(self.schedule.current_stage.index), on_step=False, on_epoch=True,
-                 batch_size=batch["input_ids"].shape[0])
+        self.log(
+            "train/stage",
+            float(self.schedule.current_stage.index),
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch["input_ids"].shape[0],
+        )
         return loss
 
     # ------------------------------------------------------------------ stages
@@ -267,8 +336,15 @@ class InternalDistillation(DistillationModule):
             alpha = options.alpha if options.final_alpha is None else options.final_alpha
             what = f"soft-label KD (T={options.temperature}, alpha={alpha}), for the rest of training"
         else:
-            losses = [name for name, w in (("attention KL", options.attention_weight), ("[CLS] cosine", options.cls_weight),
-                                            ("hidden MSE", options.hidden_mse_weight)) if w != 0]
+            losses = [
+                name
+                for name, w in (
+                    ("attention KL", options.attention_weight),
+                    ("[CLS] cosine", options.cls_weight),
+                    ("hidden MSE", options.hidden_mse_weight),
+                )
+                if w != 0
+            ]
             layers = ", ".join(f"student layer {p.student} <- teacher layer {p.teacher}" for p in stage.pairs)
             what = f"{' + '.join(losses)} at {layers}" + (" + soft-label KD" if options.kd_in_internal_stages else "")
         return f"internal_{options.algorithm} stage {stage.index + 1}/{len(self.schedule.stages)}: {what}"

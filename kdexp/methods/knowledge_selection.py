@@ -30,7 +30,6 @@ from torch import Tensor
 from kdexp.config import require
 from kdexp.errors import ConfigError
 from kdexp.methods.base import DistillationModule
-from kdexp.tasks import CLASSIFICATION
 from kdexp.phases import PhaseSchedule
 from kdexp.seeding import derive_seed
 from kdexp.selection.agent import KNOWLEDGE_KINDS, DDPGAgent, DDPGConfig
@@ -44,6 +43,7 @@ from kdexp.selection.stage import (
     selection_state,
     trained_agent,
 )
+from kdexp.tasks import CLASSIFICATION
 from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
@@ -75,9 +75,18 @@ class AgentOptions:
     seed: int = MISSING
 
     def ddpg(self) -> DDPGConfig:
-        return DDPGConfig(gamma=self.gamma, tau=self.tau, actor_lr=self.actor_lr, critic_lr=self.critic_lr,
-                          batch_size=self.batch_size, buffer_capacity=self.buffer_capacity, hidden=self.hidden,
-                          noise_std=self.noise_std, updates_per_step=self.updates_per_phase, seed=self.seed)
+        return DDPGConfig(
+            gamma=self.gamma,
+            tau=self.tau,
+            actor_lr=self.actor_lr,
+            critic_lr=self.critic_lr,
+            batch_size=self.batch_size,
+            buffer_capacity=self.buffer_capacity,
+            hidden=self.hidden,
+            noise_std=self.noise_std,
+            updates_per_step=self.updates_per_phase,
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -101,8 +110,12 @@ class KnowledgeSelectionOptions:
     def check(self) -> None:
         require(self.policy in POLICIES, "method.policy", self.policy, " / ".join(POLICIES))
         require(self.action in ACTIONS, "method.action", self.action, "soft or hard")
-        require(len(self.weights) == len(KNOWLEDGE_KINDS) and min(self.weights) >= 0 and max(self.weights) > 0,
-                "method.weights", list(self.weights), "four non-negative weights (fink, resk, feak, relk), not all 0")
+        require(
+            len(self.weights) == len(KNOWLEDGE_KINDS) and min(self.weights) >= 0 and max(self.weights) > 0,
+            "method.weights",
+            list(self.weights),
+            "four non-negative weights (fink, resk, feak, relk), not all 0",
+        )
         require(0 < self.threshold < 1, "method.threshold", self.threshold, "a threshold in (0, 1)")
         require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature")
         require(self.phase_steps >= 1, "method.phase_steps", self.phase_steps, "1 or more optimiser steps")
@@ -124,8 +137,16 @@ class KnowledgeSelection(DistillationModule):
 
     Options = KnowledgeSelectionOptions
 
-    def __init__(self, *args: Any, options: KnowledgeSelectionOptions, teacher: TeacherSignals, seed: int = 0,
-                 agent: DDPGAgent | None = None, method_info: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        options: KnowledgeSelectionOptions,
+        teacher: TeacherSignals,
+        seed: int = 0,
+        agent: DDPGAgent | None = None,
+        method_info: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, teacher=teacher, **kwargs)
         if options.policy == "agent" and agent is None:
             raise ValueError("policy agent needs the trained agent (the agent stage)")
@@ -147,22 +168,39 @@ class KnowledgeSelection(DistillationModule):
         super().check_config(cfg, task)
         rows = cfg.data.get("max_train_samples")
         method = cfg.method
-        if method.policy == "agent" and method.reward.split == "train" and rows is not None and method.reward.rows >= rows:
-            raise ConfigError(f"method.reward.rows={method.reward.rows} would hold out every one of the "
-                              f"data.max_train_samples={rows} training rows; use fewer reward rows.")
+        if (
+            method.policy == "agent"
+            and method.reward.split == "train"
+            and rows is not None
+            and method.reward.rows >= rows
+        ):
+            raise ConfigError(
+                f"method.reward.rows={method.reward.rows} would hold out every one of the "
+                f"data.max_train_samples={rows} training rows; use fewer reward rows."
+            )
 
     @classmethod
     def from_run(cls, run: "RunContext", options: KnowledgeSelectionOptions) -> "KnowledgeSelection":
         if not run.teacher.shares_tokenizer_with(run.data):
-            raise ConfigError("knowledge selection compares the teacher's [CLS] and hidden states with the student's "
-                              "position by position: the student must use the teacher's tokenizer (student.init="
-                              "pretrained with another vocabulary cannot be used)")
+            raise ConfigError(
+                "knowledge selection compares the teacher's [CLS] and hidden states with the student's "
+                "position by position: the student must use the teacher's tokenizer (student.init="
+                "pretrained with another vocabulary cannot be used)"
+            )
         model = run.teacher.load_model()
         last = model.config.num_hidden_layers - 1
         split = run.task.train_split
-        teacher = TeacherSignals(logits=run.teacher.logits(run.data, split), model=model,
-                                 cls=run.teacher.cls_vectors(run.data, split, [last]), cls_layers=[last])
-        info: dict[str, Any] = {"policy": options.policy, "action": options.action, "reward_split": options.reward.split}
+        teacher = TeacherSignals(
+            logits=run.teacher.logits(run.data, split),
+            model=model,
+            cls=run.teacher.cls_vectors(run.data, split, [last]),
+            cls_layers=[last],
+        )
+        info: dict[str, Any] = {
+            "policy": options.policy,
+            "action": options.action,
+            "reward_split": options.reward.split,
+        }
         agent = None
         if options.policy == "agent":
             agent, stage_info = cls._agent_stage(run, options, teacher)
@@ -170,32 +208,69 @@ class KnowledgeSelection(DistillationModule):
             info["agent_stage"]["episodes_summary"] = episode_summary(stage_info["history"])
             info["agent_stage"]["history"] = stage_info["history"]
         run.method_info.update(info)
-        return cls(run.student, run.task, run.optim, options=options, teacher=teacher, seed=int(run.cfg.seed),
-                   agent=agent, method_info=run.method_info)
+        return cls(
+            run.student,
+            run.task,
+            run.optim,
+            options=options,
+            teacher=teacher,
+            seed=int(run.cfg.seed),
+            agent=agent,
+            method_info=run.method_info,
+        )
 
     @staticmethod
-    def _agent_stage(run: "RunContext", options: KnowledgeSelectionOptions,
-                     teacher: TeacherSignals) -> tuple[DDPGAgent, dict[str, Any]]:
+    def _agent_stage(
+        run: "RunContext", options: KnowledgeSelectionOptions, teacher: TeacherSignals
+    ) -> tuple[DDPGAgent, dict[str, Any]]:
         optim, cfg = run.optim, run.cfg
         settings = StageSettings(
-            action=options.action, threshold=options.threshold, phase_steps=options.phase_steps,
-            episodes=options.agent.episodes, episode_phases=options.agent.episode_phases, beta=options.reward.beta,
-            reward_split=options.reward.split, reward_rows=options.reward.rows, agent=options.agent.ddpg(),
-            learning_rate=optim.learning_rate, weight_decay=optim.weight_decay, warmup_ratio=optim.warmup_ratio,
-            adam_epsilon=optim.adam_epsilon, gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+            action=options.action,
+            threshold=options.threshold,
+            phase_steps=options.phase_steps,
+            episodes=options.agent.episodes,
+            episode_phases=options.agent.episode_phases,
+            beta=options.reward.beta,
+            reward_split=options.reward.split,
+            reward_rows=options.reward.rows,
+            agent=options.agent.ddpg(),
+            learning_rate=optim.learning_rate,
+            weight_decay=optim.weight_decay,
+            warmup_ratio=optim.warmup_ratio,
+            adam_epsilon=optim.adam_epsilon,
+            gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
             batch_size=int(cfg.data.batch_size),
         )
         data_key = run.data.keys[run.task.train_split]
         if options.reward.split == "dev":
             data_key += "+" + run.data.keys[run.task.eval_splits[0]]
-        key = agent_key(settings, run.teacher.key, run.student, data_key, run.data.max_length, options.temperature,
-                        run.hardware.precision)
-        stage = AgentStage(settings, run.student, teacher, teacher.cls_layers[0], run.data, options.temperature,
-                           run.hardware.single_device())
+        key = agent_key(
+            settings,
+            run.teacher.key,
+            run.student,
+            data_key,
+            run.data.max_length,
+            options.temperature,
+            run.hardware.precision,
+        )
+        stage = AgentStage(
+            settings,
+            run.student,
+            teacher,
+            teacher.cls_layers[0],
+            run.data,
+            options.temperature,
+            run.hardware.single_device(),
+        )
         store = run.data.cache_dir / "agents" / f"{run.task.name}-{key}"
         agent, info = trained_agent(stage, store, key)
-        log.info("Knowledge-selection agent %s (%s): %d episodes, %.1fs", store,
-                 "cached" if info["from_cache"] else "trained now", info["episodes"], info["seconds"])
+        log.info(
+            "Knowledge-selection agent %s (%s): %d episodes, %.1fs",
+            store,
+            "cached" if info["from_cache"] else "trained now",
+            info["episodes"],
+            info["seconds"],
+        )
         return agent, dict(info, key=key)
 
     # ------------------------------------------------------------------ the policy
@@ -222,8 +297,13 @@ class KnowledgeSelection(DistillationModule):
             self._weights = self.decide(batch)
             if self._trainer is not None and self.trainer.world_size > 1:  # DDP: every process uses the first's
                 self._weights = self.trainer.strategy.broadcast(self._weights, src=0)
-            self.phase_actions.append({"phase": self.phases.index, "step": int(self.global_step),
-                                       "weights": {k: round(v, 6) for k, v in self._weights.items()}})
+            self.phase_actions.append(
+                {
+                    "phase": self.phases.index,
+                    "step": int(self.global_step),
+                    "weights": {k: round(v, 6) for k, v in self._weights.items()},
+                }
+            )
         return self._weights
 
     # ------------------------------------------------------------------ the loss
@@ -255,4 +335,3 @@ class KnowledgeSelection(DistillationModule):
         saved = checkpoint[ACTIONS_CHECKPOINT_KEY]
         self.phase_actions[:] = saved["phase_actions"]  # in place: results.json's method_info holds this list
         self._weights = saved["weights"]
-

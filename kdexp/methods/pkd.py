@@ -42,10 +42,10 @@ from kdexp.internal.layer_map import LayerPair, parse_layer_map, uniform_layer_m
 from kdexp.internal.losses import InternalProjections
 from kdexp.losses import hinton_weights, kd_terms, layer_output, patience_loss
 from kdexp.methods.base import DistillationModule
-from kdexp.tasks import CLASSIFICATION
 from kdexp.methods.internal import CLS_CACHE_MAX_BYTES, CLS_CACHE_MODES
 from kdexp.model_internals import forward_with_internals
 from kdexp.models import model_depth, resolve_model_path
+from kdexp.tasks import CLASSIFICATION
 from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ def pkd_layer_map(spec: Any, num_student_layers: int, num_teacher_layers: int) -
         pairs = uniform_layer_map(num_student_layers, num_teacher_layers)[:-1]
     elif spec == "last":
         if num_student_layers > num_teacher_layers:
-            raise ValueError(f"PKD-Last needs L_S <= L_T, got {num_student_layers} student and {num_teacher_layers} "
-                             "teacher layers")
+            raise ValueError(
+                f"PKD-Last needs L_S <= L_T, got {num_student_layers} student and {num_teacher_layers} teacher layers"
+            )
         offset = num_teacher_layers - num_student_layers
         pairs = [LayerPair(j, offset + j) for j in range(num_student_layers - 1)]
     elif isinstance(spec, str):
@@ -71,8 +72,10 @@ def pkd_layer_map(spec: Any, num_student_layers: int, num_teacher_layers: int) -
     else:
         pairs = parse_layer_map(spec, num_student_layers, num_teacher_layers)
     if not pairs:
-        raise ValueError(f"a {num_student_layers}-layer student has no layer below its last to match; give explicit "
-                         f"pairs, e.g. [[0, {num_teacher_layers - 1}]]")
+        raise ValueError(
+            f"a {num_student_layers}-layer student has no layer below its last to match; give explicit "
+            f"pairs, e.g. [[0, {num_teacher_layers - 1}]]"
+        )
     return pairs
 
 
@@ -107,11 +110,21 @@ class PKDOptions:
     def check(self) -> None:
         require(self.temperature > 0, "method.temperature", self.temperature, "a positive temperature (e.g. 10)")
         require(0 <= self.alpha <= 1, "method.alpha", self.alpha, "a weight in [0, 1]")
-        require(self.beta >= 0, "method.beta", self.beta, "a non-negative weight (the authors' grid: 10, 100, 500, 1000)")
-        require(self.layer_map in PKD_LAYER_MAPS or isinstance(self.layer_map, list), "method.layer_map",
-                self.layer_map, "skip, last, or a list of [student, teacher] layer pairs")
-        require(self.teacher_cls_cache in CLS_CACHE_MODES, "method.teacher_cls_cache", self.teacher_cls_cache,
-                "auto, always or never")
+        require(
+            self.beta >= 0, "method.beta", self.beta, "a non-negative weight (the authors' grid: 10, 100, 500, 1000)"
+        )
+        require(
+            self.layer_map in PKD_LAYER_MAPS or isinstance(self.layer_map, list),
+            "method.layer_map",
+            self.layer_map,
+            "skip, last, or a list of [student, teacher] layer pairs",
+        )
+        require(
+            self.teacher_cls_cache in CLS_CACHE_MODES,
+            "method.teacher_cls_cache",
+            self.teacher_cls_cache,
+            "auto, always or never",
+        )
 
 
 class PKD(DistillationModule):
@@ -121,8 +134,16 @@ class PKD(DistillationModule):
 
     Options = PKDOptions
 
-    def __init__(self, student: Any, task: Any, optim: Any = None, *, options: PKDOptions, teacher: TeacherSignals,
-                 teacher_config: PretrainedConfig | None = None) -> None:
+    def __init__(
+        self,
+        student: Any,
+        task: Any,
+        optim: Any = None,
+        *,
+        options: PKDOptions,
+        teacher: TeacherSignals,
+        teacher_config: PretrainedConfig | None = None,
+    ) -> None:
         super().__init__(student, task, optim, teacher=teacher)
         config = teacher_config if teacher_config is not None else getattr(teacher.model, "config", None)
         if config is None:
@@ -151,9 +172,11 @@ class PKD(DistillationModule):
     @classmethod
     def from_run(cls, run: "RunContext", options: PKDOptions) -> "PKD":
         if not run.teacher.shares_tokenizer_with(run.data):
-            raise ConfigError("method=pkd matches the teacher's [CLS] vectors on the student's tokenisation, so the "
-                              "student must use the teacher's tokenizer; student.init=pretrained with another "
-                              "tokenizer cannot be used")
+            raise ConfigError(
+                "method=pkd matches the teacher's [CLS] vectors on the student's tokenisation, so the "
+                "student must use the teacher's tokenizer; student.init=pretrained with another "
+                "tokenizer cannot be used"
+            )
         config = AutoConfig.from_pretrained(run.teacher.path)
         try:
             pairs = pkd_layer_map(options.layer_map, run.student.config.num_hidden_layers, config.num_hidden_layers)
@@ -163,17 +186,22 @@ class PKD(DistillationModule):
         split = run.task.train_split
         rows = len(run.data.tokenized[split])
         cached = options.teacher_cls_cache == "always" or (
-            options.teacher_cls_cache == "auto" and rows * len(layers) * config.hidden_size * 4 <= CLS_CACHE_MAX_BYTES)
+            options.teacher_cls_cache == "auto" and rows * len(layers) * config.hidden_size * 4 <= CLS_CACHE_MAX_BYTES
+        )
         teacher = TeacherSignals(
             logits=run.teacher.logits(run.data, split),
             model=None if cached else run.teacher.load_model(),
             cls=run.teacher.cls_vectors(run.data, split, layers) if cached else None,
             cls_layers=layers if cached else (),
         )
-        run.method_info.update({"layer_pairs": [[p.student, p.teacher] for p in pairs],
-                                "teacher_cls": "cached" if cached else "live"})
-        log.info("PKD: student layer <- teacher layer %s, teacher [CLS] %s",
-                 ", ".join(f"{p.student} <- {p.teacher}" for p in pairs), "cached" if cached else "live")
+        run.method_info.update(
+            {"layer_pairs": [[p.student, p.teacher] for p in pairs], "teacher_cls": "cached" if cached else "live"}
+        )
+        log.info(
+            "PKD: student layer <- teacher layer %s, teacher [CLS] %s",
+            ", ".join(f"{p.student} <- {p.teacher}" for p in pairs),
+            "cached" if cached else "live",
+        )
         return cls(run.student, run.task, run.optim, options=options, teacher=teacher, teacher_config=config)
 
     # ------------------------------------------------------------------ the loss
@@ -190,16 +218,21 @@ class PKD(DistillationModule):
 
     def student_cls(self, hidden_states: Sequence[Tensor]) -> Tensor:
         """``W_j h_S[j][CLS]`` of every pair, ``[B, M, D_T]``."""
-        return torch.stack([self.projections(pair, layer_output(hidden_states, pair.student)[:, 0])
-                            for pair in self.layer_pairs], dim=1)
+        return torch.stack(
+            [self.projections(pair, layer_output(hidden_states, pair.student)[:, 0]) for pair in self.layer_pairs],
+            dim=1,
+        )
 
     def loss_terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         assert self.teacher is not None
         out = forward_with_internals(self.student, batch, need_attentions=False)
         assert out.hidden_states is not None
-        terms = kd_terms(out.logits, self.teacher.logits(batch), batch["labels"], self.options.temperature,
-                         self.task.is_regression)
-        terms["pt"] = patience_loss(self.student_cls(out.hidden_states), self.teacher_cls(batch), self.options.normalize)
+        terms = kd_terms(
+            out.logits, self.teacher.logits(batch), batch["labels"], self.options.temperature, self.task.is_regression
+        )
+        terms["pt"] = patience_loss(
+            self.student_cls(out.hidden_states), self.teacher_cls(batch), self.options.normalize
+        )
         return terms
 
     def loss_weights(self) -> dict[str, float | torch.Tensor]:

@@ -38,8 +38,12 @@ from kdexp.families.label_words import is_causal_lm
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
 from kdexp.methods.base import DistillationModule
 from kdexp.model_internals import model_inputs
-from kdexp.tasks import MULTIPLE_CHOICE
-from kdexp.smoothing import mlm_token_distributions, smooth_token_distributions, smoothed_inputs_embeds, special_or_padding_mask
+from kdexp.smoothing import (
+    mlm_token_distributions,
+    smooth_token_distributions,
+    smoothed_inputs_embeds,
+    special_or_padding_mask,
+)
 from kdexp.smoothing.mlm_teacher import (
     DISTRIBUTION_SOURCES,
     MLM_INFO_FILE,
@@ -51,6 +55,7 @@ from kdexp.smoothing.mlm_teacher import (
 )
 from kdexp.smoothing.smoothing import TokenDistributions
 from kdexp.smoothing.store import TopKTokenStore, topk_distributions_at
+from kdexp.tasks import MULTIPLE_CHOICE
 from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
@@ -86,19 +91,35 @@ class TextSmoothingOptions:
         require(self.temperature > 0, "method.temperature", self.temperature, "a positive tau")
         require(self.top_k is None or self.top_k >= 1, "method.top_k", self.top_k, "null (exact) or a positive k")
         require(self.schedule in SCHEDULES, "method.schedule", self.schedule, " or ".join(SCHEDULES))
-        require(self.step_order in ("original_first", "smoothed_first"), "method.step_order", self.step_order,
-                "original_first (the authors' code) or smoothed_first")
+        require(
+            self.step_order in ("original_first", "smoothed_first"),
+            "method.step_order",
+            self.step_order,
+            "original_first (the authors' code) or smoothed_first",
+        )
         require(0 <= self.kd_alpha <= 1, "method.kd_alpha", self.kd_alpha, "a weight in [0, 1]")
         require(self.kd_temperature > 0, "method.kd_temperature", self.kd_temperature, "a positive temperature")
-        require(self.distributions in DISTRIBUTION_SOURCES, "method.distributions", self.distributions,
-                ", ".join(DISTRIBUTION_SOURCES))
+        require(
+            self.distributions in DISTRIBUTION_SOURCES,
+            "method.distributions",
+            self.distributions,
+            ", ".join(DISTRIBUTION_SOURCES),
+        )
         adapt = self.mlm.adapt
         require(adapt.steps >= 1, "method.mlm.adapt.steps", adapt.steps, "1 or more")
-        require(adapt.passes is None or adapt.passes > 0, "method.mlm.adapt.passes", adapt.passes,
-                "null (method.mlm.adapt.steps alone) or a positive number of passes")
+        require(
+            adapt.passes is None or adapt.passes > 0,
+            "method.mlm.adapt.passes",
+            adapt.passes,
+            "null (method.mlm.adapt.steps alone) or a positive number of passes",
+        )
         require(0 < adapt.mask_prob < 1, "method.mlm.adapt.mask_prob", adapt.mask_prob, "a probability in (0, 1)")
-        require(0 < adapt.heldout_fraction < 1, "method.mlm.adapt.heldout_fraction", adapt.heldout_fraction,
-                "a fraction in (0, 1)")
+        require(
+            0 < adapt.heldout_fraction < 1,
+            "method.mlm.adapt.heldout_fraction",
+            adapt.heldout_fraction,
+            "a fraction in (0, 1)",
+        )
 
 
 class TextSmoothing(DistillationModule):
@@ -134,19 +155,26 @@ class TextSmoothing(DistillationModule):
     def from_run(cls, run: "RunContext", options: TextSmoothingOptions) -> "TextSmoothing":
         vocabulary = len(run.data.tokenizer)
         if options.top_k is not None and options.top_k > vocabulary:
-            raise ConfigError(f"method.top_k={options.top_k} is more than the {vocabulary} tokens of the vocabulary: "
-                              f"use method.top_k={vocabulary} or less, or null (the exact distribution).")
+            raise ConfigError(
+                f"method.top_k={options.top_k} is more than the {vocabulary} tokens of the vocabulary: "
+                f"use method.top_k={vocabulary} or less, or null (the exact distribution)."
+            )
         split = run.task.train_split
         num_tokens = int(row_lengths(run.data.tokenized[split]).sum())
         if is_causal_lm(run.student.config):
-            raise ConfigError("text smoothing mixes a masked LM's word distributions into the student's input: a "
-                              "decoder LM student has no MLM of its vocabulary; use an encoder student (BERT, RoBERTa, "
-                              "ELECTRA, DistilBERT) for text smoothing.")
+            raise ConfigError(
+                "text smoothing mixes a masked LM's word distributions into the student's input: a "
+                "decoder LM student has no MLM of its vocabulary; use an encoder student (BERT, RoBERTa, "
+                "ELECTRA, DistilBERT) for text smoothing."
+            )
         if run.task.family == MULTIPLE_CHOICE and options.distributions == "cached":
-            raise ConfigError("method.distributions=cached: a multiple-choice row is one sequence per option, and the "
-                              "store holds one sequence per row; use method.distributions=live or auto (live).")
-        source, why = choose_distribution_source(options.distributions, options.top_k, num_tokens,
-                                                 options.cache_max_bytes)
+            raise ConfigError(
+                "method.distributions=cached: a multiple-choice row is one sequence per option, and the "
+                "store holds one sequence per row; use method.distributions=live or auto (live)."
+            )
+        source, why = choose_distribution_source(
+            options.distributions, options.top_k, num_tokens, options.cache_max_bytes
+        )
         if run.task.family == MULTIPLE_CHOICE:
             source, why = "live", "multiple choice: one sequence per option, computed in the step"
         mlm_teacher = prepare_mlm_teacher(run, options.mlm)
@@ -155,14 +183,21 @@ class TextSmoothing(DistillationModule):
         signals: dict[str, Any] = {}
         if source == "cached":
             assert options.top_k is not None
-            signals["topk_store"] = cached_topk_store(run, mlm_teacher, options.top_k, options.temperature,
-                                                      options.mlm.eval_batch_size)
+            signals["topk_store"] = cached_topk_store(
+                run, mlm_teacher, options.top_k, options.temperature, options.mlm.eval_batch_size
+            )
         else:
             signals["mlm_model"] = mlm_teacher.model
         if options.kd_alpha > 0:
             signals["teacher"] = TeacherSignals.from_teacher(run.teacher, run.data)
-        return cls(run.student, run.task, run.optim, options=options,
-                   special_token_ids=list(run.data.tokenizer.all_special_ids), **signals)
+        return cls(
+            run.student,
+            run.task,
+            run.optim,
+            options=options,
+            special_token_ids=list(run.data.tokenizer.all_special_ids),
+            **signals,
+        )
 
     # ------------------------------------------------------------------ smoothing
 
@@ -187,8 +222,9 @@ class TextSmoothing(DistillationModule):
             if "mlm_probs" in batch:
                 return TokenDistributions(batch["mlm_probs"], batch["mlm_token_ids"], self.topk_store.vocab_size)
             q = self.topk_store.distributions(batch["idx"], batch["attention_mask"])  # a batch not prepared for it
-            return TokenDistributions(q.probs.to(batch["input_ids"].device), q.token_ids.to(batch["input_ids"].device),
-                                      q.vocab_size)
+            return TokenDistributions(
+                q.probs.to(batch["input_ids"].device), q.token_ids.to(batch["input_ids"].device), q.vocab_size
+            )
         mlm = self._mlm[0]
         # The MLM reads sequences: a multiple-choice row's [C, L] options are C of them (row-major, as `real` is).
         sequences = {k: v.reshape(-1, v.shape[-1]) for k, v in model_inputs(batch, mlm).items()}
@@ -197,8 +233,13 @@ class TextSmoothing(DistillationModule):
             return TokenDistributions(q_dense.probs.view(*batch["input_ids"].shape, -1), None, q_dense.vocab_size)
         real = batch["attention_mask"].bool()
         q = topk_distributions_at(
-            mlm, sequences["input_ids"], sequences["attention_mask"], sequences.get("token_type_ids"),
-            real.reshape(-1, real.shape[-1]), self.options.top_k, self.options.temperature,
+            mlm,
+            sequences["input_ids"],
+            sequences["attention_mask"],
+            sequences.get("token_type_ids"),
+            real.reshape(-1, real.shape[-1]),
+            self.options.top_k,
+            self.options.temperature,
         )
         probs = q.probs.new_zeros(*real.shape, self.options.top_k)
         token_ids = q.token_ids.new_zeros(*real.shape, self.options.top_k)
@@ -223,8 +264,9 @@ class TextSmoothing(DistillationModule):
         if self.options.kd_alpha == 0:
             return {f"ce_{name}": self.task_loss(logits, batch["labels"])}
         assert self.teacher is not None
-        terms = kd_terms(logits, self.teacher.logits(batch), batch["labels"], self.options.kd_temperature,
-                         self.task.is_regression)
+        terms = kd_terms(
+            logits, self.teacher.logits(batch), batch["labels"], self.options.kd_temperature, self.task.is_regression
+        )
         return {f"{term}_{name}": value for term, value in terms.items()}
 
     def input_weights(self, name: str, scale: float = 1.0) -> dict[str, float | torch.Tensor]:
@@ -256,10 +298,16 @@ class TextSmoothing(DistillationModule):
         trainer would have applied it to one.
         """
         trainer = self._trainer
-        if not self.automatic_optimization and trainer is not None and trainer.gradient_clip_val \
-                and str(trainer.precision).startswith("16"):
-            raise ConfigError("method.schedule=two_steps clips each step by hand, before 16-bit mixed precision "
-                              "unscales the gradients: use trainer.precision=bf16-mixed or 32-true, or method.schedule=sum")
+        if (
+            not self.automatic_optimization
+            and trainer is not None
+            and trainer.gradient_clip_val
+            and str(trainer.precision).startswith("16")
+        ):
+            raise ConfigError(
+                "method.schedule=two_steps clips each step by hand, before 16-bit mixed precision "
+                "unscales the gradients: use trainer.precision=bf16-mixed or 32-true, or method.schedule=sum"
+            )
         if not self.automatic_optimization and trainer is not None and trainer.gradient_clip_val:
             self._manual_clip = (float(trainer.gradient_clip_val), trainer.gradient_clip_algorithm or "norm")
             trainer.gradient_clip_val = None
@@ -293,7 +341,9 @@ class TextSmoothing(DistillationModule):
         return loss
 
 
-def _write_run_record(run: "RunContext", mlm: MLMTeacher, source: str, why: str, top_k: int | None, tokens: int) -> None:
+def _write_run_record(
+    run: "RunContext", mlm: MLMTeacher, source: str, why: str, top_k: int | None, tokens: int
+) -> None:
     """``mlm_teacher.json`` in the run folder: which MLM, its adaptation metrics, where ``q_t`` came from."""
     record = {
         "mlm_key": mlm.key,

@@ -16,13 +16,13 @@ from omegaconf import MISSING
 
 from kdexp.config import require
 from kdexp.losses import hinton_weights, kd_terms
-
-KD_FORMS = ("hinton", "additive")
 from kdexp.methods.base import DistillationModule
 from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
     from kdexp.context import RunContext
+
+KD_FORMS = ("hinton", "additive")
 
 
 @dataclass
@@ -60,8 +60,13 @@ class VanillaKD(DistillationModule):
         return self.teacher.logits(batch)
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return kd_terms(self(batch), self.teacher_logits_for(batch), batch["labels"], self.options.temperature,
-                        self.task.is_regression)
+        return kd_terms(
+            self(batch),
+            self.teacher_logits_for(batch),
+            batch["labels"],
+            self.options.temperature,
+            self.task.is_regression,
+        )
 
     def loss_weights(self) -> dict[str, float | torch.Tensor]:
         if self.options.kd_form == "additive":

@@ -86,9 +86,7 @@ class StateEncoder(nn.Module):
     def forward(self, state: Tensor) -> Tensor:
         expected = self.student_width + self.teacher_width
         if state.shape[-1] != expected:
-            raise ValueError(
-                f"state has width {state.shape[-1]}, expected student_width + teacher_width = {expected}"
-            )
+            raise ValueError(f"state has width {state.shape[-1]}, expected student_width + teacher_width = {expected}")
         student, teacher = state.split([self.student_width, self.teacher_width], dim=-1)
         return torch.cat([self.student_mlp(student), self.teacher_mlp(teacher)], dim=-1)
 
@@ -194,7 +192,9 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         for name in ("capacity", "state_dim", "num_kinds"):
             if int(state[name]) != getattr(self, name):
-                raise ValueError(f"replay buffer {name} mismatch: saved {state[name]}, this buffer {getattr(self, name)}")
+                raise ValueError(
+                    f"replay buffer {name} mismatch: saved {state[name]}, this buffer {getattr(self, name)}"
+                )
         size = int(state["size"])
         for name in ("states", "actions", "rewards", "next_states", "dones"):
             storage = getattr(self, name)
@@ -238,9 +238,7 @@ class DDPGConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.buffer_capacity < self.batch_size:
-            raise ValueError(
-                f"buffer_capacity must be >= batch_size ({self.batch_size}), got {self.buffer_capacity}"
-            )
+            raise ValueError(f"buffer_capacity must be >= batch_size ({self.batch_size}), got {self.buffer_capacity}")
 
 
 def _check_range(name: str, value: float, low: float, high: float, allowed: str, low_open: bool = False) -> None:
@@ -365,7 +363,9 @@ class DDPGAgent:
                 raise ValueError(f"agent {name} mismatch: saved {state[name]}, this agent {getattr(self, name)}")
         saved_config = DDPGConfig(**state["config"])
         if saved_config != self.config:
-            changed = [f.name for f in fields(DDPGConfig) if getattr(saved_config, f.name) != getattr(self.config, f.name)]
+            changed = [
+                f.name for f in fields(DDPGConfig) if getattr(saved_config, f.name) != getattr(self.config, f.name)
+            ]
             raise ValueError(f"agent config mismatch in {changed}: saved {saved_config}, this agent {self.config}")
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])

@@ -39,11 +39,22 @@ def consecutive_layers(pairs: Sequence[LayerPair]) -> list[tuple[tuple[int, int]
 class KnowledgeTerms(nn.Module):
     """Computes the knowledge losses of a batch; holds the learned projections (optimised with the student)."""
 
-    def __init__(self, student_config: object, teacher_config: object, temperature: float, regression: bool,
-                 layer_map: object = "uniform") -> None:
+    def __init__(
+        self,
+        student_config: object,
+        teacher_config: object,
+        temperature: float,
+        regression: bool,
+        layer_map: object = "uniform",
+    ) -> None:
         super().__init__()
-        self.pairs = tuple(resolve_layer_map(layer_map, student_config.num_hidden_layers,  # type: ignore[attr-defined]
-                                             teacher_config.num_hidden_layers))  # type: ignore[attr-defined]
+        self.pairs = tuple(
+            resolve_layer_map(
+                layer_map,
+                student_config.num_hidden_layers,  # type: ignore[attr-defined]
+                teacher_config.num_hidden_layers,
+            )
+        )  # type: ignore[attr-defined]
         names = ["embeddings"] + [str(pair) for pair in self.pairs]
         self.projections = Projections(names, student_config.hidden_size, teacher_config.hidden_size)  # type: ignore[attr-defined]
         self.temperature = temperature
@@ -53,8 +64,9 @@ class KnowledgeTerms(nn.Module):
         name = "embeddings" if index == 0 else str(next(p for p in self.pairs if p.student + 1 == index))
         return self.projections(name, hidden)
 
-    def forward(self, student: nn.Module, teacher: TeacherSignals, batch: Mapping[str, Tensor],
-                kinds: Sequence[str]) -> dict[str, Tensor]:
+    def forward(
+        self, student: nn.Module, teacher: TeacherSignals, batch: Mapping[str, Tensor], kinds: Sequence[str]
+    ) -> dict[str, Tensor]:
         """The terms of `kinds` (a subset of ``fink, resk, feak, relk``) for `batch`; student logits too."""
         unknown = set(kinds) - set(KNOWLEDGE_KINDS)
         if unknown:
@@ -74,14 +86,27 @@ class KnowledgeTerms(nn.Module):
             assert teacher_hidden is not None
             mask = batch["attention_mask"]
             if "feak" in kinds:
-                terms["feak"] = torch.stack([
-                    hidden_mse(self.projections(str(p), out.hidden_states[p.student + 1]), teacher_hidden[p.teacher + 1], mask)
-                    for p in self.pairs
-                ]).mean()
+                terms["feak"] = torch.stack(
+                    [
+                        hidden_mse(
+                            self.projections(str(p), out.hidden_states[p.student + 1]),
+                            teacher_hidden[p.teacher + 1],
+                            mask,
+                        )
+                        for p in self.pairs
+                    ]
+                ).mean()
             if "relk" in kinds:
-                terms["relk"] = torch.stack([
-                    fsp_loss(self._projected(sa, out.hidden_states[sa]), self._projected(sb, out.hidden_states[sb]),
-                             teacher_hidden[ta], teacher_hidden[tb], mask)
-                    for (sa, ta), (sb, tb) in consecutive_layers(self.pairs)
-                ]).mean()
+                terms["relk"] = torch.stack(
+                    [
+                        fsp_loss(
+                            self._projected(sa, out.hidden_states[sa]),
+                            self._projected(sb, out.hidden_states[sb]),
+                            teacher_hidden[ta],
+                            teacher_hidden[tb],
+                            mask,
+                        )
+                        for (sa, ta), (sb, tb) in consecutive_layers(self.pairs)
+                    ]
+                ).mean()
         return terms

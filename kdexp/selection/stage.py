@@ -27,7 +27,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,7 +38,14 @@ import torch
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
-from kdexp.cache import atomic_torch_save, atomic_write_json, cache_key, exclusive_lock, publish_folder, wait_for_rank_zero
+from kdexp.cache import (
+    atomic_torch_save,
+    atomic_write_json,
+    cache_key,
+    exclusive_lock,
+    publish_folder,
+    wait_for_rank_zero,
+)
 from kdexp.data import TaskData, pad_batch
 from kdexp.families import output_logits
 from kdexp.faults import maybe_fail
@@ -133,7 +139,9 @@ def reward_rows(data: TaskData, split: str, rows: int, seed: int) -> tuple[Any, 
 
 
 @torch.no_grad()
-def mean_cross_entropy(student: nn.Module, rows: Any, data: TaskData, hardware: Hardware, batch_size: int = 64) -> float:
+def mean_cross_entropy(
+    student: nn.Module, rows: Any, data: TaskData, hardware: Hardware, batch_size: int = 64
+) -> float:
     """The student's task loss (CE; MSE for regression) over `rows`, in eval mode, in `hardware`'s precision."""
     was_training = student.training
     student.eval()
@@ -161,12 +169,25 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def agent_key(settings: StageSettings, teacher_key: str, student: nn.Module, data_key: str, max_length: int,
-              temperature: float, precision: str = "32-true") -> str:
-    return cache_key(kind="selection_agent", teacher=teacher_key, student=weights_fingerprint(student),
-                     data=data_key, max_length=max_length, temperature=temperature,
-                     settings={**asdict(settings), "agent": asdict(settings.agent)},
-                     **({} if precision == "32-true" else {"precision": precision}))
+def agent_key(
+    settings: StageSettings,
+    teacher_key: str,
+    student: nn.Module,
+    data_key: str,
+    max_length: int,
+    temperature: float,
+    precision: str = "32-true",
+) -> str:
+    return cache_key(
+        kind="selection_agent",
+        teacher=teacher_key,
+        student=weights_fingerprint(student),
+        data=data_key,
+        max_length=max_length,
+        temperature=temperature,
+        settings={**asdict(settings), "agent": asdict(settings.agent)},
+        **({} if precision == "32-true" else {"precision": precision}),
+    )
 
 
 def _training_batches(rows: Any, data: TaskData, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
@@ -176,15 +197,23 @@ def _training_batches(rows: Any, data: TaskData, batch_size: int, seed: int) -> 
     while True:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(derive_seed(seed, "pass", passes)))
         for start in range(0, len(rows), batch_size):
-            yield collate([rows[int(i)] for i in order[start:start + batch_size]])
+            yield collate([rows[int(i)] for i in order[start : start + batch_size]])
         passes += 1
 
 
 class AgentStage:
     """Trains the agent over episodes; `run()` returns the agent and the record of every phase."""
 
-    def __init__(self, settings: StageSettings, student: nn.Module, teacher: TeacherSignals, teacher_cls_layer: int,
-                 data: TaskData, temperature: float, hardware: Hardware) -> None:
+    def __init__(
+        self,
+        settings: StageSettings,
+        student: nn.Module,
+        teacher: TeacherSignals,
+        teacher_cls_layer: int,
+        data: TaskData,
+        temperature: float,
+        hardware: Hardware,
+    ) -> None:
         self.settings = settings
         self.initial_student = student
         self.teacher = teacher
@@ -192,8 +221,9 @@ class AgentStage:
         self.data = data
         self.temperature = temperature
         self.hardware = hardware
-        self.reward_rows, self.train_rows = reward_rows(data, settings.reward_split, settings.reward_rows,
-                                                        settings.agent.seed)
+        self.reward_rows, self.train_rows = reward_rows(
+            data, settings.reward_split, settings.reward_rows, settings.agent.seed
+        )
         teacher_model = teacher.model
         assert teacher_model is not None
         self.agent = DDPGAgent(student.config.hidden_size, teacher_model.config.hidden_size, settings.agent)
@@ -205,8 +235,14 @@ class AgentStage:
         hardware = self.hardware
         teacher = hardware.to_device(self.teacher)  # its live model follows (TeacherSignals._apply)
         student = hardware.to_device(copy.deepcopy(self.initial_student)).train()
-        knowledge = hardware.to_device(KnowledgeTerms(student.config, teacher.model.config, self.temperature,  # type: ignore[union-attr]
-                                                      self.data.task.is_regression))
+        knowledge = hardware.to_device(
+            KnowledgeTerms(
+                student.config,
+                teacher.model.config,
+                self.temperature,  # type: ignore[union-attr]
+                self.data.task.is_regression,
+            )
+        )
         trained = nn.ModuleList([student, knowledge])
         parameters = [*student.named_parameters(), *knowledge.named_parameters()]
         optimizer = _adamw(parameters, settings)
@@ -241,8 +277,14 @@ class AgentStage:
             ce_after = mean_cross_entropy(student, self.reward_rows, self.data, hardware)
             exploration = exploration_reward(action, previous, settings.action, settings.threshold)
             reward = phase_reward(ce_before, ce_after, exploration, settings.beta)
-            record.append({"phase": phase, "action": [round(float(a), 6) for a in action], "reward": reward,
-                           "reward_ce": ce_after})
+            record.append(
+                {
+                    "phase": phase,
+                    "action": [round(float(a), 6) for a in action],
+                    "reward": reward,
+                    "reward_ce": ce_after,
+                }
+            )
             pending, previous, ce_before = (state, action, reward), action, ce_after
         assert pending is not None
         self.agent.observe(*pending, next_state=self._state(student, self._to_device(next(batches))), done=True)
@@ -316,17 +358,30 @@ def _train_and_store(stage: AgentStage, store: Path, key: str) -> None:
         started = time.perf_counter()
         history.append(stage.run_episode(episode))
         seconds += time.perf_counter() - started
-        atomic_torch_save(progress_file,
-                          {"agent": stage.agent.state_dict(), "history": json.dumps(history), "seconds": seconds})
+        atomic_torch_save(
+            progress_file, {"agent": stage.agent.state_dict(), "history": json.dumps(history), "seconds": seconds}
+        )
         rewards = [phase["reward"] for phase in history[-1]]
-        log.info("Agent stage: episode %d/%d, mean reward %.4f, %.1fs", episode + 1, stage.settings.episodes,
-                 sum(rewards) / len(rewards), time.perf_counter() - started)
+        log.info(
+            "Agent stage: episode %d/%d, mean reward %.4f, %.1fs",
+            episode + 1,
+            stage.settings.episodes,
+            sum(rewards) / len(rewards),
+            time.perf_counter() - started,
+        )
     atomic_torch_save(partial_dir / AGENT_FILE, stage.agent.state_dict())
-    atomic_write_json(partial_dir / INFO_FILE, {
-        "key": key, "episodes": stage.settings.episodes, "seconds": seconds, "history": history,
-        "reward_split": stage.settings.reward_split, "reward_rows": len(stage.reward_rows),
-        "train_rows": len(stage.train_rows),
-    })
+    atomic_write_json(
+        partial_dir / INFO_FILE,
+        {
+            "key": key,
+            "episodes": stage.settings.episodes,
+            "seconds": seconds,
+            "history": history,
+            "reward_split": stage.settings.reward_split,
+            "reward_rows": len(stage.reward_rows),
+            "train_rows": len(stage.train_rows),
+        },
+    )
     progress_file.unlink()
     publish_folder(partial_dir, store, lambda folder: _stored_info(folder) is not None)
 
@@ -336,11 +391,25 @@ def episode_summary(history: list[list[dict[str, Any]]]) -> list[dict[str, float
     summary = []
     for episode in history:
         actions = torch.tensor([phase["action"] for phase in episode])
-        summary.append({"mean_reward": sum(p["reward"] for p in episode) / len(episode),
-                        **{f"mean_{k}": float(v) for k, v in zip(KNOWLEDGE_KINDS, actions.mean(dim=0))},
-                        "final_reward_ce": episode[-1]["reward_ce"]})
+        summary.append(
+            {
+                "mean_reward": sum(p["reward"] for p in episode) / len(episode),
+                **{f"mean_{k}": float(v) for k, v in zip(KNOWLEDGE_KINDS, actions.mean(dim=0))},
+                "final_reward_ce": episode[-1]["reward_ce"],
+            }
+        )
     return summary
 
 
-__all__ = ["AgentStage", "StageSettings", "action_weights", "agent_key", "episode_summary", "mean_cross_entropy",
-           "reward_rows", "selection_state", "trained_agent", "weights_fingerprint"]
+__all__ = [
+    "AgentStage",
+    "StageSettings",
+    "action_weights",
+    "agent_key",
+    "episode_summary",
+    "mean_cross_entropy",
+    "reward_rows",
+    "selection_state",
+    "trained_agent",
+    "weights_fingerprint",
+]

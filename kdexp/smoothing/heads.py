@@ -30,9 +30,13 @@ def masked_lm_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
     if isinstance(getattr(model, "generator_lm_head", None), nn.Module):
         return lambda hidden: model.generator_lm_head(model.generator_predictions(hidden))
     if isinstance(getattr(model, "vocab_projector", None), nn.Module):
-        return lambda hidden: model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))))
-    raise ModelError(f"{type(model).__name__} has no MLM head kdexp can read: text smoothing supports the heads of "
-                     f"{SUPPORTED_MLM_FAMILIES}; set method.mlm.name_or_path to such a model.")
+        return lambda hidden: model.vocab_projector(
+            model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+        )
+    raise ModelError(
+        f"{type(model).__name__} has no MLM head kdexp can read: text smoothing supports the heads of "
+        f"{SUPPORTED_MLM_FAMILIES}; set method.mlm.name_or_path to such a model."
+    )
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

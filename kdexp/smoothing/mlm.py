@@ -88,8 +88,9 @@ def load_mlm_teacher(
             teacher_name=str(name_or_path),
         )
     with _own_missing_weights_report():
-        model, loading_info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True,
-                                                                   dtype=torch.float32)
+        model, loading_info = AutoModelForMaskedLM.from_pretrained(
+            name_or_path, output_loading_info=True, dtype=torch.float32
+        )
     masked_lm_head(model)  # refuses, in one line, a family whose head kdexp cannot read
     missing_keys = sorted(loading_info["missing_keys"])
     if missing_keys:
@@ -285,7 +286,12 @@ class _TokenizedTexts:
         attention_mask = _pad([[1] * len(self.input_ids[i]) for i in indices], 0)
         special_tokens_mask = _pad([self.special_tokens_mask[i] for i in indices], 1)
         masked = mask_tokens(
-            input_ids, attention_mask, special_tokens_mask, tokenizer.mask_token_id, len(tokenizer), mask_prob,
+            input_ids,
+            attention_mask,
+            special_tokens_mask,
+            tokenizer.mask_token_id,
+            len(tokenizer),
+            mask_prob,
             generator,
         )
         if self.token_type_ids is None:
@@ -305,8 +311,12 @@ def _tokenize(texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, max_len
         raise ValueError("the adaptation texts must be all single sentences or all sentence pairs")
     if pairs and pairs[0]:
         encoded = tokenizer(
-            [text[0] for text in texts], [text[1] for text in texts], truncation=True, max_length=max_length,
-            return_special_tokens_mask=True, return_token_type_ids=True,
+            [text[0] for text in texts],
+            [text[1] for text in texts],
+            truncation=True,
+            max_length=max_length,
+            return_special_tokens_mask=True,
+            return_token_type_ids=True,
         )
     else:
         encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_special_tokens_mask=True)
@@ -323,8 +333,10 @@ def masked_lm_loss_and_predictions(model: PreTrainedModel, batch: MaskedBatch) -
     The vocabulary projection runs only on the masked positions (about 15% of the
     tokens): it is the most expensive part of the MLM head.
     """
-    inputs = model_inputs({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                           "token_type_ids": batch.token_type_ids}, model.base_model)
+    inputs = model_inputs(
+        {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "token_type_ids": batch.token_type_ids},
+        model.base_model,
+    )
     hidden_states = model.base_model(**inputs).last_hidden_state
     targets = batch.labels != IGNORED_LABEL
     logits = masked_lm_head(model)(hidden_states[targets])
@@ -340,13 +352,18 @@ def masked_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 def _move(batch: MaskedBatch, hardware: Hardware) -> MaskedBatch:
     token_type_ids = hardware.to_device(batch.token_type_ids) if batch.token_type_ids is not None else None
-    return MaskedBatch(hardware.to_device(batch.input_ids), hardware.to_device(batch.attention_mask),
-                       hardware.to_device(batch.labels), token_type_ids)
+    return MaskedBatch(
+        hardware.to_device(batch.input_ids),
+        hardware.to_device(batch.attention_mask),
+        hardware.to_device(batch.labels),
+        token_type_ids,
+    )
 
 
 @torch.no_grad()
-def evaluate_masked_lm(model: PreTrainedModel, batches: Sequence[MaskedBatch],
-                       hardware: Hardware | None = None) -> dict[str, float | int]:
+def evaluate_masked_lm(
+    model: PreTrainedModel, batches: Sequence[MaskedBatch], hardware: Hardware | None = None
+) -> dict[str, float | int]:
     """Masked-token accuracy and mean cross-entropy over fixed masked batches (all masked positions)."""
     hardware = hardware or Hardware()
     was_training = model.training
@@ -427,7 +444,8 @@ def adapt_mlm_head(
         initial = evaluate_masked_lm(model, heldout_batches, hardware)
 
         optimizer = hardware.optimizer(
-            torch.optim.AdamW(_parameter_groups(model, train_encoder, learning_rate, encoder_learning_rate)))
+            torch.optim.AdamW(_parameter_groups(model, train_encoder, learning_rate, encoder_learning_rate))
+        )
         progress = AdaptationProgress()
 
         def evaluate_during_training(step: int) -> None:
@@ -437,8 +455,19 @@ def adapt_mlm_head(
                 logger.info("MLM adaptation step %d: held-out masked-token accuracy %.4f", step, progress.curve[-1][1])
 
         train_losses = _train_masked_lm(
-            model, train, tokenizer, optimizer, steps, batch_size, mask_prob, train_encoder,
-            torch.Generator().manual_seed(seed + 1), log_every, evaluate_during_training, hardware, checkpoints,
+            model,
+            train,
+            tokenizer,
+            optimizer,
+            steps,
+            batch_size,
+            mask_prob,
+            train_encoder,
+            torch.Generator().manual_seed(seed + 1),
+            log_every,
+            evaluate_during_training,
+            hardware,
+            checkpoints,
             progress,
         )
         final = evaluate_masked_lm(model, heldout_batches, hardware)
@@ -498,7 +527,11 @@ def _fixed_masked_batches(
 
 
 def _check_adaptation_settings(
-    texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, steps: int, batch_size: int, mask_prob: float,
+    texts: Sequence[Text],
+    tokenizer: PreTrainedTokenizerBase,
+    steps: int,
+    batch_size: int,
+    mask_prob: float,
     heldout_fraction: float,
 ) -> None:
     if len(texts) < 2:
@@ -517,8 +550,9 @@ def _masked_lm_from_encoder(
     encoder_path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[PreTrainedModel, str]:
     with _own_missing_weights_report():
-        model, loading_info = AutoModelForMaskedLM.from_pretrained(encoder_path, output_loading_info=True,
-                                                                   dtype=torch.float32)
+        model, loading_info = AutoModelForMaskedLM.from_pretrained(
+            encoder_path, output_loading_info=True, dtype=torch.float32
+        )
     masked_lm_head(model)  # a family without a head kdexp can read is refused here, in one line
     missing_keys = sorted(loading_info["missing_keys"])
     missing_encoder_keys = [key for key in missing_keys if key.startswith(f"{model.base_model_prefix}.")]
@@ -610,7 +644,7 @@ def _train_masked_lm(
             if step % batches_per_epoch == 0:
                 order = torch.randperm(len(train), generator=generator).tolist()
             start = (step % batches_per_epoch) * batch_size
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             batch = _move(train.masked_batch(rows, tokenizer, mask_prob, generator), hardware)
             with hardware.autocast():
                 loss, _ = masked_lm_loss_and_predictions(model, batch)
@@ -637,8 +671,15 @@ class _AdaptationSaver:
     """The adaptation loop's step checkpoints: the model, optimiser (and fp16 loss scaler), the masking
     generator, the global generators (dropout), the epoch's text order and the progress."""
 
-    def __init__(self, checkpoints: AdaptationCheckpoints, model: PreTrainedModel, optimizer: Any,
-                 generator: torch.Generator, hardware: Hardware, progress: AdaptationProgress):
+    def __init__(
+        self,
+        checkpoints: AdaptationCheckpoints,
+        model: PreTrainedModel,
+        optimizer: Any,
+        generator: torch.Generator,
+        hardware: Hardware,
+        progress: AdaptationProgress,
+    ):
         self.checkpoints = checkpoints
         self.path = Path(checkpoints.path)
         self.model, self.optimizer, self.generator = model, optimizer, generator
@@ -713,8 +754,12 @@ class _AdaptationSaver:
             "generator": self.generator.get_state(),
             "rng": rng,
             "order": list(order),
-            "progress": {"step": progress.step, "losses": list(progress.losses), "curve": list(progress.curve),
-                         "train_seconds": progress.train_seconds},
+            "progress": {
+                "step": progress.step,
+                "losses": list(progress.losses),
+                "curve": list(progress.curve),
+                "train_seconds": progress.train_seconds,
+            },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(self.path, state)

@@ -158,7 +158,12 @@ def prepare_mlm_teacher(run: "RunContext", settings: MLMSettings) -> MLMTeacher:
 
 
 def adaptation_key(
-    encoder_path: str, task_name: str, texts_fingerprint: str, tokenizer: Any, adapt: MLMAdaptSettings, max_length: int,
+    encoder_path: str,
+    task_name: str,
+    texts_fingerprint: str,
+    tokenizer: Any,
+    adapt: MLMAdaptSettings,
+    max_length: int,
     precision: str = "32-true",
 ) -> str:
     """The key of one MLM adaptation: encoder weights, task, training texts, tokenizer, hyper-parameters, seed,
@@ -179,9 +184,18 @@ def adaptation_store(cache_dir: str | Path, task_name: str, key: str) -> Path:
 
 
 def run_adaptation(
-    store: Path, key: str, task_name: str, encoder_path: str, texts: list[Any], texts_fingerprint: str,
-    tokenizer: Any, adapt: MLMAdaptSettings, max_length: int, hardware: Hardware | None = None,
-    checkpoints: CheckpointEvery | None = None, **extra: Any,
+    store: Path,
+    key: str,
+    task_name: str,
+    encoder_path: str,
+    texts: list[Any],
+    texts_fingerprint: str,
+    tokenizer: Any,
+    adapt: MLMAdaptSettings,
+    max_length: int,
+    hardware: Hardware | None = None,
+    checkpoints: CheckpointEvery | None = None,
+    **extra: Any,
 ) -> None:
     """Run the adaptation stage and store its model, tokenizer and metrics atomically under ``store``.
 
@@ -231,8 +245,9 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
     task = run.task
     max_length = int(adapt.max_length or run.data.max_length)
     texts, texts_fingerprint = _adaptation_texts(run, adapt)
-    key = adaptation_key(encoder_path, task.name, texts_fingerprint, run.data.tokenizer, adapt, max_length,
-                         run.hardware.precision)
+    key = adaptation_key(
+        encoder_path, task.name, texts_fingerprint, run.data.tokenizer, adapt, max_length, run.hardware.precision
+    )
     store = adaptation_store(run.data.cache_dir, task.name, key)
 
     def load() -> dict[str, Any] | None:
@@ -243,8 +258,17 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
 
     def adapt_and_store() -> dict[str, Any]:
         run_adaptation(
-            store, key, task.name, encoder_path, texts, texts_fingerprint, run.data.tokenizer, adapt, max_length,
-            run.hardware.single_device(), CheckpointEvery.from_config(run.cfg.get("checkpoint")),
+            store,
+            key,
+            task.name,
+            encoder_path,
+            texts,
+            texts_fingerprint,
+            run.data.tokenizer,
+            adapt,
+            max_length,
+            run.hardware.single_device(),
+            CheckpointEvery.from_config(run.cfg.get("checkpoint")),
         )
         return json.loads((store / MLM_INFO_FILE).read_text())
 
@@ -252,7 +276,9 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
     metrics = info["metrics"]
     log.info(
         "Adapted MLM %s: held-out masked-token accuracy %.4f (%.4f before adaptation) on %d tokens",
-        store, metrics["masked_token_accuracy"], metrics["initial_masked_token_accuracy"],
+        store,
+        metrics["masked_token_accuracy"],
+        metrics["initial_masked_token_accuracy"],
         metrics["heldout_masked_tokens"],
     )
     model = load_mlm_teacher(store, expected_vocab=run.data.tokenizer)
@@ -276,8 +302,15 @@ def cached_topk_store(
     hardware = run.hardware
     batching = PassBatching(run.teacher.eval_tokens_per_batch, eval_batch_size)
     precision = {} if hardware.precision == "32-true" else {"precision": hardware.pass_precision}
-    key = cache_key(kind="mlm_topk", mlm=mlm.key, data=data_key, temperature=float(temperature), top_k=int(top_k),
-                    **batching.key_parts(), **precision)
+    key = cache_key(
+        kind="mlm_topk",
+        mlm=mlm.key,
+        data=data_key,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        **batching.key_parts(),
+        **precision,
+    )
     path = topk_store_path(run.data.cache_dir, key)
     lengths = row_lengths(tokenized).tolist()
     expected = {"key": key, "rows": len(lengths), "tokens": sum(lengths), "top_k": int(top_k)}
@@ -295,8 +328,14 @@ def cached_topk_store(
         loader = length_sorted_loader(tokenized, run.data.pad_token_id, batching, hardware=hardware)
         store = build_topk_store(model, loader, lengths, top_k, temperature, hardware)
         mlm.model.to("cpu")
-        log.info("MLM top-%d distributions of %d rows (%d tokens, %.1f MB) computed in %.1fs", top_k, len(lengths),
-                 sum(lengths), store.nbytes / 1e6, time.perf_counter() - started)
+        log.info(
+            "MLM top-%d distributions of %d rows (%d tokens, %.1f MB) computed in %.1fs",
+            top_k,
+            len(lengths),
+            sum(lengths),
+            store.nbytes / 1e6,
+            time.perf_counter() - started,
+        )
         return store
 
     def save(store: TopKTokenStore) -> None:
@@ -311,7 +350,9 @@ def choose_distribution_source(
 ) -> tuple[str, str]:
     """``cached`` or ``live``, and why."""
     if distributions not in DISTRIBUTION_SOURCES:
-        raise ValueError(f"method.distributions must be one of {', '.join(DISTRIBUTION_SOURCES)}; got '{distributions}'")
+        raise ValueError(
+            f"method.distributions must be one of {', '.join(DISTRIBUTION_SOURCES)}; got '{distributions}'"
+        )
     if top_k is None:
         if distributions == "cached":
             raise ValueError(

@@ -99,9 +99,7 @@ def mlm_token_distributions(
     return TokenDistributions(top_logits.softmax(dim=-1), top_ids, vocab_size)
 
 
-def special_or_padding_mask(
-    input_ids: Tensor, attention_mask: Tensor, special_token_ids: Iterable[int]
-) -> Tensor:
+def special_or_padding_mask(input_ids: Tensor, attention_mask: Tensor, special_token_ids: Iterable[int]) -> Tensor:
     """Boolean ``[B, L]`` mask of the positions that must stay one-hot: special tokens and padding."""
     special_ids = torch.tensor(sorted(set(special_token_ids)), dtype=input_ids.dtype, device=input_ids.device)
     return (attention_mask == 0) | torch.isin(input_ids, special_ids)

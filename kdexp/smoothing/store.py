@@ -57,18 +57,20 @@ def topk_distributions_at(
     so the peak is ``chunk_size x |V|`` logits (125 MB for 1,024 x 30,522), not ``P x |V|``
     (500 MB for a batch of 32 x 128 tokens).
     """
-    inputs = model_inputs({"input_ids": input_ids, "attention_mask": attention_mask,
-                           "token_type_ids": token_type_ids}, mlm.base_model)
+    inputs = model_inputs(
+        {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}, mlm.base_model
+    )
     head = masked_lm_head(mlm)
     hidden_states = mlm.base_model(**inputs).last_hidden_state[positions]
     parts = [
-        mlm_token_distributions(head(hidden_states[start:start + chunk_size]).unsqueeze(0), temperature, top_k)
+        mlm_token_distributions(head(hidden_states[start : start + chunk_size]).unsqueeze(0), temperature, top_k)
         for start in range(0, hidden_states.shape[0], chunk_size)
     ]
     if not parts:
         raise ValueError("no positions selected")
     return TokenDistributions(
-        torch.cat([part.probs for part in parts], dim=1), torch.cat([part.token_ids for part in parts], dim=1),
+        torch.cat([part.probs for part in parts], dim=1),
+        torch.cat([part.token_ids for part in parts], dim=1),
         parts[0].vocab_size,
     )
 
@@ -84,7 +86,9 @@ class TopKTokenStore:
 
     def __post_init__(self) -> None:
         if self.probs.shape != self.token_ids.shape or self.probs.dim() != 2:
-            raise ValueError(f"probs and token_ids must both be [T, k]: {tuple(self.probs.shape)}, {tuple(self.token_ids.shape)}")
+            raise ValueError(
+                f"probs and token_ids must both be [T, k]: {tuple(self.probs.shape)}, {tuple(self.token_ids.shape)}"
+            )
         if int(self.offsets[-1]) != self.probs.shape[0]:
             raise ValueError(f"offsets end at {int(self.offsets[-1])} but the store has {self.probs.shape[0]} rows")
 

@@ -23,14 +23,13 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 
+from kdexp.context import RunContext
 from kdexp.data import make_loader
 from kdexp.losses import task_loss
 from kdexp.methods.base import DistillationModule
 from kdexp.model_internals import model_inputs
 from kdexp.models import build_student
-from kdexp.context import RunContext
 from kdexp.run import build_context, build_module, compose_config, student_source, trainer_options
 from kdexp.training import GlueDataModule, ThroughputMeter
 
@@ -83,19 +82,32 @@ def _reset_peak_rss() -> int | None:
         return None
 
 
-def lightning_examples_per_second(context: RunContext, method_cls: type, options: dict[str, Any],
-                                  module: DistillationModule | None = None) -> float:
+def lightning_examples_per_second(
+    context: RunContext, method_cls: type, options: dict[str, Any], module: DistillationModule | None = None
+) -> float:
     """One epoch through Lightning, validation off; ``module`` (else one built from the run) is trained in place."""
     module = module if module is not None else build_module(context, method_cls, options)
     meter = ThroughputMeter()
     trainer_cfg = trainer_options(context.cfg)
-    trainer_cfg.update(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer_cfg.update(
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer = pl.Trainer(callbacks=[meter], **trainer_cfg)
     data_cfg = context.cfg.data
     # The run's own data module, so that data options (group_by_length) reach the measurement.
-    datamodule = GlueDataModule(context.data, data_cfg.batch_size, data_cfg.eval_batch_size, context.cfg.seed,
-                                group_by_length=bool(data_cfg.group_by_length))
+    datamodule = GlueDataModule(
+        context.data,
+        data_cfg.batch_size,
+        data_cfg.eval_batch_size,
+        context.cfg.seed,
+        group_by_length=bool(data_cfg.group_by_length),
+    )
     trainer.fit(module, datamodule=datamodule)
     return meter.examples_per_second
 
@@ -106,9 +118,13 @@ def adamw_as_kdexp(named_parameters: Any, optim: Any) -> torch.optim.AdamW:
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     named = list(named_parameters)
     return torch.optim.AdamW(
-        [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": optim.weight_decay},
-         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}],
-        lr=optim.learning_rate, eps=optim.adam_epsilon)
+        [
+            {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": optim.weight_decay},
+            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+        ],
+        lr=optim.learning_rate,
+        eps=optim.adam_epsilon,
+    )
 
 
 def bare_loop_examples_per_second(context: RunContext) -> float:
@@ -156,10 +172,16 @@ def benchmark(common: list[str], variants: dict[str, list[str]], repeats: int, b
                 samples[name].append(measure())
             peaks[name].append(peak.megabytes)
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    return {"common_overrides": common, "variants": variants, "repeats": repeats,
-            "examples_per_second": medians, "samples": samples,
-            # min over repeats: the first repeat of a variant may include one-off stages (a teacher, an MLM store)
-            "peak_memory_mb": {name: min(values) for name, values in peaks.items()}, "device": _device_name()}
+    return {
+        "common_overrides": common,
+        "variants": variants,
+        "repeats": repeats,
+        "examples_per_second": medians,
+        "samples": samples,
+        # min over repeats: the first repeat of a variant may include one-off stages (a teacher, an MLM store)
+        "peak_memory_mb": {name: min(values) for name, values in peaks.items()},
+        "device": _device_name(),
+    }
 
 
 def _device_name() -> str:
@@ -172,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides common to every variant")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant", action="append", default=[],
-                        help="NAME=override[,override...]; replaces the default variants")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="NAME=override[,override...]; replaces the default variants"
+    )
     parser.add_argument("--ratio", action="append", default=[], help="LABEL=NUMERATOR/DENOMINATOR")
     parser.add_argument("--no-bare-loop", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -181,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     variants = DEFAULT_VARIANTS
     if args.variant:
         variants = {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in args.variant}
-    ratios = DEFAULT_RATIOS if not args.ratio else [
-        (r.split("=", 1)[0], *r.split("=", 1)[1].split("/")) for r in args.ratio]
+    ratios = (
+        DEFAULT_RATIOS if not args.ratio else [(r.split("=", 1)[0], *r.split("=", 1)[1].split("/")) for r in args.ratio]
+    )
     result = benchmark(["logger=none", *args.overrides], variants, args.repeats, not args.no_bare_loop)
     speeds = result["examples_per_second"]
     result["ratios"] = {label: speeds[a] / speeds[b] for label, a, b in ratios if a in speeds and b in speeds}

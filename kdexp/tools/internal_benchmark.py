@@ -28,18 +28,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 
-from kdexp.run import compose_config
-from kdexp.tools.benchmark import adamw_as_kdexp, bare_loop_examples_per_second, lightning_examples_per_second
 from kdexp.data import make_loader
-from kdexp.model_internals import forward_with_internals, truncated_encoder
 from kdexp.internal.layer_map import resolve_layer_map
 from kdexp.internal.losses import InternalProjections, internal_terms, internal_weights
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
 from kdexp.methods.internal import InternalOptions
+from kdexp.model_internals import forward_with_internals, truncated_encoder
 from kdexp.models import build_student
-from kdexp.run import RunContext, build_context, resolve_method, student_source
+from kdexp.run import RunContext, build_context, compose_config, resolve_method, student_source
+from kdexp.tools.benchmark import adamw_as_kdexp, bare_loop_examples_per_second, lightning_examples_per_second
 
 VARIANTS = {
     "finetune": ["method=finetune"],
@@ -108,12 +106,26 @@ def bare_internal_loop_examples_per_second(context: RunContext) -> float:
             teacher_out = forward_with_internals(teacher, batch, need_attentions=need_attentions)
         student_out = forward_with_internals(student, batch, need_attentions=need_attentions)
         terms = internal_terms(
-            pairs, student_out.hidden_states, teacher_out.hidden_states, batch["attention_mask"], projections,  # type: ignore[arg-type]
-            student_out.attentions, teacher_out.attentions, kinds, options.head_mismatch,  # type: ignore[arg-type]
+            pairs,
+            student_out.hidden_states,
+            teacher_out.hidden_states,
+            batch["attention_mask"],
+            projections,  # type: ignore[arg-type]
+            student_out.attentions,
+            teacher_out.attentions,
+            kinds,
+            options.head_mismatch,  # type: ignore[arg-type]
         )
         if with_kd:
-            terms.update(kd_terms(student_out.logits, teacher_logits[batch["idx"]], batch["labels"],
-                                  options.temperature, context.task.is_regression))
+            terms.update(
+                kd_terms(
+                    student_out.logits,
+                    teacher_logits[batch["idx"]],
+                    batch["labels"],
+                    options.temperature,
+                    context.task.is_regression,
+                )
+            )
         loss = weighted_sum(terms, weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, clip)
@@ -205,7 +217,9 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- command line
 
 
-def run_benchmark(common: list[str], repeats: int, variants: dict[str, list[str]], bare_finetune: bool = True) -> dict[str, Any]:
+def run_benchmark(
+    common: list[str], repeats: int, variants: dict[str, list[str]], bare_finetune: bool = True
+) -> dict[str, Any]:
     runners: dict[str, Callable[[], float]] = {}
     for name, overrides in variants.items():
         context, cls, options = build_context(compose_config(common + overrides), Path("."))
@@ -223,10 +237,20 @@ def run_benchmark(common: list[str], repeats: int, variants: dict[str, list[str]
     ratios = {label: medians[a] / medians[b] for label, a, b in RATIOS if a in medians and b in medians}
     # Ratios within each repeat (the two runs were close in time), then their median: less
     # sensitive to load that drifts between repeats on a shared machine.
-    paired = {label: statistics.median(x / y for x, y in zip(samples[a], samples[b]))
-              for label, a, b in RATIOS if a in samples and b in samples}
-    return {"common_overrides": common, "repeats": repeats, "examples_per_second": medians, "samples": samples,
-            "ratios": ratios, "paired_ratios": paired, "threads": torch.get_num_threads()}
+    paired = {
+        label: statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+        for label, a, b in RATIOS
+        if a in samples and b in samples
+    }
+    return {
+        "common_overrides": common,
+        "repeats": repeats,
+        "examples_per_second": medians,
+        "samples": samples,
+        "ratios": ratios,
+        "paired_ratios": paired,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, value in result["examples_per_second"].items():
             print(f"  {name:32s} {value:8.1f} examples/s   samples {[round(v, 1) for v in result['samples'][name]]}")
         for label, value in result["ratios"].items():
-            print(f"  {label:44s} {value:.3f} (ratio of medians)   {result['paired_ratios'][label]:.3f} (median of per-repeat ratios)")
+            print(
+                f"  {label:44s} {value:.3f} (ratio of medians)   {result['paired_ratios'][label]:.3f} (median of per-repeat ratios)"
+            )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -41,11 +41,15 @@ def _rows_per_second(rows: int, work: Callable[[], Any]) -> float:
 
 def bare_logits(model: torch.nn.Module, tokenized: Any, pad_token_id: int, sort: bool) -> torch.Tensor:
     examples = [tokenized[i] for i in range(len(tokenized))]
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"])) if sort else list(range(len(examples)))
+    order = (
+        sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        if sort
+        else list(range(len(examples)))
+    )
     out = torch.empty(len(examples), model.config.num_labels)
     with torch.inference_mode():
         for start in range(0, len(order), BARE_BATCH):
-            rows = order[start:start + BARE_BATCH]
+            rows = order[start : start + BARE_BATCH]
             batch = pad_batch([examples[r] for r in rows], pad_token_id)
             out[torch.tensor(rows)] = model(**model_inputs(batch)).logits
     return out
@@ -53,13 +57,16 @@ def bare_logits(model: torch.nn.Module, tokenized: Any, pad_token_id: int, sort:
 
 def bare_decisions(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Query], max_length: int) -> torch.Tensor:
     pairs = not isinstance(queries[0], str)
-    encoded = (tokenizer([q[0] for q in queries], [q[1] for q in queries], truncation=True, max_length=max_length)
-               if pairs else tokenizer(list(queries), truncation=True, max_length=max_length))
+    encoded = (
+        tokenizer([q[0] for q in queries], [q[1] for q in queries], truncation=True, max_length=max_length)
+        if pairs
+        else tokenizer(list(queries), truncation=True, max_length=max_length)
+    )
     order = sorted(range(len(queries)), key=lambda i: len(encoded["input_ids"][i]))
     out = torch.empty(len(queries), dtype=torch.long)
     with torch.inference_mode():
         for start in range(0, len(order), BARE_BATCH):
-            rows = order[start:start + BARE_BATCH]
+            rows = order[start : start + BARE_BATCH]
             batch = tokenizer.pad({k: [v[r] for r in rows] for k, v in encoded.items()}, return_tensors="pt")
             out[torch.tensor(rows)] = model(**batch).logits.argmax(-1)
     return out
@@ -71,9 +78,12 @@ def benchmark(overrides: list[str], repeats: int, num_queries: int) -> dict[str,
     tokenized = data.train
     model = teacher.load_model()
     queries: list[Query] = []
-    for original, copies in zip(examples_of(data.raw[context.task.train_split], context.task),
-                                augment_examples(examples_of(data.raw[context.task.train_split], context.task),
-                                                 QueryConfig(num_queries=num_queries))):
+    for original, copies in zip(
+        examples_of(data.raw[context.task.train_split], context.task),
+        augment_examples(
+            examples_of(data.raw[context.task.train_split], context.task), QueryConfig(num_queries=num_queries)
+        ),
+    ):
         queries += [original, *copies]
     decision_teacher = DecisionTeacher.from_teacher(teacher, data.max_length)
     passes: dict[str, tuple[int, Callable[[], Any]]] = {
@@ -81,14 +91,22 @@ def benchmark(overrides: list[str], repeats: int, num_queries: int) -> dict[str,
         "logits_bare_sorted": (len(tokenized), lambda: bare_logits(model, tokenized, data.pad_token_id, True)),
         "logits_bare_file_order": (len(tokenized), lambda: bare_logits(model, tokenized, data.pad_token_id, False)),
         "decisions_kdexp": (len(queries), lambda: decision_teacher.decide(queries)),
-        "decisions_bare_sorted": (len(queries), lambda: bare_decisions(model, teacher.tokenizer, queries, data.max_length)),
+        "decisions_bare_sorted": (
+            len(queries),
+            lambda: bare_decisions(model, teacher.tokenizer, queries, data.max_length),
+        ),
     }
     agree = {
-        "logits_max_abs_difference": float((teacher._compute_logits(tokenized, data)
-                                            - bare_logits(model, tokenized, data.pad_token_id, True)).abs().max()),
-        "decisions_equal_fraction": float((decision_teacher.decide(queries)
-                                           == bare_decisions(model, teacher.tokenizer, queries, data.max_length))
-                                          .float().mean()),
+        "logits_max_abs_difference": float(
+            (teacher._compute_logits(tokenized, data) - bare_logits(model, tokenized, data.pad_token_id, True))
+            .abs()
+            .max()
+        ),
+        "decisions_equal_fraction": float(
+            (decision_teacher.decide(queries) == bare_decisions(model, teacher.tokenizer, queries, data.max_length))
+            .float()
+            .mean()
+        ),
     }
     samples: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(repeats):
@@ -98,11 +116,21 @@ def benchmark(overrides: list[str], repeats: int, num_queries: int) -> dict[str,
     ratios = {
         "kdexp logits pass / bare length-sorted loop": medians["logits_kdexp"] / medians["logits_bare_sorted"],
         "bare file order / bare length-sorted": medians["logits_bare_file_order"] / medians["logits_bare_sorted"],
-        "kdexp decision queries / bare length-sorted loop": medians["decisions_kdexp"] / medians["decisions_bare_sorted"],
+        "kdexp decision queries / bare length-sorted loop": medians["decisions_kdexp"]
+        / medians["decisions_bare_sorted"],
     }
-    return {"overrides": overrides, "repeats": repeats, "rows": len(tokenized), "queries": len(queries),
-            "rows_per_second": medians, "samples": samples, "ratios": ratios, "agreement": agree,
-            "threads": torch.get_num_threads(), "device": str(teacher.hardware.device)}
+    return {
+        "overrides": overrides,
+        "repeats": repeats,
+        "rows": len(tokenized),
+        "queries": len(queries),
+        "rows_per_second": medians,
+        "samples": samples,
+        "ratios": ratios,
+        "agreement": agree,
+        "threads": torch.get_num_threads(),
+        "device": str(teacher.hardware.device),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,8 +42,12 @@ from kdexp.model_internals import model_inputs
 from kdexp.run import build_context, build_module, compose_config
 from kdexp.tools.benchmark import adamw_as_kdexp, lightning_examples_per_second
 
-KDEXP_PEER_SETTINGS = ["method=vanilla_kd", "optim.lr_scheduler=constant", "optim.warmup_ratio=0",
-                       "trainer.gradient_clip_val=null"]
+KDEXP_PEER_SETTINGS = [
+    "method=vanilla_kd",
+    "optim.lr_scheduler=constant",
+    "optim.warmup_ratio=0",
+    "trainer.gradient_clip_val=null",
+]
 
 
 @torch.inference_mode()
@@ -84,9 +88,16 @@ def peer_run(context: RunContext, initial: dict, pad_to_max_length: bool) -> tup
     teacher = context.teacher.load_model().eval()
     optimizer = adamw_as_kdexp(student.named_parameters(), cfg.optim)
     rows = context.data.tokenized[context.task.train_split]
-    loader = [{k: _padded(v, cfg.data.max_length, context.data.pad_token_id if k == "input_ids" else 0)
-               if pad_to_max_length and v.dim() == 2 else v for k, v in batch.items() if k != "idx"}
-              for batch in make_loader(rows, context.data, cfg.data.batch_size, True, cfg.seed)]
+    loader = [
+        {
+            k: _padded(v, cfg.data.max_length, context.data.pad_token_id if k == "input_ids" else 0)
+            if pad_to_max_length and v.dim() == 2
+            else v
+            for k, v in batch.items()
+            if k != "idx"
+        }
+        for batch in make_loader(rows, context.data, cfg.data.batch_size, True, cfg.seed)
+    ]
 
     class TimedDistiller(textbrewer.BasicDistiller):
         caching_seconds = 0.0
@@ -98,12 +109,18 @@ def peer_run(context: RunContext, initial: dict, pad_to_max_length: bool) -> tup
 
     with tempfile.TemporaryDirectory() as folder:
         distiller = TimedDistiller(
-            textbrewer.TrainingConfig(device="cpu" if not torch.cuda.is_available() else "cuda", output_dir=folder,
-                                      log_dir=folder),
-            textbrewer.DistillationConfig(temperature=method.temperature, kd_loss_type="ce",
-                                          kd_loss_weight=method.alpha * method.temperature**2,
-                                          hard_label_weight=1 - method.alpha, is_caching_logits=True),
-            teacher, student,
+            textbrewer.TrainingConfig(
+                device="cpu" if not torch.cuda.is_available() else "cuda", output_dir=folder, log_dir=folder
+            ),
+            textbrewer.DistillationConfig(
+                temperature=method.temperature,
+                kd_loss_type="ce",
+                kd_loss_weight=method.alpha * method.temperature**2,
+                hard_label_weight=1 - method.alpha,
+                is_caching_logits=True,
+            ),
+            teacher,
+            student,
             adaptor_T=lambda batch, output: {"logits": output.logits},
             adaptor_S=lambda batch, output: {"logits": output.logits, "losses": output.loss},
         )
@@ -127,7 +144,10 @@ def benchmark(common: list[str], seeds: list[int]) -> dict[str, Any]:
         initial = copy.deepcopy(context.student.state_dict())
         runners += [
             ("kdexp_vanilla_kd", lambda c=context, k=method_cls, o=options, i=initial: kdexp_run(c, k, o, i)),
-            ("kdexp_vanilla_kd_grouped", lambda c=grouped, k=method_cls, o=grouped_options, i=initial: kdexp_run(c, k, o, i)),
+            (
+                "kdexp_vanilla_kd_grouped",
+                lambda c=grouped, k=method_cls, o=grouped_options, i=initial: kdexp_run(c, k, o, i),
+            ),
             ("textbrewer_padded_to_max_length", lambda c=context, i=initial: peer_run(c, i, pad_to_max_length=True)),
             ("textbrewer_padded_per_batch", lambda c=context, i=initial: peer_run(c, i, pad_to_max_length=False)),
         ]
@@ -140,17 +160,23 @@ def benchmark(common: list[str], seeds: list[int]) -> dict[str, Any]:
     medians = {name: statistics.median(values) for name, values in speeds.items()}
     peer, peer_per_batch = medians["textbrewer_padded_to_max_length"], medians["textbrewer_padded_per_batch"]
     return {
-        "common_overrides": common, "kdexp_settings": KDEXP_PEER_SETTINGS, "seeds": seeds,
+        "common_overrides": common,
+        "kdexp_settings": KDEXP_PEER_SETTINGS,
+        "seeds": seeds,
         "train_rows": len(context.data.tokenized[context.task.train_split]),
-        "examples_per_second": medians, "samples": dict(speeds),
+        "examples_per_second": medians,
+        "samples": dict(speeds),
         "dev_accuracy_mean": {name: statistics.fmean(v) for name, v in accuracies.items()},
         "dev_accuracy_std": {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in accuracies.items()},
         "dev_accuracy_samples": dict(accuracies),
-        "ratios": {"kdexp random batches / peer padded to max_length": medians["kdexp_vanilla_kd"] / peer,
-                   "kdexp group_by_length / peer padded to max_length": medians["kdexp_vanilla_kd_grouped"] / peer,
-                   "kdexp random batches / peer padded per batch": medians["kdexp_vanilla_kd"] / peer_per_batch,
-                   "kdexp group_by_length / peer padded per batch": medians["kdexp_vanilla_kd_grouped"] / peer_per_batch},
-        "device": f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available()
+        "ratios": {
+            "kdexp random batches / peer padded to max_length": medians["kdexp_vanilla_kd"] / peer,
+            "kdexp group_by_length / peer padded to max_length": medians["kdexp_vanilla_kd_grouped"] / peer,
+            "kdexp random batches / peer padded per batch": medians["kdexp_vanilla_kd"] / peer_per_batch,
+            "kdexp group_by_length / peer padded per batch": medians["kdexp_vanilla_kd_grouped"] / peer_per_batch,
+        },
+        "device": f"cpu ({torch.get_num_threads()} threads)"
+        if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
     }
 
@@ -163,11 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     result = benchmark(["logger=none", *args.overrides], seeds)
-    print(f"device: {result['device']}; overrides: {' '.join(args.overrides)}; {result['train_rows']} rows, "
-          f"seeds {args.seeds} (examples/s: median; dev accuracy: mean ± std)")
+    print(
+        f"device: {result['device']}; overrides: {' '.join(args.overrides)}; {result['train_rows']} rows, "
+        f"seeds {args.seeds} (examples/s: median; dev accuracy: mean ± std)"
+    )
     for name, value in result["examples_per_second"].items():
-        print(f"  {name:32s} {value:8.1f} examples/s   dev accuracy {result['dev_accuracy_mean'][name]:.1f} "
-              f"± {result['dev_accuracy_std'][name]:.1f}")
+        print(
+            f"  {name:32s} {value:8.1f} examples/s   dev accuracy {result['dev_accuracy_mean'][name]:.1f} "
+            f"± {result['dev_accuracy_std'][name]:.1f}"
+        )
     for label, value in result["ratios"].items():
         print(f"  {label:52s} {value:.2f}")
     if args.out:

@@ -35,19 +35,25 @@ def _point(phase: int, weight: float, phases: int, top: float) -> tuple[float, f
 def actions_svg(weights: list[dict[str, float]], title: str) -> str:
     phases = len(weights)
     top = max(1.0, max(w for phase in weights for w in phase.values()))
-    lines = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
-             'font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{WIDTH / 2}" y="20" text-anchor="middle">{title}</text>']
+    lines = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
+        'font-size="12">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{WIDTH / 2}" y="20" text-anchor="middle">{title}</text>',
+    ]
     x0, y0 = _point(0, 0, phases, top)
     x1, y1 = _point(phases - 1, top, phases, top)
     lines.append(f'<polyline points="{x0},{y1} {x0},{y0} {x1},{y0}" fill="none" stroke="black"/>')
-    lines += [f'<text x="{x0 - 6}" y="{y}" text-anchor="end">{label}</text>'
-              for label, y in ((f"{top:g}", y1 + 4), ("0", y0 + 4))]
+    lines += [
+        f'<text x="{x0 - 6}" y="{y}" text-anchor="end">{label}</text>'
+        for label, y in ((f"{top:g}", y1 + 4), ("0", y0 + 4))
+    ]
     lines.append(f'<text x="{WIDTH / 2}" y="{HEIGHT - 12}" text-anchor="middle">phase (0 to {phases - 1})</text>')
     for row, kind in enumerate(KNOWLEDGE_KINDS):
         points = " ".join(f"{x},{y}" for x, y in (_point(p, w[kind], phases, top) for p, w in enumerate(weights)))
-        lines.append(f'<polyline data-kind="{kind}" points="{points}" fill="none" stroke="{COLOURS[kind]}" '
-                     'stroke-width="2"/>')
+        lines.append(
+            f'<polyline data-kind="{kind}" points="{points}" fill="none" stroke="{COLOURS[kind]}" stroke-width="2"/>'
+        )
         lines.append(f'<text x="{WIDTH - MARGIN + 6}" y="{MARGIN + 16 * row}" fill="{COLOURS[kind]}">{kind}</text>')
     lines.append("</svg>")
     return "\n".join(lines) + "\n"

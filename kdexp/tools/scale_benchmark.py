@@ -57,8 +57,14 @@ def prepare(workdir: Path, glue_dir: Path, rows: int) -> None:
 
 
 def _environment(workdir: Path) -> dict[str, str]:
-    return dict(os.environ, HF_DATASETS_CACHE=str(workdir / "hf-datasets"), HF_HUB_OFFLINE="1",
-                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", KDEXP_CACHE_DIR=str(workdir / "cache"))
+    return dict(
+        os.environ,
+        HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        KDEXP_CACHE_DIR=str(workdir / "cache"),
+    )
 
 
 # --------------------------------------------------------------------------- the stages (one per process)
@@ -92,8 +98,14 @@ def _teacher(workdir: Path) -> Any:
     from kdexp.teacher import Teacher
 
     task, _ = _task_and_source(workdir)
-    return Teacher(str(workdir / "teacher"), "tiny-teacher", task, load_tokenizer(str(workdir / "teacher")),
-                   workdir / "cache", Hardware())
+    return Teacher(
+        str(workdir / "teacher"),
+        "tiny-teacher",
+        task,
+        load_tokenizer(str(workdir / "teacher")),
+        workdir / "cache",
+        Hardware(),
+    )
 
 
 def run_stage(stage: str, workdir: Path) -> None:
@@ -133,8 +145,13 @@ def _queries(workdir: Path, data: Any) -> None:
     from kdexp.decision.teacher import DecisionTeacher
 
     task = data.task
-    query_decisions(DecisionTeacher.from_teacher(_teacher(workdir), MAX_LENGTH), data.raw[task.train_split], task,
-                    QueryConfig(num_queries=10), workdir / "cache")
+    query_decisions(
+        DecisionTeacher.from_teacher(_teacher(workdir), MAX_LENGTH),
+        data.raw[task.train_split],
+        task,
+        QueryConfig(num_queries=10),
+        workdir / "cache",
+    )
 
 
 def _topk(workdir: Path, data: Any) -> None:
@@ -150,11 +167,24 @@ def _topk(workdir: Path, data: Any) -> None:
 def _epoch(workdir: Path) -> float:
     from kdexp.run import compose_config, run
 
-    cfg = compose_config([
-        "task=mnli", "method=vanilla_kd", "data.source=hub", f"data.hub_dataset={workdir / 'glue_hub'}",
-        f"teacher.name_or_path={workdir / 'teacher'}", "teacher.finetuned=true", "student=first_layers",
-        "student.num_layers=2", f"data.max_length={MAX_LENGTH}", "data.max_eval_samples=2000", "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false", "logger=none", f"cache_dir={workdir / 'cache'}"])
+    cfg = compose_config(
+        [
+            "task=mnli",
+            "method=vanilla_kd",
+            "data.source=hub",
+            f"data.hub_dataset={workdir / 'glue_hub'}",
+            f"teacher.name_or_path={workdir / 'teacher'}",
+            "teacher.finetuned=true",
+            "student=first_layers",
+            "student.num_layers=2",
+            f"data.max_length={MAX_LENGTH}",
+            "data.max_eval_samples=2000",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            f"cache_dir={workdir / 'cache'}",
+        ]
+    )
     return float(run(cfg, workdir / "run", overrides=[])["train_seconds"])
 
 
@@ -165,8 +195,12 @@ def measure_stage(stage: str, workdir: Path) -> dict[str, float]:
     """Run `stage` in a fresh process: its seconds (as the stage reports them) and its peak RSS (`wait4`)."""
     out_file, err_file = workdir / f"{stage}.out", workdir / f"{stage}.err"
     with open(out_file, "w") as out, open(err_file, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kdexp.tools.scale_benchmark", "--stage", stage,
-                                 "--workdir", str(workdir)], env=_environment(workdir), stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdexp.tools.scale_benchmark", "--stage", stage, "--workdir", str(workdir)],
+            env=_environment(workdir),
+            stdout=out,
+            stderr=err,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"stage {stage} failed:\n{err_file.read_text()[-3000:]}")
@@ -188,15 +222,21 @@ def markdown(results: dict[int, dict[str, dict[str, float]]]) -> str:
     for stage in STAGES:
         if stage not in results[sizes[0]]:
             continue
-        cells = [f"{results[n][stage]['seconds']:.1f} / {results[n][stage]['peak_rss_mb']:.0f} / "
-                 f"{1000 * results[n][stage]['seconds'] / n:.3f}" for n in sizes]
+        cells = [
+            f"{results[n][stage]['seconds']:.1f} / {results[n][stage]['peak_rss_mb']:.0f} / "
+            f"{1000 * results[n][stage]['seconds'] / n:.3f}"
+            for n in sizes
+        ]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdexp.tools.scale_benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kdexp.tools.scale_benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rows", default="50000,100000,400000", help="training rows, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/scale"))
     parser.add_argument("--glue-dir", type=Path, default=Path(os.environ.get("GLUE_DIR") or shared_glue_dir()))
@@ -212,8 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for rows in (int(n) for n in args.rows.split(",")):
         results[rows] = measure_size(rows, args.out / "work", args.glue_dir.resolve(), tuple(args.stages.split(",")))
-        print(f"{rows} rows: " + ", ".join(f"{s} {v['seconds']:.1f}s {v['peak_rss_mb']:.0f}MB"
-                                            for s, v in results[rows].items()), flush=True)
+        print(
+            f"{rows} rows: "
+            + ", ".join(f"{s} {v['seconds']:.1f}s {v['peak_rss_mb']:.0f}MB" for s, v in results[rows].items()),
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "results": results}
     (args.out / "scale.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from kdexp.data import MODEL_INPUTS, make_loader
 from kdexp.run import build_context, compose_config, resolve_method
@@ -38,8 +37,15 @@ def topk_report(overrides: list[str], top_ks: list[int], rows: int) -> dict:
     special = torch.tensor(sorted(context.data.tokenizer.all_special_ids))
     keep_one_hot = torch.isin(batch["input_ids"], special) | ~batch["attention_mask"].bool()
     weight = context.student.get_input_embeddings().weight
-    errors = measure_topk_embedding_error(logits, batch["input_ids"], keep_one_hot, weight, top_ks,
-                                          float(cfg.method.smooth_rate), float(cfg.method.temperature))
+    errors = measure_topk_embedding_error(
+        logits,
+        batch["input_ids"],
+        keep_one_hot,
+        weight,
+        top_ks,
+        float(cfg.method.smooth_rate),
+        float(cfg.method.temperature),
+    )
     return {
         "overrides": overrides,
         "mlm": mlm.path,
@@ -62,14 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     result = topk_report(args.overrides, [int(k) for k in args.top_k.split(",")], args.rows)
     metrics = result["adaptation_metrics"] or {}
     if "masked_token_accuracy" in metrics:
-        print(f"MLM {result['mlm']}: held-out masked-token accuracy {metrics['masked_token_accuracy']:.4f} "
-              f"({metrics.get('heldout_masked_tokens')} tokens)")
-    print(f"{result['smoothed_positions']} smoothed positions in {result['dev_rows']} dev rows; |V| = {result['vocab_size']}")
+        print(
+            f"MLM {result['mlm']}: held-out masked-token accuracy {metrics['masked_token_accuracy']:.4f} "
+            f"({metrics.get('heldout_masked_tokens')} tokens)"
+        )
+    print(
+        f"{result['smoothed_positions']} smoothed positions in {result['dev_rows']} dev rows; |V| = {result['vocab_size']}"
+    )
     print("   k  mean mass  min mass  rel. L2  max L2 / bound  bytes/token")
     for e in result["errors"]:
-        print(f"{e['top_k']:4d}  {e['mean_retained_mass']:9.3f}  {e['min_retained_mass']:8.3f}  "
-              f"{e['relative_l2_difference']:7.4f}  {e['max_l2_difference']:.3f} / {e['max_l2_bound']:.3f}  "
-              f"{result['store_bytes_per_token'][e['top_k']]:11d}")
+        print(
+            f"{e['top_k']:4d}  {e['mean_retained_mass']:9.3f}  {e['min_retained_mass']:8.3f}  "
+            f"{e['relative_l2_difference']:7.4f}  {e['max_l2_difference']:.3f} / {e['max_l2_bound']:.3f}  "
+            f"{result['store_bytes_per_token'][e['top_k']]:11d}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
