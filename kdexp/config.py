@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, TypeVar, get_type_hints
+from typing import Any, Optional, TypeVar, cast, get_type_hints
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
@@ -413,9 +413,16 @@ def merged_onto(schema: type[T], values: Any, prefix: str = "", what: str = "") 
         values = OmegaConf.to_container(values, resolve=True)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return cast(T, OmegaConf.to_object(merged))
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err, schema, prefix, what)) from None
+
+
+def config_dict(cfg: Any, resolve: bool = True) -> dict[str, Any]:
+    """A config mapping (a DictConfig) as a plain dict, its interpolations resolved unless `resolve` is False."""
+    container = OmegaConf.to_container(cfg, resolve=resolve)
+    assert isinstance(container, dict), f"a config mapping was expected, got {type(container).__name__}"
+    return cast(dict[str, Any], container)  # the keys of kdexp's configs are names
 
 
 def _one_line(err: OmegaConfBaseException, schema: type, prefix: str, what: str) -> str:
@@ -519,8 +526,6 @@ def validate_config(cfg: Any) -> RunSchema:
     """Check every group of a composed run config before any work; returns it typed (method and trainer as dicts)."""
     validated = merged_onto(RunSchema, cfg)
     validated.check()
-    trainer = (
-        OmegaConf.to_container(cfg.trainer, resolve=True) if OmegaConf.is_config(cfg.trainer) else dict(cfg.trainer)
-    )
-    check_trainer(trainer)  # type: ignore[arg-type]
+    trainer = config_dict(cfg.trainer) if OmegaConf.is_config(cfg.trainer) else dict(cfg.trainer)
+    check_trainer(trainer)
     return validated

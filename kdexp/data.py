@@ -172,7 +172,7 @@ def _layout_description(layout: TsvLayout, task: GlueTask) -> str:
         columns.append(("label", layout.label_column))
     if layout.has_header:
         return f"a header line with the columns {', '.join(str(c) for _, c in columns)} and tab-separated rows"
-    placed = ", ".join(f"{field} in column {c + 1}" for field, c in columns)
+    placed = ", ".join(f"{field} in column {c + 1 if isinstance(c, int) else c}" for field, c in columns)
     return f"tab-separated rows without a header ({placed})"
 
 
@@ -192,7 +192,7 @@ def read_glue_tsv(path: Path, layout: TsvLayout, task: GlueTask) -> dict[str, li
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader) if layout.has_header else None
     text_idx = [_column_index(header, c, path) for c in layout.text_columns]
-    label_idx = _column_index(header, layout.label_column, path) if has_labels else None
+    label_idx = _column_index(header, layout.label_column, path) if layout.label_column is not None else None
     needed = max(text_idx + ([label_idx] if label_idx is not None else [])) + 1
     first_line = 2 if layout.has_header else 1
     for line_no, row in enumerate(reader, start=first_line):
@@ -283,8 +283,10 @@ def _json_lines(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _delimited_rows(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
-    delimiter, quoting = ("\t", csv.QUOTE_NONE) if path.suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    tsv = path.suffix == ".tsv"
+    reader = csv.reader(
+        io.StringIO(text), delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+    )
     header = next(reader, None)
     if not header:
         raise DataError(f"{path}: is empty; expected a header line naming the columns.")

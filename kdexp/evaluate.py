@@ -60,6 +60,7 @@ def load_student(path: Path, task_name: str | None) -> tuple[Any, Any, Any, int]
         raise ModelError(f"{student_dir}: no saved student (config.json) there; give a run folder or a student folder.")
     model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
     if task is None:  # the run's own data: its classes as the student saved them (id2label)
+        assert task_cfg is not None  # only a task read from its own file (task.train_file) is left unnamed
         task = own_task(task_cfg, model.config)
     return model, AutoTokenizer.from_pretrained(student_dir), task, max_length
 

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 
@@ -44,6 +44,7 @@ T = TypeVar("T")
 # The precisions every stage supports; the name a pass's precision has in cache keys.
 PASS_PRECISION = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 SUPPORTED_PRECISIONS = tuple(PASS_PRECISION)
+SupportedPrecision = Literal["32-true", "bf16-mixed", "16-mixed"]
 # Strategies that start their processes from the script (the launcher the run's stages share).
 SCRIPT_LAUNCHED_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 # Elements per all-reduce when rows are put back together (64 MB of float32).
@@ -140,9 +141,9 @@ class Hardware:
             accelerator=spec.accelerator,
             devices=spec.devices,
             strategy=spec.fabric_strategy(),
-            precision=spec.precision,
+            precision=cast(SupportedPrecision, spec.precision),  # HardwareSpec.check refused any other
             num_nodes=spec.num_nodes,
-        )  # type: ignore[arg-type]
+        )
         if fabric.world_size > 1 and _process_group_exists():
             fabric.launch()  # the processes run already (an earlier launch): join them, start none
         return fabric

@@ -14,20 +14,22 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from kdexp.cache import atomic_write_text
 from kdexp.hardware import is_global_zero
 
 log = logging.getLogger(__name__)
 
+WandbMode = Literal["online", "offline", "disabled", "shared"]  # the modes wandb.init takes
 
-def wandb_mode(requested: str) -> str:
+
+def wandb_mode(requested: str) -> WandbMode:
     """`auto` means online only when an API key is configured; otherwise offline (sync later)."""
     if requested != "auto":
-        return requested
+        return cast(WandbMode, requested)  # logger.mode is checked against these (kdexp.config)
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+        return cast(WandbMode, os.environ["WANDB_MODE"])  # passed on as set, for wandb to judge
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:

@@ -77,8 +77,12 @@ class SpanMetrics(QAMetrics):
         return self.compute_on(data.raw[split], data.tokenized[split])
 
 
-def task_metrics(task: GlueTask) -> torch.nn.Module:
-    """The metrics of one eval split of `task`: `update_batch(logits, batch)`, `compute_split(data, split)`, `reset()`."""
+# The metrics of one eval split: `update_batch(logits, batch)`, `compute_split(data, split)`, `reset()`.
+SplitMetrics = GlueMetrics | SpanMetrics
+
+
+def task_metrics(task: GlueTask) -> SplitMetrics:
+    """The metrics of one eval split of `task`."""
     return SpanMetrics(task) if task.family == EXTRACTIVE_QA else GlueMetrics(task)
 
 

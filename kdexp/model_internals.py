@@ -26,11 +26,11 @@ softmax probabilities ``A`` from before dropout. In eval mode both are identical
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -126,11 +126,13 @@ def attention_implementation(model: PreTrainedModel, implementation: str) -> Ite
 BLOCK_CONTAINERS: tuple[str, ...] = ("encoder", "transformer")
 
 
-def _block_container(model: PreTrainedModel) -> nn.Module:
+def _block_container(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList]:
+    """The module holding the transformer blocks, and their ``ModuleList`` (its ``layer``)."""
     for name in BLOCK_CONTAINERS:
         container = getattr(model.base_model, name, None)
-        if isinstance(getattr(container, "layer", None), nn.ModuleList):
-            return container
+        layers = getattr(container, "layer", None)
+        if isinstance(container, nn.Module) and isinstance(layers, nn.ModuleList):
+            return container, layers
     raise TypeError(
         f"{type(model).__name__} has no encoder.layer or transformer.layer ModuleList: kdexp reads layers of BERT, "
         "RoBERTa, ELECTRA and DistilBERT encoders"
@@ -139,7 +141,7 @@ def _block_container(model: PreTrainedModel) -> nn.Module:
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The ``ModuleList`` of transformer blocks of an encoder (``encoder.layer`` or ``transformer.layer``)."""
-    return _block_container(model).layer
+    return _block_container(model)[1]
 
 
 def _install_output_capturing_hooks(model: PreTrainedModel) -> None:
@@ -155,7 +157,7 @@ def _install_output_capturing_hooks(model: PreTrainedModel) -> None:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:  # transformers versions that collect outputs inside the encoder loop
         return
-    maybe_install_capturing_hooks(model.base_model)
+    maybe_install_capturing_hooks(cast(PreTrainedModel, model.base_model))  # a PreTrainedModel's body is one too
 
 
 @contextmanager
@@ -170,14 +172,13 @@ def truncated_encoder(model: PreTrainedModel, num_layers: int | None) -> Iterato
     the model depth runs the full model. The original ``ModuleList`` (same parameter
     objects) is restored on exit, also when the block raises.
     """
-    layers = encoder_layers(model)
+    encoder, layers = _block_container(model)
     if num_layers is None or num_layers >= len(layers):
         yield
         return
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     _install_output_capturing_hooks(model)
-    encoder = _block_container(model)
     encoder.layer = nn.ModuleList(list(layers)[:num_layers])
     try:
         yield
@@ -215,10 +216,14 @@ def model_inputs(batch: Mapping[str, Any], model: nn.Module | None = None) -> di
     return {key: batch[key] for key in MODEL_INPUT_KEYS if key in accepted and batch.get(key) is not None}
 
 
-@lru_cache(maxsize=64)
-def forward_arguments(model_class: type) -> frozenset[str]:
+def forward_arguments(model_class: type[nn.Module]) -> frozenset[str]:
     """The model inputs a model class's ``forward`` accepts by name."""
-    return frozenset(inspect.signature(model_class.forward).parameters) & frozenset(MODEL_INPUT_KEYS)
+    return _accepted_inputs(model_class.forward)
+
+
+@lru_cache(maxsize=64)
+def _accepted_inputs(forward: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(forward).parameters) & frozenset(MODEL_INPUT_KEYS)
 
 
 def forward_with_internals(

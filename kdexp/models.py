@@ -177,9 +177,9 @@ def _label_config(task: GlueTask) -> dict[str, Any]:
     """The head's label settings of a classification task (other families' heads have their own shape)."""
     if task.family != CLASSIFICATION:
         return {}
-    if task.is_regression:
-        return {"num_labels": 1, "problem_type": "regression"}
     names = task.label_names
+    if names is None:  # a regression task
+        return {"num_labels": 1, "problem_type": "regression"}
     return {
         "num_labels": len(names),
         "id2label": dict(enumerate(names)),

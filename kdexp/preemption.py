@@ -167,14 +167,14 @@ def deferring(last_saved: Callable[[], str | None] | None = None) -> Iterator[No
         raise Preempted(pending, last_saved() if last_saved else None)
 
 
-def _install_for_block() -> dict[int, Any] | None:
+def _install_for_block() -> dict[signal.Signals, Any] | None:
     if installed():
         return None
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     return previous if install() else None
 
 
-def _leave_block(previous: dict[int, Any] | None) -> int | None:
+def _leave_block(previous: dict[signal.Signals, Any] | None) -> int | None:
     """End a `deferring` block; the signal recorded (None if none)."""
     _state.deferring -= 1
     pending = _state.signum
@@ -239,7 +239,9 @@ class CheckpointClock:
         n_steps, minutes = self.every.n_steps, self.every.minutes
         if n_steps and step > 0 and step % n_steps == 0:
             return True
-        return bool(minutes) and time.monotonic() - self.last_save >= 60.0 * float(minutes)  # type: ignore[arg-type]
+        if not minutes:
+            return False
+        return time.monotonic() - self.last_save >= 60.0 * float(minutes)
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

@@ -50,7 +50,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kdexp.config import is_result_key
 from kdexp.errors import DataError, KdexpError
@@ -625,7 +625,7 @@ def teacher_rows(results: list[dict[str, Any]], shown: set[str], columns: list[C
     Teachers are told apart by their `teacher.*` overrides; teachers that differ in nothing shown
     (e.g. a `data.*` override reaching the teacher by interpolation) get their cache key as label.
     """
-    by_label: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    by_label: dict[str, dict[str, dict[str | None, float]]] = defaultdict(lambda: defaultdict(dict))  # by teacher key
     for r in results:
         if not r.get("teacher_metrics"):
             continue
@@ -802,7 +802,7 @@ def table_records(
         problem = result_problem(result)
         if problem:
             raise DataError(f"result {index} of {len(results)}: {problem}")
-    table = make_table(results, select_on, baseline)
+    table = make_table(cast(list[dict[str, Any]], results), select_on, baseline)  # result_problem passes dicts only
     main_metric = {r["task"]: r["main_metric"] for r in results}
     records = []
     for label, cells in table.rows.items():

@@ -20,9 +20,14 @@ DAGGER = "†"  # the paired difference from the baseline row has a 95% CI that 
 
 
 class CellLike(Protocol):
-    mean: float
-    std: float
-    n: int
+    @property
+    def mean(self) -> float: ...
+
+    @property
+    def std(self) -> float: ...
+
+    @property
+    def n(self) -> int: ...
 
 
 def average_column(

@@ -19,9 +19,14 @@ from typing import Any, Mapping, Protocol
 
 
 class CellLike(Protocol):
-    mean: float
-    std: float
-    n: int
+    @property
+    def mean(self) -> float: ...
+
+    @property
+    def std(self) -> float: ...
+
+    @property
+    def n(self) -> int: ...
 
 
 def matplotlib_available() -> bool:
@@ -90,6 +95,7 @@ def numeric_sweeps(
         )
         for r in results:
             value = _as_number(_option_value(r, option))
+            assert value is not None  # options with a value that is not a number were skipped above
             scores[label_of(r, shown - {option})][r["task"]][value].append(
                 100 * r["metrics"][f"val/{r['main_metric']}"]
             )

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp import families
 from kdexp.cache import atomic_write_json, atomic_write_text, cache_for_run, replaced_directory
-from kdexp.config import CONFIG_DIR, OptimConfig, config_hash, merged_onto, validate_config
+from kdexp.config import CONFIG_DIR, OptimConfig, config_dict, config_hash, merged_onto, validate_config
 from kdexp.context import RunContext
 from kdexp.data import DataSource, InputForm, labels_in, load_task_data
 from kdexp.errors import ConfigError
@@ -44,8 +44,7 @@ __all__ = ["RESULTS_FILE", "ConfigError", "RunContext", "build_context", "resolv
 
 def resolve_method(method_cfg: DictConfig) -> tuple[type[DistillationModule], Any]:
     """The method's class and its options (an instance of its `Options` schema, or None), checked."""
-    options = OmegaConf.to_container(method_cfg, resolve=True)
-    assert isinstance(options, dict)
+    options = config_dict(method_cfg)
     name = options.pop("name", None)
     target = options.pop("_target_", None)
     if not target:
@@ -60,7 +59,7 @@ def resolve_method(method_cfg: DictConfig) -> tuple[type[DistillationModule], An
         if options:
             raise ConfigError(f"method '{name}' takes no options; got {', '.join(f'method.{k}' for k in options)}.")
         return cls, None
-    validated = merged_onto(cls.Options, options, prefix="method.", what=f"of method '{name}'")
+    validated: Any = merged_onto(cls.Options, options, prefix="method.", what=f"of method '{name}'")
     validated.check()
     return cls, validated
 
@@ -223,7 +222,7 @@ def build_context(
     )
     seed_all(derive_seed(cfg.seed, "student"))
     student = build_student(cfg.student, student_source(cfg, teacher), task)
-    optim = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
+    optim = OptimConfig(**config_dict(cfg.optim))
     return RunContext(cfg, task, data, student, teacher, optim, run_dir), method_cls, method_options
 
 
@@ -236,18 +235,14 @@ def build_module(context: RunContext, method_cls: type[DistillationModule], opti
 
 def trainer_options(cfg: DictConfig) -> dict[str, Any]:
     """The `trainer` group as Lightning's arguments, on the GPU a sweep job leased (kdexp.hardware.GpuLease)."""
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(options, dict)
-    return with_leased_gpu(options)
+    return with_leased_gpu(config_dict(cfg.trainer))
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        return config_dict(cfg)
     except Exception as err:
         raise ConfigError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
-    assert isinstance(resolved, dict)
-    return resolved
 
 
 def run(
@@ -301,7 +296,7 @@ def run(
         run_name,
         cfg.method.name,
         experiment or sweep_group,
-        resolved,  # type: ignore[arg-type]
+        resolved,
         tags,
     )
     datamodule = GlueDataModule(

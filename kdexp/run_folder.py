@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from omegaconf import OmegaConf
 
-from kdexp.config import config_differences, config_hash
+from kdexp.config import config_dict, config_differences, config_hash
 from kdexp.errors import ConfigError, name_folder, os_failure, write_refusal
 from kdexp.hardware import is_global_zero
 
@@ -93,7 +93,7 @@ class RunFolder:
         """Refuse to continue checkpoints that were written under another config."""
         if not (self.checkpoints / "last.ckpt").exists() or not self.config_file.exists():
             return
-        stored = OmegaConf.to_container(OmegaConf.load(self.config_file))
+        stored = config_dict(OmegaConf.load(self.config_file), resolve=False)
         if config_hash(stored) != config_hash(resolved):
             self._refuse("holds an unfinished run", stored, resolved)
 

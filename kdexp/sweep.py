@@ -48,7 +48,7 @@ from kdexp.run_folder import FAILED_FILE, claim_folder, folder_holder, release_f
 log = logging.getLogger(__name__)
 
 
-def refuse_ddp_in_a_sweep(cfg: DictConfig, mode: RunMode) -> None:
+def refuse_ddp_in_a_sweep(cfg: DictConfig, mode: RunMode | None) -> None:
     """Lightning's DDP re-launches the script once per extra process: under -m it would re-run the sweep."""
     devices = cfg.trainer.get("devices", "auto")
     if mode == RunMode.MULTIRUN and devices != 1:

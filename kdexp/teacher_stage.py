@@ -74,7 +74,7 @@ def teacher_key(
 
 def teacher_trainer_options(spec: TeacherSpec, run_trainer: dict[str, Any]) -> dict[str, Any]:
     """The teacher stage's Lightning options: the run's device and precision, everything else its own."""
-    options = {key: run_trainer[key] for key in ("accelerator", "precision") if key in run_trainer}
+    options: dict[str, Any] = {key: run_trainer[key] for key in ("accelerator", "precision") if key in run_trainer}
     options.update(
         devices=1,
         max_epochs=spec.epochs,

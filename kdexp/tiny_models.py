@@ -87,7 +87,7 @@ def tiny_config(
             max_position_embeddings=max_length,
             **common,
         )
-    sizes = {
+    sizes: dict[str, Any] = {
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
@@ -98,7 +98,7 @@ def tiny_config(
             max_position_embeddings=max_length + 2, type_vocab_size=1, bos_token_id=2, eos_token_id=3, **sizes, **common
         )
     if family == "gpt2":
-        return GPT2Config(
+        config = GPT2Config(
             n_embd=hidden_size,
             n_layer=num_layers,
             n_head=num_heads,
@@ -108,8 +108,9 @@ def tiny_config(
             pad_token_id=0,
             bos_token_id=2,
             eos_token_id=3,
-            num_labels=num_labels,
         )
+        config.num_labels = num_labels  # GPT2Config's signature has no num_labels; the base config's setter does
+        return config
     if family == "electra":
         return ElectraConfig(embedding_size=hidden_size, max_position_embeddings=max_length, **sizes, **common)
     return BertConfig(max_position_embeddings=max_length, **sizes, **common)

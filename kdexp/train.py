@@ -28,15 +28,15 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from kdexp import faults, preemption
-from kdexp.config import CONFIG_DIR
+from kdexp.config import CONFIG_DIR, config_dict
 from kdexp.errors import KdexpError, os_failure_of, os_failures_reported
 from kdexp.run_folder import FAILED_FILE, RunFolder
 from kdexp.sweep import refuse_ddp_in_a_sweep
@@ -79,8 +79,8 @@ def lease_a_gpu_for_parallel_jobs(cfg: DictConfig, launcher: DictConfig) -> Any:
     job gets its own; kdexp.hardware.GpuLease); None otherwise."""
     from kdexp.hardware import GpuLease, sweep_job_devices, visible_gpus
 
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if not sweep_job_devices(trainer, str(launcher.get("_target_", "")), visible_gpus()):  # type: ignore[arg-type]
+    trainer = config_dict(cfg.trainer)
+    if not sweep_job_devices(trainer, str(launcher.get("_target_", "")), visible_gpus()):
         return None
     lease = GpuLease(visible_gpus())
     log.info("This job trains on GPU %d (leased in %s)", lease.acquire(), lease.lease_dir)
@@ -221,7 +221,7 @@ def _parsed_overrides(args: list[str]) -> list[str] | None:
 
     parser = get_args_parser()
 
-    def refuse(message: str) -> None:
+    def refuse(message: str) -> NoReturn:
         raise _Unparsable(message)
 
     parser.error = refuse  # type: ignore[method-assign]  # say nothing: Hydra reports it when it parses

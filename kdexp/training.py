@@ -92,7 +92,7 @@ class EpochMetricsCSV(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._validated = not trainer.sanity_checking
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             self._loss_sum += float(loss.detach())
@@ -137,24 +137,24 @@ class ThroughputMeter(pl.Callback):
             self.seconds += time.perf_counter() - self._start
             self._start = None
 
-    def on_train_epoch_start(self, trainer, module) -> None:  # type: ignore[override]
+    def on_train_epoch_start(self, trainer, module) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[override]
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self._start is None:  # resumed inside an epoch: its start hooks do not run
             self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.examples += int(batch["input_ids"].shape[0])
 
-    def on_validation_start(self, trainer, module) -> None:  # type: ignore[override]
+    def on_validation_start(self, trainer, module) -> None:
         self._pause()
 
-    def on_validation_end(self, trainer, module) -> None:  # type: ignore[override]
+    def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking and trainer.training:
             self._start = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, module) -> None:  # type: ignore[override]
+    def on_train_epoch_end(self, trainer, module) -> None:
         self._pause()
         for logger in trainer.loggers:  # wandb only: a timing in the step log would make it differ run to run
             if type(logger).__name__ == "WandbLogger":
@@ -322,7 +322,8 @@ MODULE_EPOCH_ATTRIBUTES = ("_phase_loss_sum", "_phase_loss_count", "_last_phase_
 def in_epoch_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
     """This process's state that no other checkpoint part holds: its random generators (Python, NumPy,
     torch, and its own CUDA device's) and the module's epoch accumulators."""
-    numpy_state = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # the legacy form of NumPy's global generator (MT19937)
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (
@@ -391,10 +392,10 @@ class FaultPoints(pl.Callback):
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[override]
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         maybe_fail(self.prefix + "train_batch", epoch=trainer.current_epoch, batch=batch_idx)
 
-    def on_train_end(self, trainer, module) -> None:  # type: ignore[override]
+    def on_train_end(self, trainer, module) -> None:
         maybe_fail(self.prefix + "train_end")
 
 
@@ -452,11 +453,12 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         """Hugging Face's length grouping: the random order cut into mega-batches of 50 batches, each
         sorted longest first, so that a batch holds rows of similar length (little padding) while
         the batches still come in random order (the mega-batches' batches are shuffled)."""
-        assert self.lengths is not None
+        lengths = self.lengths
+        assert lengths is not None
         mega = 50 * self.batch_size
         batches: list[list[int]] = []
         for start in range(0, len(order), mega):
-            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])  # type: ignore[index]
+            chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         full = [b for b in batches if len(b) == self.batch_size]
         rest = [b for b in batches if len(b) < self.batch_size]

@@ -290,12 +290,12 @@ def apply_operation(
     """Apply one EDA operation at the given change rate."""
     if not words:
         return []
-    if operation in _OPERATIONS_NEEDING_WORDNET and wordnet is None:
-        raise ValueError(f"{operation.value} needs a WordNet")
     num_changes = number_of_changes(change_rate, len(words))
-    if operation is EDAOperation.SYNONYM_REPLACEMENT:
-        return synonym_replacement(words, num_changes, rng, wordnet)
-    if operation is EDAOperation.RANDOM_INSERTION:
+    if operation in _OPERATIONS_NEEDING_WORDNET:
+        if wordnet is None:
+            raise ValueError(f"{operation.value} needs a WordNet")
+        if operation is EDAOperation.SYNONYM_REPLACEMENT:
+            return synonym_replacement(words, num_changes, rng, wordnet)
         return random_insertion(words, num_changes, rng, wordnet)
     if operation is EDAOperation.RANDOM_SWAP:
         return random_swap(words, num_changes, rng)

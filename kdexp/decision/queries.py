@@ -188,7 +188,7 @@ def augment_examples(examples: list[Query], config: QueryConfig, first_index: in
                 _authors_side_copies(text, config, index, side, rng, wordnet)
                 for side, text in enumerate((example,) if isinstance(example, str) else example)
             ]
-            copies.append(sides[0] if isinstance(example, str) else list(zip(*sides)))
+            copies.append(list(sides[0]) if isinstance(example, str) else list(zip(*sides)))
         elif isinstance(example, str):
             copies.append(list(augment(example, config.num_copies, rng, config.eda, wordnet)))
         else:  # each text augmented on its own, in order (for a pair: `augment_pair`)
@@ -218,7 +218,7 @@ def original_query(example: Query, config: QueryConfig) -> Query:
         return example
     if isinstance(example, str):
         return clean_text(example) or example
-    return tuple(clean_text(text) or text for text in example)  # type: ignore[return-value]
+    return tuple(clean_text(text) or text for text in example)
 
 
 def _eda_key(eda: EDAConfig) -> dict[str, Any]:
@@ -445,7 +445,8 @@ def _answer_in_chunks(
         expected = {"rows": [start, stop], "num_queries": config.num_queries}
         answered = load_tensors(chunk_file, expected)
         if hardware.all_true(answered is not None):
-            decisions[start:stop] = answered["decisions"]  # type: ignore[index]
+            assert answered is not None  # true on every process, so on this one
+            decisions[start:stop] = answered["decisions"]
             continue
         began = time.perf_counter()
         answers = teacher.decide(_chunk_queries(ds, copies, task, config, start, stop))

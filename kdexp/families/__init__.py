@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import datasets
 import torch
@@ -27,6 +27,9 @@ from kdexp.errors import DataError, ModelError
 from kdexp.families import extractive_qa, multiple_choice
 from kdexp.families.label_words import LabelWordChoiceModel, is_causal_lm, label_word_ids
 from kdexp.tasks import CLASSIFICATION, EXTRACTIVE_QA, MULTIPLE_CHOICE, GlueTask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["featurizer", "input_form", "load_head_model", "output_logits", "read_local_split", "read_hub_split"]
 
@@ -126,7 +129,7 @@ def load_head_model(
     attn_implementation: str,
     require_head: bool,
     label_config: dict[str, Any],
-) -> tuple[torch.nn.Module, list[str]]:
+) -> tuple[PreTrainedModel, list[str]]:
     """The model of `task`'s family from a checkpoint (a decoder LM wrapped to answer through label words),
     and the head weights the checkpoint lacked (for `require_head`)."""
     auto = auto_class(task, config)
@@ -142,26 +145,30 @@ def load_head_model(
     base = f"{model.base_model_prefix}."
     missing_head = [k for k in info["missing_keys"] if not k.startswith(base) and "lm_head" not in k]
     if is_causal_lm(config):
-        from transformers import AutoTokenizer
-
-        words = multiple_choice.label_words(task.num_labels)
-        model = LabelWordChoiceModel(model, label_word_ids(AutoTokenizer.from_pretrained(name_or_path), words))
+        model = _answering_through_label_words(model, task, name_or_path)
         missing_head = []  # the LM head is the head: label words need nothing new
     return model, missing_head
 
 
 def new_head_model(
     task: GlueTask, config: Any, attn_implementation: str, dtype: torch.dtype, tokenizer_path: str
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """A randomly initialised model of `task`'s family from `config` (`student.init=random`); a decoder reads the
     label words of the tokenizer at `tokenizer_path`."""
     model = auto_class(task, config).from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     if not is_causal_lm(config):
         return model
+    return _answering_through_label_words(model, task, tokenizer_path)
+
+
+def _answering_through_label_words(lm: PreTrainedModel, task: GlueTask, tokenizer_path: str) -> PreTrainedModel:
+    """`lm` answering `task`'s options through the label words of the tokenizer at `tokenizer_path`. The wrapper
+    is no PreTrainedModel but stands in for one (config, forward, input embeddings, save_pretrained)."""
     from transformers import AutoTokenizer
 
     words = multiple_choice.label_words(task.num_labels)
-    return LabelWordChoiceModel(model, label_word_ids(AutoTokenizer.from_pretrained(tokenizer_path), words))
+    wrapped = LabelWordChoiceModel(lm, label_word_ids(AutoTokenizer.from_pretrained(tokenizer_path), words))
+    return cast("PreTrainedModel", wrapped)
 
 
 def output_logits(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -102,8 +102,8 @@ class QAMetrics(torch.nn.Module):
             examples, features, starts, ends, version_2_with_negative=self.task.with_no_answer
         )
         references = {row["id"]: row["answers"]["text"] for row in examples}
-        values = qa_core.squad_metrics(predictions, references)  # x100, as the official script prints them
-        return {k: float(v) / 100 for k, v in values.items() if k in ("exact_match", "f1")}  # fractions, as GLUE's
+        scores = qa_core.squad_metrics(predictions, references)  # x100, as the official script prints them
+        return {k: float(v) / 100 for k, v in scores.items() if k in ("exact_match", "f1")}  # fractions, as GLUE's
 
     def reset(self) -> None:
         self.logits = {}

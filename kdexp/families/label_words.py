@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
 from kdexp.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Decoder families kdexp reads as multiple-choice models through label words.
 CAUSAL_LM_TYPES = ("gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "opt", "qwen2", "phi")
@@ -59,7 +62,10 @@ def label_word_ids(tokenizer: Any, words: list[str]) -> list[int]:
 class LabelWordChoiceModel(nn.Module):
     """A causal LM whose output is the next-token logits of the label words at each row's last real token."""
 
-    def __init__(self, lm: nn.Module, word_ids: list[int]) -> None:
+    lm: PreTrainedModel
+    word_ids: Tensor  # a buffer
+
+    def __init__(self, lm: PreTrainedModel, word_ids: list[int]) -> None:
         super().__init__()
         self.lm = lm
         self.config = lm.config
@@ -96,7 +102,7 @@ class LabelWordChoiceModel(nn.Module):
     def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
         self.lm.save_pretrained(folder, **kwargs)
 
-    def with_lm(self, lm: nn.Module) -> "LabelWordChoiceModel":
+    def with_lm(self, lm: PreTrainedModel) -> "LabelWordChoiceModel":
         """The same label words on another LM (a student cut from this one)."""
         return LabelWordChoiceModel(lm, self.word_ids.tolist())
 

@@ -351,14 +351,14 @@ def _first_answer_characters(answers: Mapping[str, list]) -> tuple[int, int] | N
 def _answer_token_span(offsets: list[list[int] | None], characters: tuple[int, int] | None) -> tuple[int, int]:
     """The first and last passage tokens of the answer characters in this window; the no-answer position twice
     when the window does not hold all of them."""
-    passage_tokens = [token for token, offset in enumerate(offsets) if offset is not None]
-    if characters is None or not passage_tokens:
+    passage = [(token, offset) for token, offset in enumerate(offsets) if offset is not None]
+    if characters is None or not passage:
         return NO_ANSWER_INDEX, NO_ANSWER_INDEX
     first_char, end_char = characters
-    if offsets[passage_tokens[0]][0] > first_char or offsets[passage_tokens[-1]][1] < end_char:
+    if passage[0][1][0] > first_char or passage[-1][1][1] < end_char:
         return NO_ANSWER_INDEX, NO_ANSWER_INDEX
-    start = max(token for token in passage_tokens if offsets[token][0] <= first_char)
-    end = min(token for token in passage_tokens if offsets[token][1] >= end_char)
+    start = max(token for token, (first, _) in passage if first <= first_char)
+    end = min(token for token, (_, stop) in passage if stop >= end_char)
     return (start, end) if start <= end else (NO_ANSWER_INDEX, NO_ANSWER_INDEX)
 
 

@@ -11,7 +11,8 @@ and keeps the phase state in checkpoints.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import pytorch_lightning as pl
 import torch
@@ -22,7 +23,7 @@ from kdexp.config import OptimConfig
 from kdexp.errors import ConfigError
 from kdexp.families import output_logits
 from kdexp.losses import task_loss, weighted_sum
-from kdexp.metrics import eval_prefix, task_metrics
+from kdexp.metrics import SplitMetrics, eval_prefix, task_metrics
 from kdexp.model_internals import model_inputs
 from kdexp.phases import PhaseSchedule, phase_lr_factor
 from kdexp.tasks import FAMILIES, GlueTask
@@ -93,7 +94,7 @@ class DistillationModule(pl.LightningModule):
         cls.check_task(task)
 
     @classmethod
-    def from_run(cls, run: "RunContext", options: Any = None) -> "DistillationModule":
+    def from_run(cls, run: "RunContext", options: Any) -> "DistillationModule":
         """Build the module for one run; methods that need teacher signals or options override this."""
         return cls(student=run.student, task=run.task, optim=run.optim)
 
@@ -114,7 +115,7 @@ class DistillationModule(pl.LightningModule):
         """The method's unweighted loss terms on `batch`, by name."""
         raise NotImplementedError(f"{type(self).__name__} must define loss_terms")
 
-    def loss_weights(self) -> dict[str, float | torch.Tensor]:
+    def loss_weights(self) -> Mapping[str, float | torch.Tensor]:
         """The weight of each term that is minimised now (terms without one are only logged)."""
         return {"ce": 1.0}
 
@@ -149,13 +150,20 @@ class DistillationModule(pl.LightningModule):
         self.record_phase_loss(loss)
         return loss
 
+    @property
+    def split_metrics(self) -> list[SplitMetrics]:
+        """`eval_metrics`, one per eval split, typed (a ModuleList forgets the types of its modules)."""
+        return cast(list[SplitMetrics], list(self.eval_metrics))
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
-        self.eval_metrics[dataloader_idx].update_batch(logits.float(), batch)
+        self.split_metrics[dataloader_idx].update_batch(logits.float(), batch)
 
     def on_validation_epoch_end(self) -> None:
-        data = getattr(self.trainer.datamodule, "data", None) if self._trainer is not None else None
-        for split, metrics in zip(self.task.eval_splits, self.eval_metrics):
+        # Lightning sets `trainer.datamodule` when a run starts; its Trainer class does not declare it.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "data", None)
+        for split, metrics in zip(self.task.eval_splits, self.split_metrics):
             values = metrics.compute_split(data, split)
             metrics.reset()
             prefix = eval_prefix(self.task, split)
@@ -218,8 +226,9 @@ class DistillationModule(pl.LightningModule):
             self._begin_phase()
 
     def _begin_phase(self) -> None:
+        assert self.phases is not None  # a phase ends only in a phased run
         self._restart_learning_rate()
-        self.on_phase_start(self.phases.index)  # type: ignore[union-attr]
+        self.on_phase_start(self.phases.index)
 
     def _phase_lr_factor(self, step: int) -> float:
         assert self.phases is not None

@@ -373,6 +373,7 @@ class DBKD(DecisionDistillation):
 
     method_name = "dbkd"
     Options = DBKDOptions
+    options: DBKDOptions
 
     def __init__(self, *args: Any, estimated_logits: torch.Tensor, **kwargs: Any):
         super().__init__(*args, targets=None, **kwargs)

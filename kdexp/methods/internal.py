@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, cast
 
 import torch
 from omegaconf import MISSING
@@ -35,9 +35,9 @@ from kdexp.config import require
 from kdexp.errors import ConfigError
 from kdexp.internal.layer_map import LayerPair, resolve_layer_map
 from kdexp.internal.losses import HEAD_MISMATCH_RULES, InternalProjections, internal_terms, internal_weights
-from kdexp.internal.stages import ALGORITHMS, StageSchedule, num_internal_stages, total_epochs_needed
+from kdexp.internal.stages import ALGORITHMS, Algorithm, StageSchedule, num_internal_stages, total_epochs_needed
 from kdexp.losses import hinton_weights, kd_terms
-from kdexp.losses.features import ATTENTION_HEAD_REDUCTIONS
+from kdexp.losses.features import ATTENTION_HEAD_REDUCTIONS, HeadMismatch
 from kdexp.methods.base import DistillationModule
 from kdexp.model_internals import ModelInternals, forward_with_internals, truncated_encoder
 from kdexp.tasks import CLASSIFICATION
@@ -144,6 +144,7 @@ class InternalDistillation(DistillationModule):
     families = (CLASSIFICATION,)
 
     Options = InternalOptions
+    phases: StageSchedule  # set in __init__: the stages are the phases
 
     def __init__(
         self, student: Any, task: Any, optim: Any = None, *, options: InternalOptions, teacher: TeacherSignals
@@ -165,21 +166,25 @@ class InternalDistillation(DistillationModule):
                 )
         self.layer_pairs = tuple(pairs)
         self.phases = StageSchedule(
-            options.algorithm,
+            cast(Algorithm, options.algorithm),  # InternalOptions.check refused any other
             pairs,
             options.epochs_per_stage,
-            options.patience,  # type: ignore[arg-type]
+            options.patience,
             options.min_delta,
             final_kd=options.kd_epochs > 0,
         )
         self.lr_per_phase = options.lr_schedule == "per_stage"
-        teacher_width = model.config.hidden_size if model is not None else int(teacher.cached_cls.shape[-1])  # type: ignore[union-attr]
+        if model is not None:
+            teacher_width = model.config.hidden_size
+        else:
+            assert teacher.cached_cls is not None  # without the model, the teacher's layers are its cached [CLS]
+            teacher_width = int(teacher.cached_cls.shape[-1])
         # Learned W per pair (Linear where widths differ): submodules, so optimised and checkpointed.
         self.projections = InternalProjections(pairs, student.config.hidden_size, teacher_width)
 
     @property
     def schedule(self) -> StageSchedule:
-        return self.phases  # type: ignore[return-value]
+        return self.phases
 
     @classmethod
     def check_config(cls, cfg: Any, task: Any) -> None:
@@ -275,16 +280,18 @@ class InternalDistillation(DistillationModule):
         pairs = self.schedule.active_pairs()
         teacher_out = self.teacher_internals(batch, pairs)
         student_out = self.student_internals(batch, pairs, need_logits=self.options.kd_in_internal_stages)
+        # Both hold hidden states: forwards with internals keep them, and the teacher's may be its cached [CLS].
+        assert student_out.hidden_states is not None and teacher_out.hidden_states is not None
         terms = internal_terms(
             pairs,
             student_out.hidden_states,
-            teacher_out.hidden_states,  # type: ignore[arg-type]
+            teacher_out.hidden_states,
             batch["attention_mask"],
             self.projections,
             student_out.attentions,
             teacher_out.attentions,
             self._kinds(),
-            self.options.head_mismatch,  # type: ignore[arg-type]
+            cast(HeadMismatch, self.options.head_mismatch),  # InternalOptions.check refused any other
             self.options.attention_heads,
         )
         if self.options.kd_in_internal_stages:
@@ -312,8 +319,8 @@ class InternalDistillation(DistillationModule):
                 )
             )
         if self.stage_needs_output_loss():
-            final = self.schedule.is_final_kd_stage and options.final_alpha is not None
-            weights.update(hinton_weights(options.final_alpha if final else options.alpha))
+            final_alpha = options.final_alpha if self.schedule.is_final_kd_stage else None
+            weights.update(hinton_weights(final_alpha if final_alpha is not None else options.alpha))
         return weights
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

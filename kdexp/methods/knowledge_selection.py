@@ -136,18 +136,21 @@ class KnowledgeSelection(DistillationModule):
     families = (CLASSIFICATION,)
 
     Options = KnowledgeSelectionOptions
+    phases: PhaseSchedule  # set in __init__: every run of the method is phased
 
     def __init__(
         self,
-        *args: Any,
+        student: Any,
+        task: Any,
+        optim: Any = None,
+        *,
         options: KnowledgeSelectionOptions,
         teacher: TeacherSignals,
         seed: int = 0,
         agent: DDPGAgent | None = None,
         method_info: dict[str, Any] | None = None,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(*args, teacher=teacher, **kwargs)
+        super().__init__(student, task, optim, teacher=teacher)
         if options.policy == "agent" and agent is None:
             raise ValueError("policy agent needs the trained agent (the agent stage)")
         model = teacher.model

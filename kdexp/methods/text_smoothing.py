@@ -59,6 +59,8 @@ from kdexp.tasks import MULTIPLE_CHOICE
 from kdexp.teacher import TeacherSignals
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from kdexp.context import RunContext
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ class TextSmoothing(DistillationModule):
         *args: Any,
         options: TextSmoothingOptions,
         special_token_ids: list[int],
-        mlm_model: torch.nn.Module | None = None,
+        mlm_model: PreTrainedModel | None = None,
         topk_store: TopKTokenStore | None = None,
         **kwargs: Any,
     ):
@@ -212,7 +214,7 @@ class TextSmoothing(DistillationModule):
         rows = super().batch_rows(batch)
         if self.topk_store is not None:
             q = self.topk_store.distributions(batch["idx"], batch["attention_mask"])
-            rows.update(mlm_probs=q.probs, mlm_token_ids=q.token_ids)
+            rows.update(mlm_probs=q.probs, mlm_token_ids=q.sparse_token_ids)
         return rows
 
     @torch.no_grad()
@@ -223,7 +225,7 @@ class TextSmoothing(DistillationModule):
                 return TokenDistributions(batch["mlm_probs"], batch["mlm_token_ids"], self.topk_store.vocab_size)
             q = self.topk_store.distributions(batch["idx"], batch["attention_mask"])  # a batch not prepared for it
             return TokenDistributions(
-                q.probs.to(batch["input_ids"].device), q.token_ids.to(batch["input_ids"].device), q.vocab_size
+                q.probs.to(batch["input_ids"].device), q.sparse_token_ids.to(batch["input_ids"].device), q.vocab_size
             )
         mlm = self._mlm[0]
         # The MLM reads sequences: a multiple-choice row's [C, L] options are C of them (row-major, as `real` is).
@@ -242,8 +244,8 @@ class TextSmoothing(DistillationModule):
             self.options.temperature,
         )
         probs = q.probs.new_zeros(*real.shape, self.options.top_k)
-        token_ids = q.token_ids.new_zeros(*real.shape, self.options.top_k)
-        probs[real], token_ids[real] = q.probs[0], q.token_ids[0]
+        token_ids = q.sparse_token_ids.new_zeros(*real.shape, self.options.top_k)
+        probs[real], token_ids[real] = q.probs[0], q.sparse_token_ids[0]
         return TokenDistributions(probs, token_ids, q.vocab_size)
 
     def smoothed_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -326,6 +328,7 @@ class TextSmoothing(DistillationModule):
             return super().training_step(batch, batch_idx)
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
+        assert not isinstance(scheduler, list)  # configure_optimizers gives one scheduler
         order = ("original", "smoothed") if self.options.step_order == "original_first" else ("smoothed", "original")
         losses: dict[str, torch.Tensor] = {}
         terms: dict[str, torch.Tensor] = {}

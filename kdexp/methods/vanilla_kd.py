@@ -8,6 +8,7 @@ and data), or from a live teacher forward when `live_teacher` is set (for compar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,7 @@ class VanillaKD(DistillationModule):
             self.task.is_regression,
         )
 
-    def loss_weights(self) -> dict[str, float | torch.Tensor]:
+    def loss_weights(self) -> Mapping[str, float | torch.Tensor]:
         if self.options.kd_form == "additive":
             return {"ce": 1.0, "kd": self.options.alpha}
         return hinton_weights(self.options.alpha)

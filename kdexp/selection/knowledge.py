@@ -17,9 +17,11 @@ non-zero weight are computed: ``feak`` and ``relk`` need a live teacher forward 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from kdexp.families import output_logits
 from kdexp.internal.layer_map import LayerPair, resolve_layer_map
@@ -41,22 +43,18 @@ class KnowledgeTerms(nn.Module):
 
     def __init__(
         self,
-        student_config: object,
-        teacher_config: object,
+        student_config: Any,
+        teacher_config: Any,
         temperature: float,
         regression: bool,
-        layer_map: object = "uniform",
+        layer_map: str | Sequence[Sequence[int]] | None = "uniform",
     ) -> None:
         super().__init__()
         self.pairs = tuple(
-            resolve_layer_map(
-                layer_map,
-                student_config.num_hidden_layers,  # type: ignore[attr-defined]
-                teacher_config.num_hidden_layers,
-            )
-        )  # type: ignore[attr-defined]
+            resolve_layer_map(layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
+        )
         names = ["embeddings"] + [str(pair) for pair in self.pairs]
-        self.projections = Projections(names, student_config.hidden_size, teacher_config.hidden_size)  # type: ignore[attr-defined]
+        self.projections = Projections(names, student_config.hidden_size, teacher_config.hidden_size)
         self.temperature = temperature
         self.regression = regression
 
@@ -65,7 +63,7 @@ class KnowledgeTerms(nn.Module):
         return self.projections(name, hidden)
 
     def forward(
-        self, student: nn.Module, teacher: TeacherSignals, batch: Mapping[str, Tensor], kinds: Sequence[str]
+        self, student: PreTrainedModel, teacher: TeacherSignals, batch: Mapping[str, Tensor], kinds: Sequence[str]
     ) -> dict[str, Tensor]:
         """The terms of `kinds` (a subset of ``fink, resk, feak, relk``) for `batch`; student logits too."""
         unknown = set(kinds) - set(KNOWLEDGE_KINDS)

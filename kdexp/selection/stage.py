@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import get_linear_schedule_with_warmup
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from kdexp.cache import (
     atomic_torch_save,
@@ -100,7 +100,7 @@ def standardised(vector: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def selection_state(student: nn.Module, teacher_cls: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+def selection_state(student: PreTrainedModel, teacher_cls: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
     """``[h_S(CLS) | h_T(CLS)]``: the final-layer [CLS] vectors averaged over the batch, each standardised.
 
     The student is read in eval mode (no dropout), so the state draws no random numbers.
@@ -207,7 +207,7 @@ class AgentStage:
     def __init__(
         self,
         settings: StageSettings,
-        student: nn.Module,
+        student: PreTrainedModel,
         teacher: TeacherSignals,
         teacher_cls_layer: int,
         data: TaskData,
@@ -234,14 +234,11 @@ class AgentStage:
         seed_all(seed)
         hardware = self.hardware
         teacher = hardware.to_device(self.teacher)  # its live model follows (TeacherSignals._apply)
+        teacher_model = teacher.model
+        assert teacher_model is not None  # checked in __init__
         student = hardware.to_device(copy.deepcopy(self.initial_student)).train()
         knowledge = hardware.to_device(
-            KnowledgeTerms(
-                student.config,
-                teacher.model.config,
-                self.temperature,  # type: ignore[union-attr]
-                self.data.task.is_regression,
-            )
+            KnowledgeTerms(student.config, teacher_model.config, self.temperature, self.data.task.is_regression)
         )
         trained = nn.ModuleList([student, knowledge])
         parameters = [*student.named_parameters(), *knowledge.named_parameters()]
@@ -291,7 +288,7 @@ class AgentStage:
         self.agent.update()
         return record
 
-    def _state(self, student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def _state(self, student: PreTrainedModel, batch: dict[str, Tensor]) -> Tensor:
         with self.hardware.autocast():
             return selection_state(student, self.teacher.cls(batch, self.teacher_cls_layer), batch)
 

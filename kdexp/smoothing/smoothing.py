@@ -67,6 +67,13 @@ class TokenDistributions:
     def is_dense(self) -> bool:
         return self.token_ids is None
 
+    @property
+    def sparse_token_ids(self) -> Tensor:
+        """``token_ids`` of the sparse form; the dense form has none (ValueError)."""
+        if self.token_ids is None:
+            raise ValueError("dense distributions have no token ids")
+        return self.token_ids
+
     def to_dense(self) -> Tensor:
         """The ``[B, L, V]`` form (materialises the full vocabulary: for tests and small ``V``)."""
         if self.token_ids is None:
@@ -246,7 +253,7 @@ def measure_topk_embedding_error(
                 smooth_token_distributions(truncated_distributions, token_ids, nothing_kept, smooth_rate), weight
             )
             difference = truncated - exact
-            retained_mass = exact_distributions.probs.gather(-1, truncated_distributions.token_ids).sum(dim=-1)
+            retained_mass = exact_distributions.probs.gather(-1, truncated_distributions.sparse_token_ids).sum(dim=-1)
             bound = topk_embedding_error_bound(retained_mass, weight, smooth_rate)
             errors.append(
                 TopKEmbeddingError(

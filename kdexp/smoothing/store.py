@@ -22,7 +22,7 @@ renormalises each row in float32, so the float16 rounding never changes the tota
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ from kdexp.hardware import Hardware
 from kdexp.model_internals import model_inputs
 from kdexp.smoothing.heads import masked_lm_head
 from kdexp.smoothing.smoothing import TokenDistributions, mlm_token_distributions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BYTES_PER_TOKEN_AND_K = 2 + 4  # float16 probability + int32 token id
 
@@ -42,7 +45,7 @@ def store_bytes(num_tokens: int, top_k: int) -> int:
 
 @torch.no_grad()
 def topk_distributions_at(
-    mlm: torch.nn.Module,
+    mlm: PreTrainedModel,
     input_ids: Tensor,
     attention_mask: Tensor,
     token_type_ids: Tensor | None,
@@ -70,7 +73,7 @@ def topk_distributions_at(
         raise ValueError("no positions selected")
     return TokenDistributions(
         torch.cat([part.probs for part in parts], dim=1),
-        torch.cat([part.token_ids for part in parts], dim=1),
+        torch.cat([part.sparse_token_ids for part in parts], dim=1),
         parts[0].vocab_size,
     )
 
@@ -137,7 +140,7 @@ class TopKTokenStore:
 
 @torch.no_grad()
 def build_topk_store(
-    mlm: torch.nn.Module,
+    mlm: PreTrainedModel,
     batches: Iterable[dict[str, Tensor]],
     lengths: list[int],
     top_k: int,
@@ -179,7 +182,7 @@ def build_topk_store(
             starts = offsets[batch["idx"]]
             target = (starts.unsqueeze(1) + torch.arange(real.shape[1])).masked_select(real)
             probs[target] = q.probs[0].cpu().half()
-            token_ids[target] = q.token_ids[0].cpu().int()
+            token_ids[target] = q.sparse_token_ids[0].cpu().int()
             filled[batch["idx"]] = 1
     for rows in (probs, token_ids, filled):
         hardware.combine_rows(rows)

@@ -18,8 +18,9 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -32,6 +33,8 @@ from kdexp.model_internals import model_inputs
 from kdexp.models import build_student
 from kdexp.run import build_context, build_module, compose_config, student_source, trainer_options
 from kdexp.training import GlueDataModule, ThroughputMeter
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 DEFAULT_VARIANTS = {
     "finetune": ["method=finetune"],
@@ -48,6 +51,8 @@ DEFAULT_RATIOS = [
 class PeakMemory:
     """Peak memory (MB) added while the block runs: CUDA allocator peak, or the process's peak RSS on Linux."""
 
+    _start: int | None  # allocated bytes (CUDA) or RSS in kB when the block began; None: no peak to read
+
     def __enter__(self) -> "PeakMemory":
         self.megabytes = float("nan")
         if torch.cuda.is_available():
@@ -59,10 +64,12 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._start is None:
+            return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.megabytes = (torch.cuda.max_memory_allocated() - self._start) / 2**20
-        elif self._start is not None:
+        else:
             self.megabytes = (_status_kb("VmHWM") - self._start) / 1024
 
 
@@ -127,6 +134,12 @@ def adamw_as_kdexp(named_parameters: Any, optim: Any) -> torch.optim.AdamW:
     )
 
 
+def moved_to(model: ModelT, device: torch.device) -> ModelT:
+    """``model.to(device)``, typed as the model (mypy misreads the signature of ``PreTrainedModel.to``)."""
+    model.to(device)  # a module moves in place
+    return model
+
+
 def bare_loop_examples_per_second(context: RunContext) -> float:
     """The work of `finetune` without the framework: forward, CE, backward, clip, AdamW, schedule."""
     from transformers import get_linear_schedule_with_warmup
@@ -134,7 +147,7 @@ def bare_loop_examples_per_second(context: RunContext) -> float:
     cfg = context.cfg
     device = context.hardware.device
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
+    student = moved_to(build_student(cfg.student, student_source(cfg, context.teacher), context.task), device).train()
     optimizer = adamw_as_kdexp(student.named_parameters(), cfg.optim)
     loader = make_loader(context.data.train, context.data, cfg.data.batch_size, True, cfg.seed)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * len(loader)), len(loader))
@@ -160,10 +173,10 @@ def benchmark(common: list[str], variants: dict[str, list[str]], repeats: int, b
     runners: dict[str, Callable[[], float]] = {}
     for name, overrides in variants.items():
         context, cls, options = build_context(compose_config(common + overrides), Path("."))
-        runners[name] = lambda c=context, k=cls, o=options: lightning_examples_per_second(c, k, o)
+        runners[name] = partial(lightning_examples_per_second, context, cls, options)
     if bare_loop:
         context, _, _ = build_context(compose_config(common + ["method=finetune"]), Path("."))
-        runners["bare_loop"] = lambda c=context: bare_loop_examples_per_second(c)
+        runners["bare_loop"] = partial(bare_loop_examples_per_second, context)
     samples: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):

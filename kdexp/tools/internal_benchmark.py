@@ -24,8 +24,9 @@ import json
 import statistics
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -33,11 +34,17 @@ from kdexp.data import make_loader
 from kdexp.internal.layer_map import resolve_layer_map
 from kdexp.internal.losses import InternalProjections, internal_terms, internal_weights
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
+from kdexp.losses.features import HeadMismatch
 from kdexp.methods.internal import InternalOptions
 from kdexp.model_internals import forward_with_internals, truncated_encoder
 from kdexp.models import build_student
 from kdexp.run import RunContext, build_context, compose_config, resolve_method, student_source
-from kdexp.tools.benchmark import adamw_as_kdexp, bare_loop_examples_per_second, lightning_examples_per_second
+from kdexp.tools.benchmark import (
+    adamw_as_kdexp,
+    bare_loop_examples_per_second,
+    lightning_examples_per_second,
+    moved_to,
+)
 
 VARIANTS = {
     "finetune": ["method=finetune"],
@@ -80,8 +87,8 @@ def bare_internal_loop_examples_per_second(context: RunContext) -> float:
     cfg, options = context.cfg, _method_options(context)
     device = _device(context)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
-    teacher = context.teacher.load_model().to(device)
+    student = moved_to(build_student(cfg.student, student_source(cfg, context.teacher), context.task), device).train()
+    teacher = moved_to(context.teacher.load_model(), device)
     teacher_logits = context.teacher.logits(context.data, context.task.train_split).to(device)
     pairs = resolve_layer_map(options.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     projections = InternalProjections(pairs, student.config.hidden_size, teacher.config.hidden_size).to(device)
@@ -105,16 +112,18 @@ def bare_internal_loop_examples_per_second(context: RunContext) -> float:
         with torch.no_grad(), truncated_encoder(teacher, teacher_depth):
             teacher_out = forward_with_internals(teacher, batch, need_attentions=need_attentions)
         student_out = forward_with_internals(student, batch, need_attentions=need_attentions)
+        # Both forwards keep their hidden states (forward_with_internals' need_hidden_states defaults to True).
+        assert student_out.hidden_states is not None and teacher_out.hidden_states is not None
         terms = internal_terms(
             pairs,
             student_out.hidden_states,
             teacher_out.hidden_states,
             batch["attention_mask"],
-            projections,  # type: ignore[arg-type]
+            projections,
             student_out.attentions,
             teacher_out.attentions,
             kinds,
-            options.head_mismatch,  # type: ignore[arg-type]
+            cast(HeadMismatch, options.head_mismatch),  # InternalOptions.check refused any other
         )
         if with_kd:
             terms.update(
@@ -156,8 +165,8 @@ def components(context: RunContext, num_batches: int = 6) -> dict[str, Any]:
     cfg, options = context.cfg, _method_options(context)
     device = _device(context)
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, student_source(cfg, context.teacher), context.task).to(device).train()
-    teacher = context.teacher.load_model().to(device)
+    student = moved_to(build_student(cfg.student, student_source(cfg, context.teacher), context.task), device).train()
+    teacher = moved_to(context.teacher.load_model(), device)
     pairs = resolve_layer_map(options.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     teacher_layers = sorted({p.teacher for p in pairs})
     loader = make_loader(context.data.train, context.data, cfg.data.batch_size, True, cfg.seed)
@@ -165,9 +174,11 @@ def components(context: RunContext, num_batches: int = 6) -> dict[str, Any]:
 
     def student_step(eager: bool) -> None:
         out = forward_with_internals(student, batch, need_attentions=eager)
-        loss = out.logits.float().sum() + sum(h[:, 0].sum() for h in out.hidden_states[1:])  # type: ignore[union-attr]
+        assert out.hidden_states is not None
+        loss = out.logits.float().sum() + sum(h[:, 0].sum() for h in out.hidden_states[1:])
         if eager:
-            loss = loss + sum(a.sum() for a in out.attentions)  # type: ignore[union-attr]
+            assert out.attentions is not None
+            loss = loss + sum(a.sum() for a in out.attentions)
         loss.backward()
         student.zero_grad(set_to_none=True)
 
@@ -223,7 +234,7 @@ def run_benchmark(
     runners: dict[str, Callable[[], float]] = {}
     for name, overrides in variants.items():
         context, cls, options = build_context(compose_config(common + overrides), Path("."))
-        runners[name] = lambda c=context, k=cls, o=options: lightning_examples_per_second(c, k, o)
+        runners[name] = partial(lightning_examples_per_second, context, cls, options)
     internal, _, _ = build_context(compose_config(common + ["method=internal_all"]), Path("."))
     runners["bare_internal_all"] = lambda: bare_internal_loop_examples_per_second(internal)
     if bare_finetune:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from kdexp.data import pad_batch
 from kdexp.decision.queries import QueryConfig, augment_examples, examples_of
@@ -39,14 +40,16 @@ def _rows_per_second(rows: int, work: Callable[[], Any]) -> float:
     return rows / (time.perf_counter() - started)
 
 
-def bare_logits(model: torch.nn.Module, tokenized: Any, pad_token_id: int, sort: bool) -> torch.Tensor:
+def bare_logits(model: PreTrainedModel, tokenized: Any, pad_token_id: int, sort: bool) -> torch.Tensor:
     examples = [tokenized[i] for i in range(len(tokenized))]
     order = (
         sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
         if sort
         else list(range(len(examples)))
     )
-    out = torch.empty(len(examples), model.config.num_labels)
+    num_labels = model.config.num_labels
+    assert num_labels is not None  # a classifier's config names its labels (id2label)
+    out = torch.empty(len(examples), num_labels)
     with torch.inference_mode():
         for start in range(0, len(order), BARE_BATCH):
             rows = order[start : start + BARE_BATCH]
@@ -55,7 +58,7 @@ def bare_logits(model: torch.nn.Module, tokenized: Any, pad_token_id: int, sort:
     return out
 
 
-def bare_decisions(model: torch.nn.Module, tokenizer: Any, queries: Sequence[Query], max_length: int) -> torch.Tensor:
+def bare_decisions(model: PreTrainedModel, tokenizer: Any, queries: Sequence[Query], max_length: int) -> torch.Tensor:
     pairs = not isinstance(queries[0], str)
     encoded = (
         tokenizer([q[0] for q in queries], [q[1] for q in queries], truncation=True, max_length=max_length)

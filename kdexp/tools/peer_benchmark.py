@@ -31,6 +31,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,13 +144,10 @@ def benchmark(common: list[str], seeds: list[int]) -> dict[str, Any]:
         grouped, _, grouped_options = build_context(compose_config(settings + ["data.group_by_length=true"]), Path("."))
         initial = copy.deepcopy(context.student.state_dict())
         runners += [
-            ("kdexp_vanilla_kd", lambda c=context, k=method_cls, o=options, i=initial: kdexp_run(c, k, o, i)),
-            (
-                "kdexp_vanilla_kd_grouped",
-                lambda c=grouped, k=method_cls, o=grouped_options, i=initial: kdexp_run(c, k, o, i),
-            ),
-            ("textbrewer_padded_to_max_length", lambda c=context, i=initial: peer_run(c, i, pad_to_max_length=True)),
-            ("textbrewer_padded_per_batch", lambda c=context, i=initial: peer_run(c, i, pad_to_max_length=False)),
+            ("kdexp_vanilla_kd", partial(kdexp_run, context, method_cls, options, initial)),
+            ("kdexp_vanilla_kd_grouped", partial(kdexp_run, grouped, method_cls, grouped_options, initial)),
+            ("textbrewer_padded_to_max_length", partial(peer_run, context, initial, pad_to_max_length=True)),
+            ("textbrewer_padded_per_batch", partial(peer_run, context, initial, pad_to_max_length=False)),
         ]
     speeds: dict[str, list[float]] = defaultdict(list)
     accuracies: dict[str, list[float]] = defaultdict(list)
