@@ -161,6 +161,12 @@ def mrc_task(task_cfg: DictConfig) -> GlueTask:
     task = get_task(task_cfg.name)
     articles = tuple(task_cfg.get("dev_articles") or ())
     if task_cfg.get("train_file") is None:
+        if task_cfg.get("dev_file") or articles:
+            given = "task.dev_file" if task_cfg.get("dev_file") else "task.dev_articles"
+            raise ConfigError(
+                f"{given} is set but task.train_file is not: an MRC task reads both splits from the official "
+                f"release or both from one's own files; set task.train_file=<file> too (e.g. the release's train.json)."
+            )
         return task
     train_file = to_absolute_path(task_cfg.train_file)
     dev_file = to_absolute_path(task_cfg.dev_file) if task_cfg.get("dev_file") else train_file

@@ -79,7 +79,7 @@ def test_multirun_reuses_one_teacher_and_reports(real_env: dict[str, str], tmp_p
         if line.startswith("| ") and "method" not in line
     }
     for r in results:
-        assert rows[r["method"]] == f"{100 * r['metrics']['val/accuracy']:.1f}"
+        assert rows[r["method"]] == f"{100 * r['metrics']['val/accuracy']:.1f} n=1"
     assert rows["teacher"] == f"{100 * results[0]['teacher_metrics']['val/accuracy']:.1f}"
     assert (sweep / "report.md").exists() and (sweep / "report.csv").exists()
 

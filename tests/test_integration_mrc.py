@@ -22,16 +22,35 @@ def mrc_env(real_env: dict[str, str]) -> dict[str, str]:
     return dict(real_env, MRC_DIR=str(MRC))
 
 
+def accuracy_by_hand(student: Path, dev_file: Path, questions: int, max_length: int) -> float:
+    """A saved multiple-choice student scored without kdexp: the official file read with `json`, one
+    (dialogue, question + option) pair per option, the dialogue truncated, the answer compared as text."""
+    import torch
+    from transformers import AutoModelForMultipleChoice, AutoTokenizer
+
+    rows = [(turns, q) for turns, qs, _ in json.loads(dev_file.read_text()) for q in qs][:questions]
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForMultipleChoice.from_pretrained(student).eval()
+    right = 0
+    for turns, q in rows:
+        pairs = ["\n".join(turns)] * len(q["choice"]), [f"{q['question']} {c}".strip() for c in q["choice"]]
+        encoded = tokenizer(*pairs, truncation="only_first", max_length=max_length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**{k: v.unsqueeze(0) for k, v in encoded.items()}).logits[0]
+        right += q["choice"][int(logits.argmax())] == q["answer"]
+    return right / len(rows)
+
+
 def test_dream_multiple_choice_runs_finetune_vanilla_kd_and_dbkd_from_the_official_files(
     mrc_env, tmp_path: Path
 ) -> None:
-    sweep = tmp_path / "dream"
-    kdexp_train(
-        mrc_env,
-        "-m",
+    """One teacher for the sweep, N queries per question for DBKD, and each saved student scores on the
+    official dev file, re-read and re-scored by hand, exactly what its results.json says. (That the
+    students learn is not asserted here: MiniLM-L6 needs far more than a test's budget to rise above
+    chance on DREAM.)"""
+    common = [
         "task=dream",
-        "method=finetune,vanilla_kd,dbkd",
-        "teacher.max_train_samples=300",
+        "teacher.max_train_samples=120",
         "teacher.epochs=1",
         "data.max_train_samples=120",
         "data.max_eval_samples=90",
@@ -40,20 +59,24 @@ def test_dream_multiple_choice_runs_finetune_vanilla_kd_and_dbkd_from_the_offici
         "trainer.max_epochs=1",
         "student.num_layers=2",
         "optim.learning_rate=5e-4",
-        "method.queries.num_queries=3",
         "trainer.enable_progress_bar=false",
         "logger=csv",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
+    ]
+    sweep = tmp_path / "dream"
+    log = kdexp_train(mrc_env, "-m", *common, "method=finetune,vanilla_kd", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    log += kdexp_train(
+        mrc_env, *common, "method=dbkd", "method.queries.num_queries=3", f"hydra.run.dir={sweep / 'dbkd'}", cwd=tmp_path
     )
-    results = {r["method"]: r for r in (json.loads(p.read_text()) for p in sweep.rglob("results.json"))}
+    assert log.count("Fine-tuning teacher") == 1 and log.count("Reusing teacher") == 2
+    folders = {json.loads(p.read_text())["method"]: p.parent for p in sweep.rglob("results.json")}
+    results = {method: json.loads((folder / "results.json").read_text()) for method, folder in folders.items()}
     assert set(results) == {"finetune", "vanilla_kd", "dbkd"}
-    for result in results.values():
-        assert 0.0 <= result["metrics"]["val/accuracy"] <= 1.0 and result["train_examples"] == 120
+    assert len({r["teacher_key"] for r in results.values()}) == 1
     assert results["dbkd"]["method_info"]["teacher_queries"] == 120 * 3  # N queries per question
-    assert results["dbkd"]["teacher_key"] == results["finetune"]["teacher_key"]  # one teacher for the sweep
-    # the teacher, fine-tuned on 300 questions, is above chance (one option in three) on 90 dev questions
-    assert results["finetune"]["teacher_metrics"]["val/accuracy"] > 1 / 3
+    for method, folder in folders.items():
+        assert results[method]["train_examples"] == 120
+        by_hand = accuracy_by_hand(folder / "student", MRC / "dream" / "dev.json", 90, 96)
+        assert results[method]["metrics"]["val/accuracy"] == pytest.approx(by_hand, abs=1e-6), method
 
 
 def test_the_squad_subset_split_by_article_runs_text_smoothing_and_reports_em_and_f1(mrc_env, tmp_path: Path) -> None:

@@ -231,3 +231,13 @@ def test_a_method_that_does_not_apply_is_refused_in_one_line(
     with pytest.raises(ConfigError, match=message) as err:
         mrc_run(tmp_path, mrc_models[model], f"task={task}", f"method={method}", *extra)
     assert "\n" not in str(err.value)
+
+
+def test_a_dev_file_without_a_training_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Without task.train_file the official release gives both splits, so a dev file alone would be ignored."""
+    with pytest.raises(ConfigError, match="task.train_file is not") as err:
+        run(
+            compose_config(["task=dream", "task.dev_file=dev.json", f"cache_dir={tmp_path / 'cache'}"]),
+            tmp_path / "run",
+        )
+    assert "\n" not in str(err.value) and not (tmp_path / "cache").exists()

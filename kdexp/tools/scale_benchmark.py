@@ -33,6 +33,7 @@ from typing import Any
 
 STAGES = ("load", "fingerprint", "tokenise", "logits", "queries", "topk", "epoch", "warm_data")
 MAX_LENGTH = 64
+QUERY_CHUNK_ROWS_VARIABLE = "KDEXP_BENCH_QUERY_CHUNK_ROWS"  # DBKD's rows per query chunk in the stage processes
 
 
 def shared_glue_dir() -> Path:
@@ -115,6 +116,10 @@ def run_stage(stage: str, workdir: Path) -> None:
     from kdexp.data import content_fingerprint
 
     torch.manual_seed(0)
+    if os.environ.get(QUERY_CHUNK_ROWS_VARIABLE):  # a smaller chunk, so that a test sees the plateau at small sizes
+        from kdexp.decision import queries
+
+        queries.CHUNK_ROWS = int(os.environ[QUERY_CHUNK_ROWS_VARIABLE])
     task, _ = _task_and_source(workdir)
     inputs: dict[str, Any] = {}
     if stage == "fingerprint":
