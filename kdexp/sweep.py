@@ -254,6 +254,24 @@ def check_jobs(config: DictConfig) -> int | None:
     return len(jobs)
 
 
+def stopped_sweep_line(job_num: int, sweep_dir: Path) -> str:
+    """What a signal that stopped a sweep in job `job_num` left undone: that job and every later one
+    (the jobs as the sweep's `multirun.yaml` expands them; a count where its sweeper samples as it goes)."""
+    rerun = "launch the same sweep again to run them (its finished jobs are not trained again)"
+    try:
+        launched = OmegaConf.load(sweep_dir / "multirun.yaml")
+        jobs = sweep_jobs(launched) if isinstance(launched, DictConfig) else None
+    except Exception:  # an unreadable multirun.yaml must not hide the stop line itself
+        jobs = None
+    if jobs is None:
+        return f"kdexp-train: the sweep stopped in job #{job_num}; it and any later jobs did not run: {rerun}."
+    undone = [job_name(num, overrides, jobs) for num, overrides in enumerate(jobs) if num >= job_num]
+    return (
+        f"kdexp-train: the sweep stopped in job #{job_num}: {len(undone)} of its {len(jobs)} jobs did not "
+        f"finish: {', '.join(undone)}; {rerun}."
+    )
+
+
 def job_name(num: int, overrides: list[str], jobs: list[list[str]]) -> str:
     """`job #1 (method=dbkd seed=2)`: the job's number and the overrides in which the jobs differ."""
     differing = [o for i, o in enumerate(overrides) if len({job[i] for job in jobs}) > 1]

@@ -161,7 +161,19 @@ def hydra_app(cfg: DictConfig) -> float | None:
             print(f"kdexp-train: error: {err}", file=sys.stderr)
             sys.exit(2)
     except preemption.Preempted as stop:
-        sys.exit(report_stop(stop))
+        status = report_stop(stop)
+        if status and sweep_guarded():
+            report_stopped_sweep()
+        sys.exit(status)
+
+
+def report_stopped_sweep() -> None:
+    """After a sweep job's stop line: the jobs the signal left undone (kdexp.sweep.stopped_sweep_line)."""
+    from kdexp.sweep import stopped_sweep_line
+
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.runtime.cwd) / str(hydra_cfg.sweep.dir)
+    print(stopped_sweep_line(hydra_cfg.job.num, sweep_dir), file=sys.stderr, flush=True)
 
 
 def report_stop(stop: preemption.Preempted) -> int:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_bert_config
 from omegaconf import OmegaConf
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from kdexp.models import ModelError, build_student, model_max_positions, resolve_model_path, uniform_layer_indices
 from kdexp.tasks import get_task
@@ -142,3 +143,20 @@ def test_model_max_positions_from_config_json_without_the_network(
     config = {"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}
     (snapshot / "config.json").write_text(json.dumps(config))
     assert model_max_positions("org/tiny-roberta") == 512  # positions 0..pad_token_id are never used
+
+
+def test_a_checkpoint_saved_in_bf16_loads_in_float32_unless_the_dtype_key_says_otherwise(tmp_path: Path) -> None:
+    """Mixed precision needs float32 master weights: a bf16 checkpoint loads in float32 by default, with
+    the values it was saved with; `dtype=bfloat16` keeps bf16."""
+    from kdexp.models import load_classifier
+    from kdexp.tasks import get_task
+
+    torch.manual_seed(0)
+    saved = BertForSequenceClassification(tiny_bert_config()).to(torch.bfloat16)
+    saved.save_pretrained(tmp_path / "bf16")
+    by_default = load_classifier(str(tmp_path / "bf16"), get_task("sst2"), require_head=True)
+    kept = load_classifier(str(tmp_path / "bf16"), get_task("sst2"), require_head=True, dtype="bfloat16")
+    assert {p.dtype for p in by_default.parameters()} == {torch.float32}
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    for (name, value), reference in zip(by_default.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(value, reference.float()), name

@@ -174,3 +174,27 @@ def test_the_sweep_callback_goes_next_to_the_other_overrides() -> None:
         "--shell-completion",
         "query=x",
     ]
+
+
+def test_a_signal_stops_the_sweep_names_the_jobs_it_left_undone_and_a_relaunch_runs_them(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM in job #1 of three: the job saves its step checkpoint, the sweep exits 143 naming jobs #1
+    and #2 as not finished, and the same sweep launched again finishes them, leaving job #0 as it was."""
+    args = sweep_args(tiny_model_dir, glue_dir, tmp_path, "seed=1,2,3")
+    jobs = [tmp_path / "sweep" / f"{num}_sst2_vanilla_kd_seed{num + 1}" for num in range(3)]
+    proc = sweep(args, tmp_path, KDEXP_FAULT_AT="train_batch:job=1:epoch=0:batch=0", KDEXP_FAULT_ACTION="signal:TERM")
+    assert proc.returncode == 143, proc.stderr[-5000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kdexp-train:")]
+    assert lines[0].startswith("kdexp-train: stopped by SIGTERM: saved a step checkpoint")
+    assert lines[1:] == [
+        "kdexp-train: the sweep stopped in job #1: 2 of its 3 jobs did not finish: job #1 (seed=2), "
+        "job #2 (seed=3); launch the same sweep again to run them (its finished jobs are not trained again)."
+    ]
+    assert (jobs[0] / "results.json").exists() and not (jobs[1] / "results.json").exists() and not jobs[2].exists()
+
+    first = (jobs[0] / "results.json").read_text()
+    again = sweep(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert (jobs[0] / "results.json").read_text() == first
+    assert [json.loads((job / "results.json").read_text())["seed"] for job in jobs] == [1, 2, 3]
