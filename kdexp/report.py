@@ -65,6 +65,7 @@ from kdexp.report_formats import (
     to_svg,
 )
 from kdexp.report_plots import matplotlib_available, write_plots
+from kdexp.run_folder import FAILED_FILE
 from kdexp.tasks import EXTRACTIVE_QA, TASKS, GlueTask
 
 RESULTS_FILE = "results.json"
@@ -952,6 +953,15 @@ def shown_path(run: Path, folders: tuple[Path, ...]) -> str:
     return str(run)
 
 
+def failure_note(run: Path) -> str:
+    """` (failed: <its one-line error>)` for a sweep job that recorded its failure, else nothing."""
+    try:
+        error = json.loads((run / FAILED_FILE).read_text(encoding="utf-8"))["error"]
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or one that cannot be read: the path alone
+        return ""
+    return f" (failed: {error})"
+
+
 def unfinished_section(paths: list[str]) -> str:
     if not paths:
         return ""
@@ -991,7 +1001,7 @@ def write_report(
     refuse_duplicates(results)
     all_results = list(results.values())
     table = make_table(all_results, select_on, baseline)
-    unfinished = [shown_path(run, folders) for run in runs.unfinished]
+    unfinished = [shown_path(run, folders) + failure_note(run) for run in runs.unfinished]
     with_average = layout == "paper"
     markdown = to_markdown(table, len(results), with_average) + table.selection + baseline_section(table)
     if reference is not None:

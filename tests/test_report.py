@@ -368,3 +368,16 @@ def test_published_number_files_of_the_papers_are_empty_and_name_real_tasks_and_
     (tmp_path / "ref.yaml").write_text(yaml.safe_dump(filled))
     with pytest.raises(DataError, match="FILL IN"):
         load_reference(tmp_path / "ref.yaml")
+
+
+def test_a_failed_job_is_listed_with_the_error_it_recorded(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    write_result(sweep, "sst2", "finetune", 1, 0.80, 0.9, name="0_sst2_finetune_seed1")
+    failed = start_run(sweep / "1_sst2_finetune_seed2")
+    (failed / "failed.json").write_text(json.dumps({"error": "OSFailure: no space left on device", "job": 1}))
+    damaged_record = start_run(sweep / "2_sst2_finetune_seed3")
+    (damaged_record / "failed.json").write_text("{not json")
+    assert listed_unfinished(report(sweep)) == [
+        "1_sst2_finetune_seed2 (failed: OSFailure: no space left on device)",
+        "2_sst2_finetune_seed3",
+    ]
