@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar, cast, get_type_hints
@@ -70,6 +71,38 @@ NEUTRAL_VALUES["task.allow_empty_text"] = False  # own files: empty texts refuse
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 
+# Keys naming a local file or folder. A relative path is read from the launch folder, so the same data
+# spelled `../shared/glue_data` or `/work/shared/glue_data` (launched from /work/main) is one config.
+PATH_KEYS: tuple[str, ...] = ("data.glue_dir", "data.mrc_dir", "task.train_file", "task.dev_file")
+# Keys naming a local folder or a Hub id: taken as a path only where one of that name exists.
+PATH_OR_HUB_KEYS: tuple[str, ...] = (
+    "data.hub_dataset",
+    "teacher.name_or_path",
+    "student.name_or_path",
+    "method.mlm.name_or_path",
+)
+
+
+def launch_path(value: str) -> str:
+    """`value` as an absolute, normalised path from the launch folder (Hydra's original cwd); symlinks are
+    kept as written (a link and its target stay two names, so an older run folder's paths still match)."""
+    from hydra.utils import to_absolute_path
+
+    return os.path.normpath(to_absolute_path(os.path.expanduser(value)))
+
+
+def with_launch_paths(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config with its local paths absolute (see PATH_KEYS): what a run folder's identity compares."""
+    out = dict(flat)
+    for key in PATH_KEYS + PATH_OR_HUB_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or "://" in value:
+            continue
+        if key in PATH_KEYS or os.path.exists(launch_path(value)):
+            out[key] = launch_path(value)
+    return out
+
+
 def is_result_key(key: str) -> bool:
     """False for a key in (or under) `NON_RESULT_KEYS`."""
     for k in NON_RESULT_KEYS:
@@ -94,7 +127,7 @@ def result_config(resolved: dict[str, Any]) -> dict[str, Any]:
     """The flattened result-deciding part of a resolved config (a plain dict)."""
     return {
         k: v
-        for k, v in sorted(flatten(resolved).items())
+        for k, v in sorted(with_launch_paths(flatten(resolved)).items())
         if is_result_key(k) and not (k in NEUTRAL_VALUES and NEUTRAL_VALUES[k] == v)
     }
 

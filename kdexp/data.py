@@ -519,9 +519,9 @@ def load_split(
             f"in its {split} split (data.glue_dir / GLUE_DIR, or data.source=hub)."
         )
     if "label" in ds.column_names and not task.is_regression:
-        bad = [i for i, y in enumerate(ds["label"]) if not 0 <= int(y) < task.num_labels]
-        if bad:  # Hub test splits carry -1: never used for metrics
-            raise DataError(f"{source.description} {task.name}/{split}: rows {bad[:5]} have no valid label.")
+        bad = invalid_label_rows(ds, task.num_labels)
+        if len(bad):  # Hub test splits carry -1: never used for metrics
+            raise DataError(f"{source.description} {task.name}/{split}: rows {bad[:5].tolist()} have no valid label.")
     if max_samples is not None and max_samples < len(ds):
         ds = ds.select(range(max_samples))
     return ds
@@ -533,6 +533,13 @@ def load_split(
 def arrow_column(ds: datasets.Dataset, column: str) -> pa.ChunkedArray:
     """One column of a dataset as Arrow (its row selection applied), without a Python object per row."""
     return ds.select_columns([column]).with_format("arrow")[:][column]
+
+
+def invalid_label_rows(ds: datasets.Dataset, num_labels: int) -> np.ndarray:
+    """The indices of the rows whose label is not a class id in [0, num_labels) (read through Arrow)."""
+    labels = arrow_column(ds, "label")
+    valid = pc.fill_null(pc.and_(pc.greater_equal(labels, 0), pc.less(labels, num_labels)), False)
+    return np.flatnonzero(~valid.to_numpy(zero_copy_only=False))
 
 
 def content_fingerprint(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:

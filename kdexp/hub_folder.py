@@ -36,7 +36,7 @@ from pathlib import Path
 
 import datasets
 
-from kdexp.data import DataSource, load_split
+from kdexp.data import DataSource, arrow_column, load_split
 from kdexp.tasks import TASKS, GlueTask
 
 LOCAL_TASKS = ("cola", "sst2", "mrpc", "stsb", "rte", "wnli")
@@ -56,6 +56,11 @@ def hub_features(task: GlueTask) -> datasets.Features:
     )
 
 
+def column_values(ds: datasets.Dataset, name: str) -> list:
+    """The values of one column, read through Arrow (no Python object per row on the way)."""
+    return arrow_column(ds, name).to_pylist()
+
+
 def _as_hub_split(task: GlueTask, rows: Iterable[Sequence]) -> datasets.Dataset:
     columns: dict[str, list] = {name: [] for name in (*task.text_fields, "label")}
     for row in rows:
@@ -71,7 +76,7 @@ def classic_splits(task: GlueTask, glue_dir: Path) -> dict[str, datasets.Dataset
     splits = {}
     for split in (task.train_split, *task.eval_splits):
         ds = load_split(task, split, source)
-        splits[split] = _as_hub_split(task, zip(*(ds[name] for name in task.text_fields), ds["label"]))
+        splits[split] = _as_hub_split(task, zip(*(column_values(ds, name) for name in (*task.text_fields, "label"))))
     return splits
 
 
@@ -81,12 +86,14 @@ def classic_splits(task: GlueTask, glue_dir: Path) -> dict[str, datasets.Dataset
 def _pairs(glue_dir: Path, task: str, split: str) -> list[tuple[str, str, float]]:
     ds = load_split(TASKS[task], split, DataSource(glue_dir))
     first, second = TASKS[task].text_fields
-    return list(zip(ds[first], ds[second], (float(y) for y in ds["label"])))
+    return list(
+        zip(column_values(ds, first), column_values(ds, second), (float(y) for y in column_values(ds, "label")))
+    )
 
 
 def _sentences(glue_dir: Path, task: str, split: str) -> list[str]:
     ds = load_split(TASKS[task], split, DataSource(glue_dir))
-    return [text for name in TASKS[task].text_fields for text in ds[name] if len(text.split()) >= 4]
+    return [text for name in TASKS[task].text_fields for text in column_values(ds, name) if len(text.split()) >= 4]
 
 
 def _first_half(sentence: str) -> str:

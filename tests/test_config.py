@@ -115,3 +115,30 @@ def test_loader_resources_follow_the_device() -> None:
     assert loader_resources("auto", trainer_on("cuda")) == {"num_workers": min(4, cores), "pin_memory": True}
     assert loader_resources("auto", trainer_on("cuda", devices=64))["num_workers"] == 1
     assert loader_resources(2, trainer_on("cpu")) == {"num_workers": 2, "pin_memory": False}
+
+
+def test_a_run_identity_reads_local_paths_from_the_launch_folder_and_leaves_hub_ids_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdexp.config import config_hash, with_launch_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "my-teacher").mkdir(parents=True)
+    flat = {
+        "data.glue_dir": "../glue",
+        "task.train_file": "~/mine.jsonl",
+        "data.hub_dataset": "nyu-mll/glue",  # a Hub id: no such folder here
+        "teacher.name_or_path": "models/my-teacher",  # a local folder
+        "student.name_or_path": "minilm-l6",  # a name kdexp resolves itself
+        "method.mlm.name_or_path": "https://example.org/mlm",
+        "seed": 1,
+    }
+    assert with_launch_paths(flat) == {
+        **flat,
+        "data.glue_dir": str(tmp_path.parent / "glue"),
+        "task.train_file": str(Path.home() / "mine.jsonl"),
+        "teacher.name_or_path": str(tmp_path / "models" / "my-teacher"),
+    }
+    spelled = {"data": {"glue_dir": f"{tmp_path}/../glue"}, "seed": 1}
+    assert config_hash({"data": {"glue_dir": "../glue"}, "seed": 1}) == config_hash(spelled)
+    assert config_hash({"data": {"glue_dir": "glue"}, "seed": 1}) != config_hash(spelled)

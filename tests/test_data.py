@@ -205,6 +205,19 @@ def test_empty_hub_split_is_refused_with_its_name(monkeypatch: pytest.MonkeyPatc
         load_split(get_task("sst2"), "train", DataSource(None))
 
 
+def test_hub_rows_without_a_valid_label_are_named_as_a_row_loop_finds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    labels = [0, 1, -1, 1, 2, None, 0, 7] + [1] * 50
+    expected = [i for i, y in enumerate(labels) if y is None or not 0 <= y < 2]
+    rows = datasets.Dataset.from_dict({"sentence": ["a film"] * len(labels), "label": labels})
+    assert data_mod.invalid_label_rows(rows, 2).tolist() == expected == [2, 4, 5, 7]
+    assert data_mod.invalid_label_rows(rows.select([0, 1, 3, 6]), 2).tolist() == []  # a selection's own rows
+    monkeypatch.setattr(data_mod, "_hub_split", lambda task, split, hub_dataset: rows)
+    with pytest.raises(DataError, match=r"^hub:nyu-mll/glue sst2/train: rows \[2, 4, 5, 7\] have no valid label\.$"):
+        load_split(get_task("sst2"), "train", DataSource(None))
+
+
 @pytest.mark.parametrize("bad", [0, -3])
 def test_max_samples_below_one_names_the_key(glue_dir: Path, tmp_path: Path, bad: int) -> None:
     sst2, source = get_task("sst2"), DataSource(glue_dir)

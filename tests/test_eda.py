@@ -88,6 +88,17 @@ def test_synonyms_of_known_words(wordnet):
     assert wordnet.synonyms("xyzzyq") == []
 
 
+def test_a_remembered_lookup_is_the_first_lookup_and_cannot_be_changed_by_a_caller(wordnet):
+    words = ["car", "Dog", "dogs", "running", "geese", "remote", "xyzzyq", "good", "quickly"]
+    first = {word: wordnet.synonyms(word) for word in words}
+    first["car"].append("not a synonym")  # a caller's list is its own
+    fresh = WordNet()
+    for word in reversed(words):
+        again = wordnet.synonyms(word)
+        assert again == fresh.synonyms(word) == fresh._look_up_synonyms(word)
+        assert "not a synonym" not in again
+
+
 def test_synonyms_follow_base_forms(wordnet):
     assert {"dog", "domestic dog"} <= set(wordnet.synonyms("dogs"))
     assert "goose" in wordnet.synonyms("geese")  # noun.exc

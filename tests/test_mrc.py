@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import SPECIAL, WORDS
@@ -153,7 +154,7 @@ def mrc_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def mrc_run(tmp_path: Path, model: Path, *overrides: str) -> dict:
+def mrc_run(tmp_path: Path, model: Path, *overrides: str, mrc_dir: Path = MRC) -> dict:
     cfg = compose_config(
         [
             f"teacher.name_or_path={model}",
@@ -166,7 +167,7 @@ def mrc_run(tmp_path: Path, model: Path, *overrides: str) -> dict:
             "trainer.enable_progress_bar=false",
             "logger=none",
             f"cache_dir={tmp_path / 'cache'}",
-            f"data.mrc_dir={MRC}",
+            f"data.mrc_dir={mrc_dir}",
             *overrides,
         ]
     )
@@ -241,3 +242,115 @@ def test_a_dev_file_without_a_training_file_is_refused_before_any_work(tmp_path:
             tmp_path / "run",
         )
     assert "\n" not in str(err.value) and not (tmp_path / "cache").exists()
+
+
+# --------------------------------------------------------------------------- RACE (release folder and Hub layout)
+
+
+def race_articles(items: list, first_id: int) -> dict[str, dict]:
+    """RACE-release articles made of DREAM items: the dialogue as the article, each question's three options
+    and a fourth ("none of these"), the answer as a letter."""
+    articles = {}
+    for number, (turns, questions, _) in enumerate(items, start=first_id):
+        options = [[*q["choice"], "none of these"] for q in questions]
+        articles[f"{number}.txt"] = {
+            "id": f"{number}.txt",
+            "article": "\n".join(turns),
+            "questions": [q["question"] for q in questions],
+            "options": options,
+            "answers": ["ABCD"[q["choice"].index(q["answer"])] for q in questions],
+        }
+    return articles
+
+
+def write_race_release(root: Path, items: list) -> Path:
+    """`root/race/{train,dev}/{high,middle}/<n>.txt`, as RACE's release lays its files out."""
+    halves = {"train": items[:12], "dev": items[12:20]}
+    for split, part in halves.items():
+        for level, chunk in (("high", part[::2]), ("middle", part[1::2])):
+            folder = root / "race" / split / level
+            folder.mkdir(parents=True)
+            for name, article in race_articles(chunk, 100 * len(level) + len(split)).items():
+                (folder / name).write_text(json.dumps(article))
+    return root
+
+
+def race_rows_by_hand(folder: Path) -> list[tuple]:
+    rows = []
+    for file in sorted(folder.rglob("*.txt")):
+        article = json.loads(file.read_text())
+        for question, options, answer in zip(article["questions"], article["options"], article["answers"]):
+            rows.append((article["article"], question, options, "ABCD".index(answer)))
+    return rows
+
+
+def rows_of(ds) -> list[tuple]:
+    return [(r["context"], r["question"], r["choices"], r["label"]) for r in ds]
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_race_is_read_from_its_release_folder_and_from_the_hubs_columns_to_the_same_rows(tmp_path: Path) -> None:
+    from kdexp import families
+    from kdexp.data import DataSource, load_split
+    from kdexp.tasks import get_task
+
+    mrc = write_race_release(tmp_path / "mrc", json.loads((MRC / "dream" / "dev.json").read_text())[:20])
+    race, source = get_task("race"), DataSource(None, mrc_dir=mrc)
+    for split, folder in ((race.train_split, "train"), (race.eval_splits[0], "dev")):
+        expected = race_rows_by_hand(mrc / "race" / folder)
+        assert rows_of(load_split(race, split, source)) == expected and len(expected) >= 10
+
+        # ehovy/race on the Hub: one row per question, the options as `options`, the answer as a letter
+        hub_rows = [
+            {"example_id": f"{n}", "article": a, "question": q, "options": o, "answer": "ABCD"[y]}
+            for n, (a, q, o, y) in enumerate(expected)
+        ]
+        asked: list[tuple] = []
+
+        def hub(name: str, config: str | None, hub_split: str, rows=hub_rows, calls=asked) -> datasets.Dataset:
+            calls.append((name, config, hub_split))
+            return datasets.Dataset.from_list(rows)
+
+        assert rows_of(families.read_hub_split(race, split, hub)) == expected
+        assert asked == [("ehovy/race", "all", split)]
+
+
+def test_a_race_answer_that_is_no_option_letter_names_its_file(tmp_path: Path) -> None:
+    from kdexp.families.multiple_choice import read_race_folder
+
+    folder = tmp_path / "race" / "train" / "high"
+    folder.mkdir(parents=True)
+    article = {"article": "a", "questions": ["q"], "options": [["w", "x", "y", "z"]], "answers": ["E"]}
+    (folder / "7.txt").write_text(json.dumps(article))
+    with pytest.raises(DataError, match=r"7\.txt") as err:
+        read_race_folder(tmp_path / "race" / "train")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_race_runs_from_its_release_folder_and_scores_the_saved_student_as_a_loop_by_hand_does(
+    tmp_path: Path, mrc_models: dict
+) -> None:
+    from transformers import AutoModelForMultipleChoice
+
+    mrc = write_race_release(tmp_path / "mrc", json.loads((MRC / "dream" / "dev.json").read_text())[:20])
+    results = mrc_run(tmp_path, mrc_models["mc"], "task=race", "method=vanilla_kd", "data.max_length=96", mrc_dir=mrc)
+    dev = race_rows_by_hand(mrc / "race" / "dev")[:16]
+    student = tmp_path / "run" / "student"
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForMultipleChoice.from_pretrained(student).eval()
+    right = 0
+    for article, question, options, label in dev:
+        encoded = tokenizer(
+            [article] * 4,
+            [f"{question} {o}" for o in options],
+            truncation="only_first",
+            max_length=96,
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            right += int(model(**{k: v.unsqueeze(0) for k, v in encoded.items()}).logits[0].argmax()) == label
+    assert results["metrics"]["val/accuracy"] == pytest.approx(right / len(dev), abs=1e-6)
+    assert results["train_examples"] == len(race_rows_by_hand(mrc / "race" / "train")) == 20
+    assert "val/accuracy" in results["teacher_metrics"]

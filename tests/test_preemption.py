@@ -71,6 +71,66 @@ def test_sigterm_mid_epoch_saves_a_step_checkpoint_exits_143_and_the_rerun_is_th
     assert_same_run(straight["run"], resumed)
 
 
+def fake_scontrol(folder: Path) -> tuple[Path, Path]:
+    """An `scontrol` that records its arguments, as SLURM's would receive them: (its folder, its record)."""
+    folder.mkdir()
+    record = folder / "calls.txt"
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    script.chmod(0o755)
+    return folder, record
+
+
+def test_sigusr1_under_slurm_saves_requeues_the_job_and_the_requeued_run_is_the_uninterrupted_run(
+    straight: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What sbatch sets for a one-task job (`#SBATCH --signal=USR1@120`); the requeued job sees the same.
+    bin_dir, calls = fake_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for name, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kdexp-sst2"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+
+    requeued = tmp_path / "requeued"
+    args = tiny_args(straight["model"], straight["glue"], straight["cache"], requeued, *RUN)
+    line = stop_line(signalled(args, tmp_path, fault="train_batch:epoch=1:batch=0", name="USR1"), status=138)
+    checkpoint = requeued / "checkpoints" / "last.ckpt"
+    assert line == (
+        f"kdexp-train: stopped by SIGUSR1: saved a step checkpoint at epoch 1, batch 1 (global step 4) "
+        f"in {checkpoint}; rerun the same command to resume; SLURM job 4242 requeued (exit status 138)."
+    )
+    assert calls.read_text().splitlines() == ["requeue 4242"]
+    assert not list(requeued.rglob("hpc_ckpt_*.ckpt"))  # Lightning's own SLURM handler stayed off
+
+    proc = train(args, tmp_path)  # the requeued job: the same command in the same environment
+    finished(proc)
+    assert f"Resuming from {checkpoint} in epoch 1 at batch 1 (global step 4)" in proc.stdout + proc.stderr
+    assert calls.read_text().splitlines() == ["requeue 4242"]  # a run that ends is not requeued
+    assert_same_run(straight["run"], requeued)
+
+
+def test_an_array_task_is_requeued_by_its_array_id_and_a_refusal_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bin_dir, calls = fake_scontrol(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for name, value in {"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "7"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "kdexp-sst2")
+    assert preemption.requeue_slurm_job() == "4242_7"
+    assert calls.read_text().splitlines() == ["requeue 4242_7"]
+
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Requested operation not supported' >&2\nexit 1\n")
+    assert preemption.requeue_slurm_job() is None
+    assert "scontrol requeue 4242_7 failed (1): Requested operation not supported" in caplog.text
+
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # an salloc shell: not a batch job, nothing to requeue
+    assert preemption.requeue_slurm_job() is None
+
+
 def test_sigterm_during_the_teacher_stage_resumes_the_teacher_from_its_step(
     straight: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -360,6 +361,16 @@ def test_relaunch_of_a_finished_folder_with_another_config_is_refused(
     proc = train([*args, "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=true"], tmp_path)
     finished(proc)
     assert "this run is finished" in proc.stdout + proc.stderr
+
+    # the same data folder spelled from the launch folder (relative, or through `..`) is the same run;
+    # another folder is another config, even with the same files in it
+    for same in (os.path.relpath(glue_dir, tmp_path), f"{glue_dir}/../{glue_dir.name}"):
+        proc = train([*args, f"data.glue_dir={same}"], tmp_path)
+        finished(proc)
+        assert "this run is finished" in proc.stdout + proc.stderr, same
+    copy = shutil.copytree(glue_dir, tmp_path / "glue_copy")
+    proc = train([*args, "data.glue_dir=glue_copy"], tmp_path)
+    assert proc.returncode == 2 and f"data.glue_dir: '{glue_dir}' -> '{copy}'" in proc.stderr
 
     # resume=false starts over and keeps the finished result aside
     finished(train([*args, "method=finetune", "resume=false"], tmp_path))

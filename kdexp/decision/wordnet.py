@@ -127,6 +127,8 @@ class WordNet:
         self._offsets_by_pos: dict[str, dict[str, tuple[int, ...]]] = {}
         self._exceptions_by_pos: dict[str, dict[str, tuple[str, ...]]] = {}
         self._lemmas_by_synset: dict[tuple[str, int], tuple[str, ...]] = {}
+        # EDA asks for the same words again and again (ten copies of every row of a task): one lookup each.
+        self._synonyms_by_word: dict[str, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"WordNet(path={str(self.path)!r}, use_base_forms={self.use_base_forms})"
@@ -204,6 +206,12 @@ class WordNet:
         case-insensitively. Deduplicated, in a deterministic order: parts of speech
         noun, verb, adj, adv; synsets in WordNet's sense order; lemmas in synset order.
         """
+        known = self._synonyms_by_word.get(word)
+        if known is None:
+            known = self._synonyms_by_word[word] = tuple(self._look_up_synonyms(word))
+        return list(known)
+
+    def _look_up_synonyms(self, word: str) -> list[str]:
         excluded = " ".join(word.lower().split())
         synonyms: dict[str, None] = {}
         for pos in PARTS_OF_SPEECH:

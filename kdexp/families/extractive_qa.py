@@ -33,11 +33,12 @@ def read_squad(path: Path, dev_articles: tuple[str, ...] = (), split: str = "tra
     ds = qa_core.read_squad_json(path)
     if not dev_articles:
         return ds
-    missing = sorted(set(dev_articles) - set(ds["title"]))
+    titles = set(ds.unique("title"))
+    missing = sorted(set(dev_articles) - titles)
     if missing:
         raise DataError(
             f"{path}: no article titled {', '.join(missing)} (task.dev_articles); its articles are "
-            f"{', '.join(sorted(set(ds['title'])))}."
+            f"{', '.join(sorted(titles))}."
         )
     train, dev = qa_core.split_by_article(ds, list(dev_articles))
     return dev if split != "train" else train

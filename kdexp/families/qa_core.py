@@ -212,8 +212,10 @@ def _answers(qa: Mapping[str, Any], where: str, path: Path) -> dict[str, list]:
 
 def split_by_article(ds: datasets.Dataset, dev_articles: Sequence[str]) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(rows of the other articles, rows of `dev_articles`), by the `title` column, each in the order of `ds`."""
+    from kdexp.data import arrow_column  # kdexp.data imports the families
+
     wanted = {dev_articles} if isinstance(dev_articles, str) else set(dev_articles)
-    titles = list(ds["title"])
+    titles = arrow_column(ds, "title").to_pylist()
     known = dict.fromkeys(titles)
     unknown = sorted(wanted - known.keys())
     if not wanted or unknown:

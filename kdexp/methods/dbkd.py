@@ -298,7 +298,7 @@ class DecisionDistillation(DistillationModule):
         config = QueryConfig.from_options(asdict(options.queries))
         teacher = DecisionTeacher.from_teacher(run.teacher, run.data.max_length, config.batch_size)
         decided = query_decisions(teacher, run.data.raw[run.task.train_split], run.task, config, run.data.cache_dir)
-        gold = torch.as_tensor(run.data.raw[run.task.train_split]["label"])
+        gold = torch.as_tensor(arrow_column(run.data.raw[run.task.train_split], "label").to_numpy().copy())
         stats = {"method": cls.method_name, **decision_statistics(decided, gold)}
         module = cls.from_decisions(run, decided, stats, options)
         cls._report(run, stats)

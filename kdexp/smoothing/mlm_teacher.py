@@ -34,7 +34,7 @@ from kdexp.cache import (
     load_tensors,
     save_tensors,
 )
-from kdexp.data import DataSource, content_fingerprint, load_split, row_lengths, tokenizer_fingerprint
+from kdexp.data import DataSource, arrow_column, content_fingerprint, load_split, row_lengths, tokenizer_fingerprint
 from kdexp.hardware import Hardware
 from kdexp.inference import PassBatching, length_sorted_loader
 from kdexp.models import model_fingerprint, resolve_model_path
@@ -129,7 +129,7 @@ def _adaptation_texts(run: "RunContext", settings: MLMAdaptSettings) -> tuple[li
     else:
         source = DataSource.from_data_config(run.cfg.data)
         raw = load_split(task, task.train_split, source, int(settings.max_texts))
-    columns = [list(raw[name]) for name in task.text_fields]
+    columns = [arrow_column(raw, name).to_pylist() for name in task.text_fields]
     texts = list(zip(*columns)) if len(columns) > 1 else columns[0]
     return texts, content_fingerprint(raw, tuple(task.text_fields))
 

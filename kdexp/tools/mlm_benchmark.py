@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from kdexp.data import DataSource, load_split
+from kdexp.data import DataSource, arrow_column, load_split
 from kdexp.models import load_tokenizer, resolve_model_path
 from kdexp.smoothing.mlm import (
     MaskedBatch,
@@ -57,7 +57,7 @@ def masked_positions_loss(model: Any, batch: MaskedBatch) -> Tensor:
 def adaptation_texts(task_name: str, rows: int, glue_dir: str | None) -> list[Any]:
     task = get_task(task_name)
     raw = load_split(task, task.train_split, DataSource.from_config("auto", glue_dir), rows)
-    columns = [list(raw[name]) for name in task.text_fields]
+    columns = [arrow_column(raw, name).to_pylist() for name in task.text_fields]
     return list(zip(*columns)) if len(columns) > 1 else columns[0]
 
 
