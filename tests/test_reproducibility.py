@@ -362,12 +362,11 @@ def test_relaunch_of_a_finished_folder_with_another_config_is_refused(
     finished(proc)
     assert "this run is finished" in proc.stdout + proc.stderr
 
-    # the same data folder spelled from the launch folder (relative, or through `..`) is the same run;
+    # the same data folder spelled relative to the launch folder is the same run;
     # another folder is another config, even with the same files in it
-    for same in (os.path.relpath(glue_dir, tmp_path), f"{glue_dir}/../{glue_dir.name}"):
-        proc = train([*args, f"data.glue_dir={same}"], tmp_path)
-        finished(proc)
-        assert "this run is finished" in proc.stdout + proc.stderr, same
+    proc = train([*args, f"data.glue_dir={os.path.relpath(glue_dir, tmp_path)}"], tmp_path)
+    finished(proc)
+    assert "this run is finished" in proc.stdout + proc.stderr
     copy = shutil.copytree(glue_dir, tmp_path / "glue_copy")
     proc = train([*args, "data.glue_dir=glue_copy"], tmp_path)
     assert proc.returncode == 2 and f"data.glue_dir: '{glue_dir}' -> '{copy}'" in proc.stderr

@@ -212,10 +212,8 @@ def _answers(qa: Mapping[str, Any], where: str, path: Path) -> dict[str, list]:
 
 def split_by_article(ds: datasets.Dataset, dev_articles: Sequence[str]) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(rows of the other articles, rows of `dev_articles`), by the `title` column, each in the order of `ds`."""
-    from kdexp.data import arrow_column  # kdexp.data imports the families
-
     wanted = {dev_articles} if isinstance(dev_articles, str) else set(dev_articles)
-    titles = arrow_column(ds, "title").to_pylist()
+    titles = ds.select_columns(["title"]).with_format("arrow")[:]["title"].to_pylist()  # no Python row each
     known = dict.fromkeys(titles)
     unknown = sorted(wanted - known.keys())
     if not wanted or unknown:
