@@ -17,10 +17,10 @@ format:  ## apply ruff's fixes and formatting
 	$(BIN)/ruff format kdexp tests
 
 test-fast:  ## the unit tests on tiny models (no real data or model; a few minutes on 2 cores)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not integration and not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not integration and not slow"
 
 test:  ## everything CI runs: unit, slow and real-data integration tests
-	GLUE_DIR=$${GLUE_DIR:-$$(cd .. && pwd)/shared/glue_data} $(PY) -m pytest -q -p no:cacheprovider --durations=30
+	GLUE_DIR=$${GLUE_DIR:-$$(cd .. && pwd)/shared/glue_data} $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=30
 
 check:  ## kdexp-check: the preflight on this machine's devices (tiny models, every method, a few steps)
 	$(BIN)/kdexp-check

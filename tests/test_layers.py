@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "kdexp.conf",
         "kdexp.errors",
         "kdexp.seeding",
+        "kdexp.resident_memory",
         "kdexp.faults",
         "kdexp.tasks",
         "kdexp.config",

@@ -126,3 +126,25 @@ def test_peak_memory_of_the_streamed_stages_stays_level_as_the_rows_grow(
     for stage in stages:
         growth = large[stage]["peak_rss_mb"] - small[stage]["peak_rss_mb"]
         assert growth < 100, f"{stage}: {small[stage]} -> {large[stage]}"
+
+
+def test_a_stage_process_reports_its_own_peak_not_its_parents(tmp_path: Path) -> None:
+    """Linux carries a forked parent's size into its child's rusage peak across `exec`; the figure the
+    scale benchmark records is the child's own (VmHWM). A parent holding 400 MB starts a child that
+    allocates 100 MB: the child's own peak is near 100 MB plus the interpreter, the rusage figure is not."""
+    import resource
+    import subprocess
+    import sys
+
+    held = bytearray(400 * 2**20)
+    held[::4096] = b"\x01" * len(range(0, len(held), 4096))  # touched, so resident
+    child = (
+        "from kdexp.resident_memory import own_peak_rss_mb\n"
+        "block = bytearray(100 * 2**20); block[::4096] = b'\\x01' * len(range(0, len(block), 4096))\n"
+        "print(own_peak_rss_mb())"
+    )
+    own = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    carried = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    del held
+    assert 100 <= own < 200, own
+    assert carried >= 400, carried  # what the benchmark recorded before: the parent's size

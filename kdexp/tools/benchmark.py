@@ -31,6 +31,7 @@ from kdexp.losses import task_loss
 from kdexp.methods.base import DistillationModule
 from kdexp.model_internals import model_inputs
 from kdexp.models import build_student
+from kdexp.resident_memory import status_kb
 from kdexp.run import build_context, build_module, compose_config, student_source, trainer_options
 from kdexp.training import GlueDataModule, ThroughputMeter
 
@@ -70,21 +71,14 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.megabytes = (torch.cuda.max_memory_allocated() - self._start) / 2**20
         else:
-            self.megabytes = (_status_kb("VmHWM") - self._start) / 1024
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+            self.megabytes = (status_kb("VmHWM") - self._start) / 1024
 
 
 def _reset_peak_rss() -> int | None:
     """Reset VmHWM to the current RSS (Linux); returns that RSS in kB, or None where it cannot."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return _status_kb("VmRSS")
+        return status_kb("VmRSS")
     except (OSError, KeyError):
         return None
 

@@ -16,7 +16,8 @@ pairs from `--glue-dir`) is read through the Hub code, and a tiny random BERT te
     warm_data     loading and tokenising again from the warm cache
 
 Each stage runs in a fresh process (its prerequisites come from the cache the earlier stages
-filled), so its peak RSS (`wait4`) is its own. Writes `scale.json` and `scale.md` (seconds, peak
+filled) and reports its own peak RSS (VmHWM, which starts afresh at `exec`; the parent's size,
+which Linux carries into a child's rusage, is not in it). Writes `scale.json` and `scale.md` (seconds, peak
 RSS in MB, and seconds per 1,000 rows to read the scaling) under `--out`.
 """
 
@@ -33,6 +34,7 @@ from typing import Any
 
 STAGES = ("load", "fingerprint", "tokenise", "logits", "queries", "topk", "epoch", "warm_data")
 MAX_LENGTH = 64
+REPORTED = ("seconds", "peak_rss_mb")  # the lines `key=value` that a stage process prints
 QUERY_CHUNK_ROWS_VARIABLE = "KDEXP_BENCH_QUERY_CHUNK_ROWS"  # DBKD's rows per query chunk in the stage processes
 
 
@@ -110,10 +112,11 @@ def _teacher(workdir: Path) -> Any:
 
 
 def run_stage(stage: str, workdir: Path) -> None:
-    """One stage, timed inside the process (imports excluded); prints `seconds=<s>`."""
+    """One stage, timed inside the process (imports excluded); prints `seconds=<s>` and `peak_rss_mb=<MB>`."""
     import torch
 
     from kdexp.data import content_fingerprint
+    from kdexp.resident_memory import own_peak_rss_mb
 
     torch.manual_seed(0)
     if os.environ.get(QUERY_CHUNK_ROWS_VARIABLE):  # a smaller chunk, so that a test sees the plateau at small sizes
@@ -139,10 +142,12 @@ def run_stage(stage: str, workdir: Path) -> None:
         _queries(workdir, inputs["data"])
     elif stage == "topk":
         _topk(workdir, inputs["data"])
-    elif stage == "epoch":
-        print(f"seconds={_epoch(workdir)}")
-        return
-    print(f"seconds={time.perf_counter() - started}")
+    if stage == "epoch":
+        seconds = _epoch(workdir)
+    else:
+        seconds = time.perf_counter() - started
+    print(f"seconds={seconds}")
+    print(f"peak_rss_mb={own_peak_rss_mb()}")
 
 
 def _queries(workdir: Path, data: Any) -> None:
@@ -197,20 +202,20 @@ def _epoch(workdir: Path) -> float:
 
 
 def measure_stage(stage: str, workdir: Path) -> dict[str, float]:
-    """Run `stage` in a fresh process: its seconds (as the stage reports them) and its peak RSS (`wait4`)."""
+    """Run `stage` in a fresh process: its seconds and its own peak RSS, as the stage reports them."""
     out_file, err_file = workdir / f"{stage}.out", workdir / f"{stage}.err"
     with open(out_file, "w") as out, open(err_file, "w") as err:
-        proc = subprocess.Popen(
+        proc = subprocess.run(
             [sys.executable, "-m", "kdexp.tools.scale_benchmark", "--stage", stage, "--workdir", str(workdir)],
             env=_environment(workdir),
             stdout=out,
             stderr=err,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise RuntimeError(f"stage {stage} failed:\n{err_file.read_text()[-3000:]}")
-    line = next(line for line in out_file.read_text().splitlines() if line.startswith("seconds="))
-    return {"seconds": float(line.split("=")[1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+    lines = out_file.read_text().splitlines()
+    reported = {key: line.split("=", 1)[1] for line in lines for key in REPORTED if line.startswith(key + "=")}
+    return {"seconds": float(reported["seconds"]), "peak_rss_mb": float(reported["peak_rss_mb"])}
 
 
 def measure_size(rows: int, root: Path, glue_dir: Path, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
