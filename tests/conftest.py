@@ -15,6 +15,18 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = (REPO.parent / "shared" / "glue_data").resolve()
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the cores, in-process and in the runs it
+    launches: torch otherwise starts one thread per core in every worker, and oversubscribed
+    thread pools on a 2-core machine spin against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 WORDS = (
     "the a an good bad movie film is was not very great awful fun dull plot and but it this "
     "man woman dog cat runs sleeps eats says said question answer yes no one two . , ! ?"
