@@ -18,7 +18,9 @@ pairs from `--glue-dir`) is read through the Hub code, and a tiny random BERT te
 Each stage runs in a fresh process (its prerequisites come from the cache the earlier stages
 filled) and reports its own peak RSS (VmHWM, which starts afresh at `exec`; the parent's size,
 which Linux carries into a child's rusage, is not in it). Writes `scale.json` and `scale.md` (seconds, CPU
-seconds, peak RSS in MB, and CPU seconds per 1,000 rows to read the scaling) under `--out`.
+seconds, peak RSS in MB, and seconds per 1,000 rows to read the scaling) under `--out`. Time it on an
+otherwise idle machine: beside other work, torch's thread pools spin while they wait, which inflates
+the CPU seconds as well as the wall time (seen here: 6 times for the teacher's logits).
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ def _teacher(workdir: Path) -> Any:
 
 def run_stage(stage: str, workdir: Path) -> None:
     """One stage, timed inside the process (imports excluded); prints `seconds=<s>`, `cpu_seconds=<s>` and
-    `peak_rss_mb=<MB>`. The CPU seconds (all of the process's threads) read the scaling even where other
-    work shares the cores; for `epoch` they span the whole `run` call (setup and a 2,000-row evaluation too)."""
+    `peak_rss_mb=<MB>`. The CPU seconds (all of the process's threads) show how many cores a stage kept busy; for
+    `epoch` they span the whole `run` call (setup and a 2,000-row evaluation too)."""
     import torch
 
     from kdexp.data import content_fingerprint
@@ -230,14 +232,14 @@ def measure_size(rows: int, root: Path, glue_dir: Path, stages: tuple[str, ...] 
 
 def markdown(results: dict[int, dict[str, dict[str, float]]]) -> str:
     sizes = sorted(results)
-    header = "| stage | " + " | ".join(f"{n:,} rows: s / CPU s / peak RSS MB / CPU s per 1k rows" for n in sizes) + " |"
+    header = "| stage | " + " | ".join(f"{n:,} rows: s / CPU s / peak RSS MB / s per 1k rows" for n in sizes) + " |"
     lines = [header, "|" + "---|" * (len(sizes) + 1)]
     for stage in STAGES:
         if stage not in results[sizes[0]]:
             continue
         cells = [
             f"{results[n][stage]['seconds']:.1f} / {results[n][stage]['cpu_seconds']:.1f} / "
-            f"{results[n][stage]['peak_rss_mb']:.0f} / {1000 * results[n][stage]['cpu_seconds'] / n:.3f}"
+            f"{results[n][stage]['peak_rss_mb']:.0f} / {1000 * results[n][stage]['seconds'] / n:.3f}"
             for n in sizes
         ]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
