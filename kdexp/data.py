@@ -594,8 +594,8 @@ class InputForm:
     doc_stride: int = 128
 
     def key_parts(self, task: GlueTask) -> dict[str, Any]:
-        if task.family == MULTIPLE_CHOICE:
-            return {"form": self.form}
+        if task.family == MULTIPLE_CHOICE:  # inputs 2: cloze blanks filled by the option; a BOS-adding tokenizer's BOS
+            return {"form": self.form, "inputs": 2}
         if task.family == EXTRACTIVE_QA:
             return {"doc_stride": self.doc_stride}
         return {}  # classification: keys made before families existed stay valid

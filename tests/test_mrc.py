@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 from conftest import SPECIAL, WORDS
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertTokenizer
 
 from kdexp.data import pad_batch
 from kdexp.decision.teacher import DecisionTeacher
@@ -51,6 +51,29 @@ def test_own_multiple_choice_files_take_an_index_a_letter_or_the_text_and_refuse
         multiple_choice.read_own_file(path, 3)
 
 
+def test_own_files_as_a_json_list_read_like_json_lines_and_a_label_must_name_one_option(tmp_path: Path) -> None:
+    rows = [{"context": "c", "question": "q", "choices": ["x", "y", "z"], "label": label} for label in (2, "B", "x")]
+    path = tmp_path / "mc.json"
+    path.write_text(json.dumps(rows))
+    assert multiple_choice.read_own_file(path, 3)["label"] == [2, 1, 0]
+    refused = {
+        3: r"item 0: the label 3 is no option's index \(0 to 2\)",  # never read as the text "3"
+        "A": r"item 0: the label 'A' is option 0's letter and option 1's text",
+    }
+    for label, message in refused.items():
+        choices = ["1", "2", "3"] if label == 3 else ["C", "A", "B"]
+        path.write_text(json.dumps([{"context": "c", "question": "q", "choices": choices, "label": label}]))
+        with pytest.raises(DataError, match=message):
+            multiple_choice.read_own_file(path, 3)
+
+
+def test_dream_answers_are_option_texts_and_race_answers_letters_even_when_an_option_is_a_letter() -> None:
+    assert multiple_choice._answer_index("A", ["C", "A", "B"], "dream", "text") == 1
+    assert multiple_choice._answer_index("A", ["C", "A", "B"], "race", "letter") == 0
+    with pytest.raises(DataError, match="give the right option's letter"):
+        multiple_choice._answer_index("C", ["x", "y"], "race", "letter")
+
+
 # --------------------------------------------------------------------------- model inputs
 
 
@@ -71,6 +94,47 @@ def test_option_pairs_give_one_sequence_per_option_and_batch_as_rows_by_options(
     tokens = tiny_tokenizer().convert_ids_to_tokens(collated["input_ids"][0, 1].tolist())
     assert tokens[: tokens.index("[SEP]") + 1] == ["[CLS]", "the", "movie", "is", "good", "[SEP]"]
     assert "bad" in tokens  # the second option follows the question
+
+
+def test_a_cloze_question_has_its_blank_filled_by_each_option() -> None:
+    from conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    batch = {"context": ["the man says yes"], "question": ["the man says ____ ."], "choices": [["yes", "no"]]}
+    encoded = multiple_choice.option_pairs(batch | {"label": [0]}, tokenizer, 16)
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in encoded["input_ids"][0]]
+    assert [t[t.index("[SEP]") + 1 : -1] for t in tokens] == [["the", "man", "says", w, "."] for w in ("yes", "no")]
+    assert multiple_choice.option_text("the man says", "yes") == "the man says yes"  # no blank: appended
+
+
+def test_a_question_and_option_too_long_for_max_length_is_refused_and_an_augmented_query_is_cut() -> None:
+    from conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    batch = {
+        "context": ["the movie is good"],
+        "question": ["is the movie very very good"],
+        "choices": [["yes it is a very good movie", "no"]],
+        "label": [0],
+    }
+    # [CLS] passage [SEP] second [SEP]: 3 special tokens; the first option's pair needs 6 + 7 = 13 of 12 - 3 = 9.
+    with pytest.raises(DataError, match=r"takes 13 tokens, more than the 9 that data.max_length=12 leaves"):
+        multiple_choice.option_pairs(batch, tokenizer, 12)
+    cut = multiple_choice.option_pairs(batch, tokenizer, 12, cut_long_options=True)
+    assert [len(ids) for ids in cut["input_ids"][0]] == [12, 12]
+
+
+def test_a_prompt_starts_with_the_bos_token_of_a_tokenizer_that_adds_one_and_refuses_an_overlong_question() -> None:
+    from kdexp.tiny_models import word_tokenizer
+
+    plain = word_tokenizer([*SPECIAL, *WORDS], "gpt2")
+    with_bos = BertTokenizer(vocab=plain.get_vocab(), do_lower_case=False, bos_token="[CLS]")
+    batch = {"context": ["the movie is good"], "question": ["is it"], "choices": [["yes", "no", "dull"]], "label": [0]}
+    without, first = (multiple_choice.prompts(batch, t, 32)["input_ids"][0] for t in (plain, with_bos))
+    assert first == [with_bos.cls_token_id, *without] and without[0] != plain.cls_token_id
+    with pytest.raises(DataError, match=r"the question with its options .* more than the 7 that data.max_length=8"):
+        multiple_choice.prompts(batch, with_bos, 8)
+    assert len(multiple_choice.prompts(batch, with_bos, 8, cut_long_options=True)["input_ids"][0]) == 8
 
 
 def test_a_prompt_keeps_question_options_and_answer_and_cuts_the_passage_from_its_start(tmp_path: Path) -> None:

@@ -97,10 +97,12 @@ def query_tokenizer(
             }
 
         if form == "prompt":
-            return (lambda part: multiple_choice.prompts(as_rows(part), tokenizer, max_length)), 1
+            return (
+                lambda part: multiple_choice.prompts(as_rows(part), tokenizer, max_length, cut_long_options=True)
+            ), 1
 
         def option_sequences(part: Sequence[Query]) -> dict[str, list]:
-            encoded = multiple_choice.option_pairs(as_rows(part), tokenizer, max_length)
+            encoded = multiple_choice.option_pairs(as_rows(part), tokenizer, max_length, cut_long_options=True)
             return {
                 name: [seq for row in encoded[name] for seq in row]
                 for name in ("input_ids", "token_type_ids")

@@ -20,6 +20,7 @@ RACE's official folders (``<split>/{high,middle}/*.txt``, each a JSON object wit
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,20 +44,36 @@ def features(num_choices: int) -> datasets.Features:
     )
 
 
-def _answer_index(answer: Any, choices: Sequence[str], where: str) -> int:
-    """The option an answer names: its index, its letter (``B``), or its text."""
-    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
-        return answer
-    text = str(answer).strip()
-    if len(text) == 1 and text.upper() in LETTERS[: len(choices)]:
-        return LETTERS.index(text.upper())
-    matches = [i for i, choice in enumerate(choices) if choice.strip() == text]
-    if len(matches) != 1:
+def _answer_index(answer: Any, choices: Sequence[str], where: str, given_as: str = "any") -> int:
+    """The option an answer names. `given_as`: ``text`` (DREAM gives the option's text), ``letter`` (RACE:
+    ``B``) or ``any`` (one's own files: an index, a letter or a text; a label that reads as two different
+    options, like ``A`` among the options ``C``, ``A``, ``B``, is refused)."""
+    if given_as == "any" and isinstance(answer, int) and not isinstance(answer, bool):
+        if 0 <= answer < len(choices):
+            return answer
         raise DataError(
-            f"{where}: the answer {answer!r} is none of the options {list(choices)} (nor an option's "
-            "index or letter); give the right option's index, letter or exact text."
+            f"{where}: the label {answer} is no option's index (0 to {len(choices) - 1}); give the right "
+            "option's index, letter or exact text."
         )
-    return matches[0]
+    text = str(answer).strip()
+    letters = LETTERS[: len(choices)]
+    by_letter = (
+        {letters.index(text.upper())} if given_as != "text" and len(text) == 1 and text.upper() in letters else set()
+    )
+    by_text = {i for i, choice in enumerate(choices) if choice.strip() == text} if given_as != "letter" else set()
+    named = by_letter | by_text
+    if len(named) == 1:
+        return named.pop()
+    if by_letter and by_text:
+        raise DataError(
+            f"{where}: the label {answer!r} is option {min(by_letter)}'s letter and option {min(by_text)}'s text; "
+            "give the option's index instead."
+        )
+    expected = {"text": "the right option's exact text", "letter": "the right option's letter"}.get(
+        given_as, "the right option's index, letter or exact text"
+    )
+    what = "several options" if len(by_text) > 1 else f"none of the options {list(choices)}"
+    raise DataError(f"{where}: the answer {answer!r} is {what}; give {expected}.")
 
 
 def _rows_to_dataset(rows: list[dict[str, Any]], num_choices: int, where: str) -> datasets.Dataset:
@@ -91,7 +108,7 @@ def read_dream_json(path: Path, num_choices: int = 3) -> datasets.Dataset:
                         "context": "\n".join(turns),
                         "question": question["question"],
                         "choices": list(question["choice"]),
-                        "label": _answer_index(question["answer"], question["choice"], where),
+                        "label": _answer_index(question["answer"], question["choice"], where, "text"),
                     }
                 )
         except (KeyError, IndexError, TypeError):
@@ -121,7 +138,7 @@ def read_race_folder(folder: Path, num_choices: int = 4) -> datasets.Dataset:
                         "context": article["article"],
                         "question": question,
                         "choices": list(options),
-                        "label": _answer_index(answer, options, str(file)),
+                        "label": _answer_index(answer, options, str(file), "letter"),
                     }
                 )
         except (KeyError, TypeError, ValueError):
@@ -137,21 +154,27 @@ def read_own_file(path: Path, num_choices: int) -> datasets.Dataset:
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("[") and text.lstrip()[1:].lstrip().startswith("["):
         return read_dream_json(path, num_choices)
-    records = _load_json(path) if text.lstrip().startswith("[") else _json_lines(path, text)
+    if text.lstrip().startswith("["):
+        records = [(f"{path}: item {number}", record) for number, record in enumerate(_load_json(path))]
+    else:
+        records = [(f"{path}:{number}", record) for number, record in _json_lines(path, text)]
     rows = []
-    for number, record in records:
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{where}: not a JSON object; a multiple-choice row is {{context, question, choices, label}}."
+            )
         missing = [k for k in ("context", "question", "choices", "label") if k not in record]
         if missing:
             raise DataError(
-                f"{path}:{number}: no {', '.join(missing)}; a multiple-choice row needs context, "
-                "question, choices and label."
+                f"{where}: no {', '.join(missing)}; a multiple-choice row needs context, question, choices and label."
             )
         rows.append(
             {
                 "context": str(record["context"]),
                 "question": str(record["question"]),
                 "choices": [str(c) for c in record["choices"]],
-                "label": _answer_index(record["label"], record["choices"], f"{path}:{number}"),
+                "label": _answer_index(record["label"], record["choices"], where),
             }
         )
     return _rows_to_dataset(rows, num_choices, str(path))
@@ -175,14 +198,14 @@ def from_hub(ds: datasets.Dataset, name: str, num_choices: int) -> datasets.Data
 
     def convert(row: Mapping[str, Any]) -> dict[str, Any]:
         if "dialogue" in row:
-            context, choices = "\n".join(row["dialogue"]), list(row["choice"])
+            context, choices, given_as = "\n".join(row["dialogue"]), list(row["choice"]), "text"
         else:
-            context, choices = row["article"], list(row["options"])
+            context, choices, given_as = row["article"], list(row["options"]), "letter"
         return {
             "context": context,
             "question": row["question"],
             "choices": choices,
-            "label": _answer_index(row["answer"], choices, f"hub:{name}"),
+            "label": _answer_index(row["answer"], choices, f"hub:{name}", given_as),
         }
 
     return ds.map(convert, remove_columns=ds.column_names, features=features(num_choices))
@@ -191,14 +214,42 @@ def from_hub(ds: datasets.Dataset, name: str, num_choices: int) -> datasets.Data
 # --------------------------------------------------------------------------- model inputs
 
 
-def option_pairs(batch: Mapping[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
-    """`pairs` form: per row, one ``(passage, question + option)`` sequence per option, the passage truncated."""
+BLANK = re.compile(r"_+")
+
+
+def option_text(question: str, choice: str) -> str:
+    """The second sequence of an option's pair: the question with its blank (a run of ``_``, as in RACE's and
+    DREAM's cloze questions) filled by the option, or the question followed by the option."""
+    if BLANK.search(question):
+        return BLANK.sub(lambda _: choice.strip(), question).strip()
+    return f"{question} {choice}".strip()
+
+
+def option_pairs(
+    batch: Mapping[str, list], tokenizer: Any, max_length: int, cut_long_options: bool = False
+) -> dict[str, list]:
+    """`pairs` form: per row, one ``(passage, question with option)`` sequence per option, the passage truncated.
+
+    A question with an option that does not fit beside the special tokens is a DataError naming it; with
+    `cut_long_options` (augmented queries, whose originals fitted) it is cut instead."""
     firsts, seconds, counts = [], [], []
     for context, question, choices in zip(batch["context"], batch["question"], batch["choices"]):
         firsts += [context] * len(choices)
-        seconds += [f"{question} {choice}".strip() for choice in choices]
+        seconds += [option_text(question, choice) for choice in choices]
         counts.append(len(choices))
-    encoded = tokenizer(firsts, seconds, truncation="only_first", max_length=max_length)
+    try:
+        encoded = tokenizer(firsts, seconds, truncation="only_first", max_length=max_length)
+    except Exception as err:  # the tokenizers library refuses when the passage cannot absorb the cut
+        if not cut_long_options:
+            lengths = [len(ids) for ids in tokenizer(seconds, add_special_tokens=False)["input_ids"]]
+            longest = max(range(len(seconds)), key=lengths.__getitem__)
+            room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+            if lengths[longest] <= room:
+                raise
+            raise _too_long(
+                seconds[longest], lengths[longest], room, max_length, "the question with this option"
+            ) from err
+        encoded = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length)
     out: dict[str, list] = {}
     for name, values in encoded.items():
         rows, start = [], 0
@@ -208,6 +259,14 @@ def option_pairs(batch: Mapping[str, list], tokenizer: Any, max_length: int) -> 
         out[name] = rows
     out["labels"] = list(batch["label"])
     return out
+
+
+def _too_long(text: str, length: int, room: int, max_length: int, what: str) -> DataError:
+    """The error for a part of an input that must stay whole (`text`, `length` tokens) and does not fit."""
+    return DataError(
+        f"{what} ({text[:80]!r}) takes {length} tokens, more than the {room} that data.max_length={max_length} "
+        "leaves it; raise data.max_length (or drop such rows from the data)."
+    )
 
 
 def prompt_text(context: str, question: str, choices: Sequence[str]) -> tuple[str, str]:
@@ -221,16 +280,25 @@ def label_words(num_choices: int) -> list[str]:
     return [f" {letter}" for letter in LETTERS[:num_choices]]
 
 
-def prompts(batch: Mapping[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
-    """`prompt` form: one sequence per row; the passage is cut from its start so that the rest fits."""
+def prompts(
+    batch: Mapping[str, list], tokenizer: Any, max_length: int, cut_long_options: bool = False
+) -> dict[str, list]:
+    """`prompt` form: one sequence per row; the passage is cut from its start so that the rest fits. A tokenizer
+    that starts every text with its BOS token (OPT, Llama) gets it here too; GPT-2's adds none.
+
+    A question with options that do not fit alone is a DataError naming it; with `cut_long_options`
+    (augmented queries) the prompt keeps its last `max_length` tokens instead."""
+    bos = [i for i in tokenizer("")["input_ids"] if i == tokenizer.bos_token_id][:1]
     input_ids, attention_mask = [], []
     for context, question, choices in zip(batch["context"], batch["question"], batch["choices"]):
         head, tail = prompt_text(context, question, choices)
         tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        room = max_length - len(bos) - len(tail_ids)
+        if room < 0 and not cut_long_options:
+            raise _too_long(tail, len(tail_ids), max_length - len(bos), max_length, "the question with its options")
         head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        room = max(0, max_length - len(tail_ids))
-        ids = (head_ids[len(head_ids) - room :] if room else []) + tail_ids
-        ids = ids[-max_length:]
+        ids = (head_ids[max(0, len(head_ids) - room) :] if room > 0 else []) + tail_ids
+        ids = bos + ids[-(max_length - len(bos)) :]
         input_ids.append(ids)
         attention_mask.append([1] * len(ids))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": list(batch["label"])}
