@@ -308,3 +308,39 @@ def test_the_actions_plot_draws_one_line_per_kind_through_the_weights(tmp_path: 
     for kind, points in lines.items():
         ys = [float(point.split(",")[1]) for point in points.split()]
         assert ys == pytest.approx([bottom - (bottom - top) * w[kind] for w in weights])
+
+
+def test_phases_count_optimiser_steps_under_gradient_accumulation(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """12 rows, batches of 2 accumulated in pairs: 3 optimiser steps an epoch; 2-step phases start at steps 0, 2, 4."""
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        glue_dir,
+        tmp_path / "cache",
+        "method=knowledge_selection",
+        "method.policy=random",
+        "method.phase_steps=2",
+        "student.num_layers=2",
+        "data.batch_size=2",
+        "+trainer.accumulate_grad_batches=2",
+        "trainer.max_epochs=2",
+    )
+    results = run(cfg, tmp_path / "run")
+    assert [p["step"] for p in results["method_info"]["phase_actions"]] == [0, 2, 4]
+
+
+def test_the_agent_key_fingerprints_a_bf16_student_and_keeps_float32_fingerprints() -> None:
+    import hashlib
+
+    from kdexp.selection.stage import weights_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().numpy().tobytes())
+    assert weights_fingerprint(model) == digest.hexdigest()[:20]  # the keys written before stay valid
+    as_bf16 = weights_fingerprint(copy.deepcopy(model).to(torch.bfloat16))
+    assert len(as_bf16) == 20 and as_bf16 != weights_fingerprint(model)

@@ -231,6 +231,21 @@ def test_agent_leaves_the_global_rng_alone_and_is_seeded():
     assert not torch.equal(fresh.actor.policy[0].weight, other.actor.policy[0].weight)
 
 
+def test_the_agent_acts_and_learns_in_float32_inside_a_cpu_mixed_precision_step():
+    def trained_agent() -> tuple[DDPGAgent, torch.Tensor]:
+        agent = DDPGAgent(STUDENT_WIDTH, TEACHER_WIDTH, DDPGConfig(hidden=8, batch_size=2))
+        fill_with_random_transitions(agent, 4, torch.Generator().manual_seed(0))
+        return agent, torch.randn(STATE_DIM, generator=torch.Generator().manual_seed(1))
+
+    plain, state = trained_agent()
+    expected_losses, expected_action = plain.update(), plain.act(state, explore=False)
+    mixed, _ = trained_agent()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning's bf16-mixed wraps a CPU step in
+        losses, action = mixed.update(), mixed.act(state, explore=False)
+    assert action.dtype == torch.float32 and torch.equal(action, expected_action)
+    assert losses == expected_losses
+
+
 def test_state_round_trip_continues_bit_identically(single_thread):
     config = DDPGConfig(batch_size=4, buffer_capacity=6, hidden=8, noise_std=0.3, updates_per_step=2, seed=5)
     data = torch.Generator().manual_seed(11)

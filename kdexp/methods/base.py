@@ -198,6 +198,8 @@ class DistillationModule(pl.LightningModule):
             self._phase_loss_count += 1
 
     def on_train_start(self) -> None:
+        # Steps are counted from here: under gradient accumulation the first batches end at this same step.
+        self._last_phase_step = int(self.trainer.global_step)
         if self.phases is not None and self.phases.index == 0 and self.trainer.global_step == 0:
             self.on_phase_start(0)
 

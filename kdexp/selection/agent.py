@@ -255,6 +255,12 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return target
 
 
+def _full_precision() -> torch.autocast:
+    """The agent computes in float32 even inside a step of a run in CPU mixed precision (Lightning's bf16-mixed
+    on CPU autocasts every Linear): it was trained in float32, and a hard action near its threshold could flip."""
+    return torch.autocast("cpu", enabled=False)
+
+
 def _soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """``target <- tau * online + (1 - tau) * target``, parameter by parameter."""
     with torch.no_grad():
@@ -271,8 +277,9 @@ class DDPGAgent:
         self.num_kinds = num_kinds
         self.config = config
         with torch.random.fork_rng(devices=[]):
-            # Initialise the networks from config.seed without consuming the global RNG.
-            torch.manual_seed(config.seed)
+            # Initialise the networks from config.seed without consuming the global RNG (the CPU generator
+            # only: torch.manual_seed would also reseed the CUDA generators, which fork_rng does not restore).
+            torch.default_generator.manual_seed(config.seed)
             self.actor = Actor(student_width, teacher_width, num_kinds, config.hidden)
             self.critic = Critic(student_width, teacher_width, num_kinds, config.hidden)
         self.target_actor = _frozen_copy(self.actor)
@@ -290,7 +297,8 @@ class DDPGAgent:
     def act(self, state: Tensor, explore: bool) -> Tensor:
         """The action ``mu(s)`` for a raw state (shape ``[D_S + D_T]``), with Gaussian noise of
         ``noise_std`` when ``explore``, clamped to [0, 1]."""
-        action = self.actor(state.detach().float().cpu())
+        with _full_precision():
+            action = self.actor(state.detach().float().cpu())
         if explore and self.config.noise_std > 0:
             noise = torch.randn(action.shape, generator=self.generator) * self.config.noise_std
             action = (action + noise).clamp(0.0, 1.0)
@@ -305,12 +313,13 @@ class DDPGAgent:
         if len(self.buffer) < self.config.batch_size:
             return {}
         critic_losses, actor_losses = [], []
-        for _ in range(self.config.updates_per_step):
-            batch = self.buffer.sample(self.config.batch_size, self.generator)
-            critic_losses.append(self._critic_step(batch))
-            actor_losses.append(self._actor_step(batch["state"]))
-            _soft_update(self.target_actor, self.actor, self.config.tau)
-            _soft_update(self.target_critic, self.critic, self.config.tau)
+        with _full_precision():
+            for _ in range(self.config.updates_per_step):
+                batch = self.buffer.sample(self.config.batch_size, self.generator)
+                critic_losses.append(self._critic_step(batch))
+                actor_losses.append(self._actor_step(batch["state"]))
+                _soft_update(self.target_actor, self.actor, self.config.tau)
+                _soft_update(self.target_critic, self.critic, self.config.tau)
         return {
             "critic_loss": sum(critic_losses) / len(critic_losses),
             "actor_loss": sum(actor_losses) / len(actor_losses),
