@@ -344,3 +344,43 @@ def test_the_agent_key_fingerprints_a_bf16_student_and_keeps_float32_fingerprint
     assert weights_fingerprint(model) == digest.hexdigest()[:20]  # the keys written before stay valid
     as_bf16 = weights_fingerprint(copy.deepcopy(model).to(torch.bfloat16))
     assert len(as_bf16) == 20 and as_bf16 != weights_fingerprint(model)
+
+
+def _selection_inputs() -> tuple[BertForSequenceClassification, torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    student = BertForSequenceClassification(tiny_bert_config(num_layers=2))
+    texts = ["the movie is good", "a bad film", "not fun !", "the plot is very dull"]
+    batch = dict(tiny_tokenizer()(texts, padding=True, return_tensors="pt"))
+    return student, torch.randn(4, 32, generator=torch.Generator().manual_seed(1)), batch
+
+
+def _state_in_one_of_two_processes(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from kdexp.selection.stage import selection_state
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    student, teacher_cls, batch = _selection_inputs()
+    rows = slice(2 * rank, 2 * rank + 2)  # each process holds half the batch, as DDP's sampler gives it
+
+    def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    state = selection_state(student, teacher_cls[rows], {k: v[rows] for k, v in batch.items()}, sum_over_processes)
+    torch.save(state, Path(out) / f"state{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_under_two_process_ddp_the_selection_state_is_the_whole_batchs_in_both_processes(tmp_path: Path) -> None:
+    from kdexp.selection.stage import selection_state
+
+    torch.multiprocessing.spawn(
+        _state_in_one_of_two_processes, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    first, second = (torch.load(tmp_path / f"state{rank}.pt") for rank in (0, 1))
+    student, teacher_cls, batch = _selection_inputs()
+    whole = selection_state(student, teacher_cls, batch)
+    half = selection_state(student, teacher_cls[:2], {k: v[:2] for k, v in batch.items()})
+    assert torch.equal(first, second) and torch.allclose(first, whole, atol=1e-5)
+    assert not torch.allclose(half, whole, atol=1e-2)  # what rank 0 alone would have given the agent

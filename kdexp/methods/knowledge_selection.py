@@ -20,7 +20,9 @@ to ``results.json`` (``method_info.phase_actions``), with the agent stage's epis
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -288,9 +290,16 @@ class KnowledgeSelection(DistillationModule):
             action = torch.rand(len(KNOWLEDGE_KINDS), generator=generator)
         else:
             assert self.agent is not None and self.teacher is not None
-            state = selection_state(self.student, self.teacher.cls(batch, self.teacher_cls_layer), batch)
+            teacher_cls = self.teacher.cls(batch, self.teacher_cls_layer)
+            state = selection_state(self.student, teacher_cls, batch, self._sum_over_processes())
             action = self.agent.act(state, explore=False)
         return action_weights(action, options.action, options.threshold)
+
+    def _sum_over_processes(self) -> Callable[[Tensor], Tensor] | None:
+        """Under DDP, the all-reduce that gives every process the whole batch's state."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        return partial(self.trainer.strategy.reduce, reduce_op="sum")
 
     def on_phase_start(self, index: int) -> None:
         self._weights = None

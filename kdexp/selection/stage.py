@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -100,18 +100,33 @@ def standardised(vector: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def selection_state(student: PreTrainedModel, teacher_cls: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+def selection_state(
+    student: PreTrainedModel,
+    teacher_cls: Tensor,
+    batch: Mapping[str, Tensor],
+    sum_over_processes: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """``[h_S(CLS) | h_T(CLS)]``: the final-layer [CLS] vectors averaged over the batch, each standardised.
 
-    The student is read in eval mode (no dropout), so the state draws no random numbers.
+    The student is read in eval mode (no dropout), so the state draws no random numbers. Under DDP each
+    process holds a slice of the batch: `sum_over_processes` (an all-reduce) makes the averages the whole
+    batch's, the state the agent was trained on, the same in every process whatever their number.
     """
     was_training = student.training
     student.eval()
     hidden = forward_with_internals(student, dict(batch), need_attentions=False).hidden_states
     student.train(was_training)
     assert hidden is not None
-    student_cls = hidden[-1][:, 0].float().mean(dim=0)
-    return torch.cat([standardised(student_cls), standardised(teacher_cls.float().mean(dim=0))]).cpu()
+    student_cls, teacher_cls = hidden[-1][:, 0].float(), teacher_cls.float()
+    if sum_over_processes is None:
+        student_mean, teacher_mean = student_cls.mean(dim=0), teacher_cls.mean(dim=0)
+    else:
+        rows = torch.tensor([float(len(student_cls))], device=student_cls.device)
+        local = [student_cls.sum(dim=0), teacher_cls.sum(dim=0).to(student_cls.device), rows]
+        sums = sum_over_processes(torch.cat(local))
+        width = student_cls.shape[-1]
+        student_mean, teacher_mean = sums[:width] / sums[-1], sums[width:-1] / sums[-1]
+    return torch.cat([standardised(student_mean), standardised(teacher_mean)]).cpu()
 
 
 def action_weights(action: Tensor, mode: str, threshold: float) -> dict[str, float]:
