@@ -137,6 +137,26 @@ def test_a_prompt_starts_with_the_bos_token_of_a_tokenizer_that_adds_one_and_ref
     assert len(multiple_choice.prompts(batch, with_bos, 8, cut_long_options=True)["input_ids"][0]) == 8
 
 
+def test_question_lengths_are_the_longest_option_sequence_of_each_question_untruncated() -> None:
+    from conftest import tiny_tokenizer
+
+    from kdexp.tools.mc_lengths import question_lengths
+
+    tokenizer = tiny_tokenizer()
+    rows = {
+        "context": ["the movie is good", " ".join(["the plot is dull"] * 30)],
+        "question": ["is it ____ ?", "was it"],
+        "choices": [["good", "very very good"], ["fun", "not fun", "awful"]],
+    }
+    by_hand = [
+        max(len(tokenizer(c, multiple_choice.option_text(q, o))["input_ids"]) for o in options)
+        for c, q, options in zip(rows["context"], rows["question"], rows["choices"])
+    ]
+    assert (
+        question_lengths(rows, tokenizer) == by_hand == [4 + 6 + 3, 120 + 4 + 3]
+    )  # "is it very very good ?", "was it not fun"
+
+
 def test_a_prompt_keeps_question_options_and_answer_and_cuts_the_passage_from_its_start(tmp_path: Path) -> None:
     folder = save_tiny_model(tmp_path / "gpt2", "gpt2", [*SPECIAL, *WORDS], head="causal_lm")
     tokenizer = AutoTokenizer.from_pretrained(folder)
