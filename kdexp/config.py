@@ -276,7 +276,14 @@ class StudentSchema:
     dtype: str = "float32"  # the student's weights (mixed precision keeps them float32)
 
     def check(self) -> None:
-        require(self.dtype in WEIGHT_DTYPES, "student.dtype", self.dtype, " or ".join(WEIGHT_DTYPES))
+        # AdamW stepping bf16 or fp16 weights directly rounds most small updates away (no float32 master copy).
+        require(
+            self.dtype == "float32",
+            "student.dtype",
+            self.dtype,
+            "float32: the student trains, and its optimiser needs float32 weights; for bf16 compute set "
+            "trainer.precision=bf16-mixed (float32 weights, bf16 matmuls)",
+        )
         require(self.init in STUDENT_INITS, "student.init", self.init, "one of " + ", ".join(STUDENT_INITS))
         if self.init in ("first_layers", "every_nth_layer"):
             require(

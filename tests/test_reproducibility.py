@@ -425,6 +425,24 @@ def test_bad_config_is_refused_before_the_teacher_stage(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["method=vanilla_kd", "+student.dtype=bfloat16"], r"student.dtype='bfloat16' cannot work: use float32: the"),
+        (
+            ["method=text_smoothing", "+trainer.accumulate_grad_batches=2"],
+            r"trainer.accumulate_grad_batches=2 cannot work with method.schedule=two_steps",
+        ),
+    ],
+)
+def test_a_student_in_bf16_weights_and_accumulation_under_two_steps_are_refused_before_any_stage(
+    overrides: list[str], message: str, tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(tiny_cfg(tiny_model_dir, glue_dir, tmp_path / "cache", *overrides), tmp_path / "run")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_a_config_error_is_one_line_without_traceback(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     proc = train(
         tiny_args(tiny_model_dir, glue_dir, tmp_path / "cache", tmp_path / "run", "data.max_length=0"), tmp_path

@@ -66,6 +66,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("two_steps", "sum")
+TWO_STEPS_FP16_CLIPPING = (
+    "method.schedule=two_steps clips each step by hand, before 16-bit mixed precision unscales the gradients: "
+    "use trainer.precision=bf16-mixed or 32-true, or method.schedule=sum"
+)
 RUN_MLM_FILE = "mlm_teacher.json"
 __all__ = ["MLM_INFO_FILE", "RUN_MLM_FILE", "TextSmoothing", "TextSmoothingOptions", "choose_distribution_source"]
 
@@ -128,6 +132,22 @@ class TextSmoothing(DistillationModule):
     """Text smoothing; ``kd_alpha > 0`` adds soft-label KD from the fine-tuned teacher (`text_smoothing_kd`)."""
 
     Options = TextSmoothingOptions
+
+    @classmethod
+    def check_config(cls, cfg: Any, task: Any) -> None:
+        """`two_steps` optimises by hand, so what Lightning does for automatic optimisation is refused here,
+        before the teacher and MLM stages, rather than at `fit`."""
+        super().check_config(cfg, task)
+        if cfg.method.get("schedule") != "two_steps":
+            return
+        accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+        if accumulate != 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={accumulate} cannot work with method.schedule=two_steps (two "
+                "optimiser steps a batch, taken by hand): use 1 (a larger data.batch_size), or method.schedule=sum."
+            )
+        if str(cfg.trainer.get("precision", "32-true")).startswith("16") and cfg.trainer.get("gradient_clip_val"):
+            raise ConfigError(TWO_STEPS_FP16_CLIPPING)
 
     def __init__(
         self,
@@ -306,10 +326,7 @@ class TextSmoothing(DistillationModule):
             and trainer.gradient_clip_val
             and str(trainer.precision).startswith("16")
         ):
-            raise ConfigError(
-                "method.schedule=two_steps clips each step by hand, before 16-bit mixed precision "
-                "unscales the gradients: use trainer.precision=bf16-mixed or 32-true, or method.schedule=sum"
-            )
+            raise ConfigError(TWO_STEPS_FP16_CLIPPING)
         if not self.automatic_optimization and trainer is not None and trainer.gradient_clip_val:
             self._manual_clip = (float(trainer.gradient_clip_val), trainer.gradient_clip_algorithm or "norm")
             trainer.gradient_clip_val = None
