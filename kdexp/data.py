@@ -588,14 +588,16 @@ FAMILY_COLUMNS = {CLASSIFICATION: ("label",), MULTIPLE_CHOICE: ("choices", "labe
 @dataclass(frozen=True)
 class InputForm:
     """How rows become model inputs besides the tokenizer and the length: a multiple-choice row as option
-    `pairs` or one `prompt` (decoder LMs); extractive QA's window stride."""
+    `pairs` or one `prompt` (decoder LMs), and whether a question with options too long for the length is cut
+    (augmented copies, whose originals fitted) rather than refused; extractive QA's window stride."""
 
     form: str = "pairs"
     doc_stride: int = 128
+    cut_long_options: bool = False
 
     def key_parts(self, task: GlueTask) -> dict[str, Any]:
         if task.family == MULTIPLE_CHOICE:  # inputs 2: cloze blanks filled by the option; a BOS-adding tokenizer's BOS
-            return {"form": self.form, "inputs": 2}
+            return {"form": self.form, "inputs": 2, **({"cut_long_options": True} if self.cut_long_options else {})}
         if task.family == EXTRACTIVE_QA:
             return {"doc_stride": self.doc_stride}
         return {}  # classification: keys made before families existed stay valid
@@ -643,7 +645,9 @@ def tokenize_split(
     if not is_global_zero():  # DDP: the first process tokenises, the others read its copy
         return wait_for_rank_zero(target, lambda: _stored_tokenized(target, set_aside=False)), key
 
-    make_inputs = families.featurizer(task, tokenizer, max_length, inputs.form, inputs.doc_stride)
+    make_inputs = families.featurizer(
+        task, tokenizer, max_length, inputs.form, inputs.doc_stride, inputs.cut_long_options
+    )
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         encoded = make_inputs(batch)

@@ -25,6 +25,7 @@ from kdexp.decision.queries import (
     DecisionQueries,
     QueryConfig,
     augmentation_key,
+    decision_statistics,
     decisions_key,
     examples_of,
     query_decisions,
@@ -173,23 +174,44 @@ def test_query_counts_with_a_real_tiny_model_match_single_queries(glue_dir: Path
         assert result.decisions[i].tolist() == row
 
 
-def test_authors_style_asks_the_teacher_about_cleaned_text_only(glue_dir: Path, tmp_path: Path) -> None:
+def test_authors_style_counts_cleaned_text_and_the_baselines_decide_on_the_raw_input(
+    glue_dir: Path, tmp_path: Path
+) -> None:
     from kdexp.decision.eda import clean_text
 
     task = get_task("sst2")
-    ds = load_split(task, "train", DataSource(glue_dir))
+    ds = load_split(task, "train", DataSource(glue_dir)).map(  # every other row with a score, as reviews have
+        lambda row, i: {"sentence": row["sentence"] + (" , 10/10 !" if i % 2 else "")}, with_indices=True
+    )
     asked: list[str] = []
+
+    def as_it_stands(text: str) -> int:  # the decision: 1 for a text that cleaning would change
+        return int(text != (clean_text(text) or text))
 
     def decide(queries: list) -> torch.Tensor:
         asked.extend(queries)
-        return torch.tensor([len(q.split()) % 2 for q in queries])
+        return torch.tensor([as_it_stands(q) for q in queries])
 
     config = QueryConfig(num_queries=4, seed=0, eda=EDAConfig(style="authors"))
     result = query_decisions(DecisionTeacher(decide, key="words", num_labels=2), ds, task, config, tmp_path)
-    assert len(asked) == 4 * len(ds)
-    assert asked[0::4] == [clean_text(s) or s for s in ds["sentence"]]  # each row's first query: its cleaned text
-    assert all(q == clean_text(q) for q in asked if clean_text(q))
-    assert result.decisions[:, 0].tolist() == [len((clean_text(s) or s).split()) % 2 for s in ds["sentence"]]
+    # Per row: the N counted queries (the cleaned text, then 3 cleaned copies), then the text as it stands.
+    assert len(asked) == 5 * len(ds)
+    assert asked[0::5] == [clean_text(s) or s for s in ds["sentence"]]
+    assert asked[4::5] == list(ds["sentence"])
+    counted = [q for i, q in enumerate(asked) if i % 5 != 4]
+    assert all(q == clean_text(q) for q in counted if clean_text(q))
+    assert result.decisions.shape == (len(ds), 4)
+    assert result.decisions[:, 0].tolist() == [0] * len(ds)
+    raw = [as_it_stands(s) for s in ds["sentence"]]
+    assert result.original_decisions.tolist() == raw
+    assert 0 < sum(raw) < len(ds), "the slice needs rows that cleaning changes and rows it leaves"
+    assert decision_statistics(result, torch.tensor(raw))["teacher_train_accuracy"] == 1.0
+
+    asked.clear()
+    warm = query_decisions(DecisionTeacher(decide, key="words", num_labels=2), ds, task, config, tmp_path)
+    assert asked == [] and warm.from_cache
+    assert torch.equal(warm.original_decisions, result.original_decisions)
+    assert torch.equal(warm.decisions, result.decisions)
 
 
 def test_query_stage_is_cached_and_reused_and_keyed_by_its_settings(glue_dir: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,19 @@ def test_adapt_mlm_head_refuses_an_incomplete_encoder(tmp_path: Path) -> None:
     drop_checkpoint_weights(encoder_path, ["encoder.layer.0.attention.self.query.weight"])
     with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self\.query\.weight"):
         adapt_mlm_head(encoder_path, ["w0 w1", "w2 w3"], tokenizer, steps=1)
+
+
+def test_questions_that_share_a_passage_are_held_out_together_and_never_all() -> None:
+    from kdexp.smoothing.mlm import _whole_groups
+
+    rng = random.Random(0)
+    passages = [f"passage {rng.randrange(9)}" for _ in range(200)]
+    for seed in range(5):
+        kept_out = _whole_groups(passages, 20, torch.Generator().manual_seed(seed))
+        held = {passages[i] for i in kept_out}
+        assert kept_out == {i for i, p in enumerate(passages) if p in held}, "a passage was split"
+        assert len(kept_out) >= 20 and len(held) < 9
+        # Groups are taken until 20 are out: the last one taken crossed the line.
+        assert len(kept_out) < 20 + max(passages.count(p) for p in held)
+    with pytest.raises(ValueError, match="only one passage"):
+        _whole_groups(["the same"] * 5, 1, torch.Generator().manual_seed(0))

@@ -268,6 +268,7 @@ def mrc_run(tmp_path: Path, model: Path, *overrides: str, mrc_dir: Path = MRC) -
         ("text_smoothing", "mc", ["method.mlm.adapt.steps=2", "method.top_k=8"]),
         ("dbkd", "gpt2", ["method.queries.num_queries=3"]),
         ("vanilla_kd", "gpt2", []),
+        ("decision_hard_aug", "gpt2", ["method.queries.num_queries=3"]),
     ],
 )
 def test_dream_runs_each_method_and_reports_accuracy(
@@ -275,8 +276,10 @@ def test_dream_runs_each_method_and_reports_accuracy(
 ) -> None:
     results = mrc_run(tmp_path, mrc_models[model], "task=dream", f"method={method}", *extra)
     assert 0.0 <= results["metrics"]["val/accuracy"] <= 1.0 and "val/accuracy" in results["teacher_metrics"]
-    if method == "dbkd":
+    if method in ("dbkd", "decision_hard_aug"):
         assert results["method_info"]["teacher_queries"] == 32 * 3
+    if method == "decision_hard_aug":  # each question's 2 copies join the training set as prompts
+        assert results["method_info"]["extra_examples"] == 32 * 2
 
 
 def place_questions(count: int, rng: random.Random) -> list:

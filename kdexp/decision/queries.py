@@ -102,6 +102,13 @@ class QueryConfig:
     def num_copies(self) -> int:
         return self.num_queries - 1
 
+    @property
+    def asks_raw_original(self) -> bool:
+        """Whether each row is also asked once as it stands. In the authors' style the first of the ``N``
+        queries is the cleaned text, while their hard-label baseline asks the teacher about the raw input
+        (cleaning drops digits, which can leave options that read the same)."""
+        return self.eda.style == "authors"
+
 
 @dataclass
 class DecisionQueries:
@@ -116,6 +123,8 @@ class DecisionQueries:
         from_cache: whether the decisions were read from the cache (no teacher query made).
         augment_seconds, query_seconds: wall time of the augmentation and of the teacher's
             answers when the stage ran (read back from the cache otherwise).
+        raw_originals: ``[n]`` the decisions on the inputs as they stand, asked besides the ``N`` queries
+            when their first one is a cleaned text (EDA in the authors' style); None otherwise.
     """
 
     decisions: torch.Tensor
@@ -126,6 +135,7 @@ class DecisionQueries:
     from_cache: bool
     augment_seconds: float = 0.0
     query_seconds: float = 0.0
+    raw_originals: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -142,8 +152,8 @@ class DecisionQueries:
 
     @property
     def original_decisions(self) -> torch.Tensor:
-        """``[n]`` the teacher's top-1 label on the original inputs."""
-        return self.decisions[:, 0]
+        """``[n]`` the teacher's top-1 label on the original inputs (as they stand, not cleaned)."""
+        return self.decisions[:, 0] if self.raw_originals is None else self.raw_originals
 
     def copies(self) -> datasets.Dataset:
         return datasets.load_from_disk(str(self.copies_path))
@@ -362,13 +372,21 @@ def query_decisions(
     key = decisions_key(teacher, aug_key, len(ds))
     path = Path(cache_dir) / "signals" / "decisions" / f"{key}.pt"
     expected = {"key": key, "rows": len(ds), "num_queries": config.num_queries, "num_labels": teacher.num_labels}
+    if config.asks_raw_original:  # a table stored before raw originals were asked lacks them: ask again
+        expected["raw_originals"] = True
 
     def load() -> DecisionQueries | None:
         cached = load_tensors(path, expected)
         if cached is None:
             return None
-        decisions = cached.get("decisions")
-        if decisions is not None and decisions.shape == (len(ds), config.num_queries) and decisions.dtype == torch.long:
+        decisions, raw = cached.get("decisions"), cached.get("raw_originals")
+        whole = decisions is not None and decisions.shape == (len(ds), config.num_queries)
+        if (
+            decisions is not None
+            and whole
+            and decisions.dtype == torch.long
+            and (raw is not None) == config.asks_raw_original
+        ):
             meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
             log.info(
                 "Reusing decision queries %s (%d examples x %d queries; no teacher query made)",
@@ -385,19 +403,23 @@ def query_decisions(
                 True,
                 float(meta.get("augment_seconds", 0.0)),
                 float(meta.get("query_seconds", 0.0)),
+                raw,
             )
         log.warning("Cached decisions %s have the wrong shape; querying again.", path)
         return None
 
     def query() -> DecisionQueries:
-        decisions, seconds = _answer_in_chunks(teacher, ds, task, config, copies_path, chunk_folder(path))
+        decisions, raw, seconds = _answer_in_chunks(teacher, ds, task, config, copies_path, chunk_folder(path))
         return DecisionQueries(
-            decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, seconds
+            decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, seconds, raw
         )
 
     def store(queries: DecisionQueries) -> None:
         meta = dict(expected, augment_seconds=queries.augment_seconds, query_seconds=queries.query_seconds)
-        save_tensors(path, {"decisions": queries.decisions, "counts": queries.counts}, meta)
+        tensors = {"decisions": queries.decisions, "counts": queries.counts}
+        if queries.raw_originals is not None:
+            tensors["raw_originals"] = queries.raw_originals
+        save_tensors(path, tensors, meta)
         shutil.rmtree(chunk_folder(path), ignore_errors=True)
 
     return load_or_compute_together(path, load, query, store, teacher.hardware)
@@ -411,13 +433,16 @@ def chunk_folder(path: Path) -> Path:
 def _chunk_queries(
     ds: datasets.Dataset, copies: datasets.Dataset, task: GlueTask, config: QueryConfig, start: int, stop: int
 ) -> list[Query]:
-    """The ``N`` queries of rows ``start..stop``, row after row: the original, then its copies."""
+    """The queries of rows ``start..stop``, row after row: the ``N`` (the original, then its copies), and the
+    original as it stands where the first is cleaned (`QueryConfig.asks_raw_original`)."""
     originals = examples_of(ds.select(range(start, stop)), task)
     row_copies = examples_of(copies.select(range(start * config.num_copies, stop * config.num_copies)), task)
     queries: list[Query] = []
     for offset, original in enumerate(originals):
         queries.append(original_query(original, config))
         queries.extend(row_copies[offset * config.num_copies : (offset + 1) * config.num_copies])
+        if config.asks_raw_original:
+            queries.append(original)
     return queries
 
 
@@ -428,32 +453,36 @@ def _answer_in_chunks(
     config: QueryConfig,
     copies_path: Path,
     partial: Path,
-) -> tuple[torch.Tensor, float]:
-    """``[n, N]`` decisions, chunk by chunk; chunks answered by an earlier (killed) attempt are read back."""
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``[n, N]`` decisions (and ``[n]`` raw originals, or None), chunk by chunk; chunks answered by an
+    earlier (killed) attempt are read back."""
     hardware = teacher.hardware
     copies = datasets.load_from_disk(str(copies_path))
-    decisions = torch.zeros(len(ds), config.num_queries, dtype=torch.long)
+    width = config.num_queries + int(config.asks_raw_original)  # queries asked per row
+    answered_rows = torch.zeros(len(ds), width, dtype=torch.long)
     seconds = 0.0
     log.info(
         "Querying the teacher: %d examples x %d queries = %d decisions",
         len(ds),
-        config.num_queries,
-        len(ds) * config.num_queries,
+        width,
+        len(ds) * width,
     )
     for start, stop in row_chunks(len(ds)):
         chunk_file = partial / f"rows-{start}-{stop}.pt"
         expected = {"rows": [start, stop], "num_queries": config.num_queries}
+        if config.asks_raw_original:
+            expected["width"] = width
         answered = load_tensors(chunk_file, expected)
         if hardware.all_true(answered is not None):
             assert answered is not None  # true on every process, so on this one
-            decisions[start:stop] = answered["decisions"]
+            answered_rows[start:stop] = answered["decisions"]
             continue
         began = time.perf_counter()
         answers = teacher.decide(_chunk_queries(ds, copies, task, config, start, stop))
-        decisions[start:stop] = answers.reshape(stop - start, config.num_queries)
+        answered_rows[start:stop] = answers.reshape(stop - start, width)
         seconds += time.perf_counter() - began
         if hardware.is_global_zero:
-            save_tensors(chunk_file, {"decisions": decisions[start:stop].clone()}, expected)
+            save_tensors(chunk_file, {"decisions": answered_rows[start:stop].clone()}, expected)
         maybe_fail("query_chunk", start=start)
     log.info(
         "Teacher decisions: %d queries in %.1fs (%.2f ms per query)",
@@ -461,7 +490,9 @@ def _answer_in_chunks(
         seconds,
         1000 * seconds / max(len(ds) * config.num_queries, 1),
     )
-    return decisions, seconds
+    decisions = answered_rows[:, : config.num_queries].contiguous()
+    raw = answered_rows[:, config.num_queries].clone() if config.asks_raw_original else None
+    return decisions, raw, seconds
 
 
 def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = None) -> dict[str, Any]:

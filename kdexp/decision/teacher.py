@@ -219,7 +219,7 @@ class DecisionTeacher:
     @classmethod
     def from_teacher(cls, teacher: "Teacher", max_length: int, batch_size: int | None = None) -> "DecisionTeacher":
         """Wrap a fine-tuned :class:`~kdexp.teacher.Teacher` (its model is loaded on the first query)."""
-        from kdexp.data import tokenizer_fingerprint
+        from kdexp.data import InputForm, tokenizer_fingerprint
 
         batching = PassBatching(teacher.eval_tokens_per_batch, batch_size or teacher.eval_batch_size)
         form = families.input_form(AutoConfig.from_pretrained(teacher.path))
@@ -231,7 +231,7 @@ class DecisionTeacher:
             "max_length": max_length,
             **teacher.pass_key_parts(),
             **batching.key_parts(),
-            **({"form": form} if teacher.task.family == MULTIPLE_CHOICE else {}),
+            **InputForm(form).key_parts(teacher.task),  # how queries become inputs (MC: form and its version)
         }
         return cls(decide_fn, teacher.key, teacher.task.num_labels, identity, teacher.hardware)
 

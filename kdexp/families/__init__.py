@@ -78,12 +78,17 @@ def input_form(model_config: Any) -> str:
 
 
 def featurizer(
-    task: GlueTask, tokenizer: Any, max_length: int, form: str = "pairs", doc_stride: int = 128
+    task: GlueTask,
+    tokenizer: Any,
+    max_length: int,
+    form: str = "pairs",
+    doc_stride: int = 128,
+    cut_long_options: bool = False,
 ) -> Callable[[Mapping[str, list]], dict[str, list]]:
     """The `datasets.map` function (batched) that turns raw rows of `task` into model inputs and ``labels``."""
     if task.family == MULTIPLE_CHOICE:
         make = multiple_choice.prompts if form == "prompt" else multiple_choice.option_pairs
-        return lambda batch: make(batch, tokenizer, max_length)
+        return lambda batch: make(batch, tokenizer, max_length, cut_long_options)
     if task.family == EXTRACTIVE_QA:
         return lambda batch: extractive_qa.windows(batch, tokenizer, max_length, doc_stride)
 

@@ -583,7 +583,12 @@ class DecisionHardAug(DecisionDistillation):
             rows, numbers = (torch.from_numpy(arrow_column(copies, name).to_numpy()) for name in ("row", "copy"))
             labels = decided.decisions[rows, numbers]
             raw = copies_as_raw(copies, task).add_column("label", labels.numpy())
-            tokenized, copies_key = tokenize_split(raw, task, data.tokenizer, data.max_length, data.cache_dir)
+            copies_form = replace(
+                data.inputs, cut_long_options=True
+            )  # the original's form; a copy EDA made too long is cut
+            tokenized, copies_key = tokenize_split(
+                raw, task, data.tokenizer, data.max_length, data.cache_dir, inputs=copies_form
+            )
             tokenized = tokenized.remove_columns("idx").add_column("idx", np.arange(n, n + len(tokenized)))
             if tokenized.features != original.features:
                 tokenized = tokenized.cast(original.features)

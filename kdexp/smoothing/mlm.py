@@ -394,6 +394,7 @@ def adapt_mlm_head(
     max_length: int = 64,
     mask_prob: float = 0.15,
     heldout_fraction: float = 0.1,
+    heldout_groups: Sequence[str] | None = None,
     seed: int = 0,
     hardware: Hardware | None = None,
     log_every: int = 50,
@@ -416,6 +417,8 @@ def adapt_mlm_head(
     form it will read when it smooths that input.
 
     A ``heldout_fraction`` of ``texts`` (shuffled with ``seed``) is kept out of training
+    (with ``heldout_groups``, one group name per text, whole groups are: questions that share a
+    passage share it, and a passage seen in training would make the held-out accuracy a memory test)
     and masked once, with a generator seeded by ``seed``, so the accuracy before and
     after training is measured on the same masked tokens.
 
@@ -439,7 +442,7 @@ def adapt_mlm_head(
         torch.manual_seed(seed)
         model, head_initialisation = _masked_lm_from_encoder(encoder_path, tokenizer)
         model = hardware.to_device(model)
-        heldout, train = _split_heldout(texts, tokenizer, max_length, heldout_fraction, seed)
+        heldout, train = _split_heldout(texts, tokenizer, max_length, heldout_fraction, seed, heldout_groups)
         heldout_batches = _fixed_masked_batches(heldout, tokenizer, batch_size, mask_prob, seed)
         initial = evaluate_masked_lm(model, heldout_batches, hardware)
 
@@ -503,16 +506,45 @@ def adapt_mlm_head(
 
 
 def _split_heldout(
-    texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, max_length: int, heldout_fraction: float, seed: int
+    texts: Sequence[Text],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    heldout_fraction: float,
+    seed: int,
+    groups: Sequence[str] | None = None,
 ) -> tuple[_TokenizedTexts, _TokenizedTexts]:
-    """Shuffle with ``seed``, keep ``heldout_fraction`` of the texts out, tokenise both parts."""
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    """Shuffle with ``seed``, keep ``heldout_fraction`` of the texts out, tokenise both parts. With ``groups``
+    (one per text) whole groups are kept out, in shuffled order, until the fraction is reached."""
+    generator = torch.Generator().manual_seed(seed)
     num_heldout = max(1, round(heldout_fraction * len(texts)))
-    heldout = _tokenize([texts[i] for i in order[:num_heldout]], tokenizer, max_length)
-    train = _tokenize([texts[i] for i in order[num_heldout:]], tokenizer, max_length)
+    if groups is None:
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        kept_out = set(order[:num_heldout])
+    else:
+        kept_out = _whole_groups(groups, num_heldout, generator)
+    heldout = _tokenize([texts[i] for i in range(len(texts)) if i in kept_out], tokenizer, max_length)
+    train = _tokenize([texts[i] for i in range(len(texts)) if i not in kept_out], tokenizer, max_length)
     if len(heldout) == 0 or len(train) == 0:
         raise ValueError("after tokenisation, the held-out or the training texts have no ordinary tokens to mask")
     return heldout, train
+
+
+def _whole_groups(groups: Sequence[str], num_heldout: int, generator: torch.Generator) -> set[int]:
+    """The texts of whole groups, taken in shuffled group order until at least ``num_heldout``; never every group."""
+    if len(groups) == 0:
+        return set()
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    names = list(members)
+    if len(names) < 2:
+        raise ValueError("the held-out split keeps whole passages out, and the training texts have only one passage")
+    kept_out: set[int] = set()
+    for g in torch.randperm(len(names), generator=generator).tolist()[: len(names) - 1]:
+        if len(kept_out) >= num_heldout:
+            break
+        kept_out.update(members[names[g]])
+    return kept_out
 
 
 def _fixed_masked_batches(

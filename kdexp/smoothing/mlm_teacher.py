@@ -41,6 +41,7 @@ from kdexp.models import model_fingerprint, resolve_model_path
 from kdexp.preemption import CheckpointEvery
 from kdexp.smoothing.mlm import AdaptationCheckpoints, MissingMLMHeadError, adapt_mlm_head, load_mlm_teacher
 from kdexp.smoothing.store import TopKTokenStore, build_topk_store, store_bytes
+from kdexp.tasks import EXTRACTIVE_QA, MULTIPLE_CHOICE
 
 if TYPE_CHECKING:
     from kdexp.context import RunContext
@@ -111,6 +112,11 @@ def _check_keys(prefix: str, options: dict[str, Any], settings: type) -> None:
         raise TypeError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; valid: {', '.join(valid)}")
 
 
+# Families whose questions share a passage (the column that holds it): the adaptation holds whole passages out.
+PASSAGE_FAMILIES = (MULTIPLE_CHOICE, EXTRACTIVE_QA)
+PASSAGE_COLUMN = "context"
+
+
 @dataclass
 class MLMTeacher:
     """The frozen MLM, and the key that identifies its weights (for the distribution store)."""
@@ -121,8 +127,9 @@ class MLMTeacher:
     info: dict[str, Any]
 
 
-def _adaptation_texts(run: "RunContext", settings: MLMAdaptSettings) -> tuple[list[Any], str]:
-    """The task's training text (sentence pairs for pair tasks) and its content fingerprint."""
+def _adaptation_texts(run: "RunContext", settings: MLMAdaptSettings) -> tuple[list[Any], str, list[str] | None]:
+    """The task's training text (sentence pairs for pair tasks), its content fingerprint, and for tasks whose
+    questions share passages (multiple choice, extractive QA) each text's passage: the held-out split's groups."""
     task = run.task
     if settings.max_texts is None:
         raw = run.data.raw[task.train_split]
@@ -131,7 +138,8 @@ def _adaptation_texts(run: "RunContext", settings: MLMAdaptSettings) -> tuple[li
         raw = load_split(task, task.train_split, source, int(settings.max_texts))
     columns = [arrow_column(raw, name).to_pylist() for name in task.text_fields]
     texts = list(zip(*columns)) if len(columns) > 1 else columns[0]
-    return texts, content_fingerprint(raw, tuple(task.text_fields))
+    passages = arrow_column(raw, PASSAGE_COLUMN).to_pylist() if task.family in PASSAGE_FAMILIES else None
+    return texts, content_fingerprint(raw, tuple(task.text_fields)), passages
 
 
 def prepare_mlm_teacher(run: "RunContext", settings: MLMSettings) -> MLMTeacher:
@@ -165,9 +173,11 @@ def adaptation_key(
     adapt: MLMAdaptSettings,
     max_length: int,
     precision: str = "32-true",
+    heldout_by_passage: bool = False,
 ) -> str:
     """The key of one MLM adaptation: encoder weights, task, training texts, tokenizer, hyper-parameters, seed,
-    and the precision it trains in (left out at 32-true, so keys made before the option hold)."""
+    the precision it trains in (left out at 32-true, so keys made before the option hold), and whether whole
+    passages are held out (multiple choice and QA)."""
     return cache_key(
         kind="mlm_adaptation",
         encoder=model_fingerprint(encoder_path),
@@ -176,6 +186,7 @@ def adaptation_key(
         tokenizer=tokenizer_fingerprint(tokenizer),
         hyperparameters=adapt.key_parts(max_length),
         **({} if precision == "32-true" else {"precision": precision}),
+        **({"heldout": "by_passage"} if heldout_by_passage else {}),
     )
 
 
@@ -244,9 +255,16 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
     adapt = settings.adapt
     task = run.task
     max_length = int(adapt.max_length or run.data.max_length)
-    texts, texts_fingerprint = _adaptation_texts(run, adapt)
+    texts, texts_fingerprint, passages = _adaptation_texts(run, adapt)
     key = adaptation_key(
-        encoder_path, task.name, texts_fingerprint, run.data.tokenizer, adapt, max_length, run.hardware.precision
+        encoder_path,
+        task.name,
+        texts_fingerprint,
+        run.data.tokenizer,
+        adapt,
+        max_length,
+        run.hardware.precision,
+        heldout_by_passage=passages is not None,
     )
     store = adaptation_store(run.data.cache_dir, task.name, key)
 
@@ -269,6 +287,7 @@ def _adapted_mlm_teacher(run: "RunContext", encoder_path: str, settings: MLMSett
             max_length,
             run.hardware.single_device(),
             CheckpointEvery.from_config(run.cfg.get("checkpoint")),
+            heldout_groups=passages,
         )
         return json.loads((store / MLM_INFO_FILE).read_text())
 
