@@ -517,6 +517,9 @@ def _split_heldout(
     (one per text) whole groups are kept out, in shuffled order, until the fraction is reached."""
     generator = torch.Generator().manual_seed(seed)
     num_heldout = max(1, round(heldout_fraction * len(texts)))
+    if groups is not None and len(set(groups)) < 2:
+        logger.warning("The MLM adaptation texts share one passage: its held-out texts are questions on that passage.")
+        groups = None
     if groups is None:
         order = torch.randperm(len(texts), generator=generator).tolist()
         kept_out = set(order[:num_heldout])
@@ -537,8 +540,6 @@ def _whole_groups(groups: Sequence[str], num_heldout: int, generator: torch.Gene
     for i, group in enumerate(groups):
         members.setdefault(group, []).append(i)
     names = list(members)
-    if len(names) < 2:
-        raise ValueError("the held-out split keeps whole passages out, and the training texts have only one passage")
     kept_out: set[int] = set()
     for g in torch.randperm(len(names), generator=generator).tolist()[: len(names) - 1]:
         if len(kept_out) >= num_heldout:
