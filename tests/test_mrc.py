@@ -346,8 +346,17 @@ def test_the_squad_subset_split_by_article_runs_and_reports_em_and_f1(
         "task.doc_stride=32",
         *extra,
     )
-    assert {"val/exact_match", "val/f1"} <= set(results["metrics"])
-    assert 0.0 <= results["metrics"]["val/exact_match"] <= results["metrics"]["val/f1"] <= 1.0  # fractions
+    metrics = results["metrics"]
+    assert {"val/exact_match", "val/f1"} <= set(metrics)
+    assert 0.0 <= metrics["val/exact_match"] <= metrics["val/f1"] <= 1.0  # fractions
+    # SQuAD 2.0's groups: the whole is their mean weighted by the dev questions' (16 of Normans) answerability.
+    normans = next(a for a in json.loads(SQUAD_SUBSET.read_text())["data"] if a["title"] == "Normans")
+    questions = [q for p in normans["paragraphs"] for q in p["qas"]][:16]
+    unanswerable = sum(q.get("is_impossible", False) for q in questions)
+    assert 0 < unanswerable < 16
+    for name in ("exact_match", "f1"):
+        by_group = (16 - unanswerable) * metrics[f"val/HasAns_{name}"] + unanswerable * metrics[f"val/NoAns_{name}"]
+        assert metrics[f"val/{name}"] == pytest.approx(by_group / 16, abs=1e-6)
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
