@@ -205,7 +205,8 @@ def test_authors_style_counts_cleaned_text_and_the_baselines_decide_on_the_raw_i
     raw = [as_it_stands(s) for s in ds["sentence"]]
     assert result.original_decisions.tolist() == raw
     assert 0 < sum(raw) < len(ds), "the slice needs rows that cleaning changes and rows it leaves"
-    assert decision_statistics(result, torch.tensor(raw))["teacher_train_accuracy"] == 1.0
+    stats = decision_statistics(result, torch.tensor(raw))
+    assert stats["teacher_train_accuracy"] == 1.0 and stats["teacher_queries"] == 5 * len(ds)
 
     asked.clear()
     warm = query_decisions(DecisionTeacher(decide, key="words", num_labels=2), ds, task, config, tmp_path)

@@ -214,9 +214,16 @@ def test_a_tiny_gpt2_decision_teacher_decides_through_its_label_words_only(tmp_p
     from kdexp.inference import PassBatching
     from kdexp.tasks import get_task
 
-    decide = _make_decider(lambda: model, tokenizer, 48, PassBatching(), Hardware(), get_task("dream"), "prompt")
+    tally: dict[str, int] = {}
+    decide = _make_decider(lambda: model, tokenizer, 48, PassBatching(), Hardware(), get_task("dream"), "prompt", tally)
     decisions = DecisionTeacher(decide, "gpt2", 3).decide(queries)
     assert torch.equal(decisions, expected)
+    assert tally == {"off_label": 3}  # every query's top token was "movie": the rule decided all three
+
+    with torch.no_grad():  # now a label word is the favourite: no query needs the rule
+        head.bias[words[1]] = 100.0
+    assert torch.equal(DecisionTeacher(decide, "gpt2", 3).decide(queries), torch.ones(3, dtype=torch.long))
+    assert tally == {"off_label": 3}
 
 
 # --------------------------------------------------------------------------- whole runs on tiny models
@@ -278,6 +285,8 @@ def test_dream_runs_each_method_and_reports_accuracy(
     assert 0.0 <= results["metrics"]["val/accuracy"] <= 1.0 and "val/accuracy" in results["teacher_metrics"]
     if method in ("dbkd", "decision_hard_aug"):
         assert results["method_info"]["teacher_queries"] == 32 * 3
+        # how often a decoder teacher's top token was no label word (so the rule decided); none for an encoder
+        assert (model == "gpt2") == ("off_label_fraction" in results["method_info"])
     if method == "decision_hard_aug":  # each question's 2 copies join the training set as prompts
         assert results["method_info"]["extra_examples"] == 32 * 2
 

@@ -125,6 +125,8 @@ class DecisionQueries:
             answers when the stage ran (read back from the cache otherwise).
         raw_originals: ``[n]`` the decisions on the inputs as they stand, asked besides the ``N`` queries
             when their first one is a cleaned text (EDA in the authors' style); None otherwise.
+        off_label_queries: of all the queries asked, those a decoder teacher answered with a top token that
+            is no label word (its decision is then the best label word); None for other teachers.
     """
 
     decisions: torch.Tensor
@@ -136,6 +138,7 @@ class DecisionQueries:
     augment_seconds: float = 0.0
     query_seconds: float = 0.0
     raw_originals: torch.Tensor | None = None
+    off_label_queries: int | None = None
 
     @property
     def num_examples(self) -> int:
@@ -404,18 +407,23 @@ def query_decisions(
                 float(meta.get("augment_seconds", 0.0)),
                 float(meta.get("query_seconds", 0.0)),
                 raw,
+                meta.get("off_label_queries"),
             )
         log.warning("Cached decisions %s have the wrong shape; querying again.", path)
         return None
 
     def query() -> DecisionQueries:
-        decisions, raw, seconds = _answer_in_chunks(teacher, ds, task, config, copies_path, chunk_folder(path))
+        decisions, raw, seconds, off_label = _answer_in_chunks(
+            teacher, ds, task, config, copies_path, chunk_folder(path)
+        )
         return DecisionQueries(
-            decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, seconds, raw
+            decisions, teacher.num_labels, key, aug_key, copies_path, False, augment_seconds, seconds, raw, off_label
         )
 
     def store(queries: DecisionQueries) -> None:
         meta = dict(expected, augment_seconds=queries.augment_seconds, query_seconds=queries.query_seconds)
+        if queries.off_label_queries is not None:
+            meta["off_label_queries"] = queries.off_label_queries
         tensors = {"decisions": queries.decisions, "counts": queries.counts}
         if queries.raw_originals is not None:
             tensors["raw_originals"] = queries.raw_originals
@@ -453,14 +461,16 @@ def _answer_in_chunks(
     config: QueryConfig,
     copies_path: Path,
     partial: Path,
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """``[n, N]`` decisions (and ``[n]`` raw originals, or None), chunk by chunk; chunks answered by an
-    earlier (killed) attempt are read back."""
+) -> tuple[torch.Tensor, torch.Tensor | None, float, int | None]:
+    """``[n, N]`` decisions (and ``[n]`` raw originals, or None), the seconds spent and the off-label answers
+    (None when the teacher counts none), chunk by chunk; chunks answered by an earlier (killed) attempt are
+    read back."""
     hardware = teacher.hardware
     copies = datasets.load_from_disk(str(copies_path))
     width = config.num_queries + int(config.asks_raw_original)  # queries asked per row
     answered_rows = torch.zeros(len(ds), width, dtype=torch.long)
     seconds = 0.0
+    off_label: int | None = None
     log.info(
         "Querying the teacher: %d examples x %d queries = %d decisions",
         len(ds),
@@ -476,13 +486,20 @@ def _answer_in_chunks(
         if hardware.all_true(answered is not None):
             assert answered is not None  # true on every process, so on this one
             answered_rows[start:stop] = answered["decisions"]
+            if "off_label" in answered:
+                off_label = (off_label or 0) + int(answered["off_label"])
             continue
         began = time.perf_counter()
+        counted_before = teacher.tally.get("off_label")
         answers = teacher.decide(_chunk_queries(ds, copies, task, config, start, stop))
         answered_rows[start:stop] = answers.reshape(stop - start, width)
         seconds += time.perf_counter() - began
+        chunk = {"decisions": answered_rows[start:stop].clone()}
+        if "off_label" in teacher.tally:
+            chunk["off_label"] = torch.tensor(teacher.tally["off_label"] - (counted_before or 0))
+            off_label = (off_label or 0) + int(chunk["off_label"])
         if hardware.is_global_zero:
-            save_tensors(chunk_file, {"decisions": answered_rows[start:stop].clone()}, expected)
+            save_tensors(chunk_file, chunk, expected)
         maybe_fail("query_chunk", start=start)
     log.info(
         "Teacher decisions: %d queries in %.1fs (%.2f ms per query)",
@@ -492,7 +509,7 @@ def _answer_in_chunks(
     )
     decisions = answered_rows[:, : config.num_queries].contiguous()
     raw = answered_rows[:, config.num_queries].clone() if config.asks_raw_original else None
-    return decisions, raw, seconds
+    return decisions, raw, seconds, off_label
 
 
 def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = None) -> dict[str, Any]:
@@ -504,7 +521,7 @@ def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = No
     stats: dict[str, Any] = {
         "examples": queries.num_examples,
         "num_queries": queries.num_queries,
-        "teacher_queries": queries.num_examples * queries.num_queries,
+        "teacher_queries": queries.num_examples * (queries.num_queries + int(queries.raw_originals is not None)),
         "all_agree_fraction": float((top == queries.num_queries).sum()) / n,
         "mean_top_fraction": float(top.double().mean() / queries.num_queries) if queries.num_examples else 0.0,
         "copies_agree_with_original": float((queries.decisions[:, 1:] == queries.decisions[:, :1]).double().mean())
@@ -519,6 +536,8 @@ def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = No
         "decisions_key": queries.key,
         "augmentation_key": queries.augmentation_key,
     }
+    if queries.off_label_queries is not None:
+        stats["off_label_fraction"] = queries.off_label_queries / max(stats["teacher_queries"], 1)
     if gold is not None and queries.num_examples:
         stats["teacher_train_accuracy"] = float((queries.original_decisions == gold.long()).double().mean())
     return stats

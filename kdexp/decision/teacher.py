@@ -156,11 +156,13 @@ def _make_decider(
     hardware: Hardware,
     task: GlueTask | None = None,
     form: str = "pairs",
+    tally: dict[str, int] | None = None,
 ) -> Callable[[Sequence[Query]], torch.Tensor]:
     """A function ``queries -> LongTensor`` of top-1 labels; the model is loaded on first use.
 
     Under DDP every process answers its share of the batches (`Hardware.shard`) and every
-    process returns all the answers (`Hardware.combine_rows`).
+    process returns all the answers (`Hardware.combine_rows`). A decoder answering through label words
+    adds to ``tally["off_label"]`` the queries whose top next token was no label word (`kdexp.families.label_words`).
     """
     holder: list[torch.nn.Module] = []
 
@@ -170,6 +172,7 @@ def _make_decider(
         model = holder[0]
         queries = list(queries)
         out = torch.zeros(len(queries), dtype=torch.long)
+        off_label = torch.zeros(len(queries), dtype=torch.long)
         if not queries:
             return out
         with_segments = "token_type_ids" in forward_arguments(type(model))
@@ -179,9 +182,18 @@ def _make_decider(
         with hardware.inference():
             for rows in plan:
                 batch = hardware.to_device(encoded.batch(rows, tokenizer.pad_token_id or 0))
-                out[torch.tensor(rows)] = output_logits(model(**batch), batch).argmax(dim=-1).cpu()
+                output = model(**batch)
+                out[torch.tensor(rows)] = output_logits(output, batch).argmax(dim=-1).cpu()
+                next_token_logits = getattr(output, "next_token_logits", None)
+                if next_token_logits is not None:
+                    top = next_token_logits.argmax(dim=-1)
+                    word_ids = model.word_ids  # a LabelWordChoiceModel's
+                    assert isinstance(word_ids, torch.Tensor)
+                    off_label[torch.tensor(rows)] = (~torch.isin(top, word_ids)).long().cpu()
                 progress.update(len(rows))
         progress.close()
+        if tally is not None and hasattr(model, "word_ids"):
+            tally["off_label"] = tally.get("off_label", 0) + int(hardware.combine_rows(off_label).sum())
         return hardware.combine_rows(out)
 
     return decide
@@ -198,7 +210,7 @@ class DecisionTeacher:
             used in the query-cache key.
     """
 
-    __slots__ = ("_decide_fn", "key", "num_labels", "identity", "hardware", "queries_answered", "calls")
+    __slots__ = ("_decide_fn", "key", "num_labels", "identity", "hardware", "queries_answered", "calls", "tally")
 
     def __init__(
         self,
@@ -215,6 +227,7 @@ class DecisionTeacher:
         self.hardware = hardware or Hardware()  # where the answers are computed (several processes share them)
         self.queries_answered = 0
         self.calls = 0
+        self.tally: dict[str, int] = {}  # what the closure counts besides the answers (`off_label` for a decoder)
 
     @classmethod
     def from_teacher(cls, teacher: "Teacher", max_length: int, batch_size: int | None = None) -> "DecisionTeacher":
@@ -223,8 +236,9 @@ class DecisionTeacher:
 
         batching = PassBatching(teacher.eval_tokens_per_batch, batch_size or teacher.eval_batch_size)
         form = families.input_form(AutoConfig.from_pretrained(teacher.path))
+        tally: dict[str, int] = {}
         decide_fn = _make_decider(
-            teacher.load_model, teacher.tokenizer, max_length, batching, teacher.hardware, teacher.task, form
+            teacher.load_model, teacher.tokenizer, max_length, batching, teacher.hardware, teacher.task, form, tally
         )
         identity = {
             "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
@@ -233,7 +247,9 @@ class DecisionTeacher:
             **batching.key_parts(),
             **InputForm(form).key_parts(teacher.task),  # how queries become inputs (MC: form and its version)
         }
-        return cls(decide_fn, teacher.key, teacher.task.num_labels, identity, teacher.hardware)
+        decision_teacher = cls(decide_fn, teacher.key, teacher.task.num_labels, identity, teacher.hardware)
+        decision_teacher.tally = tally
+        return decision_teacher
 
     def decide(self, queries: Sequence[Query]) -> torch.Tensor:
         """Top-1 labels (``LongTensor [len(queries)]``) for texts or ``(text_a, text_b)`` pairs."""
