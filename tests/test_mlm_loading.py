@@ -223,3 +223,15 @@ def test_questions_that_share_a_passage_are_held_out_together_and_never_all() ->
         # Groups are taken until 20 are out: the last one taken crossed the line.
         assert len(kept_out) < 20 + max(passages.count(p) for p in held)
     assert _whole_groups(["the same"] * 5, 1, torch.Generator().manual_seed(0)) == set()  # never every group
+
+
+def test_the_row_split_keeps_both_parts_in_shuffled_order_as_cached_adaptations_were_made() -> None:
+    """Classification keys have no split part: the split must stay the one the cached MLMs were trained on."""
+    from kdexp.smoothing.mlm import _split_heldout
+
+    tokenizer = tiny_tokenizer()
+    texts = [" ".join(WORDS[i % 12 : i % 12 + 1 + i % 5]) for i in range(20)]
+    heldout, train = _split_heldout(texts, tokenizer, 16, 0.2, seed=0)
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist()
+    by_hand = [tokenizer(texts[i])["input_ids"] for i in order]
+    assert heldout.input_ids == by_hand[:4] and train.input_ids == by_hand[4:]

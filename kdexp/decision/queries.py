@@ -471,6 +471,7 @@ def _answer_in_chunks(
     answered_rows = torch.zeros(len(ds), width, dtype=torch.long)
     seconds = 0.0
     off_label: int | None = None
+    uncounted_chunk = False  # a chunk stored before off-label answers were counted: no fraction then
     log.info(
         "Querying the teacher: %d examples x %d queries = %d decisions",
         len(ds),
@@ -488,6 +489,8 @@ def _answer_in_chunks(
             answered_rows[start:stop] = answered["decisions"]
             if "off_label" in answered:
                 off_label = (off_label or 0) + int(answered["off_label"])
+            else:
+                uncounted_chunk = True
             continue
         began = time.perf_counter()
         counted_before = teacher.tally.get("off_label")
@@ -503,13 +506,13 @@ def _answer_in_chunks(
         maybe_fail("query_chunk", start=start)
     log.info(
         "Teacher decisions: %d queries in %.1fs (%.2f ms per query)",
-        len(ds) * config.num_queries,
+        len(ds) * width,
         seconds,
-        1000 * seconds / max(len(ds) * config.num_queries, 1),
+        1000 * seconds / max(len(ds) * width, 1),
     )
     decisions = answered_rows[:, : config.num_queries].contiguous()
     raw = answered_rows[:, config.num_queries].clone() if config.asks_raw_original else None
-    return decisions, raw, seconds, off_label
+    return decisions, raw, seconds, None if uncounted_chunk else off_label
 
 
 def decision_statistics(queries: DecisionQueries, gold: torch.Tensor | None = None) -> dict[str, Any]:

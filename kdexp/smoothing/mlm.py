@@ -520,13 +520,15 @@ def _split_heldout(
     if groups is not None and len(set(groups)) < 2:
         logger.warning("The MLM adaptation texts share one passage: its held-out texts are questions on that passage.")
         groups = None
-    if groups is None:
+    if groups is None:  # both parts in shuffled order: the adapted MLMs already cached were trained so
         order = torch.randperm(len(texts), generator=generator).tolist()
-        kept_out = set(order[:num_heldout])
+        heldout_order, train_order = order[:num_heldout], order[num_heldout:]
     else:
         kept_out = _whole_groups(groups, num_heldout, generator)
-    heldout = _tokenize([texts[i] for i in range(len(texts)) if i in kept_out], tokenizer, max_length)
-    train = _tokenize([texts[i] for i in range(len(texts)) if i not in kept_out], tokenizer, max_length)
+        heldout_order = [i for i in range(len(texts)) if i in kept_out]
+        train_order = [i for i in range(len(texts)) if i not in kept_out]
+    heldout = _tokenize([texts[i] for i in heldout_order], tokenizer, max_length)
+    train = _tokenize([texts[i] for i in train_order], tokenizer, max_length)
     if len(heldout) == 0 or len(train) == 0:
         raise ValueError("after tokenisation, the held-out or the training texts have no ordinary tokens to mask")
     return heldout, train
