@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SENTENCES, SPECIAL, WORDS, make_glue_dir
+from transformers import AutoTokenizer
 
 from kdexp.errors import ConfigError
 from kdexp.hardware import Hardware, HardwareSpec
@@ -112,6 +113,56 @@ def test_teacher_passes_over_two_processes_equal_one_process_and_only_rank_zero_
     written = writes()
     assert any("/signals/" in path for _, path in written), written
     assert {pid for pid, _ in written} == {rank_zero}, "a process other than global rank 0 wrote to the cache"
+
+
+def test_a_decoder_teachers_off_label_count_over_two_processes_is_the_whole_querys_count(tmp_path: Path) -> None:
+    """Each process counts the off-label answers of its own batches: the combined tally is every query's,
+    equal to the single process's and to a count made query by query."""
+    from ddp_label_words import label_word_model, queries
+
+    from kdexp.data import pad_batch
+    from kdexp.families import multiple_choice
+
+    folder = save_tiny_model(tmp_path / "gpt2", "gpt2", [*SPECIAL, *WORDS], head="causal_lm")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    def answers(devices: int) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"out-{devices}"
+        out.mkdir()
+        script = [sys.executable, str(REPO / "tests" / "ddp_label_words.py"), str(out), str(folder), str(devices)]
+        done = subprocess.run(script, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert done.returncode == 0, done.stdout[-4000:]
+        return torch.load(out / "answers.pt", weights_only=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def top_tokens(model: torch.nn.Module) -> list[int]:
+        tops = []
+        for passage, question, *options in queries():
+            prompt = multiple_choice.prompts(
+                {"context": [passage], "question": [question], "choices": [options], "label": [0]}, tokenizer, 64
+            )
+            row = {"input_ids": prompt["input_ids"][0], "attention_mask": prompt["attention_mask"][0], "idx": 0}
+            with torch.no_grad():
+                output = model(**{k: v for k, v in pad_batch([row], 0).items() if k != "idx"})
+            tops.append(int(output.next_token_logits.argmax(-1)))
+        return tops
+
+    # A random tiny LM never puts a label word first: give one label word (tied embeddings) the row of the
+    # LM's favourite plus another token's, so that it wins the queries whose state leans that way (9 of 30).
+    model = label_word_model(str(folder))
+    favourite = max(set(tops := top_tokens(model)), key=tops.count)
+    with torch.no_grad():
+        embeddings = model.lm.get_input_embeddings().weight
+        embeddings[model.word_ids[1]] = embeddings[favourite] + embeddings[10]
+    model.lm.save_pretrained(folder)
+    model = label_word_model(str(folder))
+    by_hand = [top not in model.word_ids.tolist() for top in top_tokens(model)]
+    assert 0 < sum(by_hand) < len(by_hand), "the tiny model should answer some queries with a label word, not all"
+
+    single, ddp = answers(1), answers(2)
+    assert torch.equal(single["decisions"], ddp["decisions"])
+    assert int(single["off_label"]) == int(ddp["off_label"]) == sum(by_hand)
 
 
 # --------------------------------------------------------------------------- nothing placed by hand

@@ -193,7 +193,9 @@ def tiny_encoder(tmp_path: Path) -> tuple[Path, object, list[str]]:
     return path, tokenizer, [" ".join(WORDS[:length]) for length in range(4, 13)] * 4
 
 
-def adapt(encoder: Path, tokenizer: object, texts: list[str], checkpoints: object = None) -> object:
+def adapt(
+    encoder: Path, tokenizer: object, texts: list[str], checkpoints: object = None, groups: list[str] | None = None
+) -> object:
     from kdexp.smoothing.mlm import adapt_mlm_head
 
     # The encoder trains too: dropout draws from the global generator, which a resume must restore.
@@ -206,6 +208,7 @@ def adapt(encoder: Path, tokenizer: object, texts: list[str], checkpoints: objec
         batch_size=8,
         learning_rate=1e-2,
         heldout_fraction=0.25,
+        heldout_groups=groups,
         seed=0,
         eval_every=4,
         log_every=5,
@@ -225,24 +228,31 @@ def assert_same_adaptation(a: object, b: object) -> None:
     )  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("split", ["rows", "by_passage"])
 def test_mlm_adaptation_killed_after_a_step_checkpoint_resumes_to_the_same_weights(
-    one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str
 ) -> None:
     from kdexp.faults import InjectedFault
     from kdexp.preemption import CheckpointEvery
     from kdexp.smoothing.mlm import AdaptationCheckpoints
 
     encoder, tokenizer, texts = tiny_encoder(tmp_path)
-    straight = adapt(encoder, tokenizer, texts)
+    # Multiple choice and QA hold out whole passages (9 here, 4 questions each): a second cold run and a
+    # resumed one must draw the same passages and reach the same weights.
+    groups = [f"passage {i % 9}" for i in range(len(texts))] if split == "by_passage" else None
+    straight = adapt(encoder, tokenizer, texts, groups=groups)
+    if groups is not None:
+        assert_same_adaptation(straight, adapt(encoder, tokenizer, texts, groups=groups))
+        assert straight.metrics["heldout_examples"] % 4 == 0  # whole passages
     checkpoints = AdaptationCheckpoints(tmp_path / "partial" / "adaptation.ckpt", "key-1", CheckpointEvery(n_steps=3))
     monkeypatch.setenv("KDEXP_FAULT_AT", "mlm_adapt_step:step=7")  # a crash as step 7 starts, after step 6's save
     monkeypatch.setenv("KDEXP_FAULT_ACTION", "raise")
     with pytest.raises(InjectedFault):
-        adapt(encoder, tokenizer, texts, checkpoints)
+        adapt(encoder, tokenizer, texts, checkpoints, groups)
     saved = torch.load(checkpoints.path, weights_only=True)
     assert saved["progress"]["step"] == 6 and len(saved["progress"]["losses"]) == 6
     monkeypatch.delenv("KDEXP_FAULT_AT")
-    resumed = adapt(encoder, tokenizer, texts, checkpoints)
+    resumed = adapt(encoder, tokenizer, texts, checkpoints, groups)
     assert_same_adaptation(straight, resumed)
 
 
