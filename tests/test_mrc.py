@@ -366,6 +366,9 @@ def test_the_squad_subset_split_by_article_runs_and_reports_em_and_f1(
     for name in ("exact_match", "f1"):
         by_group = (16 - unanswerable) * metrics[f"val/HasAns_{name}"] + unanswerable * metrics[f"val/NoAns_{name}"]
         assert metrics[f"val/{name}"] == pytest.approx(by_group / 16, abs=1e-6)
+        # At the best null threshold at least as good as at 0, and never below "no answer" everywhere.
+        assert metrics[f"val/best_{name}"] >= max(metrics[f"val/{name}"], unanswerable / 16) - 1e-6
+        assert isinstance(metrics[f"val/best_{name}_thresh"], float)
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")

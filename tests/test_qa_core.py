@@ -15,6 +15,9 @@ from transformers import AutoTokenizer, BertTokenizerFast
 
 from kdexp.errors import ConfigError, DataError
 from kdexp.families.qa_core import (
+    answers_of,
+    best_spans,
+    best_threshold_metrics,
     exact_match_score,
     f1_score,
     normalize_answer,
@@ -399,6 +402,48 @@ def test_decoding_picks_the_best_valid_span_of_a_double_loop(word_tokenizer, max
         assert got == expected
         v2_outcomes |= {text == "" for text in got.values()} if with_negative else set()
     assert v2_outcomes == {True, False}, "both no-answer and span predictions were exercised"
+
+
+def test_best_threshold_scores_on_a_hand_worked_case():
+    # q1's span is right but its null score is 1 higher; q2 is unanswerable and its null score is 3 higher.
+    spans = {"q1": ("the old bridge", 1.0), "q2": ("a tower", 3.0)}
+    references = {"q1": ["old bridge"], "q2": []}
+    assert squad_metrics(answers_of(spans, True), references)["f1"] == 50.0  # "no answer" to both
+    best = best_threshold_metrics(spans, references)
+    assert best == {"best_exact_match": 100.0, "best_exact_match_thresh": 1.0, "best_f1": 100.0, "best_f1_thresh": 1.0}
+    assert squad_metrics(answers_of(spans, True, 1.0), references)["f1"] == 100.0
+    # When answering nothing is best, the threshold lies below every margin.
+    spans["q1"] = ("a wrong span", -2.0)
+    best = best_threshold_metrics(spans, references)
+    assert best["best_f1"] == 50.0 and best["best_f1_thresh"] == -3.0
+    assert answers_of(spans, True, best["best_f1_thresh"]) == {"q1": "", "q2": ""}
+
+
+def test_best_threshold_scores_are_the_best_of_every_threshold_tried(word_tokenizer):
+    """Against brute force: the scores of the predictions at every threshold that changes one, by squad_metrics."""
+    examples = random_examples(random.Random(21), 80)
+    features = qa_features(examples, word_tokenizer, 20, 6, with_positions=True)
+    rng = np.random.default_rng(21)
+    starts = [rng.normal(0, 1, len(ids)) for ids in features["input_ids"]]
+    ends = [rng.normal(0, 1, len(ids)) for ids in features["input_ids"]]
+    for feature, (start, end) in enumerate(zip(features["start_positions"], features["end_positions"])):
+        if start and rng.random() < 0.7:  # most answers pointed at, some null scores above them
+            starts[feature][start] += 4.0
+            ends[feature][end] += 4.0
+        starts[feature][0] += rng.normal(6.0, 2.0)  # null scores set too high, as a young SQuAD 2.0 model's
+    spans = best_spans(examples, features, padded(starts), padded(ends))
+    references = {q: a["text"] for q, a in zip(examples["id"], examples["answers"])}
+    thresholds = [-np.inf, *sorted(margin for _, margin in spans.values())]
+    tried = [squad_metrics(answers_of(spans, True, t), references) for t in thresholds]
+    best = best_threshold_metrics(spans, references)
+    for name in ("exact_match", "f1"):
+        assert best[f"best_{name}"] == pytest.approx(max(scores[name] for scores in tried))
+        at_best = squad_metrics(answers_of(spans, True, best[f"best_{name}_thresh"]), references)[name]
+        assert at_best == pytest.approx(best[f"best_{name}"])
+    assert best["best_f1"] > squad_metrics(answers_of(spans, True), references)["f1"] + 5  # the threshold matters
+    assert answers_of(spans, True) == postprocess_predictions(
+        examples, features, padded(starts), padded(ends), version_2_with_negative=True
+    )
 
 
 def test_decoding_refuses_logits_that_do_not_match_the_features(word_tokenizer):

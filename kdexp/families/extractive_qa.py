@@ -99,13 +99,20 @@ class QAMetrics(torch.nn.Module):
                 [tuple(o) if o[0] >= 0 else None for o in offsets] for offsets in columns["offset_mapping"]
             ],
         }
-        predictions = qa_core.postprocess_predictions(
-            examples, features, starts, ends, version_2_with_negative=self.task.with_no_answer
-        )
+        spans = qa_core.best_spans(examples, features, starts, ends)
+        with_no_answer = self.task.with_no_answer
+        predictions = qa_core.answers_of(spans, with_no_answer)
         references = {row["id"]: row["answers"]["text"] for row in examples}
         scores = qa_core.squad_metrics(predictions, references)  # x100, as the official script prints them
-        # Fractions, as GLUE's; SQuAD 2.0 also by group, since "no answer" everywhere already scores the NoAns share.
-        return {k: float(v) / 100 for k, v in scores.items() if k.endswith(("exact_match", "f1"))}
+        # Fractions, as GLUE's; SQuAD 2.0 also by group, since "no answer" everywhere already scores the NoAns
+        # share, and at the best null threshold, which tells spans learned from a null score set too high.
+        if with_no_answer:
+            scores.update(qa_core.best_threshold_metrics(spans, references))
+        return {
+            k: float(v) if k.endswith("_thresh") else float(v) / 100
+            for k, v in scores.items()
+            if k.endswith(("exact_match", "f1", "_thresh"))
+        }
 
     def reset(self) -> None:
         self.logits = {}

@@ -388,6 +388,32 @@ def postprocess_predictions(
     signature) never changes the result: run_qa's n_best_size x n_best_size candidates are a subset of the spans
     searched here.
     """
+    spans = best_spans(examples, features, start_logits, end_logits, n_best_size, max_answer_length)
+    return answers_of(spans, version_2_with_negative, null_score_diff_threshold)
+
+
+def answers_of(
+    spans: Mapping[str, tuple[str, float]], version_2_with_negative: bool, null_score_diff_threshold: float = 0.0
+) -> dict[str, str]:
+    """The answer of each question from its best span and null margin (`best_spans`): the span, or "" (SQuAD 2.0)
+    where the margin exceeds the threshold."""
+    return {
+        question: "" if version_2_with_negative and null_margin > null_score_diff_threshold else text
+        for question, (text, null_margin) in spans.items()
+    }
+
+
+def best_spans(
+    examples: Any,
+    features: Any,
+    start_logits: Any,
+    end_logits: Any,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+) -> dict[str, tuple[str, float]]:
+    """Each example's best span text over its features and its null margin: the null score minus the span's
+    (+inf when no feature has a valid span). `postprocess_predictions` answers "" where the margin exceeds its
+    threshold; `best_threshold_metrics` searches that threshold."""
     if n_best_size < 1 or max_answer_length < 1:
         raise ConfigError(
             f"postprocess_predictions: n_best_size={n_best_size} and max_answer_length="
@@ -401,7 +427,7 @@ def postprocess_predictions(
             f"{len(ends)} of end logits; give one row of each per feature, in the features' order."
         )
     ids, contexts = [str(i) for i in examples["id"]], list(examples["context"])
-    predictions = {}
+    spans = {}
     for example, feature_rows in enumerate(_features_of_examples(ids, features)):
         if not feature_rows:
             raise DataError(
@@ -416,9 +442,37 @@ def postprocess_predictions(
             if span is not None and span[2] > best_score:
                 first, last, best_score = span
                 best_text = contexts[example][offsets[row][first][0] : offsets[row][last][1]]
-        no_answer = version_2_with_negative and null_score - best_score > null_score_diff_threshold
-        predictions[ids[example]] = "" if no_answer else best_text
-    return predictions
+        spans[ids[example]] = (best_text, float(null_score - best_score))
+    return spans
+
+
+def best_threshold_metrics(
+    spans: Mapping[str, tuple[str, float]], references: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """The official SQuAD v2.0 script's `best_exact` and `best_f1` (here `best_exact_match`, `best_f1`), in
+    percent, with their thresholds: the scores had "no answer" been predicted exactly where the null margin
+    (`best_spans`) exceeds the threshold, at the best threshold for each. The search is the script's: questions
+    in increasing margin, each answered in turn (when answering none is best, the threshold is one below the
+    least margin). A teacher whose spans are right but whose null score is too high
+    shows here (F1 at the unanswerable share, best_f1 above it); the threshold is `null_score_diff_threshold`."""
+    out = {}
+    for name, score in (("exact_match", exact_match_score), ("f1", f1_score)):
+        answered = {  # what answering a question adds to the count that starts from "no answer" everywhere
+            question: max(score(spans[question][0], text) for text in _gold_answers(texts))
+            if texts
+            else -float(bool(spans[question][0]))
+            for question, texts in references.items()
+        }
+        order = sorted(references, key=lambda q: spans[q][1])
+        current = best = float(sum(not texts for texts in references.values()))
+        threshold = spans[order[0]][1] - 1.0  # below every margin: "no answer" everywhere, the starting count
+        for question in order:
+            current += answered[question]
+            if current > best:
+                best, threshold = current, spans[question][1]
+        out[f"best_{name}"] = 100.0 * best / len(references)
+        out[f"best_{name}_thresh"] = float(threshold) if np.isfinite(threshold) else 0.0  # no span anywhere
+    return out
 
 
 def best_valid_span(
