@@ -149,7 +149,7 @@ def test_a_decoder_teachers_off_label_count_over_two_processes_is_the_whole_quer
         return tops
 
     # A random tiny LM never puts a label word first: give one label word (tied embeddings) the row of the
-    # LM's favourite plus another token's, so that it wins the queries whose state leans that way (9 of 30).
+    # LM's favourite plus another token's, so that it wins the queries whose state leans that way (21 of 30).
     model = label_word_model(str(folder))
     favourite = max(set(tops := top_tokens(model)), key=tops.count)
     with torch.no_grad():
