@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from kdexp.tools.benchmark import PeakMemory, main
+from kdexp.tools.benchmark import main
 
 
 def test_benchmark_measures_every_variant_and_reports_ratios_of_medians(
@@ -46,10 +48,17 @@ def test_benchmark_measures_every_variant_and_reports_ratios_of_medians(
 
 @pytest.mark.skipif(torch.cuda.is_available() or not Path("/proc/self/clear_refs").exists(), reason="Linux CPU RSS")
 def test_peak_memory_sees_a_large_temporary_allocation() -> None:
-    with PeakMemory() as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-        del block
-    assert 60 <= peak.megabytes <= 200
+    # A fresh process: in a long-lived test worker, malloc may serve 64 MB from heap pages that are already resident.
+    code = (
+        "import torch\n"
+        "from kdexp.tools.benchmark import PeakMemory\n"
+        "with PeakMemory() as peak:\n"
+        "    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched\n"
+        "    del block\n"
+        "print(peak.megabytes)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 60 <= float(result.stdout.strip().splitlines()[-1]) <= 200
 
 
 def test_pass_benchmark_measures_kdexp_passes_against_bare_loops_that_agree_with_them(
