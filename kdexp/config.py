@@ -45,6 +45,7 @@ NON_RESULT_KEYS: tuple[str, ...] = (
     "method.queries.batch_size",
     "method.mlm.eval_batch_size",
     "checkpoint.",  # when step checkpoints are written: a resumed run ends as an uninterrupted one
+    "task.max_length",  # only data.max_length's default; data.max_length itself is compared
 )
 
 
@@ -64,6 +65,7 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "data.mrc_dir": None,
     "task.doc_stride": 128,
     "task.dev_articles": None,
+    "task.num_choices": None,
 }
 NEUTRAL_VALUES["task.allow_empty_text"] = False  # own files: empty texts refused, as before the key existed
 
@@ -345,8 +347,10 @@ class TaskSchema:
     regression: bool = False
     metric: Optional[str] = None  # null: accuracy (classification) or combined_score (regression)
     allow_empty_text: bool = False  # own files: keep rows with an empty text (counted) instead of refusing them
+    max_length: int = 128  # the task's usual input length in tokens: data.max_length's default (SQuAD: 384)
     doc_stride: int = 128  # extractive QA: tokens shared by consecutive windows of a long passage
     dev_articles: Optional[list[str]] = None  # extractive QA from one file: the articles (titles) of the dev split
+    num_choices: Optional[int] = None  # multiple choice: options per question (null: the task's; DREAM 3, RACE 4)
 
     @property
     def is_custom(self) -> bool:
@@ -363,6 +367,26 @@ class TaskSchema:
 
         require(self.doc_stride >= 1, "task.doc_stride", self.doc_stride, "a positive number of tokens (run_qa: 128)")
         if self.is_mrc:  # its own files in the release's format (task.train_file / dev_file), or MRC_DIR / the Hub
+            from kdexp.tasks import EXTRACTIVE_QA, MRC_TASKS, OPTION_LETTERS
+
+            require(
+                self.num_choices is None or 2 <= self.num_choices <= len(OPTION_LETTERS),
+                "task.num_choices",
+                self.num_choices,
+                f"null (the task's) or 2 to {len(OPTION_LETTERS)} options per question",
+            )
+            require(
+                self.num_choices is None or MRC_TASKS[self.name].family != EXTRACTIVE_QA,
+                "task.num_choices",
+                self.num_choices,
+                "null: extractive QA has no options",
+            )
+            require(
+                not self.dev_articles or MRC_TASKS[self.name].family == EXTRACTIVE_QA,
+                "task.dev_articles",
+                self.dev_articles,
+                "task.dev_file for multiple choice (dev_articles splits a SQuAD-format file by article title)",
+            )
             require(
                 self.train_file is None or bool(self.dev_file or self.dev_articles),
                 "task.dev_file",
@@ -436,6 +460,22 @@ class RunSchema:
     def check(self) -> None:
         for part in (self.task, self.data, self.optim, self.teacher, self.student, self.logger, self.checkpoint):
             part.check()
+        self.check_qa_windows()
+
+    def check_qa_windows(self) -> None:
+        """A window is [CLS] question [SEP] passage [SEP]: its passage part must be longer than the stride."""
+        from kdexp.tasks import EXTRACTIVE_QA, MRC_TASKS
+
+        task = MRC_TASKS.get(self.task.name)
+        if task is None or task.family != EXTRACTIVE_QA:
+            return
+        require(
+            self.task.doc_stride < self.data.max_length - 3,
+            "task.doc_stride",
+            self.task.doc_stride,
+            f"fewer tokens than windows of data.max_length={self.data.max_length} hold beside the question "
+            "(run_qa: max_length 384, doc_stride 128)",
+        )
 
 
 def require(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -32,7 +32,7 @@ from kdexp.models import (
 from kdexp.preemption import CheckpointEvery, forward_to_launched
 from kdexp.run_folder import RESULTS_FILE, RunFolder, check_writable
 from kdexp.seeding import derive_seed, seed_all
-from kdexp.tasks import MRC_TASKS, GlueTask, custom_task, get_task
+from kdexp.tasks import MRC_TASKS, GlueTask, custom_task, get_task, option_letters
 from kdexp.teacher import Teacher
 from kdexp.teacher_stage import TeacherSpec, prepare_teacher
 from kdexp.training import GlueDataModule, fit
@@ -159,6 +159,8 @@ def mrc_task(task_cfg: DictConfig) -> GlueTask:
     """An MRC task; with `task.train_file`, read from one's own files (the dev split: `task.dev_file`, or the
     `task.dev_articles` of the training file)."""
     task = get_task(task_cfg.name)
+    if task_cfg.get("num_choices") is not None:
+        task = replace(task, label_names=option_letters(int(task_cfg.num_choices)))
     articles = tuple(task_cfg.get("dev_articles") or ())
     if task_cfg.get("train_file") is None:
         if task_cfg.get("dev_file") or articles:

@@ -213,8 +213,11 @@ TASKS: dict[str, GlueTask] = {
 }
 
 
-def _choices(count: int) -> tuple[str, ...]:
-    return tuple("ABCDEFGH"[:count])
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the labels of multiple-choice options, in order
+
+
+def option_letters(count: int) -> tuple[str, ...]:
+    return tuple(OPTION_LETTERS[:count])
 
 
 # Machine reading comprehension: DREAM and RACE (multiple choice), SQuAD v1.1 and v2.0 (extractive QA).
@@ -224,7 +227,7 @@ MRC_TASKS: dict[str, GlueTask] = {
         name="dream",
         hub_config="",
         text_fields=("context", "question"),
-        label_names=_choices(3),
+        label_names=option_letters(3),
         main_metric="accuracy",
         metrics=("accuracy",),
         family=MULTIPLE_CHOICE,
@@ -236,7 +239,7 @@ MRC_TASKS: dict[str, GlueTask] = {
         name="race",
         hub_config="all",
         text_fields=("context", "question"),
-        label_names=_choices(4),
+        label_names=option_letters(4),
         main_metric="accuracy",
         metrics=("accuracy",),
         family=MULTIPLE_CHOICE,

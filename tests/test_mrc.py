@@ -276,6 +276,7 @@ def mrc_run(tmp_path: Path, model: Path, *overrides: str, mrc_dir: Path = MRC) -
         ("dbkd", "gpt2", ["method.queries.num_queries=3"]),
         ("vanilla_kd", "gpt2", []),
         ("decision_hard_aug", "gpt2", ["method.queries.num_queries=3"]),
+        ("decision_surrogate", "gpt2", ["method.queries.num_queries=3"]),
     ],
 )
 def test_dream_runs_each_method_and_reports_accuracy(
@@ -283,7 +284,7 @@ def test_dream_runs_each_method_and_reports_accuracy(
 ) -> None:
     results = mrc_run(tmp_path, mrc_models[model], "task=dream", f"method={method}", *extra)
     assert 0.0 <= results["metrics"]["val/accuracy"] <= 1.0 and "val/accuracy" in results["teacher_metrics"]
-    if method in ("dbkd", "decision_hard_aug"):
+    if method in ("dbkd", "decision_hard_aug", "decision_surrogate"):
         assert results["method_info"]["teacher_queries"] == 32 * 3
         # how often a decoder teacher's top token was no label word (so the rule decided); none for an encoder
         assert (model == "gpt2") == ("off_label_fraction" in results["method_info"])
@@ -337,6 +338,58 @@ def test_a_multiple_choice_teacher_and_its_distilled_student_learn_which_option_
     assert results["metrics"]["val/accuracy"] > max(0.6, majority + 0.2)
 
 
+def five_option_rows(count: int, rng: random.Random) -> list[dict]:
+    """Own-format rows with five options each: the answer is the place the passage names."""
+    places = ["tea", "coffee", "bus", "train", "book", "film", "park", "shop", "bank", "hotel", "doctor", "teacher"]
+    rows = []
+    for _ in range(count):
+        choices = rng.sample(places, 5)
+        label = rng.randrange(5)
+        rows.append(
+            {
+                "context": f"I went to the {choices[label]} today.",
+                "question": "Where?",
+                "choices": choices,
+                "label": label,
+            }
+        )
+    return rows
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_own_files_with_five_options_run_with_task_num_choices_and_score_as_a_loop_by_hand_does(
+    tmp_path: Path, mrc_models: dict
+) -> None:
+    from transformers import AutoModelForMultipleChoice
+
+    rng = random.Random(5)
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    dev_rows = five_option_rows(16, rng)
+    train.write_text("".join(json.dumps(row) + "\n" for row in five_option_rows(32, rng)))
+    dev.write_text("".join(json.dumps(row) + "\n" for row in dev_rows))
+    files = ["task=dream", f"task.train_file={train}", f"task.dev_file={dev}", "method=vanilla_kd"]
+    with pytest.raises(DataError, match=r"train.jsonl: row 0 has 5 options where the task has 3.*task.num_choices=N"):
+        mrc_run(tmp_path / "refused", mrc_models["mc"], *files)
+    results = mrc_run(tmp_path, mrc_models["mc"], *files, "task.num_choices=5", "data.max_length=32")
+    student = tmp_path / "run" / "student"
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForMultipleChoice.from_pretrained(student).eval()
+    right = 0
+    for row in dev_rows:
+        encoded = tokenizer(
+            [row["context"]] * 5,
+            [f"{row['question']} {o}" for o in row["choices"]],
+            truncation="only_first",
+            max_length=32,
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            right += int(model(**{k: v.unsqueeze(0) for k, v in encoded.items()}).logits[0].argmax()) == row["label"]
+    assert results["metrics"]["val/accuracy"] == pytest.approx(right / len(dev_rows), abs=1e-6)
+    assert results["train_examples"] == 32
+
+
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
 @pytest.mark.parametrize(
     "method, extra", [("vanilla_kd", []), ("text_smoothing", ["method.mlm.adapt.steps=2", "method.top_k=8"])]
@@ -372,6 +425,35 @@ def test_the_squad_subset_split_by_article_runs_and_reports_em_and_f1(
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_squad_v1_runs_on_answerable_questions_and_refuses_a_2_0_file_before_the_teacher_stage(
+    tmp_path: Path, mrc_models: dict
+) -> None:
+    data = json.loads(SQUAD_SUBSET.read_text())
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [q for q in paragraph["qas"] if not q.get("is_impossible", False)]
+    v1 = tmp_path / "squad-v1.json"
+    v1.write_text(json.dumps(data))
+    windows = ["data.max_length=128", "task.doc_stride=32"]  # the tiny model has 160 positions
+    with pytest.raises(DataError, match=r"has no answer, which task=squad \(SQuAD v1.1\) does not allow.*squad_v2"):
+        mrc_run(
+            tmp_path / "v2",
+            mrc_models["qa"],
+            "task=squad",
+            f"task.train_file={SQUAD_SUBSET}",
+            "task.dev_articles=[Normans]",
+            *windows,
+        )
+    assert not (tmp_path / "v2" / "cache" / "teachers").exists()  # refused before the teacher stage
+    results = mrc_run(
+        tmp_path, mrc_models["qa"], "task=squad", f"task.train_file={v1}", "task.dev_articles=[Normans]", *windows
+    )
+    metrics = {k: v for k, v in results["metrics"].items() if not k.startswith("val/loss")}
+    assert set(metrics) >= {"val/exact_match", "val/f1"} and not any("Ans" in k or "best" in k for k in metrics)
+    assert 0.0 <= metrics["val/exact_match"] <= metrics["val/f1"] <= 1.0
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
 @pytest.mark.parametrize(
     "task, method, model, message",
     [
@@ -397,6 +479,27 @@ def test_a_dev_file_without_a_training_file_is_refused_before_any_work(tmp_path:
             tmp_path / "run",
         )
     assert "\n" not in str(err.value) and not (tmp_path / "cache").exists()
+
+
+def test_squad_windows_default_to_run_qa_and_mrc_keys_that_cannot_work_are_refused_in_one_line() -> None:
+    from kdexp.run import check_run
+
+    for task in ("squad", "squad_v2"):
+        cfg = compose_config([f"task={task}"])
+        check_run(cfg)
+        assert (cfg.data.max_length, cfg.task.doc_stride) == (384, 128)  # run_qa.py's windows
+    assert compose_config(["task=sst2"]).data.max_length == 128
+    assert compose_config(["task=squad", "data.max_length=256"]).data.max_length == 256
+    refused = {
+        ("task=squad", "data.max_length=128"): r"task.doc_stride=128 cannot work: .*data.max_length=128",
+        ("task=dream", "task.num_choices=1"): r"task.num_choices=1 cannot work: use null \(the task's\) or 2 to 26",
+        ("task=squad", "+task.num_choices=4"): r"task.num_choices=4 cannot work: use null: extractive QA",
+        ("task=dream", "task.train_file=a.json", "+task.dev_articles=[x]"): r"task.dev_articles=\['x'\] cannot work",
+    }
+    for overrides, message in refused.items():
+        with pytest.raises(ConfigError, match=message) as err:
+            check_run(compose_config(list(overrides)))
+        assert "\n" not in str(err.value)
 
 
 # --------------------------------------------------------------------------- RACE (release folder and Hub layout)

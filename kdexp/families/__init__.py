@@ -51,7 +51,9 @@ def read_local_split(task: GlueTask, split: str, mrc_dir: Path | None) -> datase
             f"(data.mrc_dir={mrc_dir}), or task.train_file / task.dev_file."
         )
     if task.family == EXTRACTIVE_QA:
-        return extractive_qa.read_squad(path, task.dev_articles, split)
+        return extractive_qa.refuse_unanswerable_in_v1(
+            extractive_qa.read_squad(path, task.dev_articles, split), task, path
+        )
     if task.files:
         return multiple_choice.read_own_file(path, task.num_labels)
     if task.name == "race":

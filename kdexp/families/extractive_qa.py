@@ -44,6 +44,19 @@ def read_squad(path: Path, dev_articles: tuple[str, ...] = (), split: str = "tra
     return dev if split != "train" else train
 
 
+def refuse_unanswerable_in_v1(ds: datasets.Dataset, task: Any, path: Path) -> datasets.Dataset:
+    """SQuAD v1.1 always answers: an unanswerable question would score 0 whatever the model does."""
+    if task.with_no_answer:
+        return ds
+    for row, answers in enumerate(ds["answers"]):
+        if not answers["text"]:
+            raise DataError(
+                f"{path}: question {ds[row]['id']!r} has no answer, which task={task.name} (SQuAD v1.1) does not "
+                "allow; a file with unanswerable questions (SQuAD 2.0) is read with task=squad_v2."
+            )
+    return ds
+
+
 def from_hub(ds: datasets.Dataset) -> datasets.Dataset:
     keep = ["id", "title", "context", "question", "answers"]
     return ds.remove_columns([c for c in ds.column_names if c not in keep])

@@ -28,9 +28,10 @@ from typing import Any
 import datasets
 
 from kdexp.errors import DataError
+from kdexp.tasks import OPTION_LETTERS
 
 INPUT_FORMS = ("pairs", "prompt")
-LETTERS = "ABCDEFGH"
+LETTERS = OPTION_LETTERS
 
 
 def features(num_choices: int) -> datasets.Features:
@@ -81,7 +82,7 @@ def _rows_to_dataset(rows: list[dict[str, Any]], num_choices: int, where: str) -
     if wrong:
         raise DataError(
             f"{where}: row {wrong[0]} has {len(rows[wrong[0]]['choices'])} options where the task has "
-            f"{num_choices}; give every question the same number of options."
+            f"{num_choices}; give every question the same number of options (one's own files: task.num_choices=N)."
         )
     return datasets.Dataset.from_list(rows, features=features(num_choices))
 
