@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import datasets
@@ -224,6 +225,35 @@ def test_a_tiny_gpt2_decision_teacher_decides_through_its_label_words_only(tmp_p
         head.bias[words[1]] = 100.0
     assert torch.equal(DecisionTeacher(decide, "gpt2", 3).decide(queries), torch.ones(3, dtype=torch.long))
     assert tally == {"off_label": 3}
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_eda_queries_of_a_multiple_choice_question_change_its_passage_question_and_options_in_place() -> None:
+    from kdexp.decision.queries import QueryConfig, augment_examples, examples_of
+    from kdexp.tasks import MRC_TASKS
+
+    ds = multiple_choice.read_dream_json(MRC / "dream" / "dev.json").select(range(20))
+    examples = examples_of(ds, MRC_TASKS["dream"])
+    assert examples[0] == (ds[0]["context"], ds[0]["question"], *ds[0]["choices"])
+    copies = augment_examples(examples, QueryConfig.from_options({"num_queries": 10}))
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z']+", text.lower()))
+
+    def overlap(a: str, b: str) -> float:
+        return len(words(a) & words(b)) / max(1, len(words(a) | words(b)))
+
+    changed = [0] * 5  # passage, question, three options
+    for example, its_copies in zip(examples, copies):
+        assert len(its_copies) == 9 and all(len(copy) == 5 for copy in its_copies)
+        for copy in its_copies:
+            for field, (original, augmented) in enumerate(zip(example, copy)):
+                changed[field] += original != augmented
+            for i in range(3):  # an augmented option is still closest to its own original: the order is kept
+                closeness = [overlap(copy[2 + i], example[2 + j]) for j in range(3)]
+                assert closeness[i] == max(closeness)
+    # Measured on these 20 questions x 9 copies: passage 180, question 146, options 93, 113, 108.
+    assert changed[0] >= 170 and all(count >= 60 for count in changed[1:])
 
 
 # --------------------------------------------------------------------------- whole runs on tiny models
