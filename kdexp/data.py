@@ -444,10 +444,10 @@ def _hub_split(task: GlueTask, split: str, hub_dataset: str = HUB_DATASET) -> da
     return ds.remove_columns([c for c in ds.column_names if c not in keep])
 
 
-def _hub_load(name: str, config: str | None, split: str) -> datasets.Dataset:
+def _hub_load(name: str, config: str | None, split: str, revision: str | None = None) -> datasets.Dataset:
     """`datasets.load_dataset` of a Hub dataset, its unreachability one line naming where else data comes from."""
     try:
-        return datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split, revision=revision)
     except _hub_unreachable_errors() as err:
         cause = " ".join(str(err).split())[:200] or type(err).__name__
         raise HubUnreachable(

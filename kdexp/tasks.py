@@ -52,6 +52,7 @@ class GlueTask:
     allow_empty_text: bool = False  # own files: keep rows whose text is empty (else refused with file:line)
     family: str = CLASSIFICATION
     hub_dataset: str | None = None  # MRC tasks: their own Hub dataset (GLUE tasks: data.hub_dataset)
+    hub_revision: str | None = None  # the revision of hub_dataset to read (None: its main branch)
     local_files: dict[str, str] = field(default_factory=dict)  # MRC tasks: split -> file under MRC_DIR/<local_dir>
     with_no_answer: bool = False  # extractive QA: some questions have no answer in the passage (SQuAD 2.0)
     dev_articles: tuple[str, ...] = ()  # extractive QA from one file: the articles (titles) that are the dev split
@@ -231,7 +232,10 @@ MRC_TASKS: dict[str, GlueTask] = {
         main_metric="accuracy",
         metrics=("accuracy",),
         family=MULTIPLE_CHOICE,
-        hub_dataset="dream",
+        # The main branch holds only a loading script, which datasets >= 4 no longer runs; the Hub's Parquet
+        # export of it is read instead.
+        hub_dataset="dataset-org/dream",
+        hub_revision="refs/convert/parquet",
         local_dir="dream",
         local_files={"train": "train.json", "validation": "dev.json", "test": "test.json"},
     ),

@@ -577,6 +577,38 @@ def rows_of(ds) -> list[tuple]:
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_dream_from_the_hubs_parquet_export_gives_the_rows_of_the_release_file() -> None:
+    from kdexp import families
+    from kdexp.tasks import get_task
+
+    release = json.loads((MRC / "dream" / "dev.json").read_text())[:10]
+    # dataset-org/dream's columns: one row per question, the dialogue as a list of turns, the answer as text
+    questions = [(turns, q, dialogue_id) for turns, qs, dialogue_id in release for q in qs]
+    hub_rows = [
+        {
+            "id": n,
+            "dialogue_id": d,
+            "dialogue": t,
+            "question": q["question"],
+            "choice": q["choice"],
+            "answer": q["answer"],
+        }
+        for n, (t, q, d) in enumerate(questions)
+    ]
+    asked: list[tuple] = []
+
+    def hub(name: str, config: str | None, split: str, revision: str | None) -> datasets.Dataset:
+        asked.append((name, config, split, revision))
+        return datasets.Dataset.from_list(hub_rows)
+
+    dream = get_task("dream")
+    by_hand = [("\n".join(t), q["question"], q["choice"], q["choice"].index(q["answer"])) for t, q, _ in questions]
+    assert rows_of(families.read_hub_split(dream, dream.eval_splits[0], hub)) == by_hand and len(by_hand) >= 10
+    # the main branch holds only a loading script, which datasets >= 4 refuses to run
+    assert asked == [("dataset-org/dream", None, dream.eval_splits[0], "refs/convert/parquet")]
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
 def test_race_is_read_from_its_release_folder_and_from_the_hubs_columns_to_the_same_rows(tmp_path: Path) -> None:
     from kdexp import families
     from kdexp.data import DataSource, load_split
@@ -595,12 +627,14 @@ def test_race_is_read_from_its_release_folder_and_from_the_hubs_columns_to_the_s
         ]
         asked: list[tuple] = []
 
-        def hub(name: str, config: str | None, hub_split: str, rows=hub_rows, calls=asked) -> datasets.Dataset:
-            calls.append((name, config, hub_split))
+        def hub(
+            name: str, config: str | None, hub_split: str, revision: str | None, rows=hub_rows, calls=asked
+        ) -> datasets.Dataset:
+            calls.append((name, config, hub_split, revision))
             return datasets.Dataset.from_list(rows)
 
         assert rows_of(families.read_hub_split(race, split, hub)) == expected
-        assert asked == [("ehovy/race", "all", split)]
+        assert asked == [("ehovy/race", "all", split, None)]
 
 
 def test_a_race_answer_that_is_no_option_letter_names_its_file(tmp_path: Path) -> None:

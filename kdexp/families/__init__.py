@@ -62,10 +62,10 @@ def read_local_split(task: GlueTask, split: str, mrc_dir: Path | None) -> datase
 
 
 def read_hub_split(task: GlueTask, split: str, hub_dataset: Callable[..., datasets.Dataset]) -> datasets.Dataset:
-    """An MRC split from the task's own Hub dataset (read by `hub_dataset(name, config, split)`), in the family's
+    """An MRC split from the task's own Hub dataset (read by `hub_dataset(name, config, split, revision)`), in the family's
     columns."""
     assert task.hub_dataset is not None
-    ds = hub_dataset(task.hub_dataset, task.hub_config or None, split)
+    ds = hub_dataset(task.hub_dataset, task.hub_config or None, split, task.hub_revision)
     if task.family == EXTRACTIVE_QA:
         return extractive_qa.from_hub(ds)
     return multiple_choice.from_hub(ds, task.hub_dataset, task.num_labels)
