@@ -370,16 +370,22 @@ class TaskSchema:
             from kdexp.tasks import EXTRACTIVE_QA, MRC_TASKS, OPTION_LETTERS
 
             require(
+                self.num_choices is None or MRC_TASKS[self.name].family != EXTRACTIVE_QA,
+                "task.num_choices",
+                self.num_choices,
+                "null: extractive QA has no options",
+            )
+            require(
                 self.num_choices is None or 2 <= self.num_choices <= len(OPTION_LETTERS),
                 "task.num_choices",
                 self.num_choices,
                 f"null (the task's) or 2 to {len(OPTION_LETTERS)} options per question",
             )
             require(
-                self.num_choices is None or MRC_TASKS[self.name].family != EXTRACTIVE_QA,
+                self.num_choices is None or self.train_file is not None,
                 "task.num_choices",
                 self.num_choices,
-                "null: extractive QA has no options",
+                "null with the release's files or the Hub (their own number of options); N with one's own task.train_file",
             )
             require(
                 not self.dev_articles or MRC_TASKS[self.name].family == EXTRACTIVE_QA,

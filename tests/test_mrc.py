@@ -524,6 +524,7 @@ def test_squad_windows_default_to_run_qa_and_mrc_keys_that_cannot_work_are_refus
         ("task=squad", "data.max_length=128"): r"task.doc_stride=128 cannot work: .*data.max_length=128",
         ("task=dream", "task.num_choices=1"): r"task.num_choices=1 cannot work: use null \(the task's\) or 2 to 26",
         ("task=squad", "+task.num_choices=4"): r"task.num_choices=4 cannot work: use null: extractive QA",
+        ("task=dream", "task.num_choices=4"): r"task.num_choices=4 cannot work: use null with the release's files",
         ("task=dream", "task.train_file=a.json", "+task.dev_articles=[x]"): r"task.dev_articles=\['x'\] cannot work",
     }
     for overrides, message in refused.items():
@@ -577,7 +578,7 @@ def rows_of(ds) -> list[tuple]:
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
-def test_dream_from_the_hubs_parquet_export_gives_the_rows_of_the_release_file() -> None:
+def test_dream_from_the_hubs_parquet_export_gives_the_rows_of_the_release_file(tmp_path: Path) -> None:
     from kdexp import families
     from kdexp.tasks import get_task
 
@@ -602,8 +603,12 @@ def test_dream_from_the_hubs_parquet_export_gives_the_rows_of_the_release_file()
         return datasets.Dataset.from_list(hub_rows)
 
     dream = get_task("dream")
-    by_hand = [("\n".join(t), q["question"], q["choice"], q["choice"].index(q["answer"])) for t, q, _ in questions]
-    assert rows_of(families.read_hub_split(dream, dream.eval_splits[0], hub)) == by_hand and len(by_hand) >= 10
+    (tmp_path / "dev.json").write_text(json.dumps(release))
+    from_release = rows_of(multiple_choice.read_dream_json(tmp_path / "dev.json"))
+    assert rows_of(families.read_hub_split(dream, dream.eval_splits[0], hub)) == from_release
+    assert len(from_release) >= 10 and from_release[0][3] == release[0][1][0]["choice"].index(
+        release[0][1][0]["answer"]
+    )
     # the main branch holds only a loading script, which datasets >= 4 refuses to run
     assert asked == [("dataset-org/dream", None, dream.eval_splits[0], "refs/convert/parquet")]
 
