@@ -10,6 +10,8 @@ happens there:
 - `wait:<file>`: block until `<file>` exists (a test holds the run there, e.g. to launch a second one);
 - `signal:<NAME>` (`signal:TERM`, `signal:USR1`, `signal:INT`): the process sends itself that signal, as
   a scheduler pre-empting it would (kdexp.preemption), and goes on;
+- `signal-group:<NAME>`: the same signal to every process of its process group (a sweep's launching process
+  and its joblib workers), as SLURM signals every process of a job it cancels or pre-empts;
 - `oserror:<ERRNO>` (`oserror:ENOSPC`, `oserror:EACCES`, `oserror:EPERM`, `oserror:EROFS`): an `OSError`
   with that number and the point's `path`, as a full disk, a folder without permission or a read-only
   file system would.
@@ -85,9 +87,13 @@ def _act(point: str, where: dict[str, object]) -> None:
         while not os.path.exists(release):
             time.sleep(0.1)
         return
-    if action.startswith("signal:"):
-        name = action.partition(":")[2].upper()
-        os.kill(os.getpid(), getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))
+    if action.startswith(("signal:", "signal-group:")):
+        kind, _, name = action.partition(":")
+        signum = getattr(signal, name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}")
+        if kind == "signal-group":
+            os.killpg(os.getpgrp(), signum)
+        else:
+            os.kill(os.getpid(), signum)
         return
     os.kill(os.getpid(), signal.SIGKILL)
 

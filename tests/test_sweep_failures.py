@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,17 @@ FAULT = {"KDEXP_FAULT_AT": "train_batch:job=0:epoch=0:batch=1", "KDEXP_FAULT_ACT
 
 
 def sweep(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kdexp.train", "-m", *args],
+        env=sweep_env(env_vars),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def sweep_env(env_vars: dict[str, str]) -> dict[str, str]:
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -37,14 +49,29 @@ def sweep(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedPr
     for name in ("KDEXP_FAULT_AT", "KDEXP_FAULT_ACTION"):
         if name not in env_vars:
             env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "kdexp.train", "-m", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return env
+
+
+def sweep_in_its_own_group(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    """A sweep in its own process group (a signal to the group reaches its workers, not pytest), its output in
+    files: joblib's idle workers outlive a launching process ended by a signal (for loky's idle timeout) and
+    would hold a pipe open; the group is killed once the launching process has ended."""
+    out, err = cwd / "sweep.out", cwd / "sweep.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdexp.train", "-m", *args],
+            env=sweep_env(env_vars),
+            cwd=cwd,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        returncode = proc.wait(timeout=900)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return subprocess.CompletedProcess(proc.args, returncode, out.read_text(), err.read_text())
 
 
 def sweep_args(model: Path, glue: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -198,3 +225,32 @@ def test_a_signal_stops_the_sweep_names_the_jobs_it_left_undone_and_a_relaunch_r
     assert again.returncode == 0, again.stderr[-5000:]
     assert (jobs[0] / "results.json").read_text() == first
     assert [json.loads((job / "results.json").read_text())["seed"] for job in jobs] == [1, 2, 3]
+
+
+def test_a_signal_to_every_process_of_a_joblib_sweep_saves_its_running_job_and_a_relaunch_ends_as_uninterrupted(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """SLURM cancels or pre-empts a job by signalling all its processes: with the joblib launcher, the launching
+    process (it ends at once, as a shell sees SIGTERM: status 143) and the workers, whose running jobs save their
+    step checkpoints. The same sweep launched again ends with the results of a sweep never stopped."""
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2"]
+    args = sweep_args(tiny_model_dir, glue_dir, tmp_path, *joblib)
+    stop = {"KDEXP_FAULT_AT": "train_batch:job=1:epoch=0:batch=1", "KDEXP_FAULT_ACTION": "signal-group:TERM"}
+    proc = sweep_in_its_own_group(args, tmp_path, **stop)
+    assert proc.returncode in (143, -signal.SIGTERM), proc.stderr[-5000:]
+    job = tmp_path / "sweep" / "1_sst2_vanilla_kd_seed2"
+    saved = f"kdexp-train: stopped by SIGTERM: saved a step checkpoint at epoch 0, batch 2 (global step 2) in {job}"
+    assert saved in proc.stderr, proc.stderr[-5000:]
+    assert not (job / "results.json").exists() and (job / "checkpoints" / "last.ckpt").exists()
+
+    again = sweep(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-5000:]
+    reference_args = [
+        a if not a.startswith("hydra.sweep.dir=") else f"hydra.sweep.dir={tmp_path / 'ref'}" for a in args
+    ]
+    reference = sweep(reference_args, tmp_path)
+    assert reference.returncode == 0, reference.stderr[-5000:]
+    for name in ("0_sst2_vanilla_kd_seed1", "1_sst2_vanilla_kd_seed2"):
+        resumed = json.loads((tmp_path / "sweep" / name / "results.json").read_text())
+        uninterrupted = json.loads((tmp_path / "ref" / name / "results.json").read_text())
+        assert resumed["metrics"] == uninterrupted["metrics"] and resumed["seed"] == uninterrupted["seed"]
