@@ -322,13 +322,15 @@ def test_dream_runs_each_method_and_reports_accuracy(
         assert results["method_info"]["extra_examples"] == 32 * 2
 
 
+PLACES = ["tea", "coffee", "bus", "train", "book", "film", "park", "shop", "bank", "hotel", "doctor", "teacher"]
+
+
 def place_questions(count: int, rng: random.Random) -> list:
     """DREAM-format items whose answer is the one option the dialogue names: only matching the options
     against the passage beats 1/3, so a model that learns it has its options, labels and passage aligned."""
-    places = ["tea", "coffee", "bus", "train", "book", "film", "park", "shop", "bank", "hotel", "doctor", "teacher"]
     items = []
     for i in range(count):
-        named, *others = rng.sample(places, 3)
+        named, *others = rng.sample(PLACES, 3)
         choices = [named, *others]
         rng.shuffle(choices)
         question = {"question": "Where did the man go?", "choice": choices, "answer": named}
@@ -370,10 +372,9 @@ def test_a_multiple_choice_teacher_and_its_distilled_student_learn_which_option_
 
 def five_option_rows(count: int, rng: random.Random) -> list[dict]:
     """Own-format rows with five options each: the answer is the place the passage names."""
-    places = ["tea", "coffee", "bus", "train", "book", "film", "park", "shop", "bank", "hotel", "doctor", "teacher"]
     rows = []
     for _ in range(count):
-        choices = rng.sample(places, 5)
+        choices = rng.sample(PLACES, 5)
         label = rng.randrange(5)
         rows.append(
             {
