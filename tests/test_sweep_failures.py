@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,14 @@ def sweep_env(env_vars: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def sweep_in_its_own_group(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+def sweep_in_its_own_group(
+    args: list[str], cwd: Path, grace_until: str, **env_vars: str
+) -> subprocess.CompletedProcess:
     """A sweep in its own process group (a signal to the group reaches its workers, not pytest), its output in
     files: joblib's idle workers outlive a launching process ended by a signal (for loky's idle timeout) and
-    would hold a pipe open; the group is killed once the launching process has ended."""
+    would hold a pipe open. The launching process ends at once; its workers then get a grace period, as
+    SLURM's KillWait gives a job's processes, until `grace_until` is in the sweep's stderr (at most 300 s),
+    and the group is killed."""
     out, err = cwd / "sweep.out", cwd / "sweep.err"
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen(
@@ -67,6 +72,9 @@ def sweep_in_its_own_group(args: list[str], cwd: Path, **env_vars: str) -> subpr
             start_new_session=True,
         )
         returncode = proc.wait(timeout=900)
+    deadline = time.monotonic() + 300
+    while grace_until not in err.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -236,10 +244,10 @@ def test_a_signal_to_every_process_of_a_joblib_sweep_saves_its_running_job_and_a
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2"]
     args = sweep_args(tiny_model_dir, glue_dir, tmp_path, *joblib)
     stop = {"KDEXP_FAULT_AT": "train_batch:job=1:epoch=0:batch=1", "KDEXP_FAULT_ACTION": "signal-group:TERM"}
-    proc = sweep_in_its_own_group(args, tmp_path, **stop)
-    assert proc.returncode in (143, -signal.SIGTERM), proc.stderr[-5000:]
     job = tmp_path / "sweep" / "1_sst2_vanilla_kd_seed2"
     saved = f"kdexp-train: stopped by SIGTERM: saved a step checkpoint at epoch 0, batch 2 (global step 2) in {job}"
+    proc = sweep_in_its_own_group(args, tmp_path, grace_until=saved, **stop)
+    assert proc.returncode in (143, -signal.SIGTERM), proc.stderr[-5000:]
     assert saved in proc.stderr, proc.stderr[-5000:]
     assert not (job / "results.json").exists() and (job / "checkpoints" / "last.ckpt").exists()
 
