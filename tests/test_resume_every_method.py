@@ -46,5 +46,8 @@ def test_a_run_killed_after_a_step_checkpoint_resumes_to_the_uninterrupted_resul
     resumed = tmp_path / "resumed"
     args = tiny_args(tiny_model_dir, glue_dir, cache, resumed, *run, "checkpoint.every_n_steps=1")
     killed(train(args, tmp_path, fault="train_batch:epoch=1:batch=2"))
-    finished(train(args, tmp_path))
+    proc = train(args, tmp_path)
+    finished(proc)
+    checkpoint = resumed / "checkpoints" / "last.ckpt"
+    assert f"Resuming from {checkpoint} in epoch 1 at batch 2 " in proc.stdout + proc.stderr  # not from the start
     assert_same_run(straight, resumed)
