@@ -17,6 +17,7 @@ from kdexp.cache import atomic_write_json, atomic_write_text, cache_for_run, rep
 from kdexp.config import CONFIG_DIR, OptimConfig, config_dict, config_hash, merged_onto, validate_config
 from kdexp.context import RunContext
 from kdexp.data import DataSource, InputForm, labels_in, load_task_data
+from kdexp.environment import run_environment
 from kdexp.errors import ConfigError
 from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_gpu
 from kdexp.loggers import build_loggers, finish_loggers
@@ -361,6 +362,7 @@ def run(
         "overrides": list(overrides or []),
         "student_dir": str(student_dir),
         "config_hash": identity,
+        "environment": run_environment(hardware),
         "config": resolved,
     }
     finish_loggers(loggers, results, log_model=bool(cfg.logger.get("log_model", False)))
