@@ -46,7 +46,7 @@ import os
 import random
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +312,7 @@ class Report:
     unfinished: list[str]  # as listed under the table
     figures: list[Path]  # PNG and PDF files written (none without matplotlib)
     damaged: list[str] = field(default_factory=list)  # "<results.json as found>: what is wrong with it", one each
+    environments: int = 1  # how many environments (kdexp.environment) made the runs
 
 
 class UnknownBaseline(KdexpError):
@@ -974,6 +975,34 @@ def damaged_section(lines: list[str]) -> str:
     return "\nresults.json files left out of the table (damaged):\n" + "".join(f"- {line}\n" for line in lines)
 
 
+def environment_label(result: Mapping[str, Any]) -> str:
+    """One line for what a run was made with (results.json `environment`, kdexp.environment)."""
+    environment = result.get("environment")
+    if not isinstance(environment, Mapping):
+        return "not recorded (a results.json from before kdexp recorded it)"
+    libraries = environment.get("libraries") or {}
+    versions = ", ".join(f"{name} {version}" for name, version in sorted(libraries.items()) if version)
+    return (
+        f"code {environment.get('code_revision') or 'outside a git checkout'}; {versions}; "
+        f"{environment.get('cpu_threads')} CPU thread(s); {environment.get('devices')}, {environment.get('precision')}"
+    )
+
+
+def environments_of(results: Mapping[Path, Mapping[str, Any]]) -> dict[str, int]:
+    """How many runs each environment made, most runs first."""
+    counts = Counter(environment_label(result) for result in results.values())
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def environment_section(environments: Mapping[str, int]) -> str:
+    """What the runs were made with; several environments are named as such, since the same config and
+    seed give other numbers on other code, libraries or thread counts."""
+    if len(environments) == 1:
+        return f"\nAll runs: {next(iter(environments))}.\n"
+    lines = "".join(f"- {count} run(s): {label}\n" for label, count in environments.items())
+    return f"\nThe runs come from {len(environments)} environments:\n{lines}"
+
+
 def write_report(
     *folders: Path,
     out: Path | None = None,
@@ -1008,6 +1037,8 @@ def write_report(
         aliases = {c.task: c.key for c in table.columns if _measures_main_metric(c)}
         markdown += reference_markdown(table.keys, table.rows, *load_reference(reference), aliases=aliases)
     markdown += unfinished_section(unfinished)
+    environments = environments_of(results)
+    markdown += environment_section(environments)
     markdown += damaged_section([f"{shown_path(path, folders)}: {problem}" for path, problem in damaged.items()])
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
@@ -1044,7 +1075,7 @@ def write_report(
         title,
         line_tasks=table.tasks,
     )
-    return Report(markdown, unfinished, figures, damaged_lines)
+    return Report(markdown, unfinished, figures, damaged_lines, len(environments))
 
 
 def report(
@@ -1150,6 +1181,11 @@ def main(argv: list[str] | None = None) -> None:
             "latex": (out / "report.tex").read_text() if args.format == "latex" else "",
         }[args.format]
     )
+    if written.environments > 1:
+        sys.stderr.write(
+            f"kdexp-report: the runs come from {written.environments} environments (code, libraries, CPU "
+            "threads or devices; listed under the table): numbers may differ for that alone.\n"
+        )
     for line in written.damaged:
         sys.stderr.write(f"kdexp-report: {line}\n")
     if written.damaged:

@@ -383,3 +383,38 @@ def test_a_failed_job_is_listed_with_the_error_it_recorded(tmp_path: Path) -> No
         "1_sst2_finetune_seed2 (failed: OSFailure: no space left on device)",
         "2_sst2_finetune_seed3",
     ]
+
+
+def with_environment(result_file: Path, threads: int, revision: str = "abc123") -> None:
+    result = json.loads(result_file.read_text())
+    result["environment"] = {
+        "kdexp": "0.1.0",
+        "code_revision": revision,
+        "libraries": {"torch": "2.13.0+cpu", "transformers": "5.25.0"},
+        "cpu_threads": threads,
+        "devices": "1 x CPU",
+        "precision": "32-true",
+    }
+    result_file.write_text(json.dumps(result))
+
+
+def test_the_environments_that_made_the_runs_are_named_and_several_are_flagged(tmp_path: Path, capsys) -> None:
+    one_thread = [write_result(tmp_path / "sweep", "sst2", "finetune", seed, 0.8, 0.9) for seed in (1, 2)]
+    for run in one_thread:
+        with_environment(run / "results.json", threads=1)
+    same = report(tmp_path / "sweep")
+    assert (
+        "\nAll runs: code abc123; torch 2.13.0+cpu, transformers 5.25.0; 1 CPU thread(s); 1 x CPU, 32-true.\n" in same
+    )
+
+    with_environment(write_result(tmp_path / "sweep", "sst2", "finetune", 3, 0.8, 0.9) / "results.json", threads=2)
+    write_result(tmp_path / "sweep", "sst2", "finetune", 4, 0.8, 0.9)  # written before kdexp recorded it
+    main([str(tmp_path / "sweep")])
+    markdown = (tmp_path / "sweep" / "report.md").read_text()
+    listed = markdown[markdown.index("The runs come from 3 environments:") :].splitlines()[1:4]
+    assert listed == [
+        "- 2 run(s): code abc123; torch 2.13.0+cpu, transformers 5.25.0; 1 CPU thread(s); 1 x CPU, 32-true",
+        "- 1 run(s): code abc123; torch 2.13.0+cpu, transformers 5.25.0; 2 CPU thread(s); 1 x CPU, 32-true",
+        "- 1 run(s): not recorded (a results.json from before kdexp recorded it)",
+    ]
+    assert "kdexp-report: the runs come from 3 environments" in capsys.readouterr().err
