@@ -8,6 +8,9 @@ the last bits). `results.json` keeps this record so that two runs that disagree 
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -16,28 +19,50 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdexp.hardware import Hardware
 
-LIBRARIES = ("torch", "transformers", "pytorch-lightning", "datasets", "tokenizers")
+LIBRARIES = ("torch", "transformers", "pytorch-lightning", "lightning-fabric", "datasets", "tokenizers", "numpy")
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def code_revision(source: Path | None = None) -> str | None:
-    """The git commit of kdexp's source folder, with `+dirty` when files differ from it; None outside a git
-    checkout (an installed wheel) or without git."""
-    folder = source or Path(__file__).resolve().parent
+def _git(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    # a git hook's GIT_DIR / GIT_WORK_TREE would point the commands at another repository
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+    return subprocess.run(
+        ["git", "--no-optional-locks", "-C", str(folder), *args], capture_output=True, text=True, timeout=10, env=env
+    )
+
+
+def code_revision(source: Path = PACKAGE_DIR) -> str | None:
+    """The git commit of kdexp's source folder; `<commit>+dirty.<hash>` when its files differ from the commit
+    (the hash tells two different edits apart), `<commit>+unknown` when git could not say. None where the
+    folder is no tracked part of a git checkout (an installed wheel, or a package inside another project's
+    repository) or git is missing."""
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
+        tracked = _git(source, "ls-files", "--error-unmatch", "__init__.py")
+        commit = _git(source, "rev-parse", "HEAD", "--show-toplevel")
+        if tracked.returncode != 0 or commit.returncode != 0:
             return None
-        status = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        status = _git(source, "status", "--porcelain", "--", ".")
+        diff = _git(source, "diff", "HEAD", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit.stdout.strip() + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
+    revision, top = commit.stdout.splitlines()[:2]
+    if status.returncode != 0 or diff.returncode != 0:
+        return f"{revision}+unknown"
+    if not status.stdout.strip():
+        return revision
+    digest = hashlib.sha1(diff.stdout.encode())
+    untracked = sorted(line[3:] for line in status.stdout.splitlines() if line.startswith("??"))  # root-relative
+    for name in untracked:
+        path = Path(top) / name
+        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
+    return f"{revision}+dirty.{digest.hexdigest()[:10]}"
+
+
+@functools.lru_cache(maxsize=1)
+def imported_code_revision() -> str | None:
+    """`code_revision()` as first asked in this process: call it as a run starts, so that a checkout changed
+    while the run trains does not stand for the code the run imported."""
+    return code_revision()
 
 
 def library_versions() -> dict[str, str | None]:
@@ -65,10 +90,13 @@ def run_environment(hardware: Hardware) -> dict[str, Any]:
 
     from kdexp import __version__
 
+    gpu = hardware.device.type == "cuda"
     return {
         "kdexp": __version__,
-        "code_revision": code_revision(),
+        "code_revision": imported_code_revision(),
         "libraries": library_versions(),
+        "cuda": torch.version.cuda if gpu else None,
+        "cudnn": torch.backends.cudnn.version() if gpu else None,
         "cpu_threads": torch.get_num_threads(),
         "devices": devices_of(hardware),
         "precision": hardware.precision,

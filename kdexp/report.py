@@ -1184,7 +1184,7 @@ def main(argv: list[str] | None = None) -> None:
     if written.environments > 1:
         sys.stderr.write(
             f"kdexp-report: the runs come from {written.environments} environments (code, libraries, CPU "
-            "threads or devices; listed under the table): numbers may differ for that alone.\n"
+            "threads or devices; listed at the end of report.md): numbers may differ for that alone.\n"
         )
     for line in written.damaged:
         sys.stderr.write(f"kdexp-report: {line}\n")

@@ -17,7 +17,7 @@ from kdexp.cache import atomic_write_json, atomic_write_text, cache_for_run, rep
 from kdexp.config import CONFIG_DIR, OptimConfig, config_dict, config_hash, merged_onto, validate_config
 from kdexp.context import RunContext
 from kdexp.data import DataSource, InputForm, labels_in, load_task_data
-from kdexp.environment import run_environment
+from kdexp.environment import imported_code_revision, run_environment
 from kdexp.errors import ConfigError
 from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_gpu
 from kdexp.loggers import build_loggers, finish_loggers
@@ -282,6 +282,7 @@ def run(
     # a read-only cache_dir is read through an overlay that takes the entries it lacks (one line says where)
     cache_dir = cache_for_run(Path(to_absolute_path(cfg.cache_dir)), run_dir, announce=is_global_zero())
 
+    imported_code_revision()  # the code this process runs, before the checkout can change under it
     hardware = Hardware.from_trainer(trainer_options(cfg))
     hardware.launch()  # several devices: every process from here on, so that every stage can use them all
     forward_to_launched(hardware)  # a stop signal this process alone gets reaches them too (kdexp.preemption)

@@ -491,8 +491,8 @@ def test_squad_v1_runs_on_answerable_questions_and_refuses_a_2_0_file_before_the
         best_of_golds(brute_force_answer(student, question["question"], context), question["answers"])
         for context, question in questions
     ]
-    assert metrics["val/exact_match"] == pytest.approx(sum(em for em, _ in scores) / 16, abs=1e-6)
-    assert metrics["val/f1"] == pytest.approx(sum(f1 for _, f1 in scores) / 16, abs=1e-6)
+    assert metrics["val/exact_match"] == pytest.approx(sum(em for em, _ in scores) / len(scores), abs=1e-6)
+    assert metrics["val/f1"] == pytest.approx(sum(f1 for _, f1 in scores) / len(scores), abs=1e-6)
 
 
 def brute_force_answer(student: Path, question: str, context: str, max_length: int = 128, stride: int = 32) -> str:

@@ -59,7 +59,7 @@ def sweep_in_its_own_group(
     """A sweep in its own process group (a signal to the group reaches its workers, not pytest), its output in
     files: joblib's idle workers outlive a launching process ended by a signal (for loky's idle timeout) and
     would hold a pipe open. The launching process ends at once; its workers then get a grace period, as
-    SLURM's KillWait gives a job's processes, until `grace_until` is in the sweep's stderr (at most 300 s),
+    SLURM's KillWait gives a job's processes, until `grace_until` is in the sweep's stderr (at most 60 s),
     and the group is killed."""
     out, err = cwd / "sweep.out", cwd / "sweep.err"
     with out.open("w") as stdout, err.open("w") as stderr:
@@ -72,7 +72,7 @@ def sweep_in_its_own_group(
             start_new_session=True,
         )
         returncode = proc.wait(timeout=900)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 60
     while grace_until not in err.read_text() and time.monotonic() < deadline:
         time.sleep(0.5)
     try:

@@ -132,6 +132,9 @@ class DistillationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        forget_earlier_step_values(self.trainer, "train/loss/")
+
     def batch_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-row signals of a training batch, looked up on the CPU by ``batch["idx"]``: the teacher's
         cached signals (a method adds its own targets)."""
@@ -260,3 +263,13 @@ class DistillationModule(pl.LightningModule):
         if state is None:
             raise ValueError(f"this checkpoint has no phase state; it was not written by {type(self).__name__}")
         self.phases.load_state_dict(state)
+
+
+def forget_earlier_step_values(trainer: Any, prefix: str) -> None:
+    """Lightning writes a value logged at an earlier step of the epoch again at every later step that does
+    not log it: a loss term this step does not compute (knowledge selection's inactive knowledge kinds)
+    would show its old value, and a run resumed mid-epoch would not (its epoch starts afresh)."""
+    results = trainer._results if trainer is not None else None
+    for metric in (results or {}).values():
+        if metric.meta.name.startswith(prefix):
+            metric._forward_cache = None
