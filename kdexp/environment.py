@@ -3,7 +3,7 @@ numerics decide the result, and the CPU threads and devices it ran on.
 
 Same config and seed give the same result only on the same software and the same thread count: on CPU a
 weight gradient sums its batch in an order that follows the number of threads (1 and 2 threads differ in
-the last bits). `results.json` keeps this record so that two runs that disagree can be told apart by it.
+the last bits), and another CPU model may take other vector kernels. `results.json` keeps this record so that two runs that disagree can be told apart by it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,22 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def cpu_name() -> str:
+    """The CPU's model and the vector instructions torch's kernels use on it (`AVX512`, `AVX2`): two CPUs
+    that differ in these can round the same run differently."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def devices_of(hardware: Hardware) -> str:
     """`2 x NVIDIA H100 80GB HBM3`, `1 x CPU`: the processes of the run and what each ran on."""
     import torch
@@ -97,6 +113,7 @@ def run_environment(hardware: Hardware) -> dict[str, Any]:
         "libraries": library_versions(),
         "cuda": torch.version.cuda if gpu else None,
         "cudnn": torch.backends.cudnn.version() if gpu else None,
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "devices": devices_of(hardware),
         "precision": hardware.precision,

@@ -984,7 +984,8 @@ def environment_label(result: Mapping[str, Any]) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in sorted(libraries.items()) if version)
     return (
         f"code {environment.get('code_revision') or 'outside a git checkout'}; {versions}; "
-        f"{environment.get('cpu_threads')} CPU thread(s); {environment.get('devices')}, {environment.get('precision')}"
+        f"{environment.get('cpu')}, {environment.get('cpu_threads')} thread(s); {environment.get('devices')}, "
+        f"{environment.get('precision')}"
     )
 
 

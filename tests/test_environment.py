@@ -72,4 +72,5 @@ def test_results_record_the_code_libraries_threads_and_devices(
         assert environment["code_revision"] == expected or expected.endswith("+dirty.")
     assert environment["libraries"]["torch"] == torch.__version__
     assert environment["cpu_threads"] == torch.get_num_threads()
+    assert environment["cpu"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")
     assert (environment["devices"], environment["precision"]) == ("1 x CPU", "32-true")

@@ -391,6 +391,7 @@ def with_environment(result_file: Path, threads: int, revision: str = "abc123") 
         "kdexp": "0.1.0",
         "code_revision": revision,
         "libraries": {"torch": "2.13.0+cpu", "transformers": "5.25.0"},
+        "cpu": "Xeon (AVX512)",
         "cpu_threads": threads,
         "devices": "1 x CPU",
         "precision": "32-true",
@@ -404,7 +405,8 @@ def test_the_environments_that_made_the_runs_are_named_and_several_are_flagged(t
         with_environment(run / "results.json", threads=1)
     same = report(tmp_path / "sweep")
     assert (
-        "\nAll runs: code abc123; torch 2.13.0+cpu, transformers 5.25.0; 1 CPU thread(s); 1 x CPU, 32-true.\n" in same
+        "\nAll runs: code abc123; torch 2.13.0+cpu, transformers 5.25.0; Xeon (AVX512), 1 thread(s); 1 x CPU, 32-true.\n"
+        in same
     )
 
     with_environment(write_result(tmp_path / "sweep", "sst2", "finetune", 3, 0.8, 0.9) / "results.json", threads=2)
@@ -413,8 +415,8 @@ def test_the_environments_that_made_the_runs_are_named_and_several_are_flagged(t
     markdown = (tmp_path / "sweep" / "report.md").read_text()
     listed = markdown[markdown.index("The runs come from 3 environments:") :].splitlines()[1:4]
     assert listed == [
-        "- 2 run(s): code abc123; torch 2.13.0+cpu, transformers 5.25.0; 1 CPU thread(s); 1 x CPU, 32-true",
-        "- 1 run(s): code abc123; torch 2.13.0+cpu, transformers 5.25.0; 2 CPU thread(s); 1 x CPU, 32-true",
+        "- 2 run(s): code abc123; torch 2.13.0+cpu, transformers 5.25.0; Xeon (AVX512), 1 thread(s); 1 x CPU, 32-true",
+        "- 1 run(s): code abc123; torch 2.13.0+cpu, transformers 5.25.0; Xeon (AVX512), 2 thread(s); 1 x CPU, 32-true",
         "- 1 run(s): not recorded (a results.json from before kdexp recorded it)",
     ]
     assert "kdexp-report: the runs come from 3 environments" in capsys.readouterr().err
