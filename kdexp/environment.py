@@ -1,9 +1,10 @@
 """What produced a run, beside its config: the code (kdexp's version and git commit), the libraries whose
 numerics decide the result, and the CPU threads and devices it ran on.
 
-Same config and seed give the same result only on the same software and the same thread count: on CPU a
-weight gradient sums its batch in an order that follows the number of threads (1 and 2 threads differ in
-the last bits), and another CPU model may take other vector kernels. `results.json` keeps this record so that two runs that disagree can be told apart by it.
+Same config and seed give the same result only on the same software, CPU model and thread count: on CPU
+a weight gradient sums its batch in an order that follows the number of threads (1 and 2 threads differ
+in the last bits), and another CPU model may take other vector kernels. `results.json` keeps this record
+so that two runs that disagree can be told apart by it.
 """
 
 from __future__ import annotations
