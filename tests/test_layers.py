@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "kdexp.tasks",
         "kdexp.config",
         "kdexp.hardware",
+        "kdexp.environment",
         "kdexp.preemption",
         "kdexp.run_folder",
     ),
