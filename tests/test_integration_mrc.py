@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import kdexp_train
 
+from tests.test_mrc import squad_scores_by_hand
+
 pytestmark = pytest.mark.integration
 
 MRC = Path(__file__).resolve().parents[2] / "shared" / "mrc_data"
@@ -49,78 +51,6 @@ def accuracy_by_hand(student: Path, dev_file: Path, questions: int, max_length: 
             logits = model(**{k: v.unsqueeze(0) for k, v in encoded.items()}).logits[0]
         right += q["choice"][int(logits.argmax())] == q["answer"]
     return right / len(rows)
-
-
-def squad_scores_by_hand(
-    student: Path, article: str, questions: int, max_length: int, stride: int, longest_answer: int = 30
-) -> tuple[float, float]:
-    """(EM, F1) of a saved QA student on the first `questions` of one article of the official SQuAD 2.0 file,
-    without kdexp: each (question, passage) cut into windows by the tokenizer, every span of passage tokens
-    (start <= end, at most `longest_answer` tokens) tried in a double loop, no answer where the least
-    [CLS] score of the windows beats the best span, and the official answer normalisation written out."""
-    import re
-    import string
-
-    import torch
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
-    def normalise(text: str) -> list[str]:
-        text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-        return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-    def f1(prediction: str, gold: str) -> float:
-        predicted, wanted = normalise(prediction), normalise(gold)
-        if not predicted or not wanted:
-            return float(predicted == wanted)
-        common = sum(min(predicted.count(token), wanted.count(token)) for token in set(predicted))
-        if common == 0:
-            return 0.0
-        precision, recall = common / len(predicted), common / len(wanted)
-        return 2 * precision * recall / (precision + recall)
-
-    document = json.loads(SUBSET.read_text())
-    rows = [
-        (paragraph["context"], qa)
-        for entry in document["data"]
-        if entry["title"] == article
-        for paragraph in entry["paragraphs"]
-        for qa in paragraph["qas"]
-    ][:questions]
-    tokenizer = AutoTokenizer.from_pretrained(student)
-    model = AutoModelForQuestionAnswering.from_pretrained(student).eval()
-    exact = overlap = 0.0
-    for context, qa in rows:
-        windows = tokenizer(
-            qa["question"].lstrip(),
-            context,
-            truncation="only_second",
-            max_length=max_length,
-            stride=stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            padding=True,
-        )
-        with torch.no_grad():
-            out = model(
-                input_ids=torch.tensor(windows["input_ids"]),
-                attention_mask=torch.tensor(windows["attention_mask"]),
-                token_type_ids=torch.tensor(windows["token_type_ids"]),
-            )
-        best_score, best_text, null_score = float("-inf"), "", float("inf")
-        for window, offsets in enumerate(windows["offset_mapping"]):
-            start, end = out.start_logits[window].tolist(), out.end_logits[window].tolist()
-            null_score = min(null_score, start[0] + end[0])
-            passage = [t for t, sequence in enumerate(windows.sequence_ids(window)) if sequence == 1]
-            for first in passage:
-                for last in passage:
-                    if first <= last < first + longest_answer and start[first] + end[last] > best_score:
-                        best_score = start[first] + end[last]
-                        best_text = context[offsets[first][0] : offsets[last][1]]
-        prediction = "" if null_score > best_score else best_text
-        golds = [answer["text"] for answer in qa["answers"]] if not qa.get("is_impossible") else [""]
-        exact += max(float(normalise(prediction) == normalise(gold)) for gold in golds)
-        overlap += max(f1(prediction, gold) for gold in golds)
-    return exact / len(rows), overlap / len(rows)
 
 
 def test_dream_multiple_choice_runs_finetune_vanilla_kd_and_dbkd_from_the_official_files(
