@@ -313,6 +313,7 @@ class Report:
     figures: list[Path]  # PNG and PDF files written (none without matplotlib)
     damaged: list[str] = field(default_factory=list)  # "<results.json as found>: what is wrong with it", one each
     environments: int = 1  # how many environments (kdexp.environment) made the runs
+    unanswered: int = 0  # student runs whose SQuAD 2.0 F1 is only the unanswerable share
 
 
 class UnknownBaseline(KdexpError):
@@ -1004,6 +1005,35 @@ def environment_section(environments: Mapping[str, int]) -> str:
     return f"\nThe runs come from {len(environments)} environments:\n{lines}"
 
 
+def found_no_span(metrics: Mapping[str, Any]) -> bool:
+    """A SQuAD 2.0 model that found no answer span (HasAns F1 0) and left every unanswerable question
+    unanswered (NoAns 1): its EM and F1 are the unanswerable share of the dev set, whatever else it learned."""
+    return metrics.get("val/HasAns_f1") == 0 and metrics.get("val/NoAns_f1") == 1
+
+
+def runs_without_spans(results: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Per row (task: label), how many of its runs found no span, of how many; rows with none left out."""
+    shown = varying_overrides(results)
+    counts: dict[str, list[int]] = {}
+    for result in results:
+        if "val/HasAns_f1" not in result["metrics"]:
+            continue
+        row = counts.setdefault(f"{result['task']}: {row_label(result, shown)}", [0, 0])
+        row[0] += found_no_span(result["metrics"])
+        row[1] += 1
+    return {row: (none, total) for row, (none, total) in sorted(counts.items()) if none}
+
+
+def no_span_section(rows: Mapping[str, tuple[int, int]]) -> str:
+    if not rows:
+        return ""
+    lines = "".join(f"- {row}: {none} of {total} run(s)\n" for row, (none, total) in rows.items())
+    return (
+        "\nRuns that found no answer span (HasAns F1 0) and left every unanswerable question unanswered: "
+        f"their EM and F1 are the dev set's unanswerable share, the score of answering nothing:\n{lines}"
+    )
+
+
 def write_report(
     *folders: Path,
     out: Path | None = None,
@@ -1037,6 +1067,8 @@ def write_report(
     if reference is not None:
         aliases = {c.task: c.key for c in table.columns if _measures_main_metric(c)}
         markdown += reference_markdown(table.keys, table.rows, *load_reference(reference), aliases=aliases)
+    without_spans = runs_without_spans(all_results)
+    markdown += no_span_section(without_spans)
     markdown += unfinished_section(unfinished)
     environments = environments_of(results)
     markdown += environment_section(environments)
@@ -1076,7 +1108,8 @@ def write_report(
         title,
         line_tasks=table.tasks,
     )
-    return Report(markdown, unfinished, figures, damaged_lines, len(environments))
+    unanswered = sum(none for none, _ in without_spans.values())
+    return Report(markdown, unfinished, figures, damaged_lines, len(environments), unanswered)
 
 
 def report(
@@ -1186,6 +1219,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(
             f"kdexp-report: the runs come from {written.environments} environments (code, libraries, CPU "
             "threads or devices; listed at the end of report.md): numbers may differ for that alone.\n"
+        )
+    if written.unanswered:
+        sys.stderr.write(
+            f"kdexp-report: {written.unanswered} SQuAD 2.0 run(s) found no answer span: their F1 is the "
+            "unanswerable share (listed under the table).\n"
         )
     for line in written.damaged:
         sys.stderr.write(f"kdexp-report: {line}\n")

@@ -420,3 +420,46 @@ def test_the_environments_that_made_the_runs_are_named_and_several_are_flagged(t
         "- 1 run(s): not recorded (a results.json from before kdexp recorded it)",
     ]
     assert "kdexp-report: the runs come from 3 environments" in capsys.readouterr().err
+
+
+def write_squad_v2_result(folder: Path, method: str, seed: int, has_answer_f1: float, no_answer_f1: float) -> Path:
+    """A SQuAD 2.0 run on a dev set of 10 answerable and 10 unanswerable questions."""
+    run = start_run(folder / f"squad_v2_{method}_{seed}")
+    f1 = (10 * has_answer_f1 + 10 * no_answer_f1) / 20
+    metrics = {"val/exact_match": f1, "val/f1": f1, "val/HasAns_f1": has_answer_f1, "val/NoAns_f1": no_answer_f1}
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "task": "squad_v2",
+                "method": method,
+                "seed": seed,
+                "main_metric": "f1",
+                "metrics": metrics,
+                "teacher_metrics": {**metrics, "val/HasAns_f1": 0.5, "val/f1": 0.75, "val/exact_match": 0.75},
+                "teacher_key": "squad_v2-teacher",
+                "overrides": ["task=squad_v2", f"method={method}", f"seed={seed}"],
+            }
+        )
+    )
+    return run
+
+
+def test_squad_v2_runs_that_found_no_span_are_named_under_the_table(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    write_squad_v2_result(sweep, "finetune", 1, 0.0, 1.0)  # "no answer" everywhere: F1 = the unanswerable share
+    write_squad_v2_result(sweep, "finetune", 2, 0.0, 1.0)
+    write_squad_v2_result(sweep, "finetune", 3, 0.1, 1.0)  # one span partly right
+    write_squad_v2_result(sweep, "vanilla_kd", 1, 0.0, 0.9)  # wrong spans, one unanswerable question answered
+    write_squad_v2_result(sweep, "vanilla_kd", 2, 0.2, 0.8)
+    main([str(sweep)])
+    markdown = (sweep / "report.md").read_text()
+    assert table_rows(markdown)["finetune"] == ["51.7 ± 2.9", "51.7 ± 2.9"]  # (50 + 50 + 55) / 3, sample std 2.89
+    heading = next(line for line in markdown.splitlines() if line.startswith("Runs that found no answer span"))
+    listed = markdown[markdown.index(heading) :].splitlines()[1:3]
+    assert listed == ["- squad_v2: finetune: 2 of 3 run(s)", ""]
+    assert "kdexp-report: 2 SQuAD 2.0 run(s) found no answer span" in capsys.readouterr().err
+
+    for run in sweep.iterdir():
+        if run.name.startswith("squad_v2_finetune"):
+            shutil.rmtree(run)
+    assert "Runs that found no answer span" not in report(sweep)
