@@ -372,7 +372,7 @@ def finish_loggers(
     loggers: list[Any], results: dict[str, Any] | None = None, failed: bool = False, log_model: bool = False
 ) -> None:
     """Close each logger; a wandb run gets the results.json fields in its summary (`best/...` for the
-    best epoch's metrics, `teacher/...` for the teacher's), and the student as a model artifact when
+    best epoch's metrics, `teacher/...` for the teacher's, `majority/...` for the most frequent label's), and the student as a model artifact when
     `log_model`. One wandb run per multirun job."""
     for logger in loggers:
         if type(logger).__name__ != "WandbLogger":
@@ -388,6 +388,7 @@ def finish_loggers(
             }
             summary.update({f"best/{k}": v for k, v in results.get("metrics", {}).items()})
             summary.update({f"teacher/{k}": v for k, v in (results.get("teacher_metrics") or {}).items()})
+            summary.update({f"majority/{k}": v for k, v in (results.get("majority_metrics") or {}).items()})
             logger.experiment.summary.update(summary)
             if log_model and results.get("student_dir"):
                 artifact = wandb.Artifact(

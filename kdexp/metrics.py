@@ -7,11 +7,26 @@ from typing import Any
 
 import torch
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassMatthewsCorrCoef
+from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassConfusionMatrix
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from kdexp.families.extractive_qa import QAMetrics
 from kdexp.tasks import EXTRACTIVE_QA, GlueTask
+
+
+class MatthewsCorrelation(MulticlassConfusionMatrix):
+    """Matthews correlation with the convention of scikit-learn and the GLUE scripts: 0 when a row or a column
+    of the confusion matrix is all zeros (one class predicted, or one present), where it is undefined.
+    torchmetrics' own (1.9) perturbs such matrices instead and gives, for one class predicted everywhere on
+    CoLA's dev set (719 acceptable, 324 not), 0.025 rather than 0."""
+
+    def compute(self) -> torch.Tensor:
+        confusion = super().compute().double()
+        true_counts, predicted_counts = confusion.sum(dim=1), confusion.sum(dim=0)
+        correct, total = confusion.trace(), confusion.sum()
+        covariance = correct * total - (true_counts * predicted_counts).sum()
+        spread = (total**2 - (predicted_counts**2).sum()) * (total**2 - (true_counts**2).sum())
+        return covariance / spread.sqrt() if spread > 0 else torch.zeros((), dtype=torch.float64)
 
 
 def _base_metric(name: str, num_labels: int) -> Metric:
@@ -22,7 +37,7 @@ def _base_metric(name: str, num_labels: int) -> Metric:
     if name == "f1":
         return BinaryF1Score(sync_on_compute=False)
     if name == "matthews_correlation":
-        return MulticlassMatthewsCorrCoef(num_classes=max(num_labels, 2), sync_on_compute=False)
+        return MatthewsCorrelation(num_classes=max(num_labels, 2), sync_on_compute=False)
     if name == "pearson":
         return PearsonCorrCoef(sync_on_compute=False)
     if name == "spearman":
@@ -84,6 +99,31 @@ SplitMetrics = GlueMetrics | SpanMetrics
 def task_metrics(task: GlueTask) -> SplitMetrics:
     """The metrics of one eval split of `task`."""
     return SpanMetrics(task) if task.family == EXTRACTIVE_QA else GlueMetrics(task)
+
+
+def majority_metrics(task: GlueTask, data: Any) -> dict[str, float] | None:
+    """The dev metrics of answering every row of each eval split with that split's most frequent label (the
+    lowest on a tie), named as a run's (`val/accuracy`, ...): the floor a model must beat to have learned
+    anything from the task. None for regression and extractive QA, whose floors are not one label."""
+    if task.is_regression or task.family == EXTRACTIVE_QA:
+        return None
+    results: dict[str, float] = {}
+    for split in data.eval_splits:
+        labels = torch.as_tensor(data.tokenized[split]["labels"]).long()
+        if len(labels) == 0:
+            return None
+        counts = torch.bincount(labels, minlength=task.num_labels)
+        constant = torch.zeros(len(labels), len(counts))
+        constant[:, int(counts.argmax())] = 1.0
+        metrics = GlueMetrics(task)
+        metrics.update(constant, labels)
+        results.update({f"{eval_prefix(task, split)}/{k}": v for k, v in metrics.compute().items()})
+    return results
+
+
+def at_majority_floor(metrics: Mapping[str, Any], floor: Mapping[str, Any], key: str) -> bool:
+    """Whether `metrics[key]` is no better than `floor[key]` (the most frequent label's score)."""
+    return key in metrics and key in floor and float(metrics[key]) <= float(floor[key])
 
 
 def main_metric(task: GlueTask, metrics: dict[str, float]) -> float:

@@ -314,6 +314,8 @@ class Report:
     damaged: list[str] = field(default_factory=list)  # "<results.json as found>: what is wrong with it", one each
     environments: int = 1  # how many environments (kdexp.environment) made the runs
     unanswered: int = 0  # student runs whose SQuAD 2.0 F1 is only the unanswerable share
+    students_at_floor: int = 0  # student runs no better on dev than the most frequent label
+    teachers_at_floor: int = 0  # teachers (distinct keys) no better on dev than the most frequent label
 
 
 class UnknownBaseline(KdexpError):
@@ -1034,6 +1036,52 @@ def no_span_section(rows: Mapping[str, tuple[int, int]]) -> str:
     )
 
 
+def _at_floor(metrics: Mapping[str, Any], floor: Mapping[str, Any], key: str) -> bool:
+    return key in metrics and float(metrics[key]) <= float(floor[key])
+
+
+def runs_at_majority_floor(results: list[dict[str, Any]]) -> dict[str, tuple[int, int, str]]:
+    """Per row (task: label), how many of its runs scored no better on dev than answering every row with the
+    most frequent label (results.json `majority_metrics`), of how many, and that floor ×100; the teachers
+    (each distinct `teacher_key` once) as the row `task: teacher`. Rows with none at the floor left out."""
+    shown = varying_overrides(results)
+    counts: dict[str, list[int]] = {}
+    floors: dict[str, set[str]] = defaultdict(set)
+    teachers_seen: set[str] = set()
+
+    def count(row: str, at_floor: bool, floor_value: float) -> None:
+        entry = counts.setdefault(row, [0, 0])
+        entry[0] += at_floor
+        entry[1] += 1
+        floors[row].add(f"{100 * floor_value:.1f}")
+
+    for result in results:
+        floor = result.get("majority_metrics")
+        key = f"val/{result['main_metric']}"
+        if not floor or key not in floor:
+            continue
+        count(f"{result['task']}: {row_label(result, shown)}", _at_floor(result["metrics"], floor, key), floor[key])
+        teacher_key = str(result.get("teacher_key"))
+        if result.get("teacher_metrics") and teacher_key not in teachers_seen:
+            teachers_seen.add(teacher_key)
+            count(f"{result['task']}: teacher", _at_floor(result["teacher_metrics"], floor, key), floor[key])
+    return {row: (low, total, " / ".join(sorted(floors[row]))) for row, (low, total) in sorted(counts.items()) if low}
+
+
+def majority_floor_section(rows: Mapping[str, tuple[int, int, str]]) -> str:
+    if not rows:
+        return ""
+    lines = "".join(
+        f"- {row}: {low} of {total} {'teacher(s)' if row.endswith(': teacher') else 'run(s)'} "
+        f"(most frequent label: {floor})\n"
+        for row, (low, total, floor) in rows.items()
+    )
+    return (
+        "\nRuns no better on dev than answering every row with its most frequent label: what they learned "
+        f"does not show in the score, and a student of such a teacher learns from noise:\n{lines}"
+    )
+
+
 def write_report(
     *folders: Path,
     out: Path | None = None,
@@ -1069,6 +1117,8 @@ def write_report(
         markdown += reference_markdown(table.keys, table.rows, *load_reference(reference), aliases=aliases)
     without_spans = runs_without_spans(all_results)
     markdown += no_span_section(without_spans)
+    at_floor = runs_at_majority_floor(all_results)
+    markdown += majority_floor_section(at_floor)
     markdown += unfinished_section(unfinished)
     environments = environments_of(results)
     markdown += environment_section(environments)
@@ -1109,7 +1159,18 @@ def write_report(
         line_tasks=table.tasks,
     )
     unanswered = sum(none for none, _ in without_spans.values())
-    return Report(markdown, unfinished, figures, damaged_lines, len(environments), unanswered)
+    students_at_floor = sum(low for row, (low, _, _) in at_floor.items() if not row.endswith(": teacher"))
+    teachers_at_floor = sum(low for row, (low, _, _) in at_floor.items() if row.endswith(": teacher"))
+    return Report(
+        markdown,
+        unfinished,
+        figures,
+        damaged_lines,
+        len(environments),
+        unanswered,
+        students_at_floor,
+        teachers_at_floor,
+    )
 
 
 def report(
@@ -1224,6 +1285,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(
             f"kdexp-report: {written.unanswered} SQuAD 2.0 run(s) found no answer span: their F1 is the "
             "unanswerable share (listed under the table).\n"
+        )
+    if written.students_at_floor or written.teachers_at_floor:
+        sys.stderr.write(
+            f"kdexp-report: {written.students_at_floor} run(s) and {written.teachers_at_floor} teacher(s) are no "
+            "better on dev than the most frequent label (listed under the table).\n"
         )
     for line in written.damaged:
         sys.stderr.write(f"kdexp-report: {line}\n")

@@ -22,6 +22,7 @@ from kdexp.errors import ConfigError
 from kdexp.hardware import Hardware, HardwareSpec, is_global_zero, with_leased_gpu
 from kdexp.loggers import build_loggers, finish_loggers
 from kdexp.methods.base import DistillationModule
+from kdexp.metrics import at_majority_floor, majority_metrics
 from kdexp.models import (
     build_student,
     count_parameters,
@@ -290,6 +291,9 @@ def run(
     module = build_module(context, method_cls, method_options)
     task, data, teacher = context.task, context.data, context.teacher
     teacher_metrics = teacher.dev_metrics(data)  # every DDP process takes part in the pass (if not cached)
+    floor = majority_metrics(task, data)
+    if floor is not None and hardware.is_global_zero:
+        warn_if_teacher_at_floor(task, teacher_metrics, floor)
 
     if hardware.is_global_zero:
         if not cfg.resume:
@@ -348,6 +352,7 @@ def run(
         "main_metric": task.main_metric,
         "metrics": result.best_metrics,
         "teacher_metrics": teacher_metrics,
+        "majority_metrics": floor,
         "teacher_key": teacher.key,
         "teacher_path": teacher.path,
         "student_params": count_parameters(module.student),
@@ -372,3 +377,18 @@ def run(
         shutil.rmtree(folder.checkpoints, ignore_errors=True)
     log.info("Best dev %s: %s", task.main_metric, result.best_metrics)
     return results
+
+
+def warn_if_teacher_at_floor(task: GlueTask, teacher_metrics: dict[str, float], floor: dict[str, float]) -> None:
+    """One line when the teacher does no better on dev than answering every row with the most frequent label:
+    its students would be distilled from what is, for this task, noise."""
+    key = f"val/{task.main_metric}"
+    if at_majority_floor(teacher_metrics, floor, key):
+        log.warning(
+            "The teacher's dev %s (%.4f) is no better than answering every dev row with its most frequent label "
+            "(%.4f): its students learn from noise. Train it longer or on more data (teacher.epochs, "
+            "teacher.learning_rate, teacher.max_train_samples) before comparing methods.",
+            task.main_metric,
+            teacher_metrics[key],
+            floor[key],
+        )

@@ -11,7 +11,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from kdexp.losses import hinton_weights, kd_terms, soft_label_kd, soft_target_kd, weighted_sum
-from kdexp.metrics import GlueMetrics
+from kdexp.metrics import GlueMetrics, MatthewsCorrelation, majority_metrics
 from kdexp.tasks import get_task
 
 
@@ -43,10 +43,65 @@ def test_cola_matthews_matches_sklearn() -> None:
     assert got["matthews_correlation"] == pytest.approx(matthews_corrcoef(labels, logits.argmax(-1)), abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "labels, predictions",
+    [
+        ([1] * 719 + [0] * 324, [1] * 1043),  # CoLA dev's label counts, "acceptable" everywhere
+        ([1, 0, 1], [0, 0, 0]),  # one class predicted
+        ([1, 1, 1], [1, 0, 1]),  # one class present
+        ([0, 0, 0], [0, 0, 0]),  # both
+        ([2, 0, 1, 2, 1], [2, 0, 0, 2, 1]),  # three classes, none degenerate
+    ],
+)
+def test_matthews_correlation_of_degenerate_predictions_is_sklearns(labels: list[int], predictions: list[int]) -> None:
+    # sklearn (and the GLUE scripts through it) give 0 wherever the denominator is 0
+    metric = MatthewsCorrelation(num_classes=max(labels + predictions + [1]) + 1)
+    metric.update(torch.tensor(predictions), torch.tensor(labels))
+    assert float(metric.compute()) == pytest.approx(matthews_corrcoef(labels, predictions), abs=1e-9)
+
+
 def test_mnli_three_class_accuracy_matches_sklearn() -> None:
     logits, labels = _random_classification(40, 3, 2)
     got = _accumulate("mnli", logits, labels)
     assert got == {"accuracy": pytest.approx(accuracy_score(labels, logits.argmax(-1)), abs=1e-6)}
+
+
+class _Splits:
+    """The part of kdexp.data.TaskData that majority_metrics reads: eval splits with a `labels` column."""
+
+    def __init__(self, **labels: list[int]) -> None:
+        self.eval_splits = tuple(labels)
+        self.tokenized = {split: {"labels": values} for split, values in labels.items()}
+
+
+def test_the_majority_floor_is_the_most_frequent_labels_score_worked_out_by_hand() -> None:
+    # MRPC, 7 positive of 10: accuracy 0.7; F1 of "positive" everywhere: precision 0.7, recall 1 -> 1.4 / 1.7
+    mrpc = majority_metrics(get_task("mrpc"), _Splits(validation=[1, 1, 0, 1, 1, 0, 1, 0, 1, 1]))
+    assert mrpc == pytest.approx(
+        {"val/accuracy": 0.7, "val/f1": 1.4 / 1.7, "val/combined_score": (0.7 + 1.4 / 1.7) / 2}
+    )
+    # SST-2 with more negatives: "negative" everywhere, F1 not a metric of the task
+    assert majority_metrics(get_task("sst2"), _Splits(validation=[0, 0, 1])) == pytest.approx({"val/accuracy": 2 / 3})
+    # a constant prediction has Matthews correlation 0
+    assert majority_metrics(get_task("cola"), _Splits(validation=[1, 0, 1])) == {"val/matthews_correlation": 0.0}
+    # a tie goes to the lowest label: "not paraphrase" everywhere, F1 0 (not 2/3)
+    assert majority_metrics(get_task("mrpc"), _Splits(validation=[0, 1, 1, 0])) == pytest.approx(
+        {"val/accuracy": 0.5, "val/f1": 0.0, "val/combined_score": 0.25}
+    )
+    # MNLI: each dev split its own majority
+    mnli = majority_metrics(
+        get_task("mnli"), _Splits(validation_matched=[2, 2, 2, 0], validation_mismatched=[1, 2, 1, 2, 0])
+    )
+    assert mnli == pytest.approx({"val/accuracy": 0.75, "val_mismatched/accuracy": 0.4})
+    # multiple choice: the most frequent answer position
+    assert majority_metrics(get_task("dream"), _Splits(validation=[0, 2, 2, 1, 2])) == pytest.approx(
+        {"val/accuracy": 0.6}
+    )
+
+
+def test_regression_and_extractive_qa_have_no_majority_floor() -> None:
+    assert majority_metrics(get_task("stsb"), _Splits(validation=[1, 2])) is None
+    assert majority_metrics(get_task("squad_v2"), _Splits(validation=[0])) is None
 
 
 def test_stsb_pearson_spearman_match_scipy() -> None:

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from kdexp import teacher_stage as teacher_mod
 from kdexp.data import DataSource, load_split
 from kdexp.report import report
-from kdexp.run import ConfigError, method_options, run
+from kdexp.run import ConfigError, method_options, run, warn_if_teacher_at_floor
 from kdexp.tasks import get_task
 from kdexp.train import CONFIG_DIR
 from tests.conftest import tiny_tokenizer
@@ -71,12 +71,27 @@ def test_vanilla_kd_run_writes_everything_a_report_needs(tiny_model_dir: Path, g
         with torch.no_grad():
             correct += int(student(**tok(sentence, return_tensors="pt")).logits.argmax(-1).item() == label)
     assert results["metrics"]["val/accuracy"] == pytest.approx(correct / len(dev))
+    dev_labels = list(dev["label"])
+    most_frequent = max(dev_labels.count(label) for label in set(dev_labels))  # on a tie either count is it
+    assert saved["majority_metrics"] == pytest.approx({"val/accuracy": most_frequent / len(dev)})
 
     rows = list(csv.DictReader(open(tmp_path / "run/metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     best = max(float(r["val/accuracy"]) for r in rows)
     assert results["metrics"]["val/accuracy"] == pytest.approx(best)
     assert results["student_params"] < results["teacher_params"]
+
+
+def test_a_teacher_no_better_than_the_most_frequent_label_is_named_in_one_line(caplog) -> None:
+    floor = {"val/accuracy": 0.348}
+    with caplog.at_level("WARNING", logger="kdexp.run"):
+        warn_if_teacher_at_floor(get_task("dream"), {"val/accuracy": 0.42}, floor)
+        assert not caplog.records
+        warn_if_teacher_at_floor(get_task("dream"), {"val/accuracy": 0.315}, floor)
+    [record] = caplog.records
+    assert "dev accuracy (0.3150) is no better than answering every dev row with its most frequent label (0.3480)" in (
+        record.getMessage()
+    )
 
 
 def test_second_run_reuses_teacher_and_cached_logits(

@@ -463,3 +463,54 @@ def test_squad_v2_runs_that_found_no_span_are_named_under_the_table(tmp_path: Pa
         if run.name.startswith("squad_v2_finetune"):
             shutil.rmtree(run)
     assert "Runs that found no answer span" not in report(sweep)
+
+
+def write_dream_result(folder: Path, method: str, seed: int, score: float, teacher: float, teacher_key: str) -> Path:
+    """A DREAM run whose dev set's most frequent answer position is right on 35% of its questions."""
+    run = start_run(folder / f"dream_{method}_{seed}")
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "task": "dream",
+                "method": method,
+                "seed": seed,
+                "main_metric": "accuracy",
+                "metrics": {"val/accuracy": score},
+                "teacher_metrics": {"val/accuracy": teacher},
+                "majority_metrics": {"val/accuracy": 0.35},
+                "teacher_key": teacher_key,
+                "overrides": ["task=dream", f"method={method}", f"seed={seed}"],
+            }
+        )
+    )
+    return run
+
+
+def test_runs_and_teachers_no_better_than_the_most_frequent_label_are_named_under_the_table(
+    tmp_path: Path, capsys
+) -> None:
+    sweep = tmp_path / "sweep"
+    write_dream_result(sweep, "finetune", 1, 0.35, 0.315, "weak")  # at the floor: counted
+    write_dream_result(sweep, "finetune", 2, 0.30, 0.315, "weak")  # below it
+    write_dream_result(sweep, "finetune", 3, 0.40, 0.315, "weak")
+    write_dream_result(sweep, "dbkd", 1, 0.36, 0.315, "weak")
+    write_dream_result(sweep, "dbkd", 2, 0.50, 0.60, "strong")  # another teacher, above the floor
+    write_result(sweep, "sst2", "finetune", 1, 0.5, 0.9)  # no majority_metrics (an older run): left out
+    main([str(sweep)])
+    markdown = (sweep / "report.md").read_text()
+    heading = next(line for line in markdown.splitlines() if line.startswith("Runs no better on dev than"))
+    listed = markdown[markdown.index(heading) :].splitlines()[1:4]
+    assert listed == [
+        "- dream: finetune: 2 of 3 run(s) (most frequent label: 35.0)",
+        "- dream: teacher: 1 of 2 teacher(s) (most frequent label: 35.0)",
+        "",
+    ]
+    assert "kdexp-report: 2 run(s) and 1 teacher(s) are no better on dev than the most frequent label" in (
+        capsys.readouterr().err
+    )
+
+    for run in sweep.iterdir():
+        if run.name.startswith("dream_finetune"):
+            shutil.rmtree(run)
+    shutil.rmtree(sweep / "dream_dbkd_1")
+    assert "Runs no better on dev than" not in report(sweep)
