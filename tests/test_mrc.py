@@ -323,6 +323,54 @@ def test_dream_runs_each_method_and_reports_accuracy(
         assert results["method_info"]["extra_examples"] == 32 * 2
 
 
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_mc_spread_scores_a_checkpoints_weights_as_a_loop_over_single_options_does(
+    tmp_path: Path, mrc_models: dict
+) -> None:
+    from kdexp.models import load_classifier
+    from kdexp.tasks import get_task
+    from kdexp.tools.mc_spread import mc_spread
+
+    model = load_classifier(str(mrc_models["mc"]), get_task("dream"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights of "a training step": the folder's own, moved
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"student.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    overrides = ["task=dream", f"teacher.name_or_path={mrc_models['mc']}", f"data.mrc_dir={MRC}"]
+    overrides += ["data.max_length=96", f"cache_dir={tmp_path / 'cache'}"]
+    got = mc_spread(overrides, checkpoint, 6)
+
+    tokenizer = AutoTokenizer.from_pretrained(mrc_models["mc"])
+    model.eval()
+    items = [(d, q) for d, qs, _ in json.loads((MRC / "dream" / "dev.json").read_text()) for q in qs][:6]
+    spreads, right = [], 0
+    for dialogue, item in items:
+        logits = []
+        for choice in item["choice"]:
+            second = multiple_choice.option_text(item["question"], choice)
+            encoded = tokenizer("\n".join(dialogue), second, truncation="only_first", max_length=96)
+            with torch.no_grad():
+                logits.append(float(model(**{k: torch.tensor([[v]]) for k, v in encoded.items()}).logits[0, 0]))
+        spreads.append(max(logits) - min(logits))
+        right += logits.index(max(logits)) == item["choice"].index(item["answer"])
+    middle = sorted(spreads)[2:4]
+    assert got["questions"] == 6
+    assert got["accuracy"] == pytest.approx(right / 6)
+    assert got["spread_min"] == pytest.approx(min(spreads), abs=1e-5)
+    assert got["spread_mean"] == pytest.approx(sum(spreads) / 6, abs=1e-5)
+    assert got["spread_median"] == pytest.approx(sum(middle) / 2, abs=1e-5)
+
+    # without a checkpoint, on a model with no multiple-choice head: the head as teacher.seed draws it
+    fresh = [*overrides, f"teacher.name_or_path={mrc_models['qa']}"]
+    assert mc_spread(fresh, None, 6) == mc_spread(fresh, None, 6) != mc_spread([*fresh, "teacher.seed=7"], None, 6)
+
+    torch.save({"state_dict": {"model.weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="holds no 'student"):
+        mc_spread(overrides, tmp_path / "other.ckpt", 6)
+
+
 PLACES = ["tea", "coffee", "bus", "train", "book", "film", "park", "shop", "bank", "hotel", "doctor", "teacher"]
 
 
