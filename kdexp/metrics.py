@@ -110,7 +110,7 @@ def majority_metrics(task: GlueTask, data: Any) -> dict[str, float] | None:
     results: dict[str, float] = {}
     for split in data.eval_splits:
         labels = torch.as_tensor(data.tokenized[split]["labels"]).long()
-        if len(labels) == 0:
+        if len(labels) == 0 or int(labels.min()) < 0:  # no rows, or unlabelled ones (-1, as GLUE's test files)
             return None
         counts = torch.bincount(labels, minlength=task.num_labels)
         constant = torch.zeros(len(labels), len(counts))

@@ -99,9 +99,10 @@ def test_the_majority_floor_is_the_most_frequent_labels_score_worked_out_by_hand
     )
 
 
-def test_regression_and_extractive_qa_have_no_majority_floor() -> None:
+def test_regression_extractive_qa_and_unlabelled_rows_have_no_majority_floor() -> None:
     assert majority_metrics(get_task("stsb"), _Splits(validation=[1, 2])) is None
     assert majority_metrics(get_task("squad_v2"), _Splits(validation=[0])) is None
+    assert majority_metrics(get_task("sst2"), _Splits(validation=[-1, -1])) is None  # unlabelled rows
 
 
 def test_stsb_pearson_spearman_match_scipy() -> None:
