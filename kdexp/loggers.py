@@ -372,8 +372,8 @@ def finish_loggers(
     loggers: list[Any], results: dict[str, Any] | None = None, failed: bool = False, log_model: bool = False
 ) -> None:
     """Close each logger; a wandb run gets the results.json fields in its summary (`best/...` for the
-    best epoch's metrics, `teacher/...` for the teacher's, `majority/...` for the most frequent label's), and the student as a model artifact when
-    `log_model`. One wandb run per multirun job."""
+    best epoch's metrics, `teacher/...` for the teacher's, `majority/...` for the most frequent label's),
+    and the student as a model artifact when `log_model`. One wandb run per multirun job."""
     for logger in loggers:
         if type(logger).__name__ != "WandbLogger":
             logger.finalize("failed" if failed else "success")

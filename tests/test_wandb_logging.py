@@ -107,6 +107,7 @@ def test_a_wandb_run_holds_the_results_lr_throughput_and_resumes_as_the_same_run
     }
     assert summary["best/val/accuracy"] == results["metrics"]["val/accuracy"]
     assert summary["teacher/val/accuracy"] == results["teacher_metrics"]["val/accuracy"]
+    assert summary["majority/val/accuracy"] == results["majority_metrics"]["val/accuracy"]
     assert summary["teacher_key"] == results["teacher_key"] and summary["student_params"] == results["student_params"]
     history = {
         item.key or "/".join(item.nested_key)
