@@ -125,12 +125,25 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def unread_data_folders(flat: dict[str, Any]) -> set[str]:
+    """The data-folder keys a run never reads: both with its own files (`task.train_file`), `data.mrc_dir` for a
+    GLUE task and `data.glue_dir` for a reading-comprehension one. They default to `MRC_DIR` / `GLUE_DIR`, so
+    without this a finished run would count as another config when relaunched from a shell that exports one."""
+    from kdexp.tasks import MRC_TASKS
+
+    if flat.get("task.train_file"):
+        return {"data.glue_dir", "data.mrc_dir"}
+    return {"data.glue_dir"} if flat.get("task.name") in MRC_TASKS else {"data.mrc_dir"}
+
+
 def result_config(resolved: dict[str, Any]) -> dict[str, Any]:
     """The flattened result-deciding part of a resolved config (a plain dict)."""
+    flat = with_launch_paths(flatten(resolved))
+    unread = unread_data_folders(flat)
     return {
         k: v
-        for k, v in sorted(with_launch_paths(flatten(resolved)).items())
-        if is_result_key(k) and not (k in NEUTRAL_VALUES and NEUTRAL_VALUES[k] == v)
+        for k, v in sorted(flat.items())
+        if is_result_key(k) and k not in unread and not (k in NEUTRAL_VALUES and NEUTRAL_VALUES[k] == v)
     }
 
 

@@ -142,3 +142,21 @@ def test_a_run_identity_reads_local_paths_from_the_launch_folder_and_leaves_hub_
     spelled = {"data": {"glue_dir": f"{tmp_path}/../glue"}, "seed": 1}
     assert config_hash({"data": {"glue_dir": "../glue"}, "seed": 1}) == config_hash(spelled)
     assert config_hash({"data": {"glue_dir": "glue"}, "seed": 1}) != config_hash(spelled)
+
+
+def test_a_data_folder_the_run_never_reads_is_not_part_of_its_identity() -> None:
+    """GLUE_DIR / MRC_DIR exported or not: a run that reads neither folder keeps its identity (a relaunch of a
+    finished SQuAD-subset sweep from a shell with MRC_DIR set was refused as another config)."""
+    from kdexp.config import config_hash
+
+    def identity(task: str, glue_dir: str | None = None, mrc_dir: str | None = None, own: str | None = None) -> str:
+        data = {"glue_dir": glue_dir, "mrc_dir": mrc_dir}
+        return config_hash({"task": {"name": task, "train_file": own}, "data": data, "seed": 1})
+
+    assert identity("sst2", mrc_dir="/data/mrc") == identity("sst2")
+    assert identity("sst2", glue_dir="/data/glue") != identity("sst2")
+    assert identity("dream", glue_dir="/data/glue") == identity("dream")
+    assert identity("dream", mrc_dir="/data/mrc") != identity("dream")
+    own = identity("squad_v2", own="/data/squad.json")
+    assert identity("squad_v2", glue_dir="/data/glue", mrc_dir="/data/mrc", own="/data/squad.json") == own
+    assert identity("squad_v2", own="/data/other.json") != own

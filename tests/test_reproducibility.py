@@ -370,6 +370,10 @@ def test_relaunch_of_a_finished_folder_with_another_config_is_refused(
     copy = shutil.copytree(glue_dir, tmp_path / "glue_copy")
     proc = train([*args, "data.glue_dir=glue_copy"], tmp_path)
     assert proc.returncode == 2 and f"data.glue_dir: '{glue_dir}' -> '{copy}'" in proc.stderr
+    # a folder the run never reads (a GLUE run and data.mrc_dir, MRC_DIR exported or not) leaves it the same run
+    proc = train([*args, f"data.mrc_dir={tmp_path}"], tmp_path)
+    finished(proc)
+    assert "this run is finished" in proc.stdout + proc.stderr
 
     # resume=false starts over and keeps the finished result aside
     finished(train([*args, "method=finetune", "resume=false"], tmp_path))
