@@ -483,14 +483,35 @@ def _override_dict(result: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in pairs if _splits_rows(k)}
 
 
+def _config_value(result: dict[str, Any], key: str) -> str | None:
+    """`key`'s value in the run's resolved config (results.json `config`) as text; None where the config holds
+    none, or holds a config group there (a dict: the group's choice, the override, is what tells rows apart)."""
+    node: Any = result.get("config") or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return None if isinstance(node, dict) else str(node)
+
+
+def _row_values(result: dict[str, Any], keys: set[str]) -> dict[str, str]:
+    """The run's value of each of `keys` it overrode, or that its config holds: a run that got from the YAML what
+    another run was given on the command line (an experiment's default changed between seeds) shares its row."""
+    overrides = _override_dict(result)
+    values = {k: overrides[k] if k in overrides else _config_value(result, k) for k in keys}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _compared(result: dict[str, Any], key: str) -> str | None:
+    value = _config_value(result, key)
+    return value if value is not None else _override_dict(result).get(key)
+
+
 def varying_overrides(results: list[dict[str, Any]]) -> set[str]:
-    """Override keys whose value is not the same in every run (what separates rows of one method)."""
-    seen: dict[str, set[str | None]] = defaultdict(set)
-    dicts = [_override_dict(r) for r in results]
-    for key in {k for d in dicts for k in d}:
-        for d in dicts:
-            seen[key].add(d.get(key))
-    return {k for k, values in seen.items() if len(values) > 1}
+    """Override keys whose value is not the same in every run (what separates rows of one method): compared as the
+    runs' configs hold them where they do, so `student.num_layers=4` and a YAML default of 4 are one value."""
+    keys = {k for r in results for k in _override_dict(r)}
+    return {k for k in keys if len({_compared(r, k) for r in results}) > 1}
 
 
 DEV_REWARD_MARK = " [reward on dev]"
@@ -502,7 +523,7 @@ def row_label(result: dict[str, Any], shown: set[str]) -> str:
     A run whose method was steered by the dev set (knowledge selection with `reward.split=dev`)
     is marked: its dev score is not a held-out score.
     """
-    extra = [f"{k}={v}" for k, v in sorted(_override_dict(result).items()) if k in shown]
+    extra = [f"{k}={v}" for k, v in sorted(_row_values(result, shown).items())]
     label = result["method"] + (f" ({', '.join(extra)})" if extra else "")
     if (result.get("method_info") or {}).get("reward_split") == "dev":
         label += DEV_REWARD_MARK
@@ -511,7 +532,7 @@ def row_label(result: dict[str, Any], shown: set[str]) -> str:
 
 def teacher_label(result: dict[str, Any], shown: set[str]) -> str:
     """The label "teacher", plus the `teacher.*` overrides that vary across the sweep."""
-    extra = [f"{k}={v}" for k, v in sorted(_override_dict(result).items()) if k in shown and k.startswith("teacher.")]
+    extra = [f"{k}={v}" for k, v in sorted(_row_values(result, shown).items()) if k.startswith("teacher.")]
     return "teacher" + (f" ({', '.join(extra)})" if extra else "")
 
 

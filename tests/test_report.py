@@ -106,6 +106,29 @@ def test_varying_method_options_get_their_own_rows(tmp_path: Path) -> None:
     assert rows["vanilla_kd (method.alpha=0.9)"] == ["81.5 ± 0.7"]
 
 
+def test_a_run_that_took_an_option_from_its_yaml_shares_the_row_of_runs_given_it_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """An experiment's default changed between seeds: seeds launched with `student.num_layers=4` and one whose
+    YAML said 4 are one row; a run whose config holds another value has its own, labelled with that value."""
+
+    def with_layers(run: Path, layers: int) -> None:
+        result = json.loads((run / "results.json").read_text())
+        result["config"] = {"student": {"num_layers": layers, "init": "first_layers"}, "seed": result["seed"]}
+        (run / "results.json").write_text(json.dumps(result))
+
+    same = tmp_path / "same"
+    with_layers(write_result(same, "sst2", "finetune", 1, 0.80, 0.9, ("student.num_layers=4",)), 4)
+    with_layers(write_result(same, "sst2", "finetune", 2, 0.82, 0.9), 4)
+    assert table_rows(report(same)) == {"teacher": ["90.0"], "finetune": ["81.0 ± 1.4"]}
+
+    shutil.copytree(same, tmp_path / "other")
+    with_layers(write_result(tmp_path / "other", "sst2", "finetune", 3, 0.70, 0.9), 2)
+    rows = table_rows(report(tmp_path / "other"))
+    assert rows["finetune (student.num_layers=4)"] == ["81.0 ± 1.4"]
+    assert rows["finetune (student.num_layers=2)"] == ["70.0"]
+
+
 def test_several_sweeps_make_one_table_written_to_out(tmp_path: Path, capsys) -> None:
     write_result(tmp_path / "baselines", "sst2", "finetune", 1, 0.8, 0.9)
     write_result(tmp_path / "method", "sst2", "text_smoothing", 1, 0.82, 0.9)
