@@ -23,6 +23,7 @@ from transformers import AutoConfig, PreTrainedModel
 from kdexp import families
 from kdexp.cache import cache_key, load_or_compute_together, load_tensors, save_tensors
 from kdexp.data import InputForm, TaskData, tokenize_split, tokenizer_fingerprint
+from kdexp.errors import ConfigError
 from kdexp.families import output_logits
 from kdexp.families.extractive_qa import MASKED_LOGIT, QAMetrics
 from kdexp.hardware import Hardware
@@ -30,7 +31,7 @@ from kdexp.inference import PassBatching, PassProgress, length_sorted_loader
 from kdexp.metrics import eval_prefix, task_metrics
 from kdexp.model_internals import ModelInternals, forward_with_internals, model_inputs, truncated_encoder
 from kdexp.models import count_parameters, load_classifier
-from kdexp.tasks import GlueTask
+from kdexp.tasks import EXTRACTIVE_QA, GlueTask
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,15 @@ class Teacher:
         """How the teacher reads rows (a decoder reads multiple choice as a prompt; `kdexp.families`)."""
         return replace(data.inputs, form=families.input_form(AutoConfig.from_pretrained(self.path)))
 
+    def reads_rows_as_student(self, data: TaskData) -> bool:
+        """Whether the teacher reads the run's own tokenisation (same tokenizer, same input form)."""
+        return self.shares_tokenizer_with(data) and self.input_form(data) == data.inputs
+
     def _teacher_view(self, data: TaskData, split: str) -> tuple[Any, str]:
         """The split tokenised the teacher's way (the run's own tokenisation when they agree)."""
-        inputs = self.input_form(data)
-        if self.shares_tokenizer_with(data) and inputs == data.inputs:
+        if self.reads_rows_as_student(data):
             return data.tokenized[split], data.keys[split]
+        inputs = self.input_form(data)
         return tokenize_split(data.raw[split], self.task, self.tokenizer, data.max_length, data.cache_dir, inputs)
 
     def logits(self, data: TaskData, split: str) -> torch.Tensor:
@@ -242,6 +247,7 @@ class TeacherSignals(nn.Module):
     ) -> "TeacherSignals":
         """Cached training-split logits (or a live model with `live_logits`), the model when
         `live_model`, and cached [CLS] vectors of `cls_layers`."""
+        check_rows_align(teacher, data, live_logits)
         split = teacher.task.train_split
         return cls(
             logits=None if live_logits else teacher.logits(data, split),
@@ -306,6 +312,24 @@ class TeacherSignals(nn.Module):
         """``h_T[layer][CLS]`` for the rows of `batch` ``[B, D_T]``, from the cache (see `has_cls`)."""
         assert self.cached_cls is not None
         return batch_rows(batch, "teacher_cls", self.cached_cls)[:, self.cls_layers.index(layer)]
+
+
+def check_rows_align(teacher: Teacher, data: TaskData, live_logits: bool) -> None:
+    """Refuse teacher logits that would not line up with the student's rows. A live teacher reads the student's
+    token ids; extractive QA's cached logits are per window and token, and another tokenizer cuts other windows."""
+    if teacher.reads_rows_as_student(data):
+        return
+    if live_logits:
+        raise ConfigError(
+            "method.live_teacher=true runs the teacher on the student's token ids, but the student reads its inputs "
+            "another way (another tokenizer or model family); use method.live_teacher=false (cached teacher logits)"
+        )
+    if teacher.task.family == EXTRACTIVE_QA:
+        raise ConfigError(
+            f"KD on {teacher.task.name} matches start/end distributions window by window and token by token, so the "
+            "student must use the teacher's tokenizer; student.init=pretrained with another tokenizer cannot be used "
+            "(student=first_layers or every_nth_layer cut it from the teacher)"
+        )
 
 
 def batch_rows(batch: Mapping[str, torch.Tensor], name: str, table: torch.Tensor) -> torch.Tensor:

@@ -282,7 +282,7 @@ def mrc_run(tmp_path: Path, model: Path, *overrides: str, mrc_dir: Path = MRC) -
         [
             f"teacher.name_or_path={model}",
             "teacher.epochs=1",
-            "student.num_layers=2",
+            *([] if any(o.startswith("student=") for o in overrides) else ["student.num_layers=2"]),
             "data.max_train_samples=32",
             "data.max_eval_samples=16",
             "data.batch_size=8",
@@ -629,6 +629,37 @@ def test_a_method_that_does_not_apply_is_refused_in_one_line(
     with pytest.raises(ConfigError, match=message) as err:
         mrc_run(tmp_path, mrc_models[model], f"task={task}", f"method={method}", *extra)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_squad_kd_with_a_student_of_another_tokenizer_is_refused_and_with_the_teachers_runs(
+    tmp_path: Path, mrc_models: dict
+) -> None:
+    """Cached QA logits are per window and token of the teacher's tokenisation: another tokenizer cuts other
+    windows, so the rows would not line up (a live teacher would read the student's ids)."""
+    teacher = mrc_models["qa"]
+    vocabulary = sorted(AutoTokenizer.from_pretrained(teacher).get_vocab().items(), key=lambda item: item[1])
+    vocabulary = [word for word, _ in vocabulary]
+    other = save_tiny_model(tmp_path / "other", "bert", vocabulary[:500], head="question_answering", max_length=160)
+    squad = [f"task.train_file={SQUAD_SUBSET}", "task.dev_articles=[Normans]", "data.max_length=128"]
+    squad += ["task.doc_stride=32", "method=vanilla_kd", "student=pretrained"]
+    for student, live, message in (
+        (other, "false", "student must use the teacher's tokenizer"),
+        (other, "true", "method.live_teacher=true runs the teacher on the student's token ids"),
+    ):
+        with pytest.raises(ConfigError, match=message) as err:
+            mrc_run(
+                tmp_path / live,
+                teacher,
+                "task=squad_v2",
+                *squad,
+                f"student.name_or_path={student}",
+                f"method.live_teacher={live}",
+            )
+        assert "\n" not in str(err.value)
+        assert not (tmp_path / live / "run" / "student").exists()
+    results = mrc_run(tmp_path / "same", teacher, "task=squad_v2", *squad, f"student.name_or_path={teacher}")
+    assert 0.0 <= results["metrics"]["val/f1"] <= 1.0
 
 
 def test_a_dev_file_without_a_training_file_is_refused_before_any_work(tmp_path: Path) -> None:
