@@ -142,6 +142,19 @@ def test_squad_metrics_follows_the_official_script_on_its_edge_cases():
     assert squad_metrics({"a": ""}, {"a": ["The", "dog"]}) == {"exact_match": 0.0, "f1": 0.0}
 
 
+def test_squad_v1_metrics_keep_gold_answers_that_normalise_to_nothing_as_the_v1_1_script_does():
+    # v1.1 keeps "The" as a gold answer: "the" matches it exactly, but an empty overlap is F1 0 there.
+    assert squad_metrics({"a": "the"}, {"a": ["The"]}, version_2=False) == {"exact_match": 100.0, "f1": 0.0}
+    assert squad_metrics({"a": "the"}, {"a": ["The"]}) == {"exact_match": 100.0, "f1": 100.0}  # v2.0: [""]
+    # Otherwise the same: the max over the golds, "the" dropped from "the dog" by the normalisation.
+    references = {"a": ["The", "the dog"], "b": ["Paris, France"]}
+    predictions = {"a": "a dog", "b": "France"}
+    assert squad_metrics(predictions, references, version_2=False) == pytest.approx(
+        {"exact_match": 50.0, "f1": 100 * (1 + 2 / 3) / 2}
+    )
+    assert f1_score("", "", version_2=False) == 0.0 and exact_match_score("", "") == 1.0
+
+
 def test_squad_metrics_refuses_missing_predictions_and_string_references():
     with pytest.raises(DataError, match="no prediction for 1 of 2 questions"):
         squad_metrics({"a": "x"}, {"a": ["x"], "b": ["y"]})

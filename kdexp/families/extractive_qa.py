@@ -116,7 +116,8 @@ class QAMetrics(torch.nn.Module):
         with_no_answer = self.task.with_no_answer
         predictions = qa_core.answers_of(spans, with_no_answer)
         references = {row["id"]: row["answers"]["text"] for row in examples}
-        scores = qa_core.squad_metrics(predictions, references)  # x100, as the official script prints them
+        # x100, as the official script of the task's version prints them
+        scores = qa_core.squad_metrics(predictions, references, version_2=with_no_answer)
         # Fractions, as GLUE's; SQuAD 2.0 also by group, since "no answer" everywhere already scores the NoAns
         # share, and at the best null threshold, which tells spans learned from a null score set too high.
         if with_no_answer:

@@ -11,8 +11,10 @@ has empty answer lists.
   labelled with it.
 - Decoding: the best valid span over all of an example's windows, by start + end logit; with SQuAD 2.0,
   no answer when the null score (start + end logit of token 0) beats it by more than a threshold.
-- Scoring: the official SQuAD v2.0 evaluation script's exact match and token F1 (its normalisation: lower
-  case, no punctuation, no articles, single spaces), the max over the gold answers, in percent.
+- Scoring: the official SQuAD evaluation scripts' exact match and token F1 (their normalisation: lower
+  case, no punctuation, no articles, single spaces), the max over the gold answers, in percent. The two
+  scripts differ only on texts that normalise to nothing (such as "The"): v2.0 drops such gold answers
+  and scores an empty prediction against an empty gold F1 1; v1.1 keeps them and scores that F1 0.
 
 Pure functions: no Lightning, nothing of kdexp but its errors.
 """
@@ -73,11 +75,12 @@ def exact_match_score(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def f1_score(prediction: str, gold: str) -> float:
-    """Token-level F1 of the normalised texts; 1.0 when both are empty, 0.0 when only one is."""
+def f1_score(prediction: str, gold: str, version_2: bool = True) -> float:
+    """Token-level F1 of the normalised texts; when both are empty 1.0 (v2.0 script) or 0.0 (v1.1 script),
+    0.0 when only one is."""
     predicted, expected = _answer_tokens(prediction), _answer_tokens(gold)
     if not predicted or not expected:
-        return float(predicted == expected)
+        return float(version_2 and predicted == expected)
     shared = sum((Counter(predicted) & Counter(expected)).values())
     if shared == 0:
         return 0.0
@@ -85,14 +88,20 @@ def f1_score(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _gold_answers(references: Sequence[str]) -> list[str]:
-    """The official script's gold texts: the references that do not normalise to nothing, or [""] (no answer)."""
+def _gold_answers(references: Sequence[str], version_2: bool = True) -> list[str]:
+    """The official scripts' gold texts: v2.0 keeps the references that do not normalise to nothing, or [""]
+    (no answer); v1.1 keeps them all."""
+    if not version_2:
+        return list(references)
     return [text for text in references if normalize_answer(text)] or [""]
 
 
-def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, float]:
+def squad_metrics(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], version_2: bool = True
+) -> dict[str, float]:
     """Exact match and F1 in percent over the referenced questions (the max over each one's gold answers), as the
-    official SQuAD v2.0 script prints them.
+    official SQuAD v2.0 script prints them (`version_2=False`: the v1.1 script, for SQuAD 1.1's answerable
+    questions).
 
     An empty reference list is an unanswerable question, matched only by a prediction that normalises to "".
     When some question is unanswerable, also `HasAns_total` and `NoAns_total` and, for each non-empty group,
@@ -114,9 +123,9 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Seque
                 f"squad_metrics: the references of {question!r} are one string ({texts!r}); give a list "
                 "of gold texts ([] when unanswerable)."
             )
-        gold = _gold_answers(texts)
+        gold = _gold_answers(texts, version_2)
         exact[question] = max(exact_match_score(predictions[question], text) for text in gold)
-        f1[question] = max(f1_score(predictions[question], text) for text in gold)
+        f1[question] = max(f1_score(predictions[question], text, version_2) for text in gold)
         answerable[question] = len(texts) > 0
     metrics = _percentages(list(references), exact, f1, prefix="")
     if not all(answerable.values()):
