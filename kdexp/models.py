@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -249,7 +250,8 @@ LAYER_PREFIXES = (
 )
 
 
-def _layer_prefix(state: dict[str, torch.Tensor]) -> str:
+def layer_prefix(state: Mapping[str, torch.Tensor]) -> str:
+    """The name prefix of the encoder (or decoder) layers in a state dict, up to the layer's index."""
     for prefix in LAYER_PREFIXES:
         if any(k.startswith(prefix) for k in state):
             return prefix
@@ -275,7 +277,7 @@ def select_layers(source: PreTrainedModel, indices: list[int]) -> PreTrainedMode
     config._attn_implementation = source.config._attn_implementation
     student = source.__class__(config)
     state = source.state_dict()
-    prefix = _layer_prefix(state)
+    prefix = layer_prefix(state)
     remapped = {}
     for name, value in state.items():
         if not name.startswith(prefix):
@@ -286,6 +288,12 @@ def select_layers(source: PreTrainedModel, indices: list[int]) -> PreTrainedMode
             remapped[f"{prefix}{indices.index(int(layer))}.{rest}"] = value
     student.load_state_dict(remapped, strict=True)
     return student
+
+
+def state_depth(state: Mapping[str, torch.Tensor]) -> int:
+    """How many encoder layers a state dict holds."""
+    prefix = layer_prefix(state)
+    return len({name[len(prefix) :].split(".", 1)[0] for name in state if name.startswith(prefix)})
 
 
 # Config attributes a family names its own way (and does not alias to the BERT name).

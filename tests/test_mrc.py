@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import statistics
 import string
 from pathlib import Path
 
@@ -323,11 +324,35 @@ def test_dream_runs_each_method_and_reports_accuracy(
         assert results["method_info"]["extra_examples"] == 32 * 2
 
 
+def option_spreads_by_hand(model: torch.nn.Module, folder: Path, count: int, max_length: int) -> dict[str, float]:
+    """Accuracy and option-logit spreads on the first `count` DREAM dev questions, one option at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.eval()
+    items = [(d, q) for d, qs, _ in json.loads((MRC / "dream" / "dev.json").read_text()) for q in qs][:count]
+    spreads, right = [], 0
+    for dialogue, item in items:
+        logits = []
+        for choice in item["choice"]:
+            second = multiple_choice.option_text(item["question"], choice)
+            encoded = tokenizer("\n".join(dialogue), second, truncation="only_first", max_length=max_length)
+            with torch.no_grad():
+                logits.append(float(model(**{k: torch.tensor([[v]]) for k, v in encoded.items()}).logits[0, 0]))
+        spreads.append(max(logits) - min(logits))
+        right += logits.index(max(logits)) == item["choice"].index(item["answer"])
+    return {
+        "questions": count,
+        "accuracy": right / count,
+        "spread_median": statistics.median(spreads),
+        "spread_mean": sum(spreads) / count,
+        "spread_min": min(spreads),
+    }
+
+
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
 def test_mc_spread_scores_a_checkpoints_weights_as_a_loop_over_single_options_does(
     tmp_path: Path, mrc_models: dict
 ) -> None:
-    from kdexp.models import load_classifier
+    from kdexp.models import load_classifier, select_layers
     from kdexp.tasks import get_task
     from kdexp.tools.mc_spread import mc_spread
 
@@ -340,27 +365,17 @@ def test_mc_spread_scores_a_checkpoints_weights_as_a_loop_over_single_options_do
     torch.save({"state_dict": {f"student.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
     overrides = ["task=dream", f"teacher.name_or_path={mrc_models['mc']}", f"data.mrc_dir={MRC}"]
     overrides += ["data.max_length=96", f"cache_dir={tmp_path / 'cache'}"]
-    got = mc_spread(overrides, checkpoint, 6)
-
-    tokenizer = AutoTokenizer.from_pretrained(mrc_models["mc"])
-    model.eval()
-    items = [(d, q) for d, qs, _ in json.loads((MRC / "dream" / "dev.json").read_text()) for q in qs][:6]
-    spreads, right = [], 0
-    for dialogue, item in items:
-        logits = []
-        for choice in item["choice"]:
-            second = multiple_choice.option_text(item["question"], choice)
-            encoded = tokenizer("\n".join(dialogue), second, truncation="only_first", max_length=96)
-            with torch.no_grad():
-                logits.append(float(model(**{k: torch.tensor([[v]]) for k, v in encoded.items()}).logits[0, 0]))
-        spreads.append(max(logits) - min(logits))
-        right += logits.index(max(logits)) == item["choice"].index(item["answer"])
-    middle = sorted(spreads)[2:4]
-    assert got["questions"] == 6
-    assert got["accuracy"] == pytest.approx(right / 6)
-    assert got["spread_min"] == pytest.approx(min(spreads), abs=1e-5)
-    assert got["spread_mean"] == pytest.approx(sum(spreads) / 6, abs=1e-5)
-    assert got["spread_median"] == pytest.approx(sum(middle) / 2, abs=1e-5)
+    by_hand = option_spreads_by_hand(model, mrc_models["mc"], 6, 96)
+    assert mc_spread(overrides, checkpoint, 6) == pytest.approx(
+        {"task": "dream", "split": "validation", "model": str(checkpoint), "max_length": 96, **by_hand}, abs=1e-5
+    )
+    # a student cut from the first 2 of its 4 layers: scored with 2 layers
+    student = select_layers(model, [0, 1])
+    torch.save({"state_dict": {f"student.{k}": v for k, v in student.state_dict().items()}}, checkpoint)
+    by_hand = option_spreads_by_hand(student, mrc_models["mc"], 6, 96)
+    assert mc_spread(overrides, checkpoint, 6) == pytest.approx(
+        {"task": "dream", "split": "validation", "model": str(checkpoint), "max_length": 96, **by_hand}, abs=1e-5
+    )
 
     # without a checkpoint, on a model with no multiple-choice head: the head as teacher.seed draws it
     fresh = [*overrides, f"teacher.name_or_path={mrc_models['qa']}"]

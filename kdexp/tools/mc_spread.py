@@ -1,7 +1,8 @@
 """How far apart a multiple-choice model scores each question's options: per question the spread of its option
 logits (the largest minus the smallest), summed up over the first dev questions beside the accuracy. A model
 whose training loss sits at ln C (C options) is either still at its start or has collapsed to scoring every
-option alike; the spread tells which, from a model folder or from a training step checkpoint (`last.ckpt`).
+option alike; the spread tells which, from a model folder or from a training step checkpoint (`last.ckpt`, a
+teacher's or a student's: a student cut from the first layers is scored with as many layers as it holds).
 
     MRC_DIR=../shared/mrc_data python -m kdexp.tools.mc_spread task=dream data.max_length=256 \\
         --checkpoint outputs/cache/teachers/dream-<key>.partial/checkpoints/last.ckpt --questions 200
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from kdexp.data import DataSource, InputForm, load_split, pad_batch, tokenize_split
 from kdexp.errors import ConfigError
 from kdexp.families import input_form
-from kdexp.models import load_classifier, load_tokenizer, resolve_model_path
+from kdexp.models import load_classifier, load_tokenizer, resolve_model_path, select_layers, state_depth
 from kdexp.run import compose_config, task_from_config
 from kdexp.seeding import seed_all
 from kdexp.tasks import MULTIPLE_CHOICE
@@ -31,13 +33,18 @@ from kdexp.tasks import MULTIPLE_CHOICE
 CHECKPOINT_PREFIX = "student."  # the fine-tuned model's name inside a kdexp training module
 
 
-def load_checkpoint_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Put the model weights of a kdexp training checkpoint into `model` (every one of them must fit)."""
+def with_checkpoint_weights(model: PreTrainedModel, checkpoint: Path) -> PreTrainedModel:
+    """`model` holding the weights of a kdexp training checkpoint (every one of them must fit); for a student with
+    fewer layers than `model` (student=first_layers or every_nth_layer), `model` cut to that many layers first."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     weights = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
     if not weights:
         raise ConfigError(f"{checkpoint} holds no '{CHECKPOINT_PREFIX}*' weights: give a kdexp training checkpoint.")
+    depth = state_depth(weights)
+    if depth < model.config.num_hidden_layers:
+        model = select_layers(model, list(range(depth)))
     model.load_state_dict(weights)
+    return model
 
 
 @torch.no_grad()
@@ -77,7 +84,7 @@ def mc_spread(overrides: list[str], checkpoint: Path | None, questions: int) -> 
     seed_all(int(cfg.teacher.seed))  # a fresh head as the teacher stage draws it: its starting point
     model = load_classifier(path, task)
     if checkpoint is not None:
-        load_checkpoint_weights(model, checkpoint)
+        model = with_checkpoint_weights(model, checkpoint)
     source = DataSource.from_config(cfg.data.source, cfg.data.glue_dir, cfg.data.hub_dataset, cfg.data.mrc_dir)
     split = task.eval_splits[0]
     raw = load_split(task, split, source, questions)
