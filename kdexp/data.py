@@ -597,7 +597,12 @@ class InputForm:
 
     def key_parts(self, task: GlueTask) -> dict[str, Any]:
         if task.family == MULTIPLE_CHOICE:  # inputs 2: cloze blanks filled by the option; a BOS-adding tokenizer's BOS
-            return {"form": self.form, "inputs": 2, **({"cut_long_options": True} if self.cut_long_options else {})}
+            version = 3 if self.form == "prompt" else 2  # 3: a cut prompt keeps its "Context:" label
+            return {
+                "form": self.form,
+                "inputs": version,
+                **({"cut_long_options": True} if self.cut_long_options else {}),
+            }
         if task.family == EXTRACTIVE_QA:
             return {"doc_stride": self.doc_stride}
         return {}  # classification: keys made before families existed stay valid

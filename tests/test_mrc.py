@@ -167,9 +167,16 @@ def test_a_prompt_keeps_question_options_and_answer_and_cuts_the_passage_from_it
     batch = {"context": [long_passage], "question": ["is it good"], "choices": [["yes", "no", "dull"]], "label": [1]}
     encoded = multiple_choice.prompts(batch, tokenizer, 32)
     ids = encoded["input_ids"][0]
-    text = tokenizer.decode(ids)
-    assert len(ids) == 32 and text.endswith("Question : is it good Options : A. yes B. no C. dull Answer :")
-    assert "Context" not in text  # the passage's start (and its label) went first
+    tail = tokenizer(" Question: is it good Options: A. yes B. no C. dull Answer:", add_special_tokens=False)
+    label = tokenizer("Context:", add_special_tokens=False)["input_ids"]
+    passage = tokenizer(" " + long_passage, add_special_tokens=False)["input_ids"]
+    room = 32 - len(label) - len(tail["input_ids"])
+    assert ids == label + passage[-room:] + tail["input_ids"]  # the label, the passage's end, the rest whole
+    assert len(ids) == 32 and tokenizer.decode(ids).startswith(
+        "Context : the movie is good the movie is good the movie is good Question"
+    )
+    short = {**batch, "context": ["the movie is good"]}
+    assert multiple_choice.prompts(short, tokenizer, 32)["input_ids"][0] == label + passage[:4] + tail["input_ids"]
 
 
 # --------------------------------------------------------------------------- a decoder answering through label words

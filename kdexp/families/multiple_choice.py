@@ -8,7 +8,7 @@ option (`label`). Two input forms, after the model that reads them:
   row's inputs are ``[C, L]`` and the model gives one logit per option;
 - `prompt` (decoder LMs, the DBKD authors' MRC setting): one sequence, ``Context: <passage>
   Question: <question> Options: A. <option> B. <option> ... Answer:``, the passage cut from its
-  start so that the question, the options and ``Answer:`` always fit; the model's next-token
+  start (after its ``Context:`` label) so that the question, the options and ``Answer:`` always fit; the model's next-token
   logits of the label words `` A``, `` B``, ... are the option logits (`kdexp.families.label_words`).
 
 Local files: DREAM's official JSON (``[[turns], [{question, choice, answer}], id]`` items),
@@ -270,10 +270,23 @@ def _too_long(text: str, length: int, room: int, max_length: int, what: str) -> 
     )
 
 
+PASSAGE_LABEL = "Context:"
+
+
 def prompt_text(context: str, question: str, choices: Sequence[str]) -> tuple[str, str]:
     """The decoder prompt in two parts: the passage part (cut first when too long) and the rest."""
     options = " ".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
-    return f"Context: {context}", f" Question: {question} Options: {options} Answer:"
+    return f"{PASSAGE_LABEL} {context}", f" Question: {question} Options: {options} Answer:"
+
+
+def passage_part(head_ids: list[int], room: int, label_ids: list[int]) -> list[int]:
+    """The passage part in at most `room` tokens: whole when it fits, else its label and the passage's end (the
+    label goes too only when nothing of the passage would fit beside it)."""
+    if len(head_ids) <= room:
+        return head_ids
+    if room <= len(label_ids):
+        return head_ids[len(head_ids) - room :] if room > 0 else []
+    return label_ids + head_ids[len(head_ids) - (room - len(label_ids)) :]
 
 
 def label_words(num_choices: int) -> list[str]:
@@ -284,12 +297,14 @@ def label_words(num_choices: int) -> list[str]:
 def prompts(
     batch: Mapping[str, list], tokenizer: Any, max_length: int, cut_long_options: bool = False
 ) -> dict[str, list]:
-    """`prompt` form: one sequence per row; the passage is cut from its start so that the rest fits. A tokenizer
+    """`prompt` form: one sequence per row; the passage is cut from its start so that the rest fits, and
+    keeps its label ("Context:") so that every prompt reads alike. A tokenizer
     that starts every text with its BOS token (OPT, Llama) gets it here too; GPT-2's adds none.
 
     A question with options that do not fit alone is a DataError naming it; with `cut_long_options`
     (augmented queries) the prompt keeps its last `max_length` tokens instead."""
     bos = [i for i in tokenizer("")["input_ids"] if i == tokenizer.bos_token_id][:1]
+    label_ids = tokenizer(PASSAGE_LABEL, add_special_tokens=False)["input_ids"]
     input_ids, attention_mask = [], []
     for context, question, choices in zip(batch["context"], batch["question"], batch["choices"]):
         head, tail = prompt_text(context, question, choices)
@@ -298,7 +313,7 @@ def prompts(
         if room < 0 and not cut_long_options:
             raise _too_long(tail, len(tail_ids), max_length - len(bos), max_length, "the question with its options")
         head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        ids = (head_ids[max(0, len(head_ids) - room) :] if room > 0 else []) + tail_ids
+        ids = passage_part(head_ids, room, label_ids) + tail_ids
         ids = bos + ids[-(max_length - len(bos)) :]
         input_ids.append(ids)
         attention_mask.append([1] * len(ids))
