@@ -175,6 +175,8 @@ def test_a_prompt_keeps_question_options_and_answer_and_cuts_the_passage_from_it
     assert len(ids) == 32 and tokenizer.decode(ids).startswith(
         "Context : the movie is good the movie is good the movie is good Question"
     )
+    one_token = len(tail["input_ids"]) + 1  # room for one passage token only: the passage's last, no label
+    assert multiple_choice.prompts(batch, tokenizer, one_token)["input_ids"][0] == passage[-1:] + tail["input_ids"]
     short = {**batch, "context": ["the movie is good"]}
     assert multiple_choice.prompts(short, tokenizer, 32)["input_ids"][0] == label + passage[:4] + tail["input_ids"]
 
