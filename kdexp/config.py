@@ -627,4 +627,21 @@ def validate_config(cfg: Any) -> RunSchema:
     validated.check()
     trainer = config_dict(cfg.trainer) if OmegaConf.is_config(cfg.trainer) else dict(cfg.trainer)
     check_trainer(trainer)
+    check_whole_dev_split(validated.task.name, trainer)
     return validated
+
+
+def check_whole_dev_split(task_name: str, trainer: dict[str, Any]) -> None:
+    """Extractive QA joins every window of an example before scoring it, so its dev split is read whole."""
+    from kdexp.tasks import EXTRACTIVE_QA, MRC_TASKS
+
+    task = MRC_TASKS.get(task_name)
+    limit = trainer.get("limit_val_batches")
+    whole = limit is None or (isinstance(limit, float) and limit == 1.0)
+    require(
+        task is None or task.family != EXTRACTIVE_QA or whole,
+        "trainer.limit_val_batches",
+        limit,
+        "null or 1.0 with extractive QA, which scores an example from all its windows (data.max_eval_samples=N "
+        "shortens the dev split by whole examples)",
+    )

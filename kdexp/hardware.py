@@ -96,6 +96,12 @@ class HardwareSpec:
             num_nodes=int(trainer.get("num_nodes", 1)),
         )
 
+    @property
+    def one_device(self) -> bool:
+        """One process on one device, from the keys alone (`devices=1` or `[k]`, one node)."""
+        one = self.devices == 1 or (isinstance(self.devices, list) and len(self.devices) == 1)
+        return one and self.num_nodes == 1
+
     def check(self) -> None:
         """One-line refusals of what no stage can run, before any work."""
         if self.precision not in SUPPORTED_PRECISIONS:
@@ -184,7 +190,7 @@ class Hardware:
 
     def single_device(self) -> "Hardware":
         """This process's device alone, in the run's precision: for stages one process runs."""
-        if self.world_size == 1:
+        if self.spec.one_device or self.world_size == 1:
             return self
         device = self.device
         devices: Any = [device.index] if device.type == "cuda" and device.index is not None else 1

@@ -115,6 +115,14 @@ def model_depth(name_or_path: str) -> int | None:
     return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
 
 
+def student_model_type(student_cfg: Any, teacher_name_or_path: str) -> str | None:
+    """The student's `model_type` from config.json alone: its own model's when pre-trained, else the teacher's,
+    whose layers or config it is built from (None when not known without the network)."""
+    source = student_cfg.name_or_path if student_cfg.init == "pretrained" else teacher_name_or_path
+    model_type = (local_model_config(str(source)) or {}).get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
 def model_max_positions(name_or_path: str) -> int | None:
     """The longest input (in tokens) the model's position embeddings allow, from config.json alone.
 

@@ -14,15 +14,23 @@ steps with the Lightning Trainer, and reports one row:
 - `device_ok`: every parameter and buffer of the student, the method's modules and the live
   teacher, and every tensor of every batch, was on the Trainer's device.
 
+- `dev`: the dev metrics of one validation pass after the steps (the task's whole dev slice).
+
 By default the models are tiny random encoders (`--family`, built offline) and the data is the
 embedded SST-2 slice, so the check downloads nothing and takes minutes; Hydra overrides after the
 options (`teacher=bert_base student.num_layers=6`) check the configured models instead.
+`--task` checks another task's family on the first rows of its own data, read as a run reads it
+(GLUE_DIR, MRC_DIR, `task.train_file`, or the Hub), with tiny models of that family's head and a
+vocabulary of those rows; the methods a run would refuse on the task are listed, not checked.
+`--family gpt2` makes the tiny teacher a decoder LM (multiple choice through its label words).
 `--devices 2` runs the same under DDP with two processes (gloo on CPU, NCCL on GPUs);
 `--out FILE` writes the rows as JSON.
 
     kdexp-check
     kdexp-check --devices 2 --out check.json
     kdexp-check --methods dbkd,internal_all --precisions bf16-mixed --family roberta
+    kdexp-check --task dream --family gpt2 --devices 2
+    kdexp-check --task squad_v2
 """
 
 from __future__ import annotations
@@ -61,6 +69,19 @@ QUICK_METHOD_SETTINGS = {
     "epochs_per_stage": 1,
     "kd_epochs": 1,
 }
+# Lengths the tiny models (TINY_POSITIONS positions) hold, by task family: an option sequence, a QA window.
+TINY_POSITIONS = 160
+FAMILY_LENGTHS = {
+    "classification": ["data.max_length=64"],
+    "multiple_choice": ["data.max_length=128"],
+    "extractive_qa": ["data.max_length=128", "task.doc_stride=32"],
+}
+TINY_HEADS = {
+    "classification": "classifier",
+    "multiple_choice": "multiple_choice",
+    "extractive_qa": "question_answering",
+}
+VOCABULARY_ROWS = 200  # the training rows whose words make a tiny model's vocabulary
 RELATIVE_FLOOR = 1e-6
 WORKDIR_ENV = "KDEXP_CHECK_DIR"  # |fp32 term| below this is compared as an absolute difference
 
@@ -77,6 +98,7 @@ class CheckRow:
     peak_memory_mb: float
     device_ok: bool
     terms: dict[str, dict[str, float]] = field(default_factory=dict)  # term -> {"fp32": v, precision: v}
+    dev: dict[str, float] = field(default_factory=dict)  # the dev metrics after the steps (val/accuracy, ...)
     error: str | None = None
 
 
@@ -98,16 +120,59 @@ def supported_precisions(accelerator: str) -> list[str]:
 # --------------------------------------------------------------------------- the workspace
 
 
-def tiny_teacher(folder: Path, family: str) -> Path:
-    """A tiny random classifier of `family` (its head counts as fine-tuned), with a tokenizer over the
-    embedded SST-2 words."""
-    from kdexp.tiny_models import save_tiny_model, vocabulary_of
+def task_overrides(task_name: str) -> list[str]:
+    """The task and where its data comes from: SST-2 from the embedded slice; any other task as a run reads it."""
+    from kdexp.tasks import MRC_TASKS, TASKS
 
-    model_dir = folder / f"tiny-{family}"
+    task = MRC_TASKS.get(task_name) or TASKS[task_name]
+    embedded = ["data.source=local", f"data.glue_dir={EMBEDDED_GLUE}"] if task_name == "sst2" else []
+    return [f"task={task_name}", *embedded, *FAMILY_LENGTHS[task.family]]
+
+
+def training_texts(overrides: list[str], rows: int = VOCABULARY_ROWS) -> list[str]:
+    """Every text of the first `rows` training rows of the task the overrides name (options included)."""
+    from kdexp.data import DataSource, load_split
+    from kdexp.run import compose_config, task_from_config
+
+    cfg = compose_config(overrides)
+    task = task_from_config(cfg.task)
+    split = load_split(task, task.train_split, DataSource.from_data_config(cfg.data), rows)
+    texts: list[str] = []
+    for row in split:
+        for value in row.values():
+            values = value if isinstance(value, list) else [value]
+            texts += [v for v in values if isinstance(v, str)]
+    return texts
+
+
+def tiny_teacher(folder: Path, family: str, overrides: list[str]) -> Path:
+    """A tiny random model of `family` with the head of the overrides' task family (counted as fine-tuned),
+    its tokenizer's words those of the task's first training rows; a decoder (gpt2) is a causal LM."""
+    from kdexp.run import compose_config, task_from_config
+    from kdexp.tiny_models import DECODERS, save_tiny_model, vocabulary_of
+
+    task = task_from_config(compose_config(overrides).task)
+    model_dir = folder / f"tiny-{family}-{task.name}"
     if not (model_dir / "config.json").exists():
-        texts = [line.split("\t")[0] for line in (EMBEDDED_GLUE / "SST-2" / "train.tsv").read_text().splitlines()[1:]]
-        save_tiny_model(model_dir, family, vocabulary_of(texts, 1500), max_length=64)
+        head = "causal_lm" if family in DECODERS else TINY_HEADS[task.family]
+        vocabulary = vocabulary_of(training_texts(overrides), 1500)
+        save_tiny_model(model_dir, family, vocabulary, num_labels=task.num_labels, head=head, max_length=TINY_POSITIONS)
     return model_dir
+
+
+def model_overrides(teacher_dir: Path | None, family: str) -> list[str]:
+    """The tiny teacher, fine-tuned as it is, and a student of its first 2 layers."""
+    from kdexp.tiny_models import DECODERS
+
+    if teacher_dir is None:
+        return []
+    return [
+        *(["teacher=causal_lm"] if family in DECODERS else []),
+        f"teacher.name_or_path={teacher_dir}",
+        "teacher.finetuned=true",
+        "student=first_layers",
+        "student.num_layers=2",
+    ]
 
 
 def run_overrides(
@@ -116,8 +181,9 @@ def run_overrides(
     accelerator: str,
     devices: int,
     workdir: Path,
-    teacher_dir: Path | None,
+    models: list[str],
     user: list[str],
+    task: str = "sst2",
 ) -> list[str]:
     """The overrides of one check: a small slice of the data, the method's quick settings, the hardware."""
     from omegaconf import OmegaConf
@@ -130,25 +196,12 @@ def run_overrides(
         for key, value in QUICK_METHOD_SETTINGS.items()
         if OmegaConf.select(method_cfg, key) is not None
     ]
-    models = (
-        []
-        if teacher_dir is None
-        else [
-            f"teacher.name_or_path={teacher_dir}",
-            "teacher.finetuned=true",
-            "student=first_layers",
-            "student.num_layers=2",
-        ]
-    )
     strategy = ["++trainer.strategy=ddp_find_unused_parameters_true"] if devices > 1 else []  # as trainer=ddp
     return [
         f"method={method}",
-        "task=sst2",
-        "data.source=local",
-        f"data.glue_dir={EMBEDDED_GLUE}",
+        *task_overrides(task),
         "data.max_train_samples=48",
         "data.max_eval_samples=16",
-        "data.max_length=64",
         "data.batch_size=8",
         "data.eval_batch_size=16",
         f"cache_dir={workdir / 'cache'}",
@@ -169,6 +222,21 @@ def run_overrides(
 # --------------------------------------------------------------------------- one check
 
 
+def refusal(overrides: list[str]) -> str | None:
+    """Why a run with these overrides would refuse its method on its task and models (as `kdexp-train` does,
+    before any work), or None."""
+    from kdexp.errors import ConfigError
+    from kdexp.run import compose_config, resolve_method, task_from_config
+
+    cfg = compose_config(overrides)
+    method_cls, _ = resolve_method(cfg.method)
+    try:
+        method_cls.check_config(cfg, task_from_config(cfg.task))
+    except ConfigError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
 def check_method(
     method: str,
     precision: str,
@@ -176,19 +244,21 @@ def check_method(
     devices: int,
     steps: int,
     workdir: Path,
-    teacher_dir: Path | None,
+    models: list[str],
     user_overrides: list[str],
+    task: str = "sst2",
 ) -> CheckRow:
-    """Build `method` as a run does, compare its loss terms with float32, and train it `steps` steps."""
+    """Build `method` as a run does, compare its loss terms with float32, train it `steps` steps, validate."""
     from kdexp.hardware import Hardware
     from kdexp.run import build_context, build_module, compose_config, trainer_options
 
-    cfg = compose_config(run_overrides(method, precision, accelerator, devices, workdir, teacher_dir, user_overrides))
+    overrides = run_overrides(method, precision, accelerator, devices, workdir, models, user_overrides, task)
+    cfg = compose_config(overrides)
     hardware = Hardware.from_trainer(trainer_options(cfg))
-    context, method_cls, options = build_context(cfg, workdir / "runs" / f"{method}-{precision}", hardware)
+    context, method_cls, options = build_context(cfg, workdir / "runs" / f"{task}-{method}-{precision}", hardware)
     module = build_module(context, method_cls, options)
     terms, worst, max_diff = loss_terms_against_fp32(module, context, hardware)
-    losses, seconds, device_ok = train_steps(module, context, trainer_options(cfg), steps)
+    losses, seconds, device_ok, dev = train_steps(module, context, trainer_options(cfg), steps)
     finite = bool(losses) and all(math.isfinite(loss) for loss in losses)
     return CheckRow(
         method,
@@ -201,6 +271,7 @@ def check_method(
         peak_memory_mb(hardware),
         hardware.all_true(device_ok),
         terms,
+        dev,
     )
 
 
@@ -240,9 +311,11 @@ def loss_terms_against_fp32(
     return terms, worst, differences[worst]
 
 
-def train_steps(module: Any, context: Any, trainer_cfg: dict[str, Any], steps: int) -> tuple[list[float], float, bool]:
-    """`steps` optimiser steps with the Lightning Trainer: the losses, the seconds, whether every tensor was
-    on the Trainer's device."""
+def train_steps(
+    module: Any, context: Any, trainer_cfg: dict[str, Any], steps: int
+) -> tuple[list[float], float, bool, dict[str, float]]:
+    """`steps` optimiser steps with the Lightning Trainer, then one pass over the dev slice: the losses, the
+    seconds, whether every tensor was on the Trainer's device, the dev metrics."""
     from kdexp.training import GlueDataModule
 
     placement, recorder = DevicePlacement(), LossRecorder()
@@ -252,7 +325,7 @@ def train_steps(module: Any, context: Any, trainer_cfg: dict[str, Any], steps: i
     trainer = pl.Trainer(
         **options,
         max_steps=steps,
-        limit_val_batches=1,
+        limit_val_batches=0,  # the pass after training reads the whole dev slice (QA scores whole examples)
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
@@ -266,7 +339,11 @@ def train_steps(module: Any, context: Any, trainer_cfg: dict[str, Any], steps: i
         context.data, int(context.cfg.data.batch_size), int(context.cfg.data.eval_batch_size), int(context.cfg.seed), 0
     )
     trainer.fit(module, datamodule=datamodule)
-    return recorder.losses, recorder.seconds, placement.ok
+    trainer.limit_val_batches = 1.0
+    dev = {
+        key: float(value) for key, value in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
+    }
+    return recorder.losses, recorder.seconds, placement.ok, dev
 
 
 def peak_memory_mb(hardware: Any) -> float:
@@ -331,7 +408,7 @@ class LossRecorder(pl.Callback):
 # --------------------------------------------------------------------------- the table
 
 
-def format_table(rows: list[CheckRow], hardware_name: str) -> str:
+def format_table(rows: list[CheckRow], hardware_name: str, task: str = "sst2", main_metric: str = "accuracy") -> str:
     header = (
         "method",
         "precision",
@@ -341,22 +418,24 @@ def format_table(rows: list[CheckRow], hardware_name: str) -> str:
         "steps/s",
         "peak MB",
         "device ok",
+        f"dev {main_metric}",
     )
     lines = [
-        f"kdexp-check on {hardware_name}",
+        f"kdexp-check on {hardware_name}" + ("" if task == "sst2" else f", task {task}"),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
     for row in rows:
         if row.error is not None:
-            lines.append(f"| {row.method} | {row.precision} | {row.devices} | ERROR: {row.error} | | | | |")
+            lines.append(f"| {row.method} | {row.precision} | {row.devices} | ERROR: {row.error} | | | | | |")
             continue
         diff = "–" if row.max_rel_diff_vs_fp32 is None else f"{row.max_rel_diff_vs_fp32:.2e} ({row.worst_term})"
+        dev = row.dev.get(f"val/{main_metric}")
         lines.append(
             f"| {row.method} | {row.precision} | {row.devices} | {'yes' if row.finite_loss else 'NO'} | "
             f"{diff} | {row.steps_per_second:.2f} | {row.peak_memory_mb:.0f} | "
-            f"{'yes' if row.device_ok else 'NO'} |"
+            f"{'yes' if row.device_ok else 'NO'} | {'–' if dev is None else f'{dev:.3f}'} |"
         )
     return "\n".join(lines)
 
@@ -395,7 +474,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precisions", default=None, help="comma-separated (default: all the device supports)")
     parser.add_argument("--devices", type=int, default=1, help="processes (DDP when 2 or more)")
     parser.add_argument("--accelerator", default=None, help="cpu or gpu (default: gpu when one is visible)")
-    parser.add_argument("--family", default="bert", help="tiny random models of bert, roberta, electra, distilbert")
+    parser.add_argument(
+        "--family", default="bert", help="tiny random models of bert, roberta, electra, distilbert, or gpt2 (MC)"
+    )
+    parser.add_argument("--task", default="sst2", help="a GLUE or MRC task (default: the embedded SST-2 slice)")
     parser.add_argument("--steps", type=int, default=4, help="optimiser steps per method and precision")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--workdir", type=Path, default=None, help="models, cache and runs (default: a temp folder)")
@@ -411,31 +493,54 @@ def main(argv: list[str] | None = None) -> int:
 
     from kdexp.errors import KdexpError
     from kdexp.hardware import Hardware, HardwareSpec
-    from kdexp.tiny_models import FAMILIES
+    from kdexp.tasks import MRC_TASKS, MULTIPLE_CHOICE, TASKS
+    from kdexp.tiny_models import DECODERS, FAMILIES
 
     quiet_libraries()
     accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
+    named_methods = args.methods is not None
     methods = args.methods.split(",") if args.methods else method_names()
     unknown = sorted(set(methods) - set(method_names()))
     precisions = args.precisions.split(",") if args.precisions else supported_precisions(accelerator)
-    if unknown or args.family not in FAMILIES:
+    task = MRC_TASKS.get(args.task) or TASKS.get(args.task)
+    if unknown or args.family not in FAMILIES + DECODERS or task is None:
         print(
-            f"kdexp-check: unknown method(s) {', '.join(unknown)} or family {args.family}; methods: "
-            f"{', '.join(method_names())}; families: {', '.join(FAMILIES)}",
+            f"kdexp-check: unknown method(s) {', '.join(unknown) or '-'}, family {args.family} or task {args.task}; "
+            f"methods: {', '.join(method_names())}; families: {', '.join(FAMILIES + DECODERS)}; "
+            f"tasks: {', '.join([*TASKS, *MRC_TASKS])}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.family in DECODERS and task.family != MULTIPLE_CHOICE:
+        print(
+            f"kdexp-check: --family {args.family} (a decoder LM) answers multiple choice only: use "
+            f"--task dream or race, or an encoder family for {args.task}.",
             file=sys.stderr,
         )
         return 2
     # Set before the launch: the DDP processes it starts inherit it and share one cache and models.
     os.environ.setdefault(WORKDIR_ENV, str(args.workdir or tempfile.mkdtemp(prefix="kdexp-check-")))
     workdir = Path(os.environ[WORKDIR_ENV])
+    user_models = any(o.split("=")[0].startswith(("teacher", "student")) for o in args.overrides)
+    data = [*task_overrides(args.task), *args.overrides]
+    try:  # before the launch: the DDP processes it starts find the models whole
+        models = [] if user_models else model_overrides(tiny_teacher(workdir, args.family, data), args.family)
+    except KdexpError as err:  # the task's data cannot be read: one line, as a run says it
+        print(f"kdexp-check: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     launcher = Hardware(
         HardwareSpec(accelerator=accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto")
     )
     launcher.launch()  # the DDP processes exist from here on; every check's Trainer joins them
-    user_models = any(o.split("=")[0].startswith(("teacher", "student")) for o in args.overrides)
-    teacher_dir = None if user_models else tiny_teacher(workdir, args.family)
+    refused: dict[str, str] = {}
     rows = []
     for method in methods:
+        reason = refusal(
+            run_overrides(method, precisions[0], accelerator, args.devices, workdir, models, args.overrides, args.task)
+        )
+        if reason is not None and not named_methods:  # a run refuses it on this task: nothing to check
+            refused[method] = reason
+            continue
         for precision in precisions:
             try:
                 rows.append(
@@ -446,8 +551,9 @@ def main(argv: list[str] | None = None) -> int:
                         args.devices,
                         args.steps,
                         workdir,
-                        teacher_dir,
+                        models,
                         list(args.overrides),
+                        args.task,
                     )
                 )
             except (KdexpError, RuntimeError, ValueError, TypeError) as err:
@@ -467,11 +573,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
     if not launcher.is_global_zero:
         return 0
-    print(format_table(rows, hardware_name(accelerator)))
+    print(format_table(rows, hardware_name(accelerator), args.task, task.main_metric))
+    if refused:
+        print(f"\nNot checked: {', '.join(refused)} (kdexp-train refuses them here; --methods names one to see why).")
     if args.out is not None:
         args.out.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
     failed = [row for row in rows if row.error or not row.finite_loss or not row.device_ok]
-    return 1 if failed else 0
+    return 1 if failed or not rows else 0
 
 
 if __name__ == "__main__":

@@ -72,11 +72,12 @@ def teacher_key(
     )
 
 
-def teacher_trainer_options(spec: TeacherSpec, run_trainer: dict[str, Any]) -> dict[str, Any]:
-    """The teacher stage's Lightning options: the run's device and precision, everything else its own."""
+def teacher_trainer_options(spec: TeacherSpec, run_trainer: dict[str, Any], hardware: Hardware) -> dict[str, Any]:
+    """The teacher stage's Lightning options: the run's precision and this process's device (the GPU a sweep
+    job leased, DDP rank 0's: `devices=1` would be GPU 0, another job's), everything else its own."""
     options: dict[str, Any] = {key: run_trainer[key] for key in ("accelerator", "precision") if key in run_trainer}
     options.update(
-        devices=1,
+        devices=hardware.single_device().spec.devices,
         max_epochs=spec.epochs,
         gradient_clip_val=spec.gradient_clip_val,
         enable_progress_bar=run_trainer.get("enable_progress_bar", True),
@@ -140,7 +141,7 @@ def prepare_teacher(
             if info is not None:
                 log.info("Reusing teacher %s (trained by another process meanwhile)", store)
             else:
-                options = teacher_trainer_options(spec, trainer_cfg)
+                options = teacher_trainer_options(spec, trainer_cfg, hardware)
                 _finetune_teacher(
                     spec, task, source, path, tokenizer, key, max_length, options, cache_dir, store, checkpoints, inputs
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = (REPO.parent / "shared" / "glue_data").resolve()
+SHARED_MRC = (REPO.parent / "shared" / "mrc_data").resolve()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -232,3 +234,24 @@ def write_audit(tmp_path: Path):
         return [(int(pid), path) for pid, path in (line.split("\t") for line in log.read_text().splitlines())]
 
     return environment, writes
+
+
+@pytest.fixture(scope="module")
+def mrc_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random models over a vocabulary of DREAM and SQuAD words: a multiple-choice BERT (`mc`), a QA BERT
+    (`qa`) and a GPT-2 LM (`gpt2`), 160 positions each (tests/test_mrc.py, tests/test_mrc_resume.py)."""
+    from kdexp.tiny_models import save_tiny_model, vocabulary_of
+
+    root = tmp_path_factory.mktemp("mrc-models")
+    texts = [json.dumps(item) for item in json.loads((SHARED_MRC / "dream" / "train.json").read_text())[:300]]
+    squad = json.loads((SHARED_MRC / "squad_v2_subset" / "dev-v2.0-subset.json").read_text())
+    texts += [p["context"] + " " + q["question"] for a in squad["data"] for p in a["paragraphs"] for q in p["qas"]]
+    vocabulary = vocabulary_of(texts, 4000)
+    return {
+        name: save_tiny_model(root / name, family, vocabulary, head=head, max_length=160)
+        for name, family, head in (
+            ("mc", "bert", "multiple_choice"),
+            ("qa", "bert", "question_answering"),
+            ("gpt2", "gpt2", "causal_lm"),
+        )
+    }

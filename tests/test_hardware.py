@@ -272,6 +272,30 @@ def test_parallel_jobs_lease_different_gpus_and_a_killed_job_frees_its_own(tmp_p
     assert with_leased_gpu({"devices": 1}) == {"devices": 1}
 
 
+def test_the_teacher_stage_fine_tunes_on_the_gpu_the_sweep_job_leased_not_on_gpu_0(tmp_path: Path) -> None:
+    """Lightning reads `devices=1` as the first visible GPU: a job that leased GPU 3 would fine-tune the shared
+    teacher on GPU 0, another job's. The teacher stage takes the run's own device, as every one-process stage."""
+    from kdexp.config import TeacherSchema
+    from kdexp.hardware import GpuLease, with_leased_gpu
+    from kdexp.teacher_stage import teacher_trainer_options
+
+    others = [GpuLease(4, tmp_path) for _ in range(3)]  # three jobs hold GPUs 0 to 2
+    assert [other.acquire() for other in others] == [0, 1, 2]
+    lease = GpuLease(4, tmp_path)
+    try:
+        assert lease.acquire() == 3
+        run = with_leased_gpu({"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed"})
+        hardware = Hardware(HardwareSpec.from_trainer(run))
+        options = teacher_trainer_options(TeacherSchema(name_or_path="x"), run, hardware)
+        assert options["devices"] == [3] and options["precision"] == "bf16-mixed"
+        assert hardware.single_device() is hardware  # known from the keys alone: no GPU is touched
+    finally:
+        for held in (lease, *others):
+            held.release()
+    cpu = Hardware(HardwareSpec())
+    assert teacher_trainer_options(TeacherSchema(name_or_path="x"), {"accelerator": "cpu"}, cpu)["devices"] == 1
+
+
 def test_only_parallel_single_gpu_jobs_on_a_machine_with_several_gpus_lease_one() -> None:
     from kdexp.hardware import sweep_job_devices
 

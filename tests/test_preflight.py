@@ -28,12 +28,29 @@ FIELDS = {
     "terms",
     "error",
     "devices",
+    "dev",
 }
+MRC = Path(__file__).resolve().parents[2] / "shared" / "mrc_data"
+SQUAD_SUBSET = MRC / "squad_v2_subset" / "dev-v2.0-subset.json"
+# The methods the MRC issue asks for on each family (the rest are refused there, as kdexp-train refuses them).
+QA_METHODS = {"finetune", "vanilla_kd", "vanilla_kd_additive", "text_smoothing", "text_smoothing_kd"}
+DECISION_METHODS = {
+    "dbkd",
+    "dbkd_authors",
+    "decision_hard",
+    "decision_hard_aug",
+    "decision_hard_teacher",
+    "decision_label_smooth",
+    "decision_label_smooth_uniform",
+    "decision_noise_smooth",
+    "decision_surrogate",
+}
+MC_METHODS = QA_METHODS | DECISION_METHODS
 
 
-def kdexp_check(tmp_path: Path, *args: str) -> tuple[list[dict], str]:
+def kdexp_check(tmp_path: Path, *args: str, **env_vars: str) -> tuple[list[dict], str]:
     out = tmp_path / "check.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env_vars)
     env.pop("KDEXP_CHECK_DIR", None)
     proc = subprocess.run(
         [sys.executable, "-m", "kdexp.preflight", "--out", str(out), "--workdir", str(tmp_path / "work"), *args],
@@ -47,9 +64,15 @@ def kdexp_check(tmp_path: Path, *args: str) -> tuple[list[dict], str]:
     return json.loads(out.read_text()), proc.stdout
 
 
-def assert_every_method_passes(rows: list[dict], precisions: set[str], devices: int) -> None:
-    assert {(row["method"], row["precision"]) for row in rows} == {(m, p) for m in method_names() for p in precisions}
+def assert_every_method_passes(
+    rows: list[dict], precisions: set[str], devices: int, methods: set[str] | None = None, dev_rows: int = 16
+) -> None:
+    methods = set(method_names()) if methods is None else methods
+    assert {(row["method"], row["precision"]) for row in rows} == {(m, p) for m in methods for p in precisions}
     for row in rows:
+        # one validation pass over the whole dev slice after the steps (MC/classification: right answers of 16)
+        if "val/accuracy" in row["dev"]:
+            assert row["dev"]["val/accuracy"] * dev_rows == pytest.approx(round(row["dev"]["val/accuracy"] * dev_rows))
         assert FIELDS <= set(row), row
         assert row["error"] is None and row["finite_loss"] and row["device_ok"], row
         assert row["devices"] == devices and row["steps_per_second"] > 0 and row["peak_memory_mb"] > 0
@@ -72,6 +95,49 @@ def test_kdexp_check_runs_every_method_under_two_process_ddp(tmp_path: Path) -> 
     rows, table = kdexp_check(tmp_path, "--devices", "2")
     assert_every_method_passes(rows, {"32-true", "bf16-mixed"}, devices=2)
     assert table.count("kdexp-check on") == 1  # one table, from global rank 0
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_kdexp_check_runs_dreams_methods_with_a_gpt2_teacher_under_two_process_ddp(tmp_path: Path) -> None:
+    """Decoder multiple choice (label words) in both precisions under gloo DDP: every method DREAM takes but
+    text smoothing, which a decoder student refuses (no MLM); the others are listed, not checked."""
+    rows, table = kdexp_check(tmp_path, "--task", "dream", "--family", "gpt2", "--devices", "2", MRC_DIR=str(MRC))
+    assert_every_method_passes(
+        rows,
+        {"32-true", "bf16-mixed"},
+        devices=2,
+        methods=MC_METHODS - {"text_smoothing", "text_smoothing_kd"},
+    )
+    assert all(set(row["dev"]) >= {"val/accuracy"} for row in rows)
+    refused = table.split("Not checked: ")[1].split(" (")[0].split(", ")
+    assert set(refused) == set(method_names()) - {row["method"] for row in rows} >= {"text_smoothing", "pkd"}
+    assert "task dream" in table.splitlines()[0]
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_kdexp_check_runs_extractive_qas_methods_on_a_squad_file_split_by_article(tmp_path: Path) -> None:
+    """SQuAD 2.0 windows in one process, both precisions, and a dev pass that scores whole questions (EM and
+    F1 by answerability group) after the steps."""
+    data = [f"task.train_file={SQUAD_SUBSET}", "task.dev_articles=[Normans]"]
+    rows, _ = kdexp_check(tmp_path, "--task", "squad_v2", "--steps", "8", *data)
+    assert_every_method_passes(rows, {"32-true", "bf16-mixed"}, devices=1, methods=QA_METHODS)
+    for row in rows:
+        dev = row["dev"]
+        assert 0.0 <= dev["val/exact_match"] <= dev["val/f1"] <= 1.0 and "val/NoAns_f1" in dev, row
+
+
+def test_kdexp_check_refuses_an_unknown_task_a_decoder_on_qa_and_missing_data_in_one_line_each(
+    tmp_path: Path, capsys
+) -> None:
+    from kdexp.preflight import main
+
+    assert main(["--task", "squad3"]) == 2
+    assert main(["--task", "squad_v2", "--family", "gpt2"]) == 2
+    assert main(["--task", "dream", "--workdir", str(tmp_path), f"data.mrc_dir={tmp_path / 'none'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "task squad3" in lines[0] and "multiple choice only" in lines[1]
+    assert f"{tmp_path / 'none'}' (data.mrc_dir / MRC_DIR) does not exist" in lines[2]
+    assert not any(tmp_path.iterdir())  # refused before any model was built
 
 
 # --------------------------------------------------------------------------- run files under DDP

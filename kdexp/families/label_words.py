@@ -10,7 +10,8 @@ A decision-based teacher answers with its top next token. When that token is a l
 decision is its option; when it is not (a decoder may prefer another word), the decision is the
 label word with the highest logit. Both cases are the argmax over the label words' logits, so
 decisions come from the label words only; `off_label_fraction` counts how often the top token was
-no label word.
+no label word. The label words' logits are computed in float32, under mixed precision too
+(`label_word_logits`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
 from kdexp.errors import ModelError
+from kdexp.losses.precision import full_precision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -89,9 +91,14 @@ class LabelWordChoiceModel(nn.Module):
         )
         last = attention_mask.long().sum(dim=-1).clamp_min(1) - 1  # rows are padded on the right
         final = base.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
-        next_token = self.lm.get_output_embeddings()(final)
+        head = self.lm.get_output_embeddings()
+        next_token = head(final)
+        bias = getattr(head, "bias", None)
+        words = label_word_logits(
+            final, head.weight.index_select(0, self.word_ids), None if bias is None else bias[self.word_ids]
+        )
         return ChoiceOutput(
-            logits=next_token.index_select(-1, self.word_ids),
+            logits=words,
             next_token_logits=next_token,
             hidden_states=base.hidden_states if output_hidden_states else None,
         )
@@ -105,6 +112,14 @@ class LabelWordChoiceModel(nn.Module):
     def with_lm(self, lm: PreTrainedModel) -> "LabelWordChoiceModel":
         """The same label words on another LM (a student cut from this one)."""
         return LabelWordChoiceModel(lm, self.word_ids.tolist())
+
+
+@full_precision
+def label_word_logits(final: Tensor, word_rows: Tensor, word_bias: Tensor | None) -> Tensor:
+    """The label words' logits ``[B, C]`` from the last hidden states and the label words' rows of the output
+    layer, in float32 inside autocast too: a decoder's next-token logits share a large negative offset, where
+    bf16 steps by 0.25 to 0.5, so close options would tie and their argmax lean to the first option."""
+    return nn.functional.linear(final, word_rows, word_bias)
 
 
 def off_label_fraction(next_token_logits: Tensor, word_ids: Tensor) -> float:

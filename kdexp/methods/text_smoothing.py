@@ -34,10 +34,11 @@ from kdexp.config import require
 from kdexp.data import row_lengths
 from kdexp.errors import ConfigError
 from kdexp.families import output_logits
-from kdexp.families.label_words import is_causal_lm
+from kdexp.families.label_words import CAUSAL_LM_TYPES, is_causal_lm
 from kdexp.losses import hinton_weights, kd_terms, weighted_sum
 from kdexp.methods.base import DistillationModule
 from kdexp.model_internals import model_inputs
+from kdexp.models import student_model_type
 from kdexp.smoothing import (
     mlm_token_distributions,
     smooth_token_distributions,
@@ -66,6 +67,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("two_steps", "sum")
+DECODER_STUDENT = (
+    "text smoothing mixes a masked LM's word distributions into the student's input: a decoder LM student has "
+    "no MLM of its vocabulary; use an encoder student (BERT, RoBERTa, ELECTRA, DistilBERT) for text smoothing."
+)
 TWO_STEPS_FP16_CLIPPING = (
     "method.schedule=two_steps clips each step by hand, before 16-bit mixed precision unscales the gradients: "
     "use trainer.precision=bf16-mixed or 32-true, or method.schedule=sum"
@@ -138,6 +143,8 @@ class TextSmoothing(DistillationModule):
         """`two_steps` optimises by hand, so what Lightning does for automatic optimisation is refused here,
         before the teacher and MLM stages, rather than at `fit`."""
         super().check_config(cfg, task)
+        if student_model_type(cfg.student, cfg.teacher.name_or_path) in CAUSAL_LM_TYPES:
+            raise ConfigError(DECODER_STUDENT)
         if cfg.method.get("schedule") != "two_steps":
             return
         accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
@@ -183,12 +190,8 @@ class TextSmoothing(DistillationModule):
             )
         split = run.task.train_split
         num_tokens = int(row_lengths(run.data.tokenized[split]).sum())
-        if is_causal_lm(run.student.config):
-            raise ConfigError(
-                "text smoothing mixes a masked LM's word distributions into the student's input: a "
-                "decoder LM student has no MLM of its vocabulary; use an encoder student (BERT, RoBERTa, "
-                "ELECTRA, DistilBERT) for text smoothing."
-            )
+        if is_causal_lm(run.student.config):  # a Hub student not in the local cache: known only once loaded
+            raise ConfigError(DECODER_STUDENT)
         if run.task.family == MULTIPLE_CHOICE and options.distributions == "cached":
             raise ConfigError(
                 "method.distributions=cached: a multiple-choice row is one sequence per option, and the "
