@@ -12,8 +12,7 @@ steps with the Lightning Trainer, and reports one row:
 - `steps_per_second`: optimiser steps per second during training;
 - `peak_memory_mb`: the device's peak allocated memory (GPU), or the process's peak RSS (CPU);
 - `device_ok`: every parameter and buffer of the student, the method's modules and the live
-  teacher, and every tensor of every batch, was on the Trainer's device.
-
+  teacher, and every tensor of every batch, was on the Trainer's device;
 - `dev`: the dev metrics of one validation pass after the steps (the task's whole dev slice).
 
 By default the models are tiny random encoders (`--family`, built offline) and the data is the

@@ -22,6 +22,18 @@ def test_debug_fast_runs_a_small_slice_in_its_own_cache_and_folders(
     assert not (tmp_path / "outputs" / "cache").exists() and not (tmp_path / "outputs" / "runs").exists()
 
 
+def test_debug_configs_fit_every_task_family_into_their_short_inputs() -> None:
+    """64-token inputs: a QA window holds the question and passage tokens beyond the stride (run_qa's 128
+    would be refused with data.max_length=64), so debug=fast runs SQuAD as it runs GLUE."""
+    from kdexp.run import check_run, compose_config
+
+    for debug in ("fast", "overfit"):
+        for task in ("sst2", "mnli", "dream", "race", "squad", "squad_v2"):
+            cfg = compose_config([f"debug={debug}", f"task={task}"])
+            check_run(cfg)
+            assert (cfg.data.max_length, cfg.task.doc_stride) == (64, 16)
+
+
 def test_debug_overfit_fits_its_two_batches(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     args = [f"teacher.name_or_path={tiny_model_dir}", f"data.glue_dir={glue_dir}", *TINY[:-1]]
     train(tmp_path, "debug=overfit", "method=finetune", *args)
