@@ -174,6 +174,37 @@ def test_masking_follows_bert_80_10_10_and_never_touches_special_tokens() -> Non
     assert 0.07 < unchanged < 0.14  # the 10% kept plus random draws of the same token
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+def test_adaptation_texts_packed_batch_by_batch_give_the_tokenizers_own_padded_batches(
+    pairs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adaptation texts are tokenised a few at a time into flat arrays (memory of a few bytes a token, at
+    RACE's size too); a batch of them is the tokenizer's padded batch of the same texts, texts with no ordinary
+    token (nothing to mask) left out."""
+    from conftest import SENTENCES
+
+    import kdexp.smoothing.mlm as mlm_module
+
+    monkeypatch.setattr(mlm_module, "TOKENIZE_BATCH", 5)  # several tokenizer calls
+    tokenizer = shared_tiny_tokenizer()
+    texts: list = list(zip(SENTENCES, SENTENCES[::-1])) if pairs else list(SENTENCES)
+    texts.insert(7, ("", "") if pairs else "")  # only special tokens: dropped
+    packed = mlm_module._tokenize(texts, tokenizer, max_length=9)
+    kept = [text for i, text in enumerate(texts) if i != 7]
+    assert len(packed) == len(kept)
+    for rows in ([0, 1, 2], [11, 3, 7, 5], list(range(len(kept)))):
+        chosen = [kept[r] for r in rows]
+        columns = [chosen] if not pairs else [[t[0] for t in chosen], [t[1] for t in chosen]]
+        expected = tokenizer(*columns, truncation=True, max_length=9, padding=True, return_special_tokens_mask=True)
+        batch = packed.masked_batch(rows, tokenizer, 0.15, torch.Generator().manual_seed(0))
+        masked = batch.labels != -100  # the masked positions hold their original ids as labels
+        assert torch.where(masked, batch.labels, batch.input_ids).tolist() == expected["input_ids"]
+        assert batch.attention_mask.tolist() == expected["attention_mask"]
+        assert not (masked & torch.tensor(expected["special_tokens_mask"]).bool()).any()
+        if pairs:
+            assert batch.token_type_ids is not None and batch.token_type_ids.tolist() == expected["token_type_ids"]
+
+
 def test_adapt_mlm_head_learns_and_its_checkpoint_is_accepted(tmp_path: Path) -> None:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
@@ -234,4 +265,5 @@ def test_the_row_split_keeps_both_parts_in_shuffled_order_as_cached_adaptations_
     heldout, train = _split_heldout(texts, tokenizer, 16, 0.2, seed=0)
     order = torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist()
     by_hand = [tokenizer(texts[i])["input_ids"] for i in order]
-    assert heldout.input_ids == by_hand[:4] and train.input_ids == by_hand[4:]
+    assert heldout._rows(heldout.input_ids, range(4)) == by_hand[:4]
+    assert train._rows(train.input_ids, range(16)) == by_hand[4:]

@@ -271,6 +271,53 @@ def test_a_tiny_gpt2_decision_teacher_decides_through_its_label_words_only(tmp_p
 
 
 @pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
+def test_multiple_choice_queries_are_chunked_by_sequences_and_answered_as_in_one_pass(
+    tmp_path: Path, mrc_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A question is one sequence per option, so the query stage holds `CHUNK_ROWS` sequences' worth of questions
+    a chunk (RACE: a quarter of GLUE's rows) and tokenises `ENCODE_BATCH` sequences a call; the decisions are
+    those of one pass."""
+    from transformers import AutoModelForMultipleChoice
+
+    from kdexp.decision import queries as queries_module
+    from kdexp.decision import teacher as teacher_module
+    from kdexp.decision.queries import QueryConfig, query_decisions
+    from kdexp.decision.teacher import _make_decider
+    from kdexp.hardware import Hardware
+    from kdexp.inference import PassBatching
+    from kdexp.tasks import MRC_TASKS
+
+    task = MRC_TASKS["dream"]
+    ds = multiple_choice.read_dream_json(MRC / "dream" / "dev.json").select(range(12))
+    tokenizer = AutoTokenizer.from_pretrained(mrc_models["mc"])
+    model = AutoModelForMultipleChoice.from_pretrained(mrc_models["mc"]).eval()
+    decide = _make_decider(lambda: model, tokenizer, 64, PassBatching(), Hardware(), task, "pairs", None)
+    asked: list[int] = []
+
+    def teacher() -> DecisionTeacher:
+        return DecisionTeacher(lambda queries: (asked.append(len(queries)), decide(queries))[1], "mc", 3)
+
+    config = QueryConfig(num_queries=3, seed=1)
+    whole = query_decisions(teacher(), ds, task, config, tmp_path / "one-pass")
+    assert asked == [12 * 3]
+
+    asked.clear()
+    tokenised: list[int] = []
+    pairs = multiple_choice.option_pairs
+    monkeypatch.setattr(
+        multiple_choice,
+        "option_pairs",
+        lambda batch, *args, **kw: (tokenised.append(len(batch["context"])), pairs(batch, *args, **kw))[1],
+    )
+    monkeypatch.setattr(queries_module, "CHUNK_ROWS", 15)  # 15 sequences: 5 questions of 3 options
+    monkeypatch.setattr(teacher_module, "ENCODE_BATCH", 7)  # 7 sequences: 2 queries of 3 options
+    chunked = query_decisions(teacher(), ds, task, config, tmp_path / "chunks")
+    assert asked == [5 * 3, 5 * 3, 2 * 3]
+    assert tokenised == [2] * 7 + [1] + [2] * 7 + [1] + [2] * 3
+    assert torch.equal(chunked.decisions, whole.decisions)
+
+
+@pytest.mark.skipif(not MRC.is_dir(), reason="needs ../shared/mrc_data")
 def test_eda_queries_of_a_multiple_choice_question_change_its_passage_question_and_options_in_place() -> None:
     from kdexp.decision.queries import QueryConfig, augment_examples, examples_of
     from kdexp.tasks import MRC_TASKS

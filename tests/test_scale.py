@@ -128,6 +128,30 @@ def test_peak_memory_of_the_streamed_stages_stays_level_as_the_rows_grow(
         assert growth < 100, f"{stage}: {small[stage]} -> {large[stage]}"
 
 
+def test_the_multiple_choice_stand_in_repeats_dreams_questions_to_the_size_asked(tmp_path: Path) -> None:
+    """`--task dream`: a DREAM-release folder of N training questions, one per item, the release's in order and
+    then again, read through the task's own reader as the stages read it."""
+    import json
+
+    from conftest import SHARED_GLUE, SHARED_MRC
+
+    from kdexp.tools import scale_benchmark
+
+    if not SHARED_MRC.is_dir():
+        pytest.skip("needs ../shared/mrc_data")
+    release = json.loads((SHARED_MRC / "dream" / "train.json").read_text())
+    questions = [(turns, q) for turns, qs, _ in release for q in qs]
+    size = len(questions) + 5  # past the release: its first questions come again
+    scale_benchmark.prepare(tmp_path, SHARED_GLUE, size, "dream", SHARED_MRC)
+    task, source = scale_benchmark._task_and_source(tmp_path)
+    train = load_split(task, task.train_split, source)
+    assert len(train) == size and task.name == "dream"
+    for row, (turns, question) in ((0, questions[0]), (size - 1, questions[4])):
+        assert train[row]["context"] == "\n".join(turns) and train[row]["choices"] == question["choice"]
+        assert train[row]["label"] == question["choice"].index(question["answer"])
+    assert len(load_split(task, "validation", source)) == scale_benchmark.DEV_QUESTIONS
+
+
 def test_a_stage_process_reports_its_own_peak_not_its_parents(tmp_path: Path) -> None:
     """Linux carries a forked parent's size into its child's rusage peak across `exec`; the figure the
     scale benchmark records is the child's own (VmHWM). A parent holding 400 MB starts a child that

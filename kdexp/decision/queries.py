@@ -20,7 +20,7 @@ every method that needs decisions:
   its answers (its tokenizer and the maximum length) to the augmentation key. The metadata
   also records how long the stage took when it ran (``augment_seconds``, ``query_seconds``).
 
-Both are made `CHUNK_ROWS` rows at a time (the copies written as they are made, the queries of a
+Both are made `chunk_rows` rows at a time (the copies written as they are made, the queries of a
 chunk tokenised and answered together), so the stage's memory does not grow with the split:
 MNLI with ``N = 10`` is 3.9M queries. Answered chunks are kept next to the entry
 (``<key>.pt.partial/``) until the table is stored, so a killed stage resumes from its last chunk.
@@ -61,7 +61,8 @@ from kdexp.tasks import MULTIPLE_CHOICE, GlueTask
 
 log = logging.getLogger(__name__)
 
-# Rows per chunk of the query stage (each with N queries): what bounds its memory at any size.
+# Rows per chunk of the query stage (each with N queries): what bounds its memory at any size. A
+# multiple-choice row is one sequence per option, so its chunks hold CHUNK_ROWS sequences' worth of rows.
 CHUNK_ROWS = 20_000
 
 
@@ -263,10 +264,18 @@ def augmentation_key(ds: datasets.Dataset, task: GlueTask, config: QueryConfig) 
     )
 
 
-def decisions_key(teacher: DecisionTeacher, augmentation: str, rows: int = 0) -> str:
+def chunk_rows(task: GlueTask) -> int:
+    """Rows per chunk of `task`'s copies and queries: `CHUNK_ROWS`, over the options of a multiple-choice row
+    (RACE's 4 sequences of up to 512 tokens a query would otherwise hold ~7 GB of token ids a chunk)."""
+    sequences = task.num_labels if task.family == MULTIPLE_CHOICE else 1
+    return max(1, CHUNK_ROWS // sequences)
+
+
+def decisions_key(teacher: DecisionTeacher, augmentation: str, rows: int = 0, rows_per_chunk: int = 0) -> str:
     """The key of a decisions table. Past one chunk the batch plan is per chunk, which may change a float's
     last bits and so a near-tie's answer: the chunk size is then part of the key."""
-    chunks = {"chunk_rows": CHUNK_ROWS} if rows > CHUNK_ROWS else {}
+    size = rows_per_chunk or CHUNK_ROWS
+    chunks = {"chunk_rows": size} if rows > size else {}
     return cache_key(
         kind="decisions", teacher=teacher.key, answers=teacher.identity, augmentation=augmentation, **chunks
     )
@@ -305,9 +314,9 @@ def _copies_features(task: GlueTask) -> datasets.Features:
     )
 
 
-def row_chunks(rows: int, chunk_rows: int | None = None) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges of at most ``chunk_rows`` (default `CHUNK_ROWS`) rows covering ``rows``."""
-    size = chunk_rows or CHUNK_ROWS
+def row_chunks(rows: int, size: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``size`` (default `CHUNK_ROWS`) rows covering ``rows``."""
+    size = size or CHUNK_ROWS
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
@@ -330,7 +339,7 @@ def _load_or_augment(
     arrow_file = path.with_name(f".{key}.{os.getpid()}.arrow.tmp")
     try:
         with ArrowWriter(features=_copies_features(task), path=str(arrow_file)) as writer:
-            for first, stop in row_chunks(len(ds)):  # a chunk of copies in memory at a time, written as it is made
+            for first, stop in row_chunks(len(ds), chunk_rows(task)):  # a chunk in memory at a time, written as made
                 chunk = augment_examples(examples_of(ds.select(range(first, stop)), task), config, first)
                 writer.write_batch(_copies_columns(chunk, task, first))
             writer.finalize()
@@ -365,14 +374,14 @@ def query_decisions(
     """The teacher's decisions on the ``N`` queries of every row of the raw split ``ds`` (cached).
 
     A cache hit makes no teacher query (and does not even load the teacher's model). The queries
-    are asked chunk by chunk (`CHUNK_ROWS` rows, ``N`` queries each), so memory is bounded at any
+    are asked chunk by chunk (`chunk_rows` rows, ``N`` queries each), so memory is bounded at any
     size, and each answered chunk is kept (``<entry>.partial/``) until the whole table is stored:
     a killed stage resumes from its last chunk.
     """
     if task.is_regression:
         raise ValueError(f"decision queries need a classification task; {task.name} is regression")
     aug_key, copies_path, augment_seconds = _load_or_augment(ds, task, config, Path(cache_dir))
-    key = decisions_key(teacher, aug_key, len(ds))
+    key = decisions_key(teacher, aug_key, len(ds), chunk_rows(task))
     path = Path(cache_dir) / "signals" / "decisions" / f"{key}.pt"
     expected = {"key": key, "rows": len(ds), "num_queries": config.num_queries, "num_labels": teacher.num_labels}
     if config.asks_raw_original:  # a table stored before raw originals were asked lacks them: ask again
@@ -478,7 +487,7 @@ def _answer_in_chunks(
         width,
         len(ds) * width,
     )
-    for start, stop in row_chunks(len(ds)):
+    for start, stop in row_chunks(len(ds), chunk_rows(task)):
         chunk_file = partial / f"rows-{start}-{stop}.pt"
         expected = {"rows": [start, stop], "num_queries": config.num_queries}
         if config.asks_raw_original:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 Query = str | tuple[str, ...]  # a text, a pair, or (passage, question, option, ...) for multiple choice
 
 
-# Queries tokenised per call of the tokenizer: its Python lists live only this long.
+# Sequences tokenised per call of the tokenizer: its Python lists live only this long.
 ENCODE_BATCH = 8192
 
 
@@ -132,13 +132,15 @@ def encode_queries(
     task: GlueTask | None = None,
     form: str = "pairs",
 ) -> EncodedQueries:
-    """Tokenise ``queries`` (`query_tokenizer`), `ENCODE_BATCH` at a time, packed flat."""
+    """Tokenise ``queries`` (`query_tokenizer`), `ENCODE_BATCH` sequences at a time (a multiple-choice query is
+    one per option), packed flat."""
     tokenize, per_query = query_tokenizer(tokenizer, max_length, with_segments, task, form)
     ids: list[np.ndarray] = []
     segments: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
-    for start in range(0, len(queries), ENCODE_BATCH):
-        encoded = tokenize(queries[start : start + ENCODE_BATCH])
+    batch = max(1, ENCODE_BATCH // per_query)
+    for start in range(0, len(queries), batch):
+        encoded = tokenize(queries[start : start + batch])
         lengths.append(np.fromiter(map(len, encoded["input_ids"]), dtype=np.int64, count=len(encoded["input_ids"])))
         ids.append(np.fromiter(itertools.chain.from_iterable(encoded["input_ids"]), dtype=np.int32))
         if with_segments and "token_type_ids" in encoded:

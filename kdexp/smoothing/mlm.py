@@ -18,6 +18,7 @@ output :func:`load_mlm_teacher` accepts.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -270,21 +272,31 @@ def _pad(sequences: Sequence[Sequence[int]], pad_value: int) -> Tensor:
     return torch.tensor([list(sequence) + [pad_value] * (longest - len(sequence)) for sequence in sequences])
 
 
+TOKENIZE_BATCH = 8192  # texts per tokenizer call: its Python lists live only this long
+
+
 @dataclass(frozen=True)
 class _TokenizedTexts:
-    input_ids: list[list[int]]
-    special_tokens_mask: list[list[int]]
-    token_type_ids: list[list[int]] | None = None
+    """Token ids of many texts packed flat (text ``i`` is ``offsets[i]:offsets[i + 1]``), with their special-token
+    mask and, for pairs, segment ids: a few bytes a token, where Python lists of RACE's passages would take GBs."""
+
+    input_ids: np.ndarray  # int32
+    special_tokens_mask: np.ndarray  # int8
+    offsets: np.ndarray  # int64, one more than the texts
+    token_type_ids: np.ndarray | None = None  # int8
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.offsets) - 1
+
+    def _rows(self, values: np.ndarray, indices: Sequence[int]) -> list[list[int]]:
+        return [values[self.offsets[i] : self.offsets[i + 1]].tolist() for i in indices]
 
     def masked_batch(
         self, indices: Sequence[int], tokenizer: PreTrainedTokenizerBase, mask_prob: float, generator: torch.Generator
     ) -> MaskedBatch:
-        input_ids = _pad([self.input_ids[i] for i in indices], tokenizer.pad_token_id)
-        attention_mask = _pad([[1] * len(self.input_ids[i]) for i in indices], 0)
-        special_tokens_mask = _pad([self.special_tokens_mask[i] for i in indices], 1)
+        input_ids = _pad(self._rows(self.input_ids, indices), tokenizer.pad_token_id)
+        attention_mask = _pad([[1] * int(self.offsets[i + 1] - self.offsets[i]) for i in indices], 0)
+        special_tokens_mask = _pad(self._rows(self.special_tokens_mask, indices), 1)
         masked = mask_tokens(
             input_ids,
             attention_mask,
@@ -296,12 +308,16 @@ class _TokenizedTexts:
         )
         if self.token_type_ids is None:
             return masked
-        token_type_ids = _pad([self.token_type_ids[i] for i in indices], 0)
+        token_type_ids = _pad(self._rows(self.token_type_ids, indices), 0)
         return MaskedBatch(masked.input_ids, masked.attention_mask, masked.labels, token_type_ids)
 
 
+def _flat(rows: Sequence[Sequence[int]], dtype: Any) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype)
+
+
 def _tokenize(texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, max_length: int) -> _TokenizedTexts:
-    """Token ids of the texts that have at least one ordinary (maskable) token.
+    """Token ids of the texts that have at least one ordinary (maskable) token, `TOKENIZE_BATCH` texts at a time.
 
     Sentence pairs (tuples) are tokenised together, as a pair task's input is, and keep
     their segment ids; all texts must then be pairs.
@@ -309,21 +325,35 @@ def _tokenize(texts: Sequence[Text], tokenizer: PreTrainedTokenizerBase, max_len
     pairs = [isinstance(text, (tuple, list)) for text in texts]
     if any(pairs) and not all(pairs):
         raise ValueError("the adaptation texts must be all single sentences or all sentence pairs")
-    if pairs and pairs[0]:
-        encoded = tokenizer(
-            [text[0] for text in texts],
-            [text[1] for text in texts],
-            truncation=True,
-            max_length=max_length,
-            return_special_tokens_mask=True,
-            return_token_type_ids=True,
-        )
-    else:
-        encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_special_tokens_mask=True)
-    kept = [i for i, special in enumerate(encoded["special_tokens_mask"]) if not all(special)]
-    token_type_ids = [encoded["token_type_ids"][i] for i in kept] if pairs and pairs[0] else None
+    with_pairs = bool(pairs) and pairs[0]
+    ids, specials, segments, lengths = [], [], [], []
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        part = texts[start : start + TOKENIZE_BATCH]
+        if with_pairs:
+            encoded = tokenizer(
+                [text[0] for text in part],
+                [text[1] for text in part],
+                truncation=True,
+                max_length=max_length,
+                return_special_tokens_mask=True,
+                return_token_type_ids=True,
+            )
+        else:
+            encoded = tokenizer(list(part), truncation=True, max_length=max_length, return_special_tokens_mask=True)
+        kept = [i for i, special in enumerate(encoded["special_tokens_mask"]) if not all(special)]
+        ids.append(_flat([encoded["input_ids"][i] for i in kept], np.int32))
+        specials.append(_flat([encoded["special_tokens_mask"][i] for i in kept], np.int8))
+        if with_pairs:
+            segments.append(_flat([encoded["token_type_ids"][i] for i in kept], np.int8))
+        lengths.append(np.array([len(encoded["input_ids"][i]) for i in kept], dtype=np.int64))
+    offsets = np.zeros(sum(len(part) for part in lengths) + 1, dtype=np.int64)
+    if len(offsets) > 1:
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
     return _TokenizedTexts(
-        [encoded["input_ids"][i] for i in kept], [encoded["special_tokens_mask"][i] for i in kept], token_type_ids
+        np.concatenate(ids) if ids else np.zeros(0, np.int32),
+        np.concatenate(specials) if specials else np.zeros(0, np.int8),
+        offsets,
+        np.concatenate(segments) if with_pairs and segments else None,
     )
 
 

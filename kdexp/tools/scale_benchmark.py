@@ -15,6 +15,12 @@ pairs from `--glue-dir`) is read through the Hub code, and a tiny random BERT te
     epoch         one vanilla_kd training epoch, batch 32, through `kdexp.run.run`
     warm_data     loading and tokenising again from the warm cache
 
+`--task dream` measures the multiple-choice family instead: a stand-in DREAM of that many training
+questions (the real release's questions repeated, 3 options each, one sequence per option of up to
+256 tokens), a tiny multiple-choice teacher, the same stages but `topk` (multiple choice smooths live):
+
+    python -m kdexp.tools.scale_benchmark --task dream --rows 2000,8000 --out outputs/bench/scale_mc
+
 Each stage runs in a fresh process (its prerequisites come from the cache the earlier stages
 filled) and reports its own peak RSS (VmHWM, which starts afresh at `exec`; the parent's size,
 which Linux carries into a child's rusage, is not in it). Writes `scale.json` and `scale.md` (seconds, CPU
@@ -35,7 +41,11 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("load", "fingerprint", "tokenise", "logits", "queries", "topk", "epoch", "warm_data")
-MAX_LENGTH = 64
+MULTIPLE_CHOICE_STAGES = tuple(stage for stage in STAGES if stage != "topk")  # multiple choice smooths live
+TASKS = ("mnli", "dream")
+MAX_LENGTHS = {"mnli": 64, "dream": 256}  # tokens per sequence (DREAM: one per option; 77% of its dialogues fit)
+MAX_LENGTH = MAX_LENGTHS["mnli"]
+DEV_QUESTIONS = 500  # the multiple-choice stand-in's dev split
 REPORTED = ("seconds", "cpu_seconds", "peak_rss_mb")  # the lines `key=value` that a stage process prints
 QUERY_CHUNK_ROWS_VARIABLE = "KDEXP_BENCH_QUERY_CHUNK_ROWS"  # DBKD's rows per query chunk in the stage processes
 
@@ -44,14 +54,56 @@ def shared_glue_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "shared" / "glue_data"
 
 
+def shared_mrc_dir() -> Path:
+    return Path(__file__).resolve().parents[3] / "shared" / "mrc_data"
+
+
 # --------------------------------------------------------------------------- the workspace of one size
 
 
-def prepare(workdir: Path, glue_dir: Path, rows: int) -> None:
-    """The Hub-layout MNLI stand-in of `rows` training rows and the tiny teacher, MLM and its tokenizer."""
+def task_name(workdir: Path) -> str:
+    """The task a workspace was prepared for (`prepare` writes it)."""
+    return (workdir / "task.txt").read_text().strip()
+
+
+def prepare_multiple_choice(workdir: Path, mrc_dir: Path, questions: int) -> None:
+    """A DREAM-release folder of `questions` training questions (the release's repeated, one per item) and the
+    first `DEV_QUESTIONS` dev ones, and a tiny multiple-choice teacher over their words."""
+    import json
+
+    from kdexp.tiny_models import save_tiny_model, vocabulary_of
+
+    folder = workdir / "mrc" / "dream"
+    if not (folder / "dev.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        items = {}
+        for split in ("train", "dev"):
+            release = json.loads((mrc_dir / "dream" / f"{split}.json").read_text(encoding="utf-8"))
+            items[split] = [[turns, [question], name] for turns, qs, name in release for question in qs]
+        train = [items["train"][i % len(items["train"])] for i in range(questions)]
+        (folder / "train.json").write_text(json.dumps(train))
+        (folder / "dev.json").write_text(json.dumps(items["dev"][:DEV_QUESTIONS]))
+    if not (workdir / "teacher" / "config.json").exists():
+        texts = (json.dumps(item) for item in json.loads((folder / "dev.json").read_text()))
+        save_tiny_model(
+            workdir / "teacher",
+            "bert",
+            vocabulary_of(texts, 3000),
+            head="multiple_choice",
+            max_length=MAX_LENGTHS["dream"],
+        )
+
+
+def prepare(workdir: Path, glue_dir: Path, rows: int, task: str = "mnli", mrc_dir: Path | None = None) -> None:
+    """The stand-in of `rows` training rows of `task` (MNLI in the Hub layout, or DREAM's release) and the tiny
+    teacher (and, for MNLI, MLM) with its tokenizer."""
     from kdexp.hub_folder import write_hub_folder
     from kdexp.tiny_models import save_tiny_model, vocabulary_of
 
+    (workdir / "task.txt").write_text(task)
+    if task == "dream":
+        prepare_multiple_choice(workdir, mrc_dir or shared_mrc_dir(), rows)
+        return
     if not (workdir / "glue_hub" / "README.md").exists():
         write_hub_folder(glue_dir, workdir / "glue_hub", ("mnli",), rows=rows)
     if not (workdir / "teacher" / "config.json").exists():
@@ -77,9 +129,15 @@ def _environment(workdir: Path) -> dict[str, str]:
 
 def _task_and_source(workdir: Path) -> tuple[Any, Any]:
     from kdexp.data import DataSource
-    from kdexp.tasks import get_task
+    from kdexp.tasks import MRC_TASKS, get_task
 
+    if task_name(workdir) == "dream":
+        return MRC_TASKS["dream"], DataSource(None, mrc_dir=workdir / "mrc")
     return get_task("mnli"), DataSource(None, str(workdir / "glue_hub"))
+
+
+def _max_length(workdir: Path) -> int:
+    return MAX_LENGTHS[task_name(workdir)]
 
 
 def _train_split(workdir: Path) -> Any:
@@ -94,7 +152,9 @@ def _tokenised(workdir: Path) -> Any:
     from kdexp.models import load_tokenizer
 
     task, source = _task_and_source(workdir)
-    return load_task_data(task, source, load_tokenizer(str(workdir / "teacher")), MAX_LENGTH, workdir / "cache")
+    return load_task_data(
+        task, source, load_tokenizer(str(workdir / "teacher")), _max_length(workdir), workdir / "cache"
+    )
 
 
 def _teacher(workdir: Path) -> Any:
@@ -137,7 +197,8 @@ def run_stage(stage: str, workdir: Path) -> None:
     if stage == "load":
         _train_split(workdir)
     elif stage == "fingerprint":
-        content_fingerprint(inputs["raw"], tuple(task.text_fields) + ("label",))
+        choices = ("choices",) if "choices" in inputs["raw"].column_names else ()
+        content_fingerprint(inputs["raw"], tuple(task.text_fields) + choices + ("label",))
     elif stage in ("tokenise", "warm_data"):
         _tokenised(workdir)
     elif stage == "logits":
@@ -161,7 +222,7 @@ def _queries(workdir: Path, data: Any) -> None:
 
     task = data.task
     query_decisions(
-        DecisionTeacher.from_teacher(_teacher(workdir), MAX_LENGTH),
+        DecisionTeacher.from_teacher(_teacher(workdir), _max_length(workdir)),
         data.raw[task.train_split],
         task,
         QueryConfig(num_queries=10),
@@ -182,17 +243,20 @@ def _topk(workdir: Path, data: Any) -> None:
 def _epoch(workdir: Path) -> float:
     from kdexp.run import compose_config, run
 
+    data = (
+        ["task=dream", f"data.mrc_dir={workdir / 'mrc'}"]
+        if task_name(workdir) == "dream"
+        else ["task=mnli", "data.source=hub", f"data.hub_dataset={workdir / 'glue_hub'}"]
+    )
     cfg = compose_config(
         [
-            "task=mnli",
+            *data,
             "method=vanilla_kd",
-            "data.source=hub",
-            f"data.hub_dataset={workdir / 'glue_hub'}",
             f"teacher.name_or_path={workdir / 'teacher'}",
             "teacher.finetuned=true",
             "student=first_layers",
             "student.num_layers=2",
-            f"data.max_length={MAX_LENGTH}",
+            f"data.max_length={_max_length(workdir)}",
             "data.max_eval_samples=2000",
             "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false",
@@ -223,10 +287,17 @@ def measure_stage(stage: str, workdir: Path) -> dict[str, float]:
     return {key: float(reported[key]) for key in REPORTED}
 
 
-def measure_size(rows: int, root: Path, glue_dir: Path, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    workdir = root / f"rows-{rows}"
+def measure_size(
+    rows: int,
+    root: Path,
+    glue_dir: Path,
+    stages: tuple[str, ...] = STAGES,
+    task: str = "mnli",
+    mrc_dir: Path | None = None,
+) -> dict[str, Any]:
+    workdir = root / f"{task}-rows-{rows}"
     workdir.mkdir(parents=True, exist_ok=True)
-    prepare(workdir, glue_dir, rows)
+    prepare(workdir, glue_dir, rows, task, mrc_dir)
     return {stage: measure_stage(stage, workdir) for stage in stages}
 
 
@@ -255,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default="50000,100000,400000", help="training rows, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/scale"))
     parser.add_argument("--glue-dir", type=Path, default=Path(os.environ.get("GLUE_DIR") or shared_glue_dir()))
-    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--task", choices=TASKS, default="mnli", help="mnli (pairs) or dream (multiple choice)")
+    parser.add_argument("--mrc-dir", type=Path, default=Path(os.environ.get("MRC_DIR") or shared_mrc_dir()))
+    parser.add_argument("--stages", default=None, help="comma-separated (default: every stage of the task)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -265,15 +338,19 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     results = {}
+    default_stages = MULTIPLE_CHOICE_STAGES if args.task == "dream" else STAGES
+    stages = tuple(args.stages.split(",")) if args.stages else default_stages
     for rows in (int(n) for n in args.rows.split(",")):
-        results[rows] = measure_size(rows, args.out / "work", args.glue_dir.resolve(), tuple(args.stages.split(",")))
+        results[rows] = measure_size(
+            rows, args.out / "work", args.glue_dir.resolve(), stages, args.task, args.mrc_dir.resolve()
+        )
         print(
             f"{rows} rows: "
             + ", ".join(f"{s} {v['seconds']:.1f}s {v['peak_rss_mb']:.0f}MB" for s, v in results[rows].items()),
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "results": results}
+    record = {"task": args.task, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "results": results}
     (args.out / "scale.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.out / "scale.md").write_text(markdown(results))
     print(markdown(results))
