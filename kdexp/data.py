@@ -577,6 +577,10 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest = hashlib.sha256(repr(vocab).encode())
     digest.update(type(tokenizer).__name__.encode())
     digest.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())
+    if (
+        "token_type_ids" not in tokenizer.model_input_names
+    ):  # no segment ids in its rows (BERT's keys stay as they were)
+        digest.update(b"no token_type_ids")
     tokenizer._kdexp_fingerprint = digest.hexdigest()[:20]
     return tokenizer._kdexp_fingerprint
 

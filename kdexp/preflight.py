@@ -517,8 +517,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    # Set before the launch: the DDP processes it starts inherit it and share one cache and models.
-    os.environ.setdefault(WORKDIR_ENV, str(args.workdir or tempfile.mkdtemp(prefix="kdexp-check-")))
+    # Set before the launch: the DDP processes it starts inherit it and share one cache and models. A
+    # --workdir always wins (a second check in one process must not read the first one's cache).
+    if args.workdir is not None:
+        os.environ[WORKDIR_ENV] = str(args.workdir)
+    os.environ.setdefault(WORKDIR_ENV, tempfile.mkdtemp(prefix="kdexp-check-"))
     workdir = Path(os.environ[WORKDIR_ENV])
     user_models = any(o.split("=")[0].startswith(("teacher", "student")) for o in args.overrides)
     data = [*task_overrides(args.task), *args.overrides]

@@ -128,3 +128,23 @@ def test_load_or_compute_computes_once_across_parallel_jobs(tmp_path: Path) -> N
         job.join()
     assert len(computed) == 1
     assert len(results) == 4 and all(torch.equal(r, torch.arange(3.0)) for r in results)
+
+
+def test_tokenizers_that_differ_only_in_segment_ids_have_different_fingerprints() -> None:
+    """Two tokenizers with one vocabulary, one giving segment ids (BERT, ELECTRA) and one not (RoBERTa's
+    inputs): their tokenised rows differ in columns, so a shared cache must not hand one the other's. A BERT
+    tokenizer's fingerprint is unchanged (its cached splits stay valid)."""
+    import hashlib
+
+    from kdexp.data import tokenizer_fingerprint
+    from kdexp.tiny_models import word_tokenizer
+
+    words = ["the", "a", "film", "good", "bad"]
+    with_segments, without = word_tokenizer(words, "electra"), word_tokenizer(words, "roberta")
+    assert "token_type_ids" in with_segments.model_input_names and "token_type_ids" not in without.model_input_names
+    assert tokenizer_fingerprint(with_segments) != tokenizer_fingerprint(without)
+    bert = word_tokenizer(words, "bert")
+    digest = hashlib.sha256(repr(sorted(bert.get_vocab().items())).encode())
+    digest.update(type(bert).__name__.encode())
+    digest.update(repr(getattr(bert, "do_lower_case", None)).encode())
+    assert tokenizer_fingerprint(bert) == digest.hexdigest()[:20]  # as computed before segment ids counted
